@@ -20,7 +20,7 @@ have_nvidia_gpu() {
 }
 
 installed_torch() {
-    "$VPY" -c "import torch; print(torch.__version__)" 2>/dev/null || true
+    "$VPY" -c "from importlib.metadata import version; print(version('torch'))" 2>/dev/null || true
 }
 
 install_torch() {
