@@ -1,0 +1,1 @@
+"""Evaluation: fidelity against the unmodified model, benchmarks, trace replay, projections."""
