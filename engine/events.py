@@ -5,8 +5,8 @@ Plain dataclasses with no torch inside, so the app can import them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,24 @@ class StatsSnapshot:
     def prefetch_recall(self) -> float:
         return self.prefetch_used / self.prefetch_actual_top if self.prefetch_actual_top else 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict: every field plus the derived rates."""
+        data = asdict(self)
+        for name in DERIVED_STATS:
+            data[name] = getattr(self, name)
+        return data
+
+
+DERIVED_STATS = (
+    "hit_rate",
+    "plain_hit_rate",
+    "bytes_per_token",
+    "misses_per_token",
+    "substitutions_per_token",
+    "prefetch_precision",
+    "prefetch_recall",
+)
+
 
 @dataclass(frozen=True)
 class LoadProgressed:
@@ -132,8 +150,18 @@ class LoadFinished:
     estimate: MemoryEstimate
 
 
+FLUSH_TOKEN_ID = -1  # TokenReceived.token_id of text released at the end, with no new token
+
+
 @dataclass(frozen=True)
 class TokenReceived:
+    """One generated token and the text it released.
+
+    ``text`` may be empty mid-character or while it could be the start of a stop string. Text
+    still held back when the generation ends arrives in a last event with ``token_id`` equal to
+    ``FLUSH_TOKEN_ID``; the ``text`` of all events joined equals ``GenerationFinished.text``.
+    """
+
     text: str  # decoded text added by this token (may be empty mid-codepoint)
     token_id: int
 
