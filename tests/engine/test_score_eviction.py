@@ -1,0 +1,92 @@
+"""Score-aware eviction on hand-built score tables, next to LRU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.offload.eviction import LRUPolicy
+from engine.offload.score_eviction import ScoreEviction, make_policy, scale_scores
+
+
+def _scores(*values: float) -> torch.Tensor:
+    return torch.tensor(values)
+
+
+def test_keeps_a_high_scoring_unselected_expert_that_lru_evicts() -> None:
+    score, lru = ScoreEviction(window=4), LRUPolicy()
+    for policy in (score, lru):
+        policy.record_use((0, 2), step=0)  # expert 2 used once, long ago
+        for step in range(1, 6):
+            policy.record_use((0, 1), step)  # expert 1 selected every step...
+            # ...but expert 2 keeps scoring high without being selected
+            policy.record_scores(0, _scores(0.40, 0.15, 0.35, 0.10), step)
+    resident = [(0, 1), (0, 2)]
+    assert lru.victim(resident, set()) == (0, 2)
+    assert score.victim(resident, set()) == (0, 1)
+
+
+def test_protected_experts_are_never_chosen() -> None:
+    policy = ScoreEviction()
+    policy.record_scores(0, _scores(0.7, 0.1, 0.2), step=0)
+    assert policy.victim([(0, 0), (0, 1), (0, 2)], {(0, 1)}) == (0, 2)
+    with pytest.raises(RuntimeError, match="protected"):
+        policy.victim([(0, 1)], {(0, 1)})
+
+
+def test_only_the_last_window_steps_count() -> None:
+    policy = ScoreEviction(window=2)
+    policy.record_scores(0, _scores(0.95, 0.05), step=0)  # falls out of the window
+    policy.record_scores(0, _scores(0.4, 0.6), step=1)
+    policy.record_scores(0, _scores(0.4, 0.6), step=2)
+    assert policy.victim([(0, 0), (0, 1)], set()) == (0, 0)
+    wide = ScoreEviction(window=3)
+    for step, vector in enumerate([(0.95, 0.05), (0.4, 0.6), (0.4, 0.6)]):
+        wide.record_scores(0, _scores(*vector), step)
+    assert wide.victim([(0, 0), (0, 1)], set()) == (0, 1)  # means 0.58 vs 0.42
+
+
+def test_reports_within_one_step_are_averaged_not_stacked() -> None:
+    policy = ScoreEviction(window=2)
+    policy.record_scores(0, _scores(0.9, 0.1), step=0)
+    policy.record_scores(0, _scores(0.5, 0.5), step=1)
+    policy.record_scores(0, _scores(0.1, 0.9), step=1)  # same step: mean (0.3, 0.7)
+    assert policy.scaled_scores(0) == pytest.approx([0.6 / 0.5, 0.4 / 0.5])
+
+
+def test_global_pool_compares_layers_on_a_common_scale() -> None:
+    # layer 0 has 4 experts (average 0.25), layer 1 has 8 (average 0.125)
+    layer0 = _scores(0.20, 0.30, 0.25, 0.25)
+    layer1 = torch.full((8,), 0.125)
+    resident = [(0, 0), (1, 3)]
+    for scale, expect in (("raw", (1, 3)), ("relative", (0, 0)), ("rank", (0, 0))):
+        policy = ScoreEviction(scale=scale)  # type: ignore[arg-type]
+        policy.record_scores(0, layer0, step=0)
+        policy.record_scores(1, layer1, step=0)
+        assert policy.victim(resident, set()) == expect, scale
+
+
+def test_unscored_layers_count_as_average_and_ties_fall_back_to_recency() -> None:
+    policy = ScoreEviction()
+    policy.record_scores(0, _scores(0.5, 0.5), step=0)  # relative 1.0 each
+    policy.record_use((0, 1), step=0)
+    policy.record_use((0, 0), step=1)
+    policy.record_use((5, 0), step=2)  # layer 5 never scored: neutral 1.0
+    assert policy.victim([(0, 0), (0, 1), (5, 0)], set()) == (0, 1)
+    policy.forget((0, 1))
+    assert policy.victim([(0, 0), (0, 1), (5, 0)], set()) == (0, 1)
+
+
+def test_scale_functions() -> None:
+    mean = _scores(0.1, 0.3, 0.2)
+    assert scale_scores(mean, "relative").tolist() == pytest.approx([0.5, 1.5, 1.0])
+    assert scale_scores(mean, "rank").tolist() == pytest.approx([0.0, 1.0, 0.5])
+    assert scale_scores(torch.zeros(3), "relative").tolist() == [1.0, 1.0, 1.0]
+
+
+def test_factory_and_bad_arguments() -> None:
+    assert make_policy(5).window == 5
+    with pytest.raises(ValueError, match="window"):
+        ScoreEviction(window=0)
+    with pytest.raises(ValueError, match="scale"):
+        ScoreEviction(scale="log")  # type: ignore[arg-type]
