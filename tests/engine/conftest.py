@@ -1,0 +1,35 @@
+"""Fixtures for engine tests: a tiny Qwen2-MoE checkpoint on disk and a loaded stand-in.
+
+``tiny_checkpoint`` is built once per session (read-only: copy it before damaging it);
+``tiny_loaded`` wraps the same model in a ``LoadedModel``-shaped stand-in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.stand_in import StandInLoaded, stand_in
+from tests.helpers.tiny_models import save_tiny_checkpoint
+
+
+@dataclass(frozen=True)
+class TinyCheckpoint:
+    path: Path
+    model: Any  # the transformers model saved there (fp32, eager experts)
+    tokenizer: Any
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
+    path = tmp_path_factory.mktemp("tiny-qwen2-moe")
+    model, tokenizer = save_tiny_checkpoint(path)
+    return TinyCheckpoint(path, model, tokenizer)
+
+
+@pytest.fixture
+def tiny_loaded(tiny_checkpoint: TinyCheckpoint) -> StandInLoaded:
+    return stand_in(tiny_checkpoint.model, tiny_checkpoint.tokenizer)
