@@ -1,0 +1,201 @@
+"""Lower-bound time per decoded token for real model geometries (``docs/ANCHORS.md``).
+
+Measured fractions in (hit rate ``h``, substituted fraction ``s`` of the misses, CPU-computed
+fraction ``c`` of the rest), projected seconds out - labelled as projections, never as
+measurements. Batch 1, with L MoE layers, k experts per token, S bytes per expert:
+
+    T_pcie = (1-h)(1-s)(1-c) * k*L*S / B_pcie
+    T_cpu  = (1-h)(1-s) c    * k*L*S / B_dram
+    T_gpu  = (non-expert bytes + k*L*S) / B_vram + launch overhead
+    T_token >= max(T_gpu, T_pcie, T_cpu) with perfect overlap; their sum with none.
+
+Pure functions; the geometry numbers are constants derived below from each model's published
+``config.json`` (hidden size, expert intermediate size, layers, experts, k, attention shapes,
+vocabulary), and checked against the published total parameter counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+BF16_BYTES = 2
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shape of a real MoE model, as far as the lower bound needs it."""
+
+    name: str
+    moe_layers: int
+    top_k: int
+    experts_per_layer: int
+    hidden: int
+    expert_intermediate: int
+    non_expert_params: int  # embeddings, attention, norms, routers, shared/dense MLPs, LM head
+    source: str
+
+    def bytes_per_expert(self, bits: float = 16.0) -> float:
+        """SwiGLU expert: gate, up and down projections, 3 x hidden x intermediate weights."""
+        return 3 * self.hidden * self.expert_intermediate * bits / 8
+
+    def expert_bytes_per_token(self, bits: float = 16.0) -> float:
+        return self.top_k * self.moe_layers * self.bytes_per_expert(bits)
+
+    @property
+    def non_expert_bytes(self) -> int:
+        return self.non_expert_params * BF16_BYTES
+
+
+# Non-expert parameters, from each config.json (untied embeddings in all four):
+# Mixtral-8x7B (mistralai/Mixtral-8x7B-v0.1): vocab 32000 x 4096 x 2 = 262.1M; attention per
+#   layer q,o 4096^2 + k,v 4096x1024 = 41.9M x 32 = 1342.2M; routers 8x4096x32 = 1.0M; norms
+#   0.3M -> 1605.6M (+ 45.10B expert = 46.7B published).
+# Qwen1.5-MoE-A2.7B (Qwen/Qwen1.5-MoE-A2.7B): vocab 151936 x 2048 x 2 = 622.3M; attention
+#   4 x 2048^2 (+ qkv bias) x 24 = 402.8M; shared expert 3 x 2048 x 5632 x 24 = 830.5M; routers
+#   60 x 2048 x 24 = 2.9M; norms and shared-expert gates 0.2M -> 1858.7M (+ 12.46B = 14.3B).
+# DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite): vocab 102400 x 2048 x 2 = 419.4M; MLA per
+#   layer q 2048x3072 + kv_a 2048x576 + kv_b 512x4096 + o 2048x2048 = 13.76M x 27 = 371.6M;
+#   dense layer 0 MLP 3 x 2048 x 10944 = 67.2M; 2 shared experts 3 x 2048 x 2816 x 26 = 449.8M;
+#   routers 64 x 2048 x 26 = 3.4M; norms 0.1M -> 1311.5M (+ 14.39B = 15.7B published).
+# Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B): vocab 151936 x 2048 x 2 = 622.3M; attention q,o
+#   2048x4096 + k,v 2048x512 = 18.9M x 48 = 906.0M; routers 128 x 2048 x 48 = 12.6M; norms 0.2M
+#   -> 1541.1M (+ 28.99B = 30.5B published).
+MIXTRAL_8X7B = Geometry(
+    "Mixtral-8x7B", 32, 2, 8, 4096, 14336, 1_605_600_000, "mistralai/Mixtral-8x7B-v0.1"
+)
+QWEN15_MOE_A27B = Geometry(
+    "Qwen1.5-MoE-A2.7B", 24, 4, 60, 2048, 1408, 1_858_700_000, "Qwen/Qwen1.5-MoE-A2.7B"
+)
+DEEPSEEK_V2_LITE = Geometry(
+    "DeepSeek-V2-Lite", 26, 6, 64, 2048, 1408, 1_311_500_000, "deepseek-ai/DeepSeek-V2-Lite"
+)
+QWEN3_30B_A3B = Geometry(
+    "Qwen3-30B-A3B", 48, 8, 128, 2048, 768, 1_541_100_000, "Qwen/Qwen3-30B-A3B"
+)
+GEOMETRIES: tuple[Geometry, ...] = (QWEN15_MOE_A27B, DEEPSEEK_V2_LITE, QWEN3_30B_A3B, MIXTRAL_8X7B)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A host-to-device link with its effective pinned bandwidth (ANCHORS.md)."""
+
+    name: str
+    bandwidth: float  # bytes per second
+
+
+LINKS: tuple[Link, ...] = (
+    Link("PCIe 3.0 x8", 6.2e9),
+    Link("PCIe 4.0 x16", 25e9),
+    Link("PCIe 5.0 x16", 56e9),
+)
+
+
+@dataclass(frozen=True)
+class Host:
+    """The rest of the machine the bound assumes (stated assumptions, not measurements).
+
+    DRAM: dual-channel DDR5, ~65 GB/s (ANCHORS.md). VRAM: 504 GB/s, an RTX 4070 Ti class card
+    (vendor specification). Launch overhead: ~3 kernel launches of ~5 us per expert use
+    (ENGINE_NOTES.md: ~1,150 launches cost 6-12 ms).
+    """
+
+    dram_bandwidth: float = 65e9
+    vram_bandwidth: float = 504e9
+    launch_seconds_per_expert: float = 15e-6
+
+
+@dataclass(frozen=True)
+class Fractions:
+    """Measured routing outcome: hit rate, substituted share of misses, CPU share of the rest."""
+
+    hit: float
+    substituted: float = 0.0
+    cpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} fraction must be in [0, 1]; got {value}")
+
+    @property
+    def copied(self) -> float:
+        """Share of all expert uses that cross the link."""
+        return (1 - self.hit) * (1 - self.substituted) * (1 - self.cpu)
+
+    @property
+    def cpu_computed(self) -> float:
+        """Share of all expert uses computed on the CPU."""
+        return (1 - self.hit) * (1 - self.substituted) * self.cpu
+
+
+def fractions_from_counts(
+    hits: int, substitutions: int, loads: int, cpu_computed: int
+) -> Fractions:
+    """Fractions from counts of expert uses: cache hits, substitutions, copies, CPU runs."""
+    counts = (hits, substitutions, loads, cpu_computed)
+    if min(counts) < 0:
+        raise ValueError(f"counts must be non-negative; got {counts}")
+    total = sum(counts)
+    if total == 0:
+        raise ValueError("no expert uses were counted")
+    misses = substitutions + loads + cpu_computed
+    rest = loads + cpu_computed
+    return Fractions(
+        hit=hits / total,
+        substituted=substitutions / misses if misses else 0.0,
+        cpu=cpu_computed / rest if rest else 0.0,
+    )
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Projected seconds per decoded token (a lower bound, not a measurement)."""
+
+    geometry: str
+    link: str
+    pcie_s: float
+    cpu_s: float
+    gpu_s: float
+
+    @property
+    def overlapped_s(self) -> float:
+        return max(self.pcie_s, self.cpu_s, self.gpu_s)
+
+    @property
+    def serial_s(self) -> float:
+        return self.pcie_s + self.cpu_s + self.gpu_s
+
+    @property
+    def tokens_per_s_bound(self) -> float:
+        return 1.0 / self.overlapped_s
+
+
+def project(
+    geometry: Geometry,
+    link: Link,
+    fractions: Fractions,
+    host: Host | None = None,
+    bits: float = 16.0,
+) -> Projection:
+    """The ANCHORS.md lower bound for one geometry over one link."""
+    host = host or Host()
+    expert_bytes = geometry.expert_bytes_per_token(bits)  # k * L * S
+    uses = geometry.top_k * geometry.moe_layers
+    gpu = (geometry.non_expert_bytes + expert_bytes) / host.vram_bandwidth
+    return Projection(
+        geometry=geometry.name,
+        link=link.name,
+        pcie_s=fractions.copied * expert_bytes / link.bandwidth,
+        cpu_s=fractions.cpu_computed * expert_bytes / host.dram_bandwidth,
+        gpu_s=gpu + uses * host.launch_seconds_per_expert,
+    )
+
+
+def project_all(
+    fractions: Fractions,
+    geometries: tuple[Geometry, ...] = GEOMETRIES,
+    links: tuple[Link, ...] = LINKS,
+    host: Host | None = None,
+) -> list[Projection]:
+    """One projection per geometry and link, in table order."""
+    return [project(g, link, fractions, host) for g in geometries for link in links]

@@ -1,0 +1,92 @@
+"""The lower-bound time model against the figures of ANCHORS.md."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.eval.projection import (
+    DEEPSEEK_V2_LITE,
+    GEOMETRIES,
+    LINKS,
+    MIXTRAL_8X7B,
+    QWEN3_30B_A3B,
+    QWEN15_MOE_A27B,
+    Fractions,
+    Geometry,
+    Host,
+    Link,
+    fractions_from_counts,
+    project,
+    project_all,
+)
+
+PCIE4 = Link("PCIe 4.0 x16", 25e9)
+
+
+@pytest.mark.parametrize(
+    ("geometry", "megabytes"),
+    [(MIXTRAL_8X7B, 352), (QWEN15_MOE_A27B, 17.3), (DEEPSEEK_V2_LITE, 17.3), (QWEN3_30B_A3B, 9.4)],
+)
+def test_bytes_per_expert_match_anchors(geometry: Geometry, megabytes: float) -> None:
+    assert geometry.bytes_per_expert() / 1e6 == pytest.approx(megabytes, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("geometry", "billions"),
+    [
+        (MIXTRAL_8X7B, 46.7),
+        (QWEN15_MOE_A27B, 14.3),
+        (DEEPSEEK_V2_LITE, 15.7),
+        (QWEN3_30B_A3B, 30.5),
+    ],
+)
+def test_geometries_add_up_to_published_totals(geometry: Geometry, billions: float) -> None:
+    g = geometry
+    experts = g.moe_layers * g.experts_per_layer * g.bytes_per_expert() / 2
+    total = (experts + g.non_expert_params) / 1e9
+    assert total == pytest.approx(billions, rel=0.005)
+
+
+def test_worked_example_of_anchors() -> None:
+    # Mixtral at 4.5 bits, h = 0.9 over PCIe 4.0: about 25 ms of PCIe per token
+    result = project(MIXTRAL_8X7B, PCIE4, Fractions(hit=0.9), bits=4.5)
+    assert result.pcie_s == pytest.approx(0.0254, rel=0.02)
+    half = project(MIXTRAL_8X7B, PCIE4, Fractions(hit=0.9, substituted=0.5), bits=4.5)
+    assert half.pcie_s == pytest.approx(result.pcie_s / 2)
+
+
+def test_cpu_share_moves_time_from_link_to_dram() -> None:
+    no_cpu = project(QWEN3_30B_A3B, LINKS[0], Fractions(hit=0.5))
+    with_cpu = project(QWEN3_30B_A3B, LINKS[0], Fractions(hit=0.5, cpu=0.5))
+    assert with_cpu.pcie_s == pytest.approx(no_cpu.pcie_s / 2)
+    assert with_cpu.cpu_s == pytest.approx(no_cpu.pcie_s / 2 * 6.2e9 / 65e9)
+    assert with_cpu.overlapped_s < no_cpu.overlapped_s
+    assert with_cpu.serial_s == pytest.approx(with_cpu.pcie_s + with_cpu.cpu_s + with_cpu.gpu_s)
+
+
+def test_all_hits_leave_only_gpu_time() -> None:
+    host = Host(launch_seconds_per_expert=0.0)
+    result = project(QWEN15_MOE_A27B, LINKS[2], Fractions(hit=1.0), host)
+    assert result.pcie_s == 0 and result.cpu_s == 0
+    gpu_bytes = QWEN15_MOE_A27B.non_expert_bytes + QWEN15_MOE_A27B.expert_bytes_per_token()
+    assert result.gpu_s == pytest.approx(gpu_bytes / host.vram_bandwidth)
+    assert result.tokens_per_s_bound == pytest.approx(1 / result.gpu_s)
+
+
+def test_fractions_from_counts() -> None:
+    f = fractions_from_counts(hits=60, substitutions=20, loads=15, cpu_computed=5)
+    assert (f.hit, f.substituted, f.cpu) == pytest.approx((0.6, 0.5, 0.25))
+    assert f.copied == pytest.approx(0.15) and f.cpu_computed == pytest.approx(0.05)
+    assert fractions_from_counts(10, 0, 0, 0).substituted == 0.0
+    with pytest.raises(ValueError, match="no expert uses"):
+        fractions_from_counts(0, 0, 0, 0)
+    with pytest.raises(ValueError, match="hit"):
+        Fractions(hit=1.2)
+
+
+def test_project_all_covers_every_geometry_and_link() -> None:
+    rows = project_all(Fractions(hit=0.6))
+    assert len(rows) == len(GEOMETRIES) * len(LINKS)
+    mixtral = [r for r in rows if r.geometry == "Mixtral-8x7B"]
+    assert [r.link for r in mixtral] == [link.name for link in LINKS]
+    assert mixtral[0].pcie_s > mixtral[1].pcie_s > mixtral[2].pcie_s
