@@ -1,0 +1,72 @@
+"""QApplication and qasync loop setup, theme (light/dark/system) and font size."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import qasync
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QColor, QFont, QPalette
+from PySide6.QtWidgets import QApplication
+
+from app import markdown_render
+from app.markdown_render import Palette
+
+DARK_COLORS = {
+    QPalette.ColorRole.Window: "#26292e",
+    QPalette.ColorRole.WindowText: "#e6e6e6",
+    QPalette.ColorRole.Base: "#1c1f23",
+    QPalette.ColorRole.AlternateBase: "#2b2f35",
+    QPalette.ColorRole.ToolTipBase: "#2b2f35",
+    QPalette.ColorRole.ToolTipText: "#e6e6e6",
+    QPalette.ColorRole.Text: "#e6e6e6",
+    QPalette.ColorRole.Button: "#30343a",
+    QPalette.ColorRole.ButtonText: "#e6e6e6",
+    QPalette.ColorRole.BrightText: "#ff6b6b",
+    QPalette.ColorRole.Link: "#6cb6ff",
+    QPalette.ColorRole.Highlight: "#3d6fb4",
+    QPalette.ColorRole.HighlightedText: "#ffffff",
+    QPalette.ColorRole.PlaceholderText: "#8a8f98",
+}
+
+
+def create_application(argv: Sequence[str] | None = None) -> QApplication:
+    existing = QApplication.instance()
+    if isinstance(existing, QApplication):
+        return existing
+    app = QApplication(list(argv if argv is not None else sys.argv))
+    app.setApplicationName("Understudy")
+    app.setOrganizationName("Understudy")
+    app.setStyle("Fusion")
+    return app
+
+
+def create_loop(app: QApplication) -> qasync.QEventLoop:
+    loop = qasync.QEventLoop(app)
+    asyncio.set_event_loop(loop)
+    return loop
+
+
+def system_prefers_dark(app: QApplication) -> bool:
+    return app.styleHints().colorScheme() == Qt.ColorScheme.Dark
+
+
+def dark_palette() -> QPalette:
+    palette = QPalette()
+    for role, color in DARK_COLORS.items():
+        palette.setColor(role, QColor(color))
+    for role in (QPalette.ColorRole.Text, QPalette.ColorRole.ButtonText):
+        palette.setColor(QPalette.ColorGroup.Disabled, role, QColor("#7d828a"))
+    return palette
+
+
+def apply_theme(app: QApplication, theme: str, font_size: int) -> Palette:
+    """Set the palette and font; return the matching palette for rendered chat HTML."""
+    dark = theme == "dark" or (theme == "system" and system_prefers_dark(app))
+    app.setPalette(dark_palette() if dark else app.style().standardPalette())
+    font = QFont(app.font())
+    font.setPointSize(font_size)
+    app.setFont(font)
+    return markdown_render.DARK if dark else markdown_render.LIGHT

@@ -1,0 +1,123 @@
+"""Benchmark curves: measured speed and fidelity per alpha, read by the importance slider.
+
+File format (``<user_data_dir>/curves/<model-name>.json``)::
+
+    {"model": "understudy-mini-moe", "device": "cuda", "measured_at": "2026-11-24T09:00:00",
+     "points": [{"alpha": 0.0, "tokens_per_second": 41.2, "bytes_per_token": 1.2e8,
+                 "top1_agreement": 1.0, "ppl_delta": 0.0}, ...]}
+
+Every point needs ``alpha``; the other fields are optional (``null`` or absent when not
+measured). No Qt in here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.paths import user_data_dir
+
+MATCH_TOLERANCE = 0.026  # half a slider step: a point this close counts as measured here
+
+
+class CurveError(ValueError):
+    """A curve file exists but cannot be used."""
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    alpha: float
+    tokens_per_second: float | None = None
+    bytes_per_token: float | None = None
+    top1_agreement: float | None = None
+    ppl_delta: float | None = None
+
+
+@dataclass(frozen=True)
+class Curve:
+    model: str
+    points: tuple[CurvePoint, ...]
+    device: str = ""
+    measured_at: str = ""
+
+    def at(self, alpha: float) -> CurvePoint | None:
+        """The point measured at this alpha (within half a slider step), else None."""
+        best = min(self.points, key=lambda p: abs(p.alpha - alpha), default=None)
+        if best is None or abs(best.alpha - alpha) > MATCH_TOLERANCE:
+            return None
+        return best
+
+
+def curve_path(model_name: str, data_dir: Path | None = None) -> Path:
+    return (data_dir or user_data_dir()) / "curves" / f"{model_name}.json"
+
+
+def _number(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CurveError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _point(data: Any) -> CurvePoint:
+    if not isinstance(data, dict) or "alpha" not in data:
+        raise CurveError("every point needs an alpha")
+    names = ("tokens_per_second", "bytes_per_token", "top1_agreement", "ppl_delta")
+    values = {name: _number(data.get(name), name) for name in names}
+    alpha = _number(data["alpha"], "alpha")
+    return CurvePoint(alpha=alpha or 0.0, **values)
+
+
+def parse_curve(data: Any) -> Curve:
+    if not isinstance(data, dict) or not isinstance(data.get("points"), list):
+        raise CurveError("a curve is a JSON object with a 'points' list")
+    points = tuple(sorted((_point(p) for p in data["points"]), key=lambda p: p.alpha))
+    return Curve(
+        str(data.get("model", "")),
+        points,
+        str(data.get("device", "")),
+        str(data.get("measured_at", "")),
+    )
+
+
+def load_curve(model_name: str, data_dir: Path | None = None) -> Curve | None:
+    """The curve for a model, or None when it was never measured. Raises CurveError if bad."""
+    path = curve_path(model_name, data_dir)
+    if not path.exists():
+        return None
+    try:
+        return parse_curve(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError) as error:
+        raise CurveError(f"cannot read {path}: {error}") from error
+
+
+def save_curve(curve: Curve, data_dir: Path | None = None) -> Path:
+    path = curve_path(curve.model, data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "model": curve.model,
+        "device": curve.device,
+        "measured_at": curve.measured_at,
+        "points": [asdict(p) for p in curve.points],
+    }
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return path
+
+
+def describe(point: CurvePoint | None) -> str:
+    """One line for the slider: speed and fidelity at this position."""
+    if point is None:
+        return "not measured yet"
+    parts = []
+    if point.tokens_per_second is not None:
+        parts.append(f"{point.tokens_per_second:.1f} tok/s")
+    if point.bytes_per_token is not None:
+        parts.append(f"{point.bytes_per_token / 1e6:.1f} MB/token moved")
+    if point.top1_agreement is not None:
+        parts.append(f"top-1 agreement {point.top1_agreement * 100:.1f}%")
+    if point.ppl_delta is not None:
+        parts.append(f"perplexity {point.ppl_delta:+.3f}")
+    return ", ".join(parts) if parts else "measured, no figures recorded"

@@ -1,0 +1,123 @@
+"""The Models window: built-in, added, models-folder and Hugging Face cache models in a table
+with architecture, size, experts and top-k (from ``EngineAPI.inspect``); add a folder; load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (
+    QDialog,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.bridge import EngineBridge
+from app.model_library import ModelEntry, all_models, check_model_folder, human_bytes
+from engine.events import ModelInfo
+
+COLUMNS = ("Name", "Source", "Architecture", "Size", "Experts", "Top-k")
+
+
+class LibraryDialog(QDialog):
+    load_requested = Signal(str)  # model folder
+    folder_added = Signal(str)
+
+    def __init__(
+        self,
+        bridge: EngineBridge | None,
+        added: tuple[str, ...],
+        hf_cache: Path | None = None,
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Models")
+        self.resize(820, 360)
+        self.bridge, self.added, self.hf_cache = bridge, added, hf_cache
+        self.entries: list[ModelEntry] = []
+        self.task: asyncio.Task[None] | None = None
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(list(COLUMNS))
+        self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.message = QLabel("Models are used where they are; nothing is copied.")
+        self.message.setWordWrap(True)
+        self._layout()
+
+    def _layout(self) -> None:
+        add, rescan, load = QPushButton("Add folder…"), QPushButton("Rescan"), QPushButton("Load")
+        add.clicked.connect(self.choose_folder)
+        rescan.clicked.connect(self.rescan)
+        load.clicked.connect(self._load_selected)
+        self.table.itemDoubleClicked.connect(lambda _item: self._load_selected())
+        buttons = QHBoxLayout()
+        for button in (add, rescan):
+            buttons.addWidget(button)
+        buttons.addStretch(1)
+        buttons.addWidget(load)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.table)
+        layout.addWidget(self.message)
+        layout.addLayout(buttons)
+
+    def rescan(self) -> None:
+        self.entries = all_models(self.added, self.hf_cache)
+        self.table.setRowCount(len(self.entries))
+        for row, entry in enumerate(self.entries):
+            values = (entry.name, entry.source, entry.architecture, human_bytes(entry.size_bytes))
+            for column, value in enumerate((*values, "…", "…")):
+                self.table.setItem(row, column, QTableWidgetItem(value))
+        if self.bridge is not None:
+            self.task = self.bridge.loop.create_task(self._inspect_all())
+
+    async def _inspect_all(self) -> None:
+        assert self.bridge is not None, "checked in rescan"
+        for row, entry in enumerate(list(self.entries)):
+            try:
+                info = await self.bridge.inspect(entry.path)
+            except Exception as error:
+                self._set_row(row, None, f"cannot read: {error}")
+            else:
+                self._set_row(row, info, "")
+
+    def _set_row(self, row: int, info: ModelInfo | None, problem: str) -> None:
+        if row >= self.table.rowCount():
+            return
+        if info is None:
+            self.table.setItem(row, 4, QTableWidgetItem(problem))
+            self.table.setItem(row, 5, QTableWidgetItem(""))
+            return
+        self.table.setItem(row, 2, QTableWidgetItem(info.architecture))
+        experts = f"{info.experts_per_layer} × {info.moe_layers} layers"
+        self.table.setItem(row, 4, QTableWidgetItem(experts))
+        self.table.setItem(row, 5, QTableWidgetItem(str(info.top_k)))
+
+    def choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a model folder")
+        if folder:
+            self.add_folder(Path(folder))
+
+    def add_folder(self, folder: Path) -> bool:
+        try:
+            check_model_folder(folder)
+        except ValueError as error:
+            self.message.setText(str(error))
+            return False
+        self.added = (*self.added, str(folder))
+        self.folder_added.emit(str(folder))
+        self.message.setText(f"Added {folder} (used in place, not copied).")
+        self.rescan()
+        return True
+
+    def _load_selected(self) -> None:
+        row = self.table.currentRow()
+        if 0 <= row < len(self.entries):
+            self.load_requested.emit(str(self.entries[row].path))

@@ -1,0 +1,113 @@
+"""The loading window: memory estimate, "Load anyway", progress bar with Cancel, and errors.
+
+Non-modal: it follows a ``ModelLoader``'s signals and never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (
+    QDialog,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.loader import ModelLoader, describe_estimate
+from engine.events import MemoryEstimate, ModelInfo
+
+
+class LoadDialog(QDialog):
+    load_anyway = Signal()
+    settings_requested = Signal()
+
+    def __init__(self, loader: ModelLoader, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Loading model")
+        self.setMinimumWidth(520)
+        self.loader = loader
+        self.title = QLabel()
+        self.estimate_label = QLabel("Estimating memory…")
+        self.estimate_label.setWordWrap(True)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        self.anyway_button = QPushButton("Load anyway")
+        self.settings_button = QPushButton("Settings…")
+        self.cancel_button = QPushButton("Cancel")
+        self._layout()
+        self.anyway_button.clicked.connect(self.load_anyway)
+        self.settings_button.clicked.connect(self.settings_requested)
+        self.cancel_button.clicked.connect(self._cancel)
+        loader.estimated.connect(self._estimated)
+        loader.needs_confirmation.connect(self._needs_confirmation)
+        loader.progressed.connect(self._progressed)
+        loader.loaded.connect(self._loaded)
+        loader.failed.connect(self._failed)
+        loader.cancelled.connect(self._cancelled)
+
+    def _layout(self) -> None:
+        buttons = QHBoxLayout()
+        buttons.addStretch(1)
+        for button in (self.settings_button, self.anyway_button, self.cancel_button):
+            buttons.addWidget(button)
+        layout = QVBoxLayout(self)
+        for widget in (self.title, self.estimate_label, self.progress, self.status):
+            layout.addWidget(widget)
+        layout.addLayout(buttons)
+
+    def begin(self, model_name: str) -> None:
+        self.title.setText(f"<b>{model_name}</b>")
+        self.estimate_label.setText("Estimating memory…")
+        self.status.setText("")
+        self.status.setStyleSheet("")
+        self.progress.setValue(0)
+        self.progress.setVisible(True)
+        self.anyway_button.setVisible(False)
+        self.settings_button.setVisible(False)
+        self.cancel_button.setText("Cancel")
+        self.show()
+
+    def _estimated(self, estimate: MemoryEstimate) -> None:
+        self.estimate_label.setText(describe_estimate(estimate))
+
+    def _needs_confirmation(self, estimate: MemoryEstimate) -> None:
+        self.progress.setVisible(False)
+        self.status.setText(
+            "The estimate says this will not fit. Loading anyway may run out of memory; "
+            "changing the settings is safer."
+        )
+        self.anyway_button.setVisible(True)
+        self.settings_button.setVisible(True)
+        self.cancel_button.setText("Close")
+
+    def _progressed(self, fraction: float, message: str) -> None:
+        self.progress.setValue(round(fraction * 1000))
+        self.status.setText(message)
+
+    def _loaded(self, info: ModelInfo) -> None:
+        self.status.setText(f"Loaded {info.name}.")
+        self.hide()
+
+    def _failed(self, message: str) -> None:
+        self.progress.setVisible(False)
+        self.status.setText(message)
+        self.status.setStyleSheet("color: #c0392b;")
+        self.settings_button.setVisible(True)
+        self.cancel_button.setText("Close")
+        self.show()
+
+    def _cancelled(self) -> None:
+        self.status.setText("Loading was cancelled.")
+        self.hide()
+
+    def _cancel(self) -> None:
+        if self.loader.busy:
+            self.status.setText("Cancelling…")
+            self.loader.cancel()
+        else:
+            self.hide()

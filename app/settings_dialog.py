@@ -1,0 +1,264 @@
+"""Per-model settings: device, expert-cache budget with what fits, method switches, context,
+sampling, system prompt and chat template (its rendering errors shown).
+
+Settings marked ⟳ need a reload; the window that opens this dialog applies them by reloading.
+The dialog is non-modal and emits ``saved`` with a validated ``ModelSettings``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+from PySide6.QtCore import QTimer, Signal
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.bridge import EngineBridge
+from app.loader import describe_estimate
+from app.settings import RELOAD_FIELDS, ModelSettings, to_load_config
+from engine.config import ALPHA_MAX, DEVICES, POLICIES, CacheConfig, ChatMessage, GenerateRequest
+from engine.events import ModelInfo
+
+RELOAD_MARK = " ⟳"
+SAMPLE_CHAT = (ChatMessage("system", "You are helpful."), ChatMessage("user", "Hello!"))
+
+
+def experts_that_fit(info: ModelInfo, budget_gb: float | None) -> str:
+    total = info.moe_layers * info.experts_per_layer
+    slots = CacheConfig(budget_gb=budget_gb).slots_for(total, info.bytes_per_expert)
+    return f"The expert cache holds {slots} of {total} experts ({slots / max(1, total):.0%})."
+
+
+def spin(low: float, high: float, step: float, decimals: int = 2) -> QDoubleSpinBox:
+    box = QDoubleSpinBox()
+    box.setRange(low, high)
+    box.setSingleStep(step)
+    box.setDecimals(decimals)
+    return box
+
+
+def int_spin(low: int, high: int, step: int = 1) -> QSpinBox:
+    box = QSpinBox()
+    box.setRange(low, high)
+    box.setSingleStep(step)
+    return box
+
+
+class SettingsDialog(QDialog):
+    saved = Signal(object)  # ModelSettings
+
+    def __init__(
+        self,
+        settings: ModelSettings,
+        model_dir: Path,
+        info: ModelInfo | None,
+        bridge: EngineBridge | None,
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.setWindowTitle(f"Settings for {model_dir.name}")
+        self.original, self.model_dir, self.info, self.bridge = settings, model_dir, info, bridge
+        self.task: asyncio.Task[None] | None = None
+        self._make_widgets()
+        self._layout()
+        self.show_settings(settings)
+        self._estimate_timer = QTimer(self)
+        self._estimate_timer.setSingleShot(True)
+        self._estimate_timer.setInterval(300)
+        self._estimate_timer.timeout.connect(self.update_fit)
+        for box in (self.budget, self.context):
+            box.valueChanged.connect(self._estimate_timer.start)
+        self.device.currentTextChanged.connect(self._estimate_timer.start)
+
+    def _make_widgets(self) -> None:
+        self.device = QComboBox()
+        self.device.addItems(list(DEVICES))
+        self.budget = spin(0.0, 1024.0, 0.5)
+        self.budget.setSpecialValueText("default (half of the experts)")
+        self.budget.setSuffix(" GB")
+        self.fit_label = QLabel()
+        self.fit_label.setWordWrap(True)
+        self.policy = QComboBox()
+        self.policy.addItems(list(POLICIES))
+        self.alpha = spin(0.0, ALPHA_MAX, 0.05)
+        self.prefetch = QCheckBox("Prefetch the experts the next layer will likely need")
+        self.cpu_assist = QCheckBox("Run some missing experts on the CPU instead of copying")
+        self.context = int_spin(16, 1_048_576, 256)
+        self.temperature = spin(0.0, 5.0, 0.05)
+        self.top_p = spin(0.01, 1.0, 0.05)
+        self.top_k = int_spin(0, 1000)
+        self.repetition = spin(0.5, 3.0, 0.05)
+        self.max_tokens = int_spin(1, 1_000_000, 64)
+        self.system_prompt = QPlainTextEdit()
+        self.template = QPlainTextEdit()
+        self.template.setPlaceholderText("Empty: use the model's own chat template")
+        self.preview_button = QPushButton("Preview template")
+        self.preview_button.clicked.connect(self.start_preview)
+        self.template_status = QLabel()
+        self.template_status.setWordWrap(True)
+        self.preview = QPlainTextEdit()
+        self.preview.setReadOnly(True)
+        self.error_label = QLabel()
+        self.error_label.setStyleSheet("color: #c0392b;")
+
+    def _form(self, rows: list[tuple[str, str, QWidget]]) -> QWidget:
+        page = QWidget()
+        form = QFormLayout(page)
+        for field_name, label, widget in rows:
+            reload = field_name in RELOAD_FIELDS
+            title = QLabel(label + (RELOAD_MARK if reload else ""))
+            if reload:
+                title.setToolTip("Changing this reloads the model.")
+            form.addRow(title, widget)
+        return page
+
+    def _layout(self) -> None:
+        model = self._form(
+            [
+                ("device", "Device", self.device),
+                ("cache_budget_gb", "Expert-cache budget", self.budget),
+                ("", "", self.fit_label),
+                ("context_length", "Context length (tokens)", self.context),
+                ("policy", "Cache policy", self.policy),
+                ("alpha", "Importance α", self.alpha),
+                ("prefetch", "", self.prefetch),
+                ("cpu_assist", "", self.cpu_assist),
+            ]
+        )
+        sampling = self._form(
+            [
+                ("temperature", "Temperature", self.temperature),
+                ("top_p", "Top-p", self.top_p),
+                ("top_k", "Top-k (0: off)", self.top_k),
+                ("repetition_penalty", "Repetition penalty", self.repetition),
+                ("max_new_tokens", "Max reply tokens", self.max_tokens),
+            ]
+        )
+        prompt = self._form(
+            [
+                ("system_prompt", "Default system prompt", self.system_prompt),
+                ("chat_template", "Chat template override", self.template),
+                ("", "", self.preview_button),
+                ("", "", self.template_status),
+                ("", "Rendered", self.preview),
+            ]
+        )
+        tabs = QTabWidget()
+        tabs.addTab(model, "Model")
+        tabs.addTab(sampling, "Sampling")
+        tabs.addTab(prompt, "Prompt and template")
+        buttons = QDialogButtonBox(
+            QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel
+        )
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addWidget(tabs)
+        layout.addWidget(QLabel(f"{RELOAD_MARK.strip()} applied by reloading the model"))
+        layout.addWidget(self.error_label)
+        layout.addWidget(buttons)
+
+    def show_settings(self, s: ModelSettings) -> None:
+        self.device.setCurrentText(s.device)
+        self.budget.setValue(s.cache_budget_gb or 0.0)
+        self.policy.setCurrentText(s.policy)
+        self.alpha.setValue(s.alpha)
+        self.prefetch.setChecked(s.prefetch)
+        self.cpu_assist.setChecked(s.cpu_assist)
+        self.context.setValue(s.context_length)
+        self.temperature.setValue(s.temperature)
+        self.top_p.setValue(s.top_p)
+        self.top_k.setValue(s.top_k)
+        self.repetition.setValue(s.repetition_penalty)
+        self.max_tokens.setValue(s.max_new_tokens)
+        self.system_prompt.setPlainText(s.system_prompt)
+        self.template.setPlainText(s.chat_template or "")
+        self._show_fit_from_info()
+
+    def current(self) -> ModelSettings:
+        """The settings as shown; raises ``ValueError`` with a message when invalid."""
+        template = self.template.toPlainText()
+        return replace(
+            self.original,
+            device=self.device.currentText(),
+            cache_budget_gb=self.budget.value() or None,
+            policy=self.policy.currentText(),
+            alpha=round(self.alpha.value(), 4),
+            prefetch=self.prefetch.isChecked(),
+            cpu_assist=self.cpu_assist.isChecked(),
+            context_length=self.context.value(),
+            temperature=self.temperature.value(),
+            top_p=self.top_p.value(),
+            top_k=self.top_k.value(),
+            repetition_penalty=self.repetition.value(),
+            max_new_tokens=self.max_tokens.value(),
+            system_prompt=self.system_prompt.toPlainText(),
+            chat_template=template if template.strip() else None,
+        )
+
+    def accept(self) -> None:
+        try:
+            settings = self.current()
+        except ValueError as error:
+            self.error_label.setText(str(error))
+            return
+        self.saved.emit(settings)
+        super().accept()
+
+    def _show_fit_from_info(self) -> None:
+        if self.info is not None:
+            self.fit_label.setText(experts_that_fit(self.info, self.budget.value() or None))
+
+    def update_fit(self) -> None:
+        """Re-estimate memory for the budget and context shown (async, via the engine)."""
+        self._show_fit_from_info()
+        if self.bridge is not None:
+            self.task = self.bridge.loop.create_task(self._estimate())
+
+    async def _estimate(self) -> None:
+        assert self.bridge is not None, "checked in update_fit"
+        try:
+            estimate = await self.bridge.estimate(to_load_config(self.model_dir, self.current()))
+        except Exception as error:
+            self.fit_label.setText(f"Cannot estimate memory: {error}")
+            return
+        fit = experts_that_fit(self.info, self.budget.value() or None) if self.info else ""
+        self.fit_label.setText(f"{fit}\n{describe_estimate(estimate)}".strip())
+
+    def start_preview(self) -> None:
+        if self.bridge is None:
+            self.template_status.setText("Load a model to preview its chat template.")
+            return
+        self.task = self.bridge.loop.create_task(self._preview())
+
+    async def _preview(self) -> None:
+        assert self.bridge is not None, "checked in start_preview"
+        template = self.template.toPlainText()
+        request = GenerateRequest(
+            messages=SAMPLE_CHAT, chat_template=template if template.strip() else None
+        )
+        try:
+            text = await self.bridge.render_chat(request)
+        except Exception as error:
+            self.template_status.setText(f"Template error: {error}")
+            self.template_status.setStyleSheet("color: #c0392b;")
+            self.preview.clear()
+            return
+        self.template_status.setText("The template renders.")
+        self.template_status.setStyleSheet("color: #2e7d32;")
+        self.preview.setPlainText(text)

@@ -1,0 +1,133 @@
+"""The importance slider: alpha from 0 (exact) to 0.6, applied live between tokens.
+
+At each position it shows the speed and fidelity measured for the loaded model (from its
+benchmark curve, see ``app.curves``) or "not measured yet" with a Measure button. The
+measurement itself is an injected coroutine function, so the fidelity harness can be plugged
+in without this widget knowing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
+
+from app.curves import Curve, CurveError, describe, load_curve
+from engine.config import ALPHA_MAX
+
+STEP = 0.05
+Measurer = Callable[[Path], Awaitable[None]]  # model folder -> writes the curve file
+
+
+def alpha_label(alpha: float) -> str:
+    return "α = 0 (exact)" if alpha == 0 else f"α = {alpha:.2f}"
+
+
+class ImportanceSlider(QWidget):
+    alpha_changed = Signal(float)
+
+    def __init__(self, measure: Measurer | None = None, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.measure = measure
+        self.curve: Curve | None = None
+        self.curve_error = ""
+        self.model_dir: Path | None = None
+        self.model_name = ""
+        self.task: asyncio.Task[None] | None = None
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(0, round(ALPHA_MAX / STEP))
+        self.slider.setTickPosition(QSlider.TickPosition.TicksBelow)
+        self.slider.setTickInterval(2)
+        self.value_label = QLabel(alpha_label(0.0))
+        self.curve_label = QLabel("no model loaded")
+        self.curve_label.setWordWrap(True)
+        self.measure_button = QPushButton("Measure")
+        self.measure_button.clicked.connect(self.start_measure)
+        self.slider.valueChanged.connect(self._moved)
+        self._layout()
+        self._refresh()
+
+    def _layout(self) -> None:
+        ends = QHBoxLayout()
+        ends.addWidget(QLabel("exact"))
+        ends.addStretch(1)
+        ends.addWidget(QLabel("faster, approximate"))
+        column = QVBoxLayout()
+        column.setContentsMargins(0, 0, 0, 0)
+        column.setSpacing(0)
+        column.addWidget(self.slider)
+        column.addLayout(ends)
+        row = QHBoxLayout(self)
+        row.setContentsMargins(4, 2, 4, 2)
+        title = QLabel("<b>Importance</b>")
+        title.setToolTip("How freely experts that miss the GPU cache may be substituted.")
+        row.addWidget(title)
+        row.addLayout(column, 2)
+        row.addWidget(self.value_label)
+        row.addWidget(self.curve_label, 3)
+        row.addWidget(self.measure_button)
+
+    @property
+    def alpha(self) -> float:
+        return round(self.slider.value() * STEP, 4)
+
+    def set_alpha(self, alpha: float) -> None:
+        """Show ``alpha`` without emitting ``alpha_changed`` (e.g. after loading settings)."""
+        self.slider.blockSignals(True)
+        self.slider.setValue(round(alpha / STEP))
+        self.slider.blockSignals(False)
+        self._refresh()
+
+    def set_model(self, model_dir: Path | None, name: str) -> None:
+        self.model_dir, self.model_name = model_dir, name
+        self.reload_curve()
+
+    def reload_curve(self) -> None:
+        self.curve, self.curve_error = None, ""
+        if self.model_name:
+            try:
+                self.curve = load_curve(self.model_name)
+            except CurveError as error:
+                self.curve_error = f"benchmark curve unreadable: {error}"
+        self._refresh()
+
+    def _moved(self, _value: int) -> None:
+        self._refresh()
+        self.alpha_changed.emit(self.alpha)
+
+    def _refresh(self) -> None:
+        self.value_label.setText(alpha_label(self.alpha))
+        point = self.curve.at(self.alpha) if self.curve is not None else None
+        if not self.model_name:
+            text = "no model loaded"
+        elif self.curve_error:
+            text = self.curve_error
+        else:
+            text = describe(point)
+        self.curve_label.setText(text)
+        self.measure_button.setVisible(bool(self.model_name) and point is None)
+        self.measure_button.setEnabled(self.measure is not None and self.task is None)
+        if self.measure is None:
+            self.measure_button.setToolTip("No measurement tool is available in this build.")
+
+    def start_measure(self) -> None:
+        if self.measure is None or self.model_dir is None or self.task is not None:
+            return
+        self.curve_label.setText("measuring… (this runs the model several times)")
+        self.measure_button.setEnabled(False)
+        self.task = asyncio.get_event_loop().create_task(self._measure(self.model_dir))
+
+    async def _measure(self, model_dir: Path) -> None:
+        assert self.measure is not None, "checked in start_measure"
+        try:
+            await self.measure(model_dir)
+        except Exception as error:
+            self.task = None
+            self.curve_label.setText(f"measurement failed: {error}")
+            self.measure_button.setEnabled(True)
+            return
+        self.task = None
+        self.reload_curve()
