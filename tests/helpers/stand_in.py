@@ -21,6 +21,7 @@ class RecordingOffload:
 
     steps: list[int] = field(default_factory=list)
     live: LiveOptions | None = None
+    live_changes: list[tuple[int, LiveOptions]] = field(default_factory=list)  # (step, options)
     closed: bool = False
 
     def stats(self) -> StatsSnapshot:
@@ -34,6 +35,7 @@ class RecordingOffload:
 
     def set_live_options(self, live: LiveOptions) -> None:
         self.live = live
+        self.live_changes.append((len(self.steps), live))
 
     def close(self) -> None:
         self.closed = True
