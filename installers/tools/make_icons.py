@@ -48,7 +48,7 @@ def render_png(renderer: QSvgRenderer, size: int, out: Path) -> Path:
     painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform)
     renderer.render(painter, QRectF(0, 0, size, size))
     painter.end()
-    if not image.save(str(out), "PNG"):
+    if not image.save(str(out), b"PNG"):
         raise IconError(f"could not write {out}")
     return out
 
