@@ -1,0 +1,152 @@
+"""User choices -> engine config, in one place for the CLI and the app.
+
+``EngineOptions`` holds what a person picks (CLI flags, the app's settings) in plain values;
+``build_load_config`` is the one function that turns them into a validated ``LoadConfig``
+(and ``build_live_options`` the policy/alpha/method switches into ``LiveOptions``). Invalid
+choices become ``InvalidRequestError`` with the config's own message. No torch here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from engine.config import (
+    CacheConfig,
+    ChatMessage,
+    GenerateRequest,
+    LiveOptions,
+    LoadConfig,
+    SamplingConfig,
+)
+from engine.errors import InvalidRequestError, ModelLoadError
+from engine.paths import builtin_model_dir
+
+_SAMPLING_DEFAULTS = SamplingConfig()
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What a user chose about model, device, cache and method; ``None`` means the default."""
+
+    model_dir: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_gb: float | None = None
+    cache_fraction: float | None = None
+    context_length: int = 2048
+    force: bool = False
+    policy: str = "lru"
+    alpha: float = 0.0
+    eviction: str | None = None
+    substitution: bool = True
+    prefetch: bool = True
+    cpu_assist: bool = True
+
+
+def _invalid(error: ValueError) -> InvalidRequestError:
+    message = str(error)
+    return InvalidRequestError(message[:1].upper() + message[1:])
+
+
+def resolve_model_dir(model_dir: Path | None) -> Path:
+    """The chosen folder, or the built-in model; a clear error when it is not there."""
+    if model_dir is None:
+        path = builtin_model_dir()
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"The built-in model is not installed at {path} (it may not be built yet): "
+                "pass a model folder with --model DIR."
+            )
+        return path
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"The model folder {path} does not exist.")
+    return path
+
+
+def build_live_options(options: EngineOptions) -> LiveOptions:
+    """Policy, alpha, eviction and the three method switches as ``LiveOptions``."""
+    try:
+        return LiveOptions(
+            policy=cast(Any, options.policy),
+            alpha=options.alpha,
+            eviction=cast(Any, options.eviction),
+            substitution=options.substitution,
+            prefetch=options.prefetch,
+            cpu_assist=options.cpu_assist,
+        )
+    except ValueError as error:
+        raise _invalid(error) from error
+
+
+def build_load_config(options: EngineOptions) -> LoadConfig:
+    """The one place user preferences become engine config."""
+    model_dir = resolve_model_dir(options.model_dir)
+    live = build_live_options(options)
+    try:
+        cache = CacheConfig(budget_gb=options.cache_gb, fraction=options.cache_fraction)
+        return LoadConfig(
+            model_dir=model_dir,
+            device=cast(Any, options.device),
+            dtype=cast(Any, options.dtype),
+            context_length=options.context_length,
+            cache=cache,
+            live=live,
+            force=options.force,
+        )
+    except ValueError as error:
+        raise _invalid(error) from error
+
+
+def build_sampling(
+    greedy: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    max_new_tokens: int | None = None,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+) -> SamplingConfig:
+    """Sampling choices; greedy means the pure arg-max (no repetition penalty unless given)."""
+    d = _SAMPLING_DEFAULTS
+    if greedy and repetition_penalty is None:
+        repetition_penalty = 1.0
+    try:
+        return SamplingConfig(
+            temperature=d.temperature if temperature is None else temperature,
+            top_p=d.top_p if top_p is None else top_p,
+            top_k=d.top_k if top_k is None else top_k,
+            repetition_penalty=d.repetition_penalty
+            if repetition_penalty is None
+            else repetition_penalty,
+            max_new_tokens=d.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            stop=tuple(stop),
+            greedy=greedy,
+            seed=seed,
+        )
+    except ValueError as error:
+        raise _invalid(error) from error
+
+
+def build_request(
+    text: str,
+    sampling: SamplingConfig,
+    chat: bool = False,
+    system: str | None = None,
+    chat_template: str | None = None,
+) -> GenerateRequest:
+    """A raw-prompt request, or (``chat``) a one-turn chat with an optional system message."""
+    try:
+        if not chat:
+            if system is not None:
+                raise ValueError("a system message needs chat mode")
+            return GenerateRequest(prompt=text, sampling=sampling, chat_template=chat_template)
+        messages: tuple[ChatMessage, ...] = (ChatMessage("system", system),) if system else ()
+        messages += (ChatMessage("user", text),)
+        return GenerateRequest(messages=messages, sampling=sampling, chat_template=chat_template)
+    except ValueError as error:
+        raise _invalid(error) from error
