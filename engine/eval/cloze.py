@@ -23,9 +23,7 @@ NUM_CHOICES = 4
 _ABBREVIATIONS = (
     r"(?<!\bMr\.)(?<!\bMrs\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)(?<!\be\.g\.)(?<!\bi\.e\.)"
 )
-_SENTENCE_END = re.compile(
-    _ABBREVIATIONS + r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])"
-)
+_SENTENCE_END = re.compile(_ABBREVIATIONS + r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?![a-z])")
 
 
 @dataclass(frozen=True)
