@@ -12,13 +12,13 @@ reference's (``engine.eval.metrics``), its answers to the cloze items graded
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from statistics import median
 from typing import Any, Protocol
 
 import torch
 
-from engine.config import LiveOptions
+from engine.config import CacheConfig, LiveOptions, LoadConfig
 from engine.errors import InvalidRequestError
 from engine.eval import cloze
 from engine.eval.forcing import StepTimes, continuation_logits, stream_window_logits
@@ -82,6 +82,43 @@ class PlainRunner:
 
     def close(self) -> None:
         return None
+
+
+class SessionRunner:
+    """An engine ``ModelSession``: the offloaded model and its controller's counters."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self._offload = session.loaded.offload
+
+    @property
+    def model(self) -> torch.nn.Module:
+        model: torch.nn.Module = self._session.loaded.model
+        return model
+
+    def end_step(self, tokens: int) -> None:
+        self._offload.end_step(tokens)
+
+    def stats(self) -> StatsSnapshot:
+        snapshot: StatsSnapshot = self._offload.stats()
+        return snapshot
+
+    def reset_stats(self) -> None:
+        self._offload.reset_stats()
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def session_loader(base: LoadConfig) -> Loader:
+    """Load each configuration as an engine session: ``base`` with its cache and options."""
+    from engine.runtime.session import ModelSession  # the runtime is needed only here
+
+    def load(config: RunConfig) -> Runner:
+        cache = CacheConfig(fraction=config.cache_fraction)
+        return SessionRunner(ModelSession.open(replace(base, cache=cache, live=config.live)))
+
+    return load
 
 
 @dataclass(frozen=True)
