@@ -1,0 +1,82 @@
+"""A fake engine for UI tests: scripted token streams, delays, cancel, OOM injection, load
+progress, and a record of every call the app made. Built on the app's demo engine (its own
+thread, ``EngineAPI``), with knobs the tests turn."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.demo_engine import DemoEngine
+from engine.config import GenerateRequest, LiveOptions, LoadConfig
+from engine.events import ModelInfo
+from engine.protocol import EventSink, Job
+
+
+@dataclass
+class Calls:
+    live: list[LiveOptions] = field(default_factory=list)
+    loads: list[LoadConfig] = field(default_factory=list)
+    requests: list[GenerateRequest] = field(default_factory=list)
+    inspected: list[Path] = field(default_factory=list)
+
+
+class FakeEngine(DemoEngine):
+    def __init__(self, replies: tuple[str, ...] = ("Hello there!",), **kwargs: Any) -> None:
+        kwargs.setdefault("token_delay", 0.005)
+        kwargs.setdefault("load_delay", 0.005)
+        super().__init__(replies, **kwargs)
+        self.calls = Calls()
+        self.fail_load: BaseException | None = None  # raised after the first progress event
+        self.fail_generate: BaseException | None = None
+        self.dropped: int | None = None  # forced GenerationFinished.dropped_messages
+        self.release = threading.Event()  # with hold_tokens: tokens wait for this
+        self.hold_tokens = False
+        self.release.set()
+
+    def load(self, config: LoadConfig, on_event: EventSink) -> Job[ModelInfo]:
+        self.calls.loads.append(config)
+        if self.fail_load is None:
+            return super().load(config, on_event)
+        error = self.fail_load
+
+        def failing(job: Job[Any]) -> None:
+            on_event_progress(on_event)
+            raise error
+
+        return self._submit(failing)
+
+    def inspect(self, model_dir: Path) -> Job[ModelInfo]:
+        self.calls.inspected.append(Path(model_dir))
+        return super().inspect(model_dir)
+
+    def generate(self, request: GenerateRequest, on_event: EventSink) -> Job[Any]:
+        self.calls.requests.append(request)
+        if self.fail_generate is not None:
+            error = self.fail_generate
+
+            def failing(job: Job[Any]) -> None:
+                raise error
+
+            return self._submit(failing)
+        return super().generate(request, on_event)
+
+    def next_reply(self, request: GenerateRequest) -> str:
+        if self.hold_tokens:
+            self.release.wait(10)
+        return super().next_reply(request)
+
+    def dropped_for(self, request: GenerateRequest) -> int:
+        return self.dropped if self.dropped is not None else super().dropped_for(request)
+
+    def set_live_options(self, live: LiveOptions) -> None:
+        self.calls.live.append(live)
+        super().set_live_options(live)
+
+
+def on_event_progress(on_event: EventSink) -> None:
+    from engine.events import LoadProgressed
+
+    on_event(LoadProgressed(0.1, "Reading the trunk"))

@@ -1,0 +1,40 @@
+"""Benchmark curve files read by the importance slider."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.curves import Curve, CurveError, CurvePoint, describe, load_curve, save_curve
+
+
+def test_curve_round_trip_and_lookup_by_alpha(tmp_path: Path) -> None:
+    curve = Curve(
+        "mini",
+        (CurvePoint(0.0, 10.0, 2e8, 1.0, 0.0), CurvePoint(0.3, 14.5, 1e8, 0.97, 0.02)),
+        device="cuda",
+    )
+    save_curve(curve, tmp_path)
+    loaded = load_curve("mini", tmp_path)
+    assert loaded == curve
+    assert loaded.at(0.3) == curve.points[1]
+    assert loaded.at(0.15) is None, "between measured points: not measured"
+
+
+def test_missing_curve_is_none_and_a_bad_one_is_an_error(tmp_path: Path) -> None:
+    assert load_curve("nothing", tmp_path) is None
+    (tmp_path / "curves").mkdir()
+    (tmp_path / "curves" / "bad.json").write_text(json.dumps({"points": [{"speed": 1}]}))
+    with pytest.raises(CurveError, match="every point needs an alpha"):
+        load_curve("bad", tmp_path)
+    (tmp_path / "curves" / "worse.json").write_text("{oops")
+    with pytest.raises(CurveError, match="cannot read"):
+        load_curve("worse", tmp_path)
+
+
+def test_describe_shows_speed_and_fidelity() -> None:
+    text = describe(CurvePoint(0.3, 14.5, 1.2e8, 0.975, 0.021))
+    assert text == ("14.5 tok/s, 120.0 MB/token moved, top-1 agreement 97.5%, perplexity +0.021")
+    assert describe(None) == "not measured yet"

@@ -1,0 +1,89 @@
+"""Finding models: the Hugging Face cache layout, the models folder, added folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from app.model_library import (
+    all_models,
+    check_model_folder,
+    hf_cache_dir,
+    human_bytes,
+    scan_hf_cache,
+    scan_models_folder,
+)
+
+
+def fake_hf_repo(cache: Path, repo: str, revision: str, size: int, ref: bool = True) -> Path:
+    """``models--org--name/{blobs,snapshots/<rev>,refs/main}`` with symlinked files."""
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    blobs = repo_dir / "blobs"
+    snapshot = repo_dir / "snapshots" / revision
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (blobs / "cfg").write_text('{"architectures": ["Qwen2MoeForCausalLM"]}')
+    (blobs / "weights").write_bytes(b"\0" * size)
+    os.symlink(blobs / "cfg", snapshot / "config.json")
+    os.symlink(blobs / "weights", snapshot / "model.safetensors")
+    if ref:
+        (repo_dir / "refs").mkdir()
+        (repo_dir / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_hf_cache_scan_finds_snapshots_without_copying(tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    snapshot = fake_hf_repo(cache, "Qwen/Qwen1.5-MoE-A2.7B", "abc123", 5000)
+    fake_hf_repo(cache, "org/no-ref", "def456", 10, ref=False)
+    (cache / "datasets--x--y").mkdir()
+    entries = scan_hf_cache(cache)
+    assert [e.name for e in entries] == ["Qwen/Qwen1.5-MoE-A2.7B", "org/no-ref"]
+    first = entries[0]
+    assert first.path == snapshot and first.source == "Hugging Face cache"
+    assert first.architecture == "Qwen2MoeForCausalLM"
+    assert first.size_bytes > 5000, "sizes follow the symlinks into blobs/"
+    assert not any(p.is_file() and not p.is_symlink() for p in snapshot.iterdir()), "not copied"
+
+
+def test_hf_cache_location_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", "/x/hub")
+    assert hf_cache_dir() == Path("/x/hub")
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", "/y")
+    assert hf_cache_dir() == Path("/y/hub")
+
+
+def test_models_folder_and_added_folders_are_listed_once(user_dirs: Path) -> None:
+    models = user_dirs / "data" / "models"
+    (models / "tiny").mkdir(parents=True)
+    (models / "tiny" / "config.json").write_text('{"model_type": "mixtral"}')
+    (models / "not-a-model").mkdir()
+    assert [e.name for e in scan_models_folder()] == ["tiny"]
+    added = str(models / "tiny")
+    entries = all_models((added,), user_dirs / "hf-cache")
+    sources = [(e.name, e.source) for e in entries]
+    assert sources == [("understudy-mini-moe", "built-in"), ("tiny", "added")]
+
+
+def test_adding_a_folder_checks_it_with_clear_messages(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is not a folder"):
+        check_model_folder(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"has no config\.json"):
+        check_model_folder(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no weight files"):
+        check_model_folder(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert check_model_folder(tmp_path) == tmp_path
+
+
+def test_human_bytes() -> None:
+    assert [human_bytes(v) for v in (512, 1500, 2.5e9, None)] == [
+        "512 B",
+        "1.5 KB",
+        "2.5 GB",
+        "unknown",
+    ]
