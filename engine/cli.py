@@ -1,0 +1,362 @@
+"""The headless front door: ``python -m engine inspect | generate | score``.
+
+Each command is a ``Command`` (name, help, how it adds its arguments, how it runs) listed in
+``COMMANDS``; later commands (``fidelity``, ``bench``) add themselves there and reuse
+``add_model_options`` and ``engine_options`` for the model, device, cache and policy flags.
+Runs are synchronous on a ``ModelSession``. Engine errors print one line to stderr and exit
+with 2 (bad input), 3 (memory) or 1 (anything else), never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers.utils import logging as hf_logging
+
+from engine.config import DEVICES, DTYPES, EVICTIONS, POLICIES, GenerateRequest, SamplingConfig
+from engine.errors import (
+    CacheBudgetError,
+    EngineError,
+    EngineOutOfMemoryError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    ModelLoadError,
+    SubstitutionUnsupportedError,
+)
+from engine.events import (
+    GenerationFinished,
+    MemoryEstimate,
+    ModelInfo,
+    StatsSnapshot,
+    TokenReceived,
+)
+from engine.options import EngineOptions, build_load_config, build_request, build_sampling
+from engine.runtime.generation import ScoreResult
+from engine.runtime.session import ModelSession, estimate_for
+from engine.runtime.worker import translate_error
+
+EXIT_OTHER, EXIT_BAD_INPUT, EXIT_MEMORY = 1, 2, 3
+BAD_INPUT = (InvalidRequestError, ModelLoadError, CacheBudgetError, SubstitutionUnsupportedError)
+MEMORY = (InsufficientMemoryError, EngineOutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, help line, argument setup and runner (returns the exit code)."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------- shared options
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model`` plus the device, dtype, context, cache and method options of every command."""
+    group = parser.add_argument_group("model and memory")
+    group.add_argument("--model", type=Path, help="model folder (default: the built-in model)")
+    group.add_argument("--device", choices=DEVICES, default="auto")
+    group.add_argument("--dtype", choices=DTYPES, default="auto")
+    group.add_argument("--context-length", type=int, default=2048, metavar="N")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--cache-gb", type=float, metavar="G", help="expert cache budget in GB")
+    budget.add_argument(
+        "--cache-fraction", type=float, metavar="F", help="expert cache as a fraction of experts"
+    )
+    group.add_argument("--force", action="store_true", help="load even if the estimate refuses")
+    method = parser.add_argument_group("method")
+    method.add_argument("--policy", choices=POLICIES, default="lru")
+    method.add_argument("--alpha", type=float, default=0.0, metavar="A", help="importance band")
+    method.add_argument("--eviction", choices=EVICTIONS, help="default: from the policy")
+    method.add_argument("--no-substitution", dest="substitution", action="store_false")
+    method.add_argument("--no-prefetch", dest="prefetch", action="store_false")
+    method.add_argument("--no-cpu-assist", dest="cpu_assist", action="store_false")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    """The parsed model/device/cache/method flags as ``EngineOptions``."""
+    return EngineOptions(
+        model_dir=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        cache_gb=args.cache_gb,
+        cache_fraction=args.cache_fraction,
+        context_length=args.context_length,
+        force=args.force,
+        policy=args.policy,
+        alpha=args.alpha,
+        eviction=args.eviction,
+        substitution=args.substitution,
+        prefetch=args.prefetch,
+        cpu_assist=args.cpu_assist,
+    )
+
+
+def open_session(args: argparse.Namespace) -> ModelSession:
+    """Build the load config from the flags, check memory and load (progress to stderr)."""
+    config = build_load_config(engine_options(args))
+
+    def progress(fraction: float, message: str) -> None:
+        if not args.json:
+            print(f"\r[{fraction:4.0%}] {message:<60}", end="", file=sys.stderr, flush=True)
+
+    try:
+        return ModelSession.open(config, progress)
+    finally:
+        if not args.json:
+            print(file=sys.stderr)
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, ensure_ascii=False)
+    print()
+
+
+def estimate_dict(estimate: MemoryEstimate) -> dict[str, Any]:
+    return {**asdict(estimate), "device_bytes": estimate.device_bytes, "fits": estimate.fits}
+
+
+def stats_line(stats: StatsSnapshot) -> str:
+    return (
+        f"{stats.tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
+        f"first token {stats.time_to_first_token_s:.2f} s, hit rate {stats.hit_rate:.3f}, "
+        f"{stats.bytes_per_token / 1e6:.3f} MB moved per token"
+    )
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def configure_inspect(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+
+
+def _gb(value: int | None) -> str:
+    """Bytes in the largest unit that keeps the number at least 1 (decimal units)."""
+    if value is None:
+        return "unknown"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value} B"
+
+
+def describe(info: ModelInfo, estimate: MemoryEstimate) -> str:
+    """Human-readable inspect output."""
+    return "\n".join(
+        [
+            f"{info.name}: {info.architecture} ({info.model_type}), router {info.router_family}",
+            f"layers {info.num_layers} ({info.moe_layers} MoE), experts per layer "
+            f"{info.experts_per_layer}, top-{info.top_k}",
+            f"bytes per expert {info.bytes_per_expert}, trunk {_gb(info.trunk_bytes)}, "
+            f"all experts {_gb(info.total_expert_bytes)}",
+            f"estimate on {estimate.device}: device {_gb(estimate.device_bytes)} (trunk "
+            f"{_gb(estimate.trunk_bytes)}, KV {_gb(estimate.kv_cache_bytes)}, expert cache "
+            f"{_gb(estimate.expert_cache_bytes)}) of {_gb(estimate.device_free_bytes)} free; "
+            f"host {_gb(estimate.host_expert_bytes)} of {_gb(estimate.host_free_bytes)} free",
+            f"fits: {'yes' if estimate.fits else 'no'}",
+        ]
+    )
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    info, estimate = estimate_for(build_load_config(engine_options(args)))
+    if args.json:
+        print_json({"model": asdict(info), "estimate": estimate_dict(estimate)})
+    else:
+        print(describe(info, estimate))
+    return 0
+
+
+# ---------------------------------------------------------------- generate
+
+
+def configure_generate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True, help="the prompt (the user message with --chat)")
+    parser.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    parser.add_argument("--system", help="system message (with --chat)")
+    parser.add_argument("--chat-template", type=Path, metavar="FILE", help="override template")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--max-new-tokens", type=int, metavar="N")
+    sampling.add_argument("--greedy", action="store_true", help="always the most likely token")
+    sampling.add_argument("--temperature", type=float, metavar="T")
+    sampling.add_argument("--top-p", type=float, metavar="P")
+    sampling.add_argument("--top-k", type=int, metavar="K")
+    sampling.add_argument("--repetition-penalty", type=float, metavar="R")
+    sampling.add_argument("--stop", action="extend", nargs="+", default=[], metavar="S")
+    sampling.add_argument("--seed", type=int, metavar="N")
+    add_model_options(parser)
+
+
+def _sampling(args: argparse.Namespace) -> SamplingConfig:
+    if args.greedy and any(v is not None for v in (args.temperature, args.top_p, args.top_k)):
+        raise InvalidRequestError("--greedy takes no --temperature, --top-p or --top-k")
+    return build_sampling(
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        seed=args.seed,
+    )
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidRequestError(f"cannot read the {what} {path}: {error}") from error
+
+
+def generate_request(args: argparse.Namespace) -> GenerateRequest:
+    template = _read_text(args.chat_template, "chat template") if args.chat_template else None
+    return build_request(args.prompt, _sampling(args), args.chat, args.system, template)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    request = generate_request(args)
+    session = open_session(args)
+    session.reset_stats()
+    finished: GenerationFinished | None = None
+    for event in session.generate_stream(request):
+        if isinstance(event, TokenReceived) and not args.json:
+            print(event.text, end="", flush=True)
+        finished = event if isinstance(event, GenerationFinished) else finished
+    assert finished is not None, "the stream ends with GenerationFinished"
+    if args.json:
+        print_json(generation_dict(finished))
+    else:
+        print()
+        print(f"[{finished.reason}] {stats_line(finished.stats)}", file=sys.stderr)
+    return 0
+
+
+def generation_dict(finished: GenerationFinished) -> dict[str, Any]:
+    return {
+        "text": finished.text,
+        "token_ids": list(finished.token_ids),
+        "reason": finished.reason,
+        "prompt_tokens": finished.prompt_tokens,
+        "dropped_messages": finished.dropped_messages,
+        "stats": finished.stats.to_dict(),
+    }
+
+
+# ---------------------------------------------------------------- score
+
+
+def configure_score(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-file", type=Path, required=True, metavar="F")
+    parser.add_argument("--max-tokens", type=int, metavar="N", help="score at most N tokens")
+    parser.add_argument("--dump-logits", type=Path, metavar="OUT", help="write a .safetensors")
+    add_model_options(parser)
+
+
+def score_ids(session: ModelSession, text: str, max_tokens: int | None) -> tuple[list[int], bool]:
+    """Token ids to score: at most ``max_tokens`` and the context length; and if cut."""
+    if max_tokens is not None and max_tokens < 2:
+        raise InvalidRequestError(f"--max-tokens must be at least 2; got {max_tokens}")
+    ids = session.encode(text)
+    limit = min(max_tokens or len(ids), session.config.context_length)
+    return ids[:limit], len(ids) > limit
+
+
+def dump_logits(path: Path, result: ScoreResult) -> None:
+    """fp32 logits ``[T, V]`` under ``logits`` and the scored ids ``[T]`` under ``input_ids``."""
+    assert result.logits is not None, "logits were kept for the dump"
+    tensors = {
+        "logits": result.logits.float().contiguous(),
+        "input_ids": torch.tensor(result.input_ids, dtype=torch.long),
+    }
+    try:
+        save_file(tensors, str(path))
+    except OSError as error:
+        raise InvalidRequestError(f"cannot write {path}: {error}") from error
+
+
+def run_score(args: argparse.Namespace) -> int:
+    text = _read_text(args.text_file, "text file")
+    session = open_session(args)
+    ids, truncated = score_ids(session, text, args.max_tokens)
+    session.reset_stats()
+    result = session.score(ids, keep_logits=args.dump_logits is not None)
+    if args.dump_logits is not None:
+        dump_logits(args.dump_logits, result)
+    report = {
+        "tokens": len(ids),
+        "scored_tokens": len(ids) - 1,
+        "truncated": truncated,
+        "mean_nll": result.mean_nll,
+        "perplexity": result.perplexity,
+        "stats": session.stats().to_dict(),
+    }
+    if args.json:
+        print_json(report)
+    else:
+        print(
+            f"{len(ids)} tokens: mean NLL {result.mean_nll:.4f}, perplexity {result.perplexity:.3f}"
+        )
+        print(stats_line(session.stats()), file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+COMMANDS: list[Command] = [
+    Command(
+        "inspect", "describe a model folder and estimate memory", configure_inspect, run_inspect
+    ),
+    Command("generate", "generate text from a prompt", configure_generate, run_generate),
+    Command("score", "teacher-forced NLL/perplexity of a text", configure_score, run_score),
+]
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine", description="Understudy engine: offloaded MoE inference."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in commands:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.configure(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def exit_code(error: EngineError) -> int:
+    if isinstance(error, BAD_INPUT):
+        return EXIT_BAD_INPUT
+    if isinstance(error, MEMORY):
+        return EXIT_MEMORY
+    return EXIT_OTHER
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run, and turn engine errors into one stderr line and an exit code."""
+    args = build_parser().parse_args(argv)
+    hf_logging.disable_progress_bar()  # the engine reports its own load progress
+    try:
+        try:
+            code: int = args.run(args)
+        except (torch.OutOfMemoryError, MemoryError) as raw:
+            raise translate_error(raw, f"running {args.command}") from raw
+    except EngineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_code(error)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return code
