@@ -18,13 +18,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from engine.config import (
-    CacheConfig,
-    LiveOptions,
-    LoadConfig,
-    Policy,
-    SamplingConfig,
-)
+from engine.config import LiveOptions, LoadConfig, SamplingConfig
+from engine.errors import InvalidRequestError
+from engine.options import EngineOptions, build_live_options, build_load_config, build_sampling
 
 THEMES: tuple[str, ...] = ("system", "light", "dark")
 RELOAD_FIELDS: frozenset[str] = frozenset({"device", "cache_budget_gb", "context_length"})
@@ -60,9 +56,11 @@ class ModelSettings:
     chat_template: str | None = None  # None: the tokenizer's own template
 
     def __post_init__(self) -> None:
-        to_live_options(self)
-        to_sampling(self)
-        to_load_config(Path("."), self)
+        try:
+            to_load_config(Path("."), self)
+            to_sampling(self)
+        except InvalidRequestError as error:
+            raise ValueError(str(error)) from error
 
     def changed_fields(self, other: ModelSettings) -> set[str]:
         return {f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)}
@@ -96,18 +94,27 @@ class LastWorking:
     settings: ModelSettings
 
 
-def to_live_options(settings: ModelSettings) -> LiveOptions:
-    policy: Policy = settings.policy  # type: ignore[assignment]  # validated by LiveOptions
-    return LiveOptions(
-        policy=policy,
+def engine_options(model_dir: Path, settings: ModelSettings, force: bool = False) -> EngineOptions:
+    """The user's choices in the engine's own options type (``engine.options``)."""
+    return EngineOptions(
+        model_dir=model_dir,
+        device=settings.device,
+        cache_gb=settings.cache_budget_gb,
+        context_length=settings.context_length,
+        force=force,
+        policy=settings.policy,
         alpha=settings.alpha,
         prefetch=settings.prefetch,
         cpu_assist=settings.cpu_assist,
     )
 
 
+def to_live_options(settings: ModelSettings) -> LiveOptions:
+    return build_live_options(engine_options(Path("."), settings))
+
+
 def to_sampling(settings: ModelSettings) -> SamplingConfig:
-    return SamplingConfig(
+    return build_sampling(
         temperature=settings.temperature,
         top_p=settings.top_p,
         top_k=settings.top_k,
@@ -117,15 +124,12 @@ def to_sampling(settings: ModelSettings) -> SamplingConfig:
 
 
 def to_load_config(model_dir: Path, settings: ModelSettings, force: bool = False) -> LoadConfig:
-    """The one place where user preferences become the engine's ``LoadConfig``."""
-    return LoadConfig(
-        model_dir=model_dir,
-        device=settings.device,  # type: ignore[arg-type]  # validated by LoadConfig
-        context_length=settings.context_length,
-        cache=CacheConfig(budget_gb=settings.cache_budget_gb),
-        live=to_live_options(settings),
-        force=force,
-    )
+    """User preferences as a ``LoadConfig``, via ``engine.options.build_load_config``.
+
+    Raises ``ModelLoadError`` when the folder is missing, ``InvalidRequestError`` when a
+    choice is invalid.
+    """
+    return build_load_config(engine_options(model_dir, settings, force))
 
 
 def _from_dict(cls: Any, data: Any) -> Any:

@@ -100,7 +100,7 @@ def test_invalid_values_are_refused_in_the_dialog(window: MainWindow) -> None:
     dialog.policy.addItem("bogus")
     dialog.policy.setCurrentText("bogus")
     dialog.accept()
-    assert "policy must be one of" in dialog.error_label.text()
+    assert "Policy must be one of" in dialog.error_label.text()
 
 
 def test_full_disk_on_save_is_shown_and_the_old_file_kept(
