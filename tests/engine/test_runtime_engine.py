@@ -14,6 +14,7 @@ from engine.errors import (
     EngineOutOfMemoryError,
     InvalidRequestError,
     ModelLoadError,
+    SubstitutionUnsupportedError,
 )
 from engine.events import (
     EngineFailed,
@@ -207,3 +208,40 @@ def test_stats_reset_and_unload(tiny_checkpoint):
     finally:
         engine.shutdown()
     assert not engine.thread_alive, "shutdown ends the thread"
+
+
+def test_inspect_and_estimate_jobs(engine, tiny_checkpoint):
+    info = engine.inspect(tiny_checkpoint.path).result(TIMEOUT)
+    estimate = engine.estimate(config_for(tiny_checkpoint, context_length=64)).result(TIMEOUT)
+    assert info.top_k == 2 and estimate.kv_cache_bytes == 64 * 64 * 4
+    with pytest.raises(ModelLoadError):
+        engine.inspect(tiny_checkpoint.path / "nope").result(TIMEOUT)
+    assert engine.thread_alive
+
+
+def test_substitution_refused_at_once_where_unsupported(tiny_checkpoint):
+    loaded = stand_in(tiny_checkpoint.model, tiny_checkpoint.tokenizer)
+    loaded.info = replace(loaded.info, substitution_supported=False)
+
+    def opener(config, progress, cancelled):
+        return ModelSession(loaded, config, None)  # type: ignore[arg-type]
+
+    engine = Engine(open_session=opener)
+    try:
+        engine.load(config_for(tiny_checkpoint), lambda e: None).result(TIMEOUT)
+        with pytest.raises(SubstitutionUnsupportedError, match="alpha 0"):
+            engine.set_live_options(LiveOptions(policy="smoe", alpha=0.3))
+        engine.set_live_options(LiveOptions(policy="smoe", alpha=0.0))
+        engine.render_chat(GenerateRequest(prompt="x")).result(TIMEOUT)  # queued after the change
+        assert loaded.offload.live == LiveOptions(policy="smoe", alpha=0.0)
+    finally:
+        engine.shutdown()
+
+
+def test_live_options_on_the_real_offload_controller(engine, tiny_checkpoint):
+    engine.load(config_for(tiny_checkpoint), lambda e: None).result(TIMEOUT)
+    engine.set_live_options(LiveOptions(policy="lfu"))
+    done = engine.generate(
+        GenerateRequest(prompt="The quick", sampling=GREEDY), lambda e: None
+    ).result(TIMEOUT)
+    assert done.token_ids and engine.stats().tokens > 0
