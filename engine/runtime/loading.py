@@ -69,6 +69,7 @@ from engine.runtime.memory import resolve_device, resolve_dtype
 GB = 1e9
 _SWAP_LOCK = threading.Lock()  # experts classes are swapped module-wide during from_pretrained
 _SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _NOISY_LOGGERS = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
 _SHAPE_ERROR = re.compile(r"size mismatch|shape", re.IGNORECASE)
 
@@ -469,16 +470,24 @@ def _quiet_load_report() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _load_tokenizer(model_dir: Path) -> Any:
+def _load_tokenizer(model_dir: Path, vocab_size: int) -> Any:
+    if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{model_dir} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); copy the "
+            "tokenizer files of the model into the folder"
+        )
     try:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             model_dir, trust_remote_code=False, local_files_only=True
         )
     except Exception as error:  # transformers raises OSError, ValueError, TypeError here
+        raise ModelLoadError(f"cannot load the tokenizer of {model_dir}: {error}") from error
+    if len(tokenizer) < 2:
         raise ModelLoadError(
-            f"cannot load the tokenizer of {model_dir} (tokenizer.json / tokenizer_config.json "
-            f"missing or broken): {error}"
-        ) from error
+            f"the tokenizer in {model_dir} has {len(tokenizer)} token(s) for a model with a "
+            f"vocabulary of {vocab_size}; its files are missing or broken"
+        )
+    return tokenizer
 
 
 def _load_trunk(plan: _Plan, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -552,7 +561,7 @@ def _load(
     progress(0.0, "Reading the model folder")
     plan = _plan(config.model_dir)
     info = _info(plan)
-    tokenizer = _load_tokenizer(plan.model_dir)
+    tokenizer = _load_tokenizer(plan.model_dir, info.vocab_size)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     shape = ExpertShape(plan.hidden, plan.intermediate, dtype)
@@ -585,7 +594,11 @@ def load_model(
         ) from error
     except (ModelLoadError, CacheBudgetError, CancelledError):
         raise
-    except OSError as error:
+    except (OSError, ValueError) as error:
+        if not Path(config.model_dir).is_dir():
+            raise ModelLoadError(
+                f"the model folder {config.model_dir} disappeared while loading"
+            ) from error
         raise ModelLoadError(f"cannot read the model folder {config.model_dir}: {error}") from error
     except RuntimeError as error:
         if _SHAPE_ERROR.search(str(error)):
