@@ -64,7 +64,8 @@ class SmokeTest:
     def finish(self, status: str) -> None:
         loaded = status == "loaded"
         self.code = 0 if loaded or not self.require_model else 1
-        print(f"SMOKE {'OK' if self.code == 0 else 'FAILED'}: {status}", flush=True)
+        line = " ".join(status.split())
+        print(f"SMOKE {'OK' if self.code == 0 else 'FAILED'}: {line}", flush=True)
         self.window.close()
 
     def timed_out(self) -> None:

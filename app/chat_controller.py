@@ -209,9 +209,16 @@ class ChatController(QObject):
                     finished = event
         except EngineError as error:
             log.warning("generation failed: %s", error)
-            self.conversation.update(reply.id, note=f"Generation failed: {error}")
-            self.error_occurred.emit(f"Generation failed: {error}")
+            self._failed(reply, f"Generation failed: {error}")
+        except Exception as error:
+            log.exception("generation failed unexpectedly")
+            self._failed(reply, f"Generation failed unexpectedly: {error!r} (see the log file)")
         return finished
+
+    def _failed(self, reply: Message, message: str) -> None:
+        assert self.conversation is not None, "streaming needs a chat"
+        self.conversation.update(reply.id, note=message)
+        self.error_occurred.emit(message)
 
     def _count_token(self) -> None:
         now = time.perf_counter()

@@ -33,6 +33,8 @@ class ConversationList(QWidget):
         self.search.setClearButtonEnabled(True)
         self.items = QListWidget()
         self.items.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.items.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.items.setTextElideMode(Qt.TextElideMode.ElideRight)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         for widget in (self.new_button, self.search, self.items):

@@ -141,6 +141,10 @@ class DemoEngine:
         info = self.model_info(config.model_dir)
         with self._lock:
             self.loaded, self.config, self.live = info, config, config.live
+            slots = estimate.expert_cache_bytes // info.bytes_per_expert
+            self._stats = replace(
+                self._stats, cache_slots=slots, cache_bytes=estimate.expert_cache_bytes
+            )
         on_event(LoadProgressed(1.0, "Ready"))
         on_event(LoadFinished(info, estimate))
         return info
@@ -215,7 +219,8 @@ class DemoEngine:
 
     def reset_stats(self) -> None:
         with self._lock:
-            self._stats = StatsSnapshot()
+            s = self._stats
+            self._stats = StatsSnapshot(cache_slots=s.cache_slots, cache_bytes=s.cache_bytes)
 
     def render_chat(self, request: GenerateRequest) -> Job[str]:
         return self._submit(lambda job: render_template(request))

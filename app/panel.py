@@ -18,7 +18,7 @@ from app.sparkline import Sparkline
 from app.telemetry import GpuSample, GpuTelemetry, HostSample, host_sample
 from engine.events import StatsSnapshot
 
-BUSY_INTERVAL_MS = 500
+BUSY_INTERVAL_MS = 250
 IDLE_INTERVAL_MS = 2000
 
 

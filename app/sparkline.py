@@ -32,13 +32,12 @@ class Sparkline(QWidget):
         """Plot coordinates: oldest value at the left, the range scaled to the height."""
         if not self.values:
             return []
-        top = max(self.values)
         low = min(0.0, min(self.values))
+        top = max(self.values) * 1.15 if max(self.values) > 0 else max(self.values)
         span = (top - low) or 1.0
-        step = width / max(1, self.values.maxlen or len(self.values) - 1)
-        offset = width - step * (len(self.values) - 1)
+        step = width / max(1, len(self.values) - 1)
         return [
-            QPointF(offset + i * step, height - 2 - (v - low) / span * (height - 4))
+            QPointF(i * step, height - 2 - (v - low) / span * (height - 4))
             for i, v in enumerate(self.values)
         ]
 
