@@ -92,10 +92,14 @@ class ScoreEviction:
         candidates = [key for key in resident if key not in protected]
         if not candidates:
             raise RuntimeError("every resident expert is protected; the cache is below its minimum")
-        neutral = self._neutral()
+        tables = {layer: self.scaled_scores(layer) or [] for layer in self._layers}
+        neutral, last_use = self._neutral(), self._last_use
+        empty: list[float] = []
 
         def rank(key: SlotKey) -> tuple[float, int, SlotKey]:
-            return self._value(key, neutral), self._last_use.get(key, 0), key
+            table = tables.get(key[0], empty)
+            value = table[key[1]] if key[1] < len(table) else neutral
+            return value, last_use.get(key, 0), key
 
         return min(candidates, key=rank)
 
@@ -110,12 +114,6 @@ class ScoreEviction:
             mean = self._layers[layer].mean()
             self._table[layer] = scale_scores(mean, self.scale).cpu().tolist()
         return self._table[layer]
-
-    def _value(self, key: SlotKey, neutral: float) -> float:
-        table = self.scaled_scores(key[0])
-        if table is None or key[1] >= len(table):
-            return neutral
-        return table[key[1]]
 
     def _neutral(self) -> float:
         """The value of an expert whose layer has no score yet: an average one."""
