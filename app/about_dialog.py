@@ -32,14 +32,14 @@ class AboutDialog(QDialog):
             f"<tr><td>{html.escape(k)}</td><td>&nbsp;{html.escape(v)}</td></tr>"
             for k, v in versions().items()
         )
-        text = QLabel(
+        self.label = QLabel(
             "<h3>Understudy</h3><p>Offline chat for Mixture-of-Experts models bigger than your "
             f"GPU.</p><table>{rows}</table><p>{OFFLINE_NOTE}</p>"
         )
-        text.setWordWrap(True)
+        self.label.setWordWrap(True)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         buttons.rejected.connect(self.reject)
         buttons.accepted.connect(self.accept)
         layout = QVBoxLayout(self)
-        layout.addWidget(text)
+        layout.addWidget(self.label)
         layout.addWidget(buttons)
