@@ -127,5 +127,7 @@ class ModelLoader(QObject):
                 self.progressed.emit(event.fraction, event.message)
             elif isinstance(event, LoadFinished):
                 info = event.info
+        if info is None and events.job is not None:
+            info = events.job.future.result()  # the job's result, if no LoadFinished came
         if info is not None:
             self.loaded.emit(info)

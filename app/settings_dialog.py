@@ -127,7 +127,7 @@ class SettingsDialog(QDialog):
             form.addRow(title, widget)
         return page
 
-    def _layout(self) -> None:
+    def _pages(self) -> QTabWidget:
         model = self._form(
             [
                 ("device", "Device", self.device),
@@ -159,16 +159,22 @@ class SettingsDialog(QDialog):
             ]
         )
         tabs = QTabWidget()
-        tabs.addTab(model, "Model")
-        tabs.addTab(sampling, "Sampling")
-        tabs.addTab(prompt, "Prompt and template")
+        for page, title in (
+            (model, "Model"),
+            (sampling, "Sampling"),
+            (prompt, "Prompt and template"),
+        ):
+            tabs.addTab(page, title)
+        return tabs
+
+    def _layout(self) -> None:
         buttons = QDialogButtonBox(
             QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel
         )
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         layout = QVBoxLayout(self)
-        layout.addWidget(tabs)
+        layout.addWidget(self._pages())
         layout.addWidget(QLabel(f"{RELOAD_MARK.strip()} applied by reloading the model"))
         layout.addWidget(self.error_label)
         layout.addWidget(buttons)

@@ -144,3 +144,45 @@ def test_sending_before_the_model_is_ready_keeps_the_text(
     assert fake_engine.calls.requests == []
     window.loader.cancel()
     qtbot.waitUntil(lambda: not window.loader.busy, timeout=5000)
+
+
+def test_ctrl_comma_opens_the_settings(qtbot: Any, window: MainWindow) -> None:
+    qtbot.keyClick(window, Qt.Key.Key_Comma, Qt.KeyboardModifier.ControlModifier)
+    assert "settings" in window.dialogs and window.dialogs["settings"].isVisible()
+
+
+def test_a_whole_session_makes_no_network_call(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine, monkeypatch: Any
+) -> None:
+    import socket
+
+    attempts: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args)
+        raise OSError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    window = make_window()
+    window.composer.text.setPlainText("offline?")
+    window.composer.submit()
+    qtbot.waitUntil(lambda: not window.controller.generating, timeout=5000)
+    window.show_library()
+    window.show_about()
+    window.panel.update_readings()
+    assert attempts == []
+
+
+def test_chat_template_override_reaches_the_request(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine
+) -> None:
+    from dataclasses import replace
+
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    window.apply_model_settings(replace(window.model_settings, chat_template=template))
+    window.composer.text.setPlainText("hi")
+    window.composer.submit()
+    qtbot.waitUntil(lambda: not window.controller.generating, timeout=5000)
+    assert fake_engine.calls.requests[-1].chat_template == template
