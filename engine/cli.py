@@ -31,6 +31,7 @@ from engine.errors import (
     ModelLoadError,
     SubstitutionUnsupportedError,
 )
+from engine.eval import eval_cli
 from engine.events import (
     GenerationFinished,
     MemoryEstimate,
@@ -321,6 +322,18 @@ COMMANDS: list[Command] = [
     ),
     Command("generate", "generate text from a prompt", configure_generate, run_generate),
     Command("score", "teacher-forced NLL/perplexity of a text", configure_score, run_score),
+    Command(
+        "fidelity",
+        "compare configurations with the unmodified model on a text, teacher-forced",
+        eval_cli.configure_fidelity,
+        eval_cli.run_fidelity_command,
+    ),
+    Command(
+        "bench",
+        "policies side by side (transfers, speed, fidelity); writes docs/BENCHMARKS.md",
+        eval_cli.configure_bench,
+        eval_cli.run_bench_command,
+    ),
 ]
 
 

@@ -96,6 +96,10 @@ class SessionRunner:
         model: torch.nn.Module = self._session.loaded.model
         return model
 
+    @property
+    def session(self) -> Any:
+        return self._session
+
     def end_step(self, tokens: int) -> None:
         self._offload.end_step(tokens)
 
@@ -310,6 +314,15 @@ def _stats_fields(stats: StatsSnapshot) -> dict[str, Any]:
     }
 
 
+def _counts(stats: StatsSnapshot) -> dict[str, Any]:
+    """The raw counters of the text pass (projections are computed from them)."""
+    names = ("tokens", "hits", "misses", "substitutions", "cpu_computed", "transfers")
+    counts: dict[str, Any] = {name: getattr(stats, name) for name in names}
+    counts["bytes_moved"] = stats.bytes_moved
+    counts["cache_slots"] = stats.cache_slots
+    return counts
+
+
 def evaluate(
     runner: Runner, config: RunConfig, text: PreparedText, reference: Reference
 ) -> FidelityRow:
@@ -341,6 +354,7 @@ def evaluate(
         cpu_assist=live.cpu_assist_on,
         **_stats_fields(stats),
         **_timing(times),
+        extra=_counts(stats),
     )
 
 

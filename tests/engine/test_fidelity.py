@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
-from engine.config import LiveOptions
+from engine.config import LiveOptions, LoadConfig
 from engine.errors import InvalidRequestError
 from engine.eval.cloze import ClozeSettings
 from engine.eval.fidelity import (
@@ -16,9 +17,15 @@ from engine.eval.fidelity import (
     format_table,
     prepare_text,
     run_fidelity,
+    session_loader,
 )
 from engine.eval.forcing import continuation_logits, teacher_forced_logits, window_starts
-from tests.helpers.tiny_models import SENTENCES, build_tiny_moe, build_tiny_tokenizer
+from tests.helpers.tiny_models import (
+    SENTENCES,
+    build_tiny_moe,
+    build_tiny_tokenizer,
+    save_tiny_checkpoint,
+)
 
 TEXT = " ".join(SENTENCES * 3)
 CLOZE = ClozeSettings(num_items=1, max_words=9, min_distance=3, seed=0)
@@ -115,3 +122,82 @@ def test_bad_inputs_are_clear_errors(model, tokenizer) -> None:  # type: ignore[
     text = prepare_text(tokenizer, TEXT, max_tokens=20, window=10)
     with pytest.raises(InvalidRequestError, match="no configuration"):
         run_fidelity(_loader(model, model), [], text)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("fidelity-tiny")
+    save_tiny_checkpoint(path)
+    return path
+
+
+def test_identity_without_substitution_at_every_cache_size(checkpoint, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """No substitution: offloading alone must not change a single logit, whatever is cached."""
+    text = prepare_text(tokenizer, TEXT, max_tokens=48, window=24, cloze_settings=CLOZE)
+    loader = session_loader(LoadConfig(checkpoint, device="cpu", dtype="float32"))
+    lives = [
+        LiveOptions(policy="lru"),
+        LiveOptions(policy="lfu"),
+        LiveOptions(policy="smoe", alpha=0.0),
+        LiveOptions(policy="smoe", alpha=0.4, substitution=False),
+    ]
+    fractions = (0.25, 0.5, 0.75, 1.0)
+    configs = [RunConfig(f, live) for f in fractions for live in lives]
+    rows = run_fidelity(loader, configs, text)
+    for row in rows:
+        label = f"{row.policy} alpha={row.alpha} cache={row.cache_fraction}"
+        assert row.top1_agreement == 1.0, label
+        assert row.kl == 0.0, label
+        assert row.nll == row.nll_ref and row.cloze_acc == row.cloze_acc_ref, label
+        assert row.substitutions_per_token == 0.0, label
+    by_fraction = {row.cache_fraction: row for row in rows if row.policy == "lru"}
+    assert by_fraction[0.25].bytes_per_token > by_fraction[1.0].bytes_per_token  # real offloading
+    assert by_fraction[1.0].hit_rate > by_fraction[0.25].hit_rate
+
+
+def test_fidelity_command_writes_one_row_per_alpha(checkpoint, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from engine.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "rows.json"
+    args = [
+        "fidelity",
+        "--model",
+        str(checkpoint),
+        "--text-file",
+        str(text),
+        "--device",
+        "cpu",
+        "--policy",
+        "smoe",
+        "--alpha",
+        "0,0.3",
+        "--no-substitution",
+        "--cache-fraction",
+        "0.25",
+        "--max-tokens",
+        "30",
+        "--window",
+        "16",
+        "--cloze-items",
+        "1",
+        "--json",
+        str(out),
+    ]
+    assert main(args) == 0
+    rows = json.loads(out.read_text(encoding="utf-8"))
+    assert [row["alpha"] for row in rows] == [0.0, 0.3]
+    assert all(row["top1_agreement"] == 1.0 and row["kl"] == 0.0 for row in rows)
+    assert all(row["cache_fraction"] == 0.25 and row["policy"] == "smoe" for row in rows)
+    assert "top1" in capsys.readouterr().out  # the table
+
+
+def test_fidelity_command_errors_are_one_line(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from engine.cli import main
+
+    missing = ["fidelity", "--model", str(tmp_path / "nowhere"), "--text-file", str(tmp_path)]
+    assert main(missing) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(SystemExit):
+        main(["fidelity", "--text-file", "x", "--alpha", "0,oops"])

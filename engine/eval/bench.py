@@ -1,0 +1,325 @@
+"""The benchmark: policies side by side in one run, on the same text and cache budgets.
+
+Policies, cumulative in the paper's ablation order: ``lru`` (the mixtral-offloading
+baseline), ``lfu``, ``score`` (score-aware eviction alone), ``+substitution``, ``+prefetch``
+and ``+cpu`` (the whole method, ``--policy smoe``). Each runs at every cache fraction and, when
+it substitutes, at every alpha; configurations that are the same run (``+substitution`` at
+alpha 0 is ``score``) are measured once and reported under both names. Every configuration is
+loaded fresh and goes through the fidelity harness (teacher-forced against the unmodified
+model, with its transfer counters), then through timed greedy generations of the prompts
+(decode tokens/s and time to first token, median of the runs). Counts are turned into
+projected time per token for real model geometries (``engine.eval.projection``): labelled
+projections, never measurements. The default alpha is picked from the measured curve by a
+stated rule (``choose_default_alpha``) and the curve is written where the app's slider
+reads it (``app.curves`` format). Reporting (tables, plot, ``BENCHMARKS.md``) lives in
+``engine.eval.bench_report``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+from engine.config import LiveOptions, SamplingConfig
+from engine.errors import InvalidRequestError
+from engine.eval import projection
+from engine.eval.fidelity import (
+    REFERENCE_LIVE,
+    FidelityRow,
+    Loader,
+    PreparedText,
+    Reference,
+    RunConfig,
+    Runner,
+    evaluate,
+    run_reference,
+)
+from engine.events import GenerationFinished
+
+POLICIES: tuple[str, ...] = ("lru", "lfu", "score", "+substitution", "+prefetch", "+cpu")
+SUBSTITUTING = frozenset({"+substitution", "+prefetch", "+cpu"})
+FULL_METHOD = "+cpu"
+CACHE_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 0.75)
+ALPHAS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4)
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "Tell me about the weather in the country in spring.",
+    "How do I read a file line by line in Python?",
+)
+MIN_AGREEMENT = 0.97  # default-alpha rule: top-1 agreement at least this ...
+MAX_PPL_DELTA = 0.02  # ... and perplexity at most 2% above the unmodified model
+HEADLINE_CACHE = 0.5
+
+
+def live_options(policy: str, alpha: float) -> LiveOptions:
+    """The engine switches for one named policy of the cumulative ablation."""
+    if policy in ("lru", "lfu"):
+        return LiveOptions(policy=policy)  # type: ignore[arg-type]
+    if policy not in POLICIES:
+        raise InvalidRequestError(f"unknown bench policy {policy!r}; choose from {POLICIES}")
+    rank = POLICIES.index(policy)
+    return LiveOptions(
+        policy="smoe",
+        alpha=alpha if policy in SUBSTITUTING else 0.0,
+        substitution=rank >= POLICIES.index("+substitution"),
+        prefetch=rank >= POLICIES.index("+prefetch"),
+        cpu_assist=rank >= POLICIES.index("+cpu"),
+    )
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What to measure; ``quick`` shrinks everything for a smoke run."""
+
+    policies: tuple[str, ...] = POLICIES
+    cache_fractions: tuple[float, ...] = CACHE_FRACTIONS
+    alphas: tuple[float, ...] = ALPHAS
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    gen_tokens: int = 32
+    timing_runs: int = 3
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown:
+            raise InvalidRequestError(f"unknown bench policies {unknown}; choose from {POLICIES}")
+        if not self.cache_fractions or not self.alphas or not self.policies:
+            raise InvalidRequestError("the bench needs at least one policy, cache size and alpha")
+
+    def configs(self) -> list[RunConfig]:
+        """Every (cache, policy, alpha) row; alpha varies only for substituting policies."""
+        rows = []
+        for fraction in self.cache_fractions:
+            for policy in self.policies:
+                alphas = self.alphas if policy in SUBSTITUTING else (0.0,)
+                for alpha in alphas:
+                    rows.append(RunConfig(fraction, live_options(policy, alpha), policy))
+        return rows
+
+
+def run_key(config: RunConfig) -> tuple[Any, ...]:
+    """Configurations with equal keys behave identically and are measured once."""
+    live = config.live
+    alpha = live.alpha if live.substitution_on else 0.0
+    return (
+        config.cache_fraction,
+        live.effective_eviction,
+        alpha,
+        live.substitution_on,
+        live.prefetch_on,
+        live.cpu_assist_on,
+    )
+
+
+@dataclass(frozen=True)
+class GenerationTiming:
+    """Greedy generations of the prompts: decode speed and time to first token, medians."""
+
+    tokens_per_second: float
+    time_to_first_token_s: float
+    runs: int
+    tokens: int
+
+
+def time_generation(
+    session: Any, prompts: Sequence[str], tokens: int, runs: int
+) -> GenerationTiming:
+    """``runs`` passes over ``prompts`` (greedy, ``tokens`` new tokens); medians over them all."""
+    from engine.options import build_request  # runtime helpers, only needed with a session
+
+    sampling = SamplingConfig(greedy=True, max_new_tokens=tokens, repetition_penalty=1.0)
+    speeds, firsts, produced = [], [], 0
+    for _ in range(runs):
+        for prompt in prompts:
+            request = build_request(prompt, sampling, chat=True)
+            for event in session.generate_stream(request):
+                if isinstance(event, GenerationFinished):
+                    speeds.append(event.stats.tokens_per_second)
+                    firsts.append(event.stats.time_to_first_token_s)
+                    produced += len(event.token_ids)
+    if not speeds:
+        return GenerationTiming(0.0, 0.0, 0, 0)
+    return GenerationTiming(median(speeds), median(firsts), runs, produced)
+
+
+def _projection_inputs(counts: dict[str, Any]) -> projection.Fractions | None:
+    """Fractions of expert uses: copies (prefetch included, so waste costs), subs, CPU runs."""
+    subs, copies, cpu = counts["substitutions"], counts["transfers"], counts["cpu_computed"]
+    uses = counts["hits"] + counts["misses"] + subs
+    if uses == 0:
+        return None
+    hits = max(0, uses - subs - copies - cpu)
+    return projection.fractions_from_counts(hits, subs, copies, cpu)
+
+
+def projections_of(counts: dict[str, Any]) -> dict[str, float]:
+    """Projected lower-bound ms/token per real geometry and link, flat keys for JSON."""
+    fractions = _projection_inputs(counts)
+    if fractions is None:
+        return {}
+    return {
+        f"proj_ms:{p.geometry}:{p.link}": p.overlapped_s * 1e3
+        for p in projection.project_all(fractions)
+    }
+
+
+@dataclass
+class BenchResult:
+    """Everything one bench run measured, ready for the report."""
+
+    rows: list[dict[str, Any]]
+    default_alpha: float
+    model_name: str
+    info: dict[str, Any]
+    settings: dict[str, Any]
+    replay: list[dict[str, Any]] = field(default_factory=list)
+    started: str = ""
+    seconds: float = 0.0
+
+
+def _row_dict(row: FidelityRow, timing: GenerationTiming) -> dict[str, Any]:
+    data = row.to_dict()
+    data.update(
+        gen_tokens_per_second=timing.tokens_per_second,
+        gen_time_to_first_token_s=timing.time_to_first_token_s,
+        gen_runs=timing.runs,
+        gen_tokens=timing.tokens,
+        same_run_as=None,
+        **projections_of(data),
+    )
+    return data
+
+
+def measure_config(
+    runner: Runner,
+    config: RunConfig,
+    text: PreparedText,
+    reference: Reference,
+    plan: BenchPlan,
+) -> dict[str, Any]:
+    """Fidelity + counters over the text, then timed generations (engine sessions only)."""
+    row = evaluate(runner, config, text, reference)
+    session = getattr(runner, "session", None)
+    timing = GenerationTiming(0.0, 0.0, 0, 0)
+    if session is not None and plan.prompts and plan.timing_runs > 0:
+        timing = time_generation(session, plan.prompts, plan.gen_tokens, plan.timing_runs)
+    return _row_dict(row, timing)
+
+
+def run_bench(
+    loader: Loader,
+    plan: BenchPlan,
+    text: PreparedText,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The reference, then every planned configuration (duplicates measured once)."""
+    reference_runner = loader(RunConfig(1.0, REFERENCE_LIVE, "reference"))
+    try:
+        reference = run_reference(reference_runner, text)
+    finally:
+        reference_runner.close()
+    measured: dict[tuple[Any, ...], dict[str, Any]] = {}
+    rows = []
+    for config in plan.configs():
+        key = run_key(config)
+        if key in measured:
+            row = dict(
+                measured[key],
+                policy=config.name,
+                alpha=config.live.alpha,
+                same_run_as=measured[key]["policy"],
+            )
+        else:
+            runner = loader(config)
+            try:
+                row = measure_config(runner, config, text, reference, plan)
+            finally:
+                runner.close()
+            measured[key] = row
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def choose_default_alpha(
+    rows: Sequence[dict[str, Any]],
+    policy: str = FULL_METHOD,
+    cache_fraction: float = HEADLINE_CACHE,
+    min_agreement: float = MIN_AGREEMENT,
+    max_ppl_delta: float = MAX_PPL_DELTA,
+) -> float:
+    """The largest measured alpha whose fidelity stays within both bounds (else 0).
+
+    The paper's equation 5 is not available to us; this rule is stated instead: among the
+    rows of ``policy`` at ``cache_fraction`` (the nearest measured one), the largest alpha
+    with top-1 agreement >= ``min_agreement`` and perplexity <= (1 + ``max_ppl_delta``) x the
+    unmodified model's, provided every smaller alpha also passes (fidelity must not be
+    bought back by luck at a larger alpha).
+    """
+    curve = curve_rows(rows, policy, cache_fraction)
+    chosen = 0.0
+    for row in curve:
+        if row["top1_agreement"] < min_agreement or row["ppl_delta"] > max_ppl_delta:
+            break
+        chosen = row["alpha"]
+    return chosen
+
+
+def curve_rows(
+    rows: Sequence[dict[str, Any]],
+    policy: str = FULL_METHOD,
+    cache_fraction: float = HEADLINE_CACHE,
+) -> list[dict[str, Any]]:
+    """The rows of one policy at the measured cache fraction nearest ``cache_fraction``."""
+    candidates = [r for r in rows if r["policy"] == policy]
+    if not candidates:
+        return []
+    nearest = min({r["cache_fraction"] for r in candidates}, key=lambda f: abs(f - cache_fraction))
+    return sorted(
+        (r for r in candidates if r["cache_fraction"] == nearest), key=lambda r: r["alpha"]
+    )
+
+
+def curve_document(result: BenchResult, device: str) -> dict[str, Any]:
+    """The slider's curve (``app.curves`` format) for the full method at the headline cache."""
+    points = [
+        {
+            "alpha": r["alpha"],
+            "bytes_per_token": r["bytes_per_token"],
+            "tokens_per_second": r["gen_tokens_per_second"] or r["tokens_per_second"],
+            "top1_agreement": r["top1_agreement"],
+            "ppl_delta": r["ppl_delta"],
+            "kl": r["kl"],
+            "hit_rate": r["hit_rate"],
+        }
+        for r in curve_rows(result.rows)
+    ]
+    return {
+        "model": result.model_name,
+        "device": device,
+        "measured_at": result.started,
+        "default_alpha": result.default_alpha,
+        "rule": f"largest alpha with top-1 agreement >= {MIN_AGREEMENT} and "
+        f"perplexity delta <= {MAX_PPL_DELTA:.0%} (policy smoe, cache {HEADLINE_CACHE:.0%})",
+        "ppl_delta_unit": "relative (0.01 = 1% higher perplexity than the unmodified model)",
+        "points": points,
+    }
+
+
+def write_curve(document: dict[str, Any], paths: Sequence[Path]) -> list[Path]:
+    """Write the curve JSON to every path (creating folders); returns what was written."""
+    text = json.dumps(document, indent=2)
+    written = []
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

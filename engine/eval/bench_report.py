@@ -1,0 +1,384 @@
+"""Reporting for the benchmark: the machine, the JSON, the plot and ``BENCHMARKS.md``.
+
+Everything here formats numbers that ``engine.eval.bench`` measured; nothing is typed in.
+The plot (matplotlib, Agg backend, no display needed) shows bytes moved per token against
+top-1 agreement over alpha, one curve per policy, one panel per cache size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.eval import projection
+from engine.eval.bench import (
+    FULL_METHOD,
+    HEADLINE_CACHE,
+    MAX_PPL_DELTA,
+    MIN_AGREEMENT,
+    BenchResult,
+    curve_rows,
+)
+
+HEADLINE_TARGETS = "bytes/token <= 0.5 x LRU, top-1 >= 0.97, ppl delta <= 2%, hit rate > 0.60"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo`` on Linux), else what platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """What the timings were taken on."""
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "device": device,
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_json(result: BenchResult, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "model": result.model_name,
+        "info": result.info,
+        "settings": result.settings,
+        "default_alpha": result.default_alpha,
+        "started": result.started,
+        "seconds": result.seconds,
+        "rows": result.rows,
+        "trace_replay": result.replay,
+    }
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- plot
+
+
+def _policies(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["policy"] for r in rows))
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Bytes/token vs top-1 agreement, one marker line per policy over alpha, per cache size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = sorted({r["cache_fraction"] for r in rows})
+    figure, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 4.2), squeeze=False)
+    for axis, fraction in zip(axes[0], fractions, strict=True):
+        for policy in _policies(rows):
+            curve = sorted(
+                (r for r in rows if r["policy"] == policy and r["cache_fraction"] == fraction),
+                key=lambda r: r["alpha"],
+            )
+            xs = [r["top1_agreement"] for r in curve]
+            ys = [r["bytes_per_token"] / 1e3 for r in curve]
+            axis.plot(xs, ys, marker="o", label=policy)
+            for r, x, y in zip(curve, xs, ys, strict=True):
+                if len(curve) > 1:
+                    axis.annotate(
+                        f"{r['alpha']:g}",
+                        (x, y),
+                        fontsize=7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
+        axis.set_title(f"cache {fraction:.0%} of experts")
+        axis.set_xlabel("teacher-forced top-1 agreement")
+        axis.set_ylabel("KB moved per token")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle("Speed (bytes moved) against fidelity; labels are alpha", fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def _f(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+MAIN_COLUMNS = (
+    ("policy", "policy", "{}"),
+    ("cache_fraction", "cache", "{:.0%}"),
+    ("alpha", "alpha", "{:.1f}"),
+    ("hit_rate", "hit rate (incl. subs)", "{:.3f}"),
+    ("plain_hit_rate", "plain hits", "{:.3f}"),
+    ("misses_per_token", "misses/tok", "{:.2f}"),
+    ("bytes_per_token", "KB/tok", "{:.1f}"),
+    ("substitutions_per_token", "subs/tok", "{:.2f}"),
+    ("cpu_computed_per_token", "CPU/tok", "{:.2f}"),
+    ("prefetch_precision", "prefetch P", "{:.2f}"),
+    ("prefetch_recall", "prefetch R", "{:.2f}"),
+    ("time_per_token_s", "ms/tok (forced)", "{:.1f}"),
+    ("gen_tokens_per_second", "gen tok/s", "{:.1f}"),
+    ("top1_agreement", "top-1", "{:.4f}"),
+    ("kl", "KL", "{:.5f}"),
+    ("ppl_delta", "ppl delta", "{:+.2%}"),
+    ("cloze_acc", "cloze", "{:.3f}"),
+)
+
+
+def _main_cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "bytes_per_token":
+        value = value / 1e3
+    elif key == "time_per_token_s":
+        value = value * 1e3
+    cell = _f(value, fmt)
+    if key == "policy" and row.get("same_run_as"):
+        cell += f" (= {row['same_run_as']})"
+    return cell
+
+
+def main_table(rows: Sequence[dict[str, Any]]) -> str:
+    return _table(
+        [title for _, title, _ in MAIN_COLUMNS],
+        ([_main_cell(r, key, fmt) for key, _, fmt in MAIN_COLUMNS] for r in rows),
+    )
+
+
+def projection_table(rows: Sequence[dict[str, Any]], alpha: float) -> str:
+    """Projected tok/s bound per geometry and link, at the headline cache, each policy once."""
+    chosen = [
+        r
+        for r in rows
+        if r["cache_fraction"] == _headline_fraction(rows)
+        and (r["alpha"] == alpha or r["policy"] in ("lru", "lfu", "score"))
+    ]
+    keys = [(g.name, link.name) for g in projection.GEOMETRIES for link in projection.LINKS]
+    header = ["policy", "alpha", *[f"{g} / {link}" for g, link in keys]]
+    lines = []
+    for r in chosen:
+        cells = [
+            _f(1e3 / r[f"proj_ms:{g}:{link}"] if r.get(f"proj_ms:{g}:{link}") else None, "{:.1f}")
+            for g, link in keys
+        ]
+        lines.append([r["policy"], f"{r['alpha']:.1f}", *cells])
+    return _table(header, lines)
+
+
+def _headline_fraction(rows: Sequence[dict[str, Any]]) -> float:
+    return min({r["cache_fraction"] for r in rows}, key=lambda f: abs(f - HEADLINE_CACHE))
+
+
+def headline(rows: Sequence[dict[str, Any]], alpha: float) -> dict[str, Any]:
+    """The issue's targets at the headline cache and the default alpha, with pass/fail."""
+    fraction = _headline_fraction(rows)
+    lru = next((r for r in rows if r["policy"] == "lru" and r["cache_fraction"] == fraction), None)
+    ours = next((r for r in curve_rows(rows, FULL_METHOD, fraction) if r["alpha"] == alpha), None)
+    if lru is None or ours is None:
+        return {}
+    ratio = ours["bytes_per_token"] / lru["bytes_per_token"] if lru["bytes_per_token"] else None
+    return {
+        "cache_fraction": fraction,
+        "alpha": alpha,
+        "bytes_ratio_vs_lru": ratio,
+        "bytes_per_token": ours["bytes_per_token"],
+        "lru_bytes_per_token": lru["bytes_per_token"],
+        "top1_agreement": ours["top1_agreement"],
+        "ppl_delta": ours["ppl_delta"],
+        "hit_rate": ours["hit_rate"],
+        "lru_hit_rate": lru["hit_rate"],
+        "pass_bytes": ratio is not None and ratio <= 0.5,
+        "pass_top1": ours["top1_agreement"] >= MIN_AGREEMENT,
+        "pass_ppl": ours["ppl_delta"] <= MAX_PPL_DELTA,
+        "pass_hits": ours["hit_rate"] > 0.6,
+    }
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def headline_text(head: dict[str, Any]) -> str:
+    if not head:
+        return "The headline needs the `lru` and `+cpu` policies at one cache size."
+    ratio = head["bytes_ratio_vs_lru"]
+    lines = [
+        f"At cache {head['cache_fraction']:.0%} of all experts, the whole method (`+cpu`, i.e. "
+        f"`--policy smoe`) at the chosen default alpha {head['alpha']:.1f}:",
+        "",
+        f"- bytes moved per token: {head['bytes_per_token'] / 1e3:.1f} KB vs LRU "
+        f"{head['lru_bytes_per_token'] / 1e3:.1f} KB = "
+        f"{_f(ratio, '{:.2f}')} x LRU (target <= 0.5): {_mark(head['pass_bytes'])}",
+        f"- teacher-forced top-1 agreement: {head['top1_agreement']:.4f} (target >= 0.97): "
+        f"{_mark(head['pass_top1'])}",
+        f"- perplexity delta: {head['ppl_delta']:+.2%} (target <= 2%): {_mark(head['pass_ppl'])}",
+        f"- hit rate incl. substitutions: {head['hit_rate']:.3f} (LRU {head['lru_hit_rate']:.3f}; "
+        f"target > 0.60): {_mark(head['pass_hits'])}",
+    ]
+    return "\n".join(lines)
+
+
+def _control_of(row: dict[str, Any], replay: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The shuffled twin of a replay row (its trace is named ``<name> (shuffled)``)."""
+    name = f"{row['trace']} (shuffled)"
+    for other in replay:
+        same = all(other[k] == row[k] for k in ("pool", "fraction", "policy"))
+        if other["shuffled"] and same and other["trace"] in (name, row["trace"]):
+            return other
+    return None
+
+
+def replay_table(replay: Sequence[dict[str, Any]]) -> str:
+    header = ["trace", "pool", "cache", "policy", "hit rate", "shuffled control", "gain"]
+    lines = []
+    for r in (r for r in replay if not r["shuffled"]):
+        control = _control_of(r, replay)
+        ctrl = control["hit_rate"] if control else None
+        gain = r["hit_rate"] - ctrl if ctrl is not None else None
+        cells = [r["trace"], r["pool"], f"{r['fraction']:.0%}", r["policy"], f"{r['hit_rate']:.3f}"]
+        lines.append([*cells, _f(ctrl, "{:.3f}"), _f(gain, "{:+.3f}")])
+    return _table(header, lines)
+
+
+def _model_lines(result: BenchResult) -> list[str]:
+    info = result.info
+    keys = (
+        "architecture",
+        "moe_layers",
+        "experts_per_layer",
+        "top_k",
+        "bytes_per_expert",
+        "router_family",
+    )
+    return [
+        f"- model: `{result.model_name}` ("
+        + ", ".join(f"{k} {info[k]}" for k in keys if k in info)
+        + ")"
+    ]
+
+
+def _settings_lines(result: BenchResult, machine: dict[str, Any]) -> list[str]:
+    s = result.settings
+    lines = _model_lines(result)
+    lines += [
+        f"- text: `{s.get('text_file')}`, {s.get('tokens')} tokens teacher-forced one decode "
+        f"step at a time in windows of {s.get('window')}; {s.get('cloze_items')} cloze items",
+        f"- timing: greedy generation of {len(s.get('prompts', []))} chat prompts x "
+        f"{s.get('gen_tokens')} tokens, {s.get('timing_runs')} runs, median tok/s "
+        '("gen tok/s"); "ms/tok (forced)" is the median over windows of the mean '
+        "teacher-forced decode step",
+        f"- machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), Python {machine['python']}, device "
+        f"`{machine['device']}`" + (f" ({machine['gpu']})" if machine.get("gpu") else ""),
+        f"- date: {result.started}; the whole run took {result.seconds / 60:.1f} min",
+    ]
+    return lines
+
+
+def render_markdown(
+    result: BenchResult,
+    machine: dict[str, Any],
+    command: str,
+    plot_path: str | None,
+    json_path: str,
+) -> str:
+    """The whole ``BENCHMARKS.md``: generated, never edited by hand."""
+    alpha = result.default_alpha
+    parts = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m engine bench`; do not edit by hand. Every figure below was "
+        "measured by the command shown, except the columns labelled *projection*.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        *_settings_lines(result, machine),
+        f"- all rows as JSON: `{json_path}`",
+        "",
+        '## Headline (issue 4, "What to aim for")',
+        "",
+        headline_text(headline(result.rows, alpha)),
+        "",
+        "## Default alpha",
+        "",
+        f"Chosen: **{alpha:.1f}**. Rule (the paper's equation 5 is not available to us): the "
+        f"largest measured alpha for the whole method at cache {HEADLINE_CACHE:.0%} whose "
+        f"top-1 agreement is >= {MIN_AGREEMENT} and perplexity at most {MAX_PPL_DELTA:.0%} "
+        "above the unmodified model, every smaller alpha passing too. The curve is written "
+        "where the app's slider reads it (`<user data>/curves/<model>.json`, and "
+        "`understudy_curve.json` in the built-in model's folder).",
+        "",
+        "## All configurations",
+        "",
+        "Policies are cumulative (the paper's ablation order): `lru` (mixtral-offloading), "
+        "`lfu`, `score` (score-aware eviction alone), `+substitution`, `+prefetch`, `+cpu` "
+        '(the whole method, `--policy smoe`). "hit rate" counts substitutions as served from '
+        'the cache; "plain hits" does not. A policy marked `(= x)` is the same configuration '
+        "as `x` (measured once).",
+        "",
+        main_table(result.rows),
+        "",
+    ]
+    if plot_path:
+        parts += ["## Speed against fidelity", "", f"![speed vs fidelity]({plot_path})", ""]
+    parts += [
+        f"## Projections (not measurements) at cache {_headline_fraction(result.rows):.0%}",
+        "",
+        "Lower-bound tokens/s (perfect overlap) for real model geometries over three PCIe "
+        "links, from this run's measured fractions of expert uses served by the cache, "
+        "substituted, copied (prefetch copies included) and computed on the CPU, with the "
+        "model of `docs/ANCHORS.md` (bf16 experts; `engine/eval/projection.py` states the "
+        "host assumptions).",
+        "",
+        projection_table(result.rows, alpha),
+        "",
+    ]
+    parts += _replay_section(result)
+    return "\n".join(parts) + "\n"
+
+
+def _replay_section(result: BenchResult) -> list[str]:
+    if not result.replay:
+        return ["## Real routing traces", "", "Skipped: no trace folder was given or found.", ""]
+    return [
+        "## Real routing traces (replay)",
+        "",
+        "Real Mixtral-8x7B and Qwen1.5-MoE routing (`../shared/traces`), replayed through the "
+        "policies that run on selected experts alone (substitution needs full score vectors, "
+        "which the traces lack). The control shuffles token order within each sequence: a gain "
+        "that vanishes against it is not locality.",
+        "",
+        replay_table(result.replay),
+        "",
+    ]

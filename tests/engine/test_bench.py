@@ -1,0 +1,220 @@
+"""The benchmark: plan, dedup, default-alpha rule, projections, and a --quick run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cli import main
+from engine.errors import InvalidRequestError
+from engine.eval import bench
+from engine.eval.eval_cli import parse_alphas, read_text_file
+from tests.helpers.tiny_models import SENTENCES, save_tiny_checkpoint
+
+REQUIRED = {
+    "policy",
+    "alpha",
+    "cache_fraction",
+    "top1_agreement",
+    "kl",
+    "nll",
+    "ppl",
+    "ppl_ref",
+    "cloze_acc",
+    "hit_rate",
+    "plain_hit_rate",
+    "misses_per_token",
+    "bytes_per_token",
+    "substitutions_per_token",
+    "prefetch_precision",
+    "prefetch_recall",
+    "time_per_token_s",
+    "tokens_per_second",
+    "gen_tokens_per_second",
+    "gen_time_to_first_token_s",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("bench-tiny")
+    save_tiny_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("bench-text") / "text.txt"
+    path.write_text(" ".join(SENTENCES * 4), encoding="utf-8")
+    return path
+
+
+def test_plan_covers_policies_caches_and_alphas_only_where_they_matter() -> None:
+    plan = bench.BenchPlan(cache_fractions=(0.25, 0.5), alphas=(0.0, 0.2))
+    configs = plan.configs()
+    # per cache: lru, lfu, score once each + three substituting policies x two alphas
+    assert len(configs) == 2 * (3 + 3 * 2)
+    full = [c for c in configs if c.name == "+cpu" and c.live.alpha == 0.2]
+    assert full and all(
+        c.live.substitution_on and c.live.prefetch_on and c.live.cpu_assist_on for c in full
+    )
+    score = next(c for c in configs if c.name == "score")
+    assert score.live.effective_eviction == "score" and not score.live.substitution_on
+    assert not score.live.prefetch_on and not score.live.cpu_assist_on
+    with pytest.raises(InvalidRequestError, match="unknown bench policies"):
+        bench.BenchPlan(policies=("lru", "magic"))
+
+
+def test_same_behaviour_is_measured_once() -> None:
+    plan = bench.BenchPlan(cache_fractions=(0.5,), alphas=(0.0, 0.3))
+    keys = {c.name + str(c.live.alpha): bench.run_key(c) for c in plan.configs()}
+    assert keys["score0.0"] == keys["+substitution0.0"]  # alpha 0 substitutes nothing
+    assert keys["+substitution0.3"] != keys["score0.0"]
+    assert keys["+prefetch0.0"] != keys["score0.0"]
+
+
+def _row(alpha: float, top1: float, ppl_delta: float, policy: str = "+cpu") -> dict[str, object]:
+    return {
+        "policy": policy,
+        "alpha": alpha,
+        "cache_fraction": 0.5,
+        "top1_agreement": top1,
+        "ppl_delta": ppl_delta,
+    }
+
+
+def test_default_alpha_is_the_largest_alpha_within_both_bounds() -> None:
+    rows = [
+        _row(0.0, 1.0, 0.0),
+        _row(0.1, 0.99, 0.004),
+        _row(0.2, 0.975, 0.015),
+        _row(0.3, 0.96, 0.03),
+        _row(0.4, 0.98, 0.01),
+        _row(0.4, 0.5, 0.5, policy="lru"),
+    ]
+    assert bench.choose_default_alpha(rows) == 0.2  # 0.4 passes again but 0.3 broke the curve
+    rows[1] = _row(0.1, 0.99, 0.05)  # perplexity bound alone fails at 0.1
+    assert bench.choose_default_alpha(rows) == 0.0
+    assert bench.choose_default_alpha([]) == 0.0
+
+
+def test_projections_grow_with_copies() -> None:
+    few = {"hits": 90, "misses": 10, "substitutions": 0, "transfers": 10, "cpu_computed": 0}
+    many = {"hits": 50, "misses": 50, "substitutions": 0, "transfers": 50, "cpu_computed": 0}
+    fast, slow = bench.projections_of(few), bench.projections_of(many)
+    key = "proj_ms:Mixtral-8x7B:PCIe 4.0 x16"
+    assert key in fast and len(fast) == 12
+    assert slow[key] > fast[key] > 0
+    nothing = {"hits": 0, "misses": 0, "substitutions": 0, "transfers": 0, "cpu_computed": 0}
+    assert bench.projections_of(nothing) == {}
+
+
+def test_cli_parsers_reject_bad_input(tmp_path: Path) -> None:
+    assert parse_alphas("0,0.1, 0.3") == (0.0, 0.1, 0.3)
+    with pytest.raises(Exception, match="numbers separated by commas"):
+        parse_alphas("0,x")
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"text": "One."}\n{"text": "Two."}\n', encoding="utf-8")
+    assert read_text_file(jsonl) == "One.\n\nTwo."
+    jsonl.write_text('{"body": 1}\n', encoding="utf-8")
+    with pytest.raises(InvalidRequestError, match="'text' field"):
+        read_text_file(jsonl)
+    with pytest.raises(InvalidRequestError, match="cannot read"):
+        read_text_file(tmp_path / "missing.txt")
+
+
+def _write_trace(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    experts = np.stack([rng.permutation(8)[:2] for _ in range(60)]).reshape(60, 1, 2)
+    meta = {"model": "fake", "num_experts": 8, "top_k": 2, "num_layers": 1, "phase": "decode"}
+    np.savez(
+        folder / "fake_decode.npz",
+        experts=experts.astype(np.int16),
+        weights=np.full((60, 1, 2), 0.5, np.float16),
+        seq_id=np.zeros(60, np.int64),
+        pos=np.arange(60),
+        layer_ids=np.array([0]),
+        meta=json.dumps(meta),
+    )
+
+
+def _bench(checkpoint: Path, text_file: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "bench",
+            "--model",
+            str(checkpoint),
+            "--text-file",
+            str(text_file),
+            "--quick",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
+
+
+def test_quick_bench_writes_rows_report_plot_and_curve(
+    checkpoint: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "user"))
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    _write_trace(traces)
+    assert _bench(checkpoint, text_file, tmp_path / "out", "--traces", str(traces)) == 0
+    data = json.loads((tmp_path / "out" / "bench.json").read_text(encoding="utf-8"))
+    rows = data["rows"]
+    assert {r["policy"] for r in rows} == set(bench.POLICIES)
+    for row in rows:
+        assert row.keys() >= REQUIRED, REQUIRED - row.keys()
+        assert any(k.startswith("proj_ms:") for k in row)
+    baseline = next(r for r in rows if r["policy"] == "lru")
+    assert baseline["top1_agreement"] == 1.0 and baseline["kl"] == 0.0
+    assert baseline["bytes_per_token"] > 0  # half the experts cached: copies happen
+    assert {r["shuffled"] for r in data["trace_replay"]} == {False, True}
+    png = (tmp_path / "out" / "speed_vs_fidelity.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "out" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert "python -m engine bench" in report and "| lru | 50% |" in report
+    assert "fake_decode" in report and "Projections (not measurements)" in report
+    curve = json.loads((tmp_path / "user" / "curves" / f"{checkpoint.name}.json").read_text())
+    assert curve["default_alpha"] == data["default_alpha"]
+    assert [p["alpha"] for p in curve["points"]] == [0.0, 0.3]
+    assert not (checkpoint / "understudy_curve.json").exists()  # quick runs leave models alone
+
+
+def test_bench_without_traces_skips_cleanly_and_bad_folder_is_an_error(
+    checkpoint: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "user"))
+    args = ("--policies", "lru", "--no-curve")
+    assert _bench(checkpoint, text_file, tmp_path / "a", "--no-traces", *args) == 0
+    report = (tmp_path / "a" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert "Skipped: no trace folder" in report
+    assert not (tmp_path / "user").exists()
+    assert (
+        _bench(checkpoint, text_file, tmp_path / "b", "--traces", str(tmp_path / "no"), *args) == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quick_bench_on_cuda(checkpoint: Path, text_file: Path, tmp_path: Path) -> None:
+    assert _bench(checkpoint, text_file, tmp_path, "--no-traces", "--no-curve") == 0
+    data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert all(r["top1_agreement"] == 1.0 for r in data["rows"] if r["policy"] == "lru")
