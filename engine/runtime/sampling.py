@@ -70,9 +70,9 @@ class Sampler:
 
     def pick(self, logits: torch.Tensor, previous_ids: Sequence[int]) -> int:
         """Next token from one position's logits ``[V]`` given the ids seen so far."""
-        scores = logits.detach().float().cpu()  # [V]
+        scores = logits.detach().float()  # [V], on the model's device
         scores = apply_repetition_penalty(scores, previous_ids, self.config.repetition_penalty)
         if self.is_greedy:
             return int(torch.argmax(scores))
-        probs = torch.softmax(sampling_logits(scores, self.config), dim=-1)  # [V]
+        probs = torch.softmax(sampling_logits(scores, self.config), dim=-1).cpu()  # [V]
         return int(torch.multinomial(probs, 1, generator=self.generator))
