@@ -218,3 +218,34 @@ def test_quick_bench_on_cuda(checkpoint: Path, text_file: Path, tmp_path: Path) 
     assert _bench(checkpoint, text_file, tmp_path, "--no-traces", "--no-curve") == 0
     data = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     assert all(r["top1_agreement"] == 1.0 for r in data["rows"] if r["policy"] == "lru")
+
+
+def test_headline_compares_the_full_method_with_lru_at_half_cache() -> None:
+    from engine.eval.bench_report import headline, headline_text
+
+    def row(policy: str, alpha: float, fraction: float, **values: float) -> dict[str, object]:
+        base = {"policy": policy, "alpha": alpha, "cache_fraction": fraction}
+        return {**base, "top1_agreement": 1.0, "ppl_delta": 0.0, "hit_rate": 0.5, **values}
+
+    rows = [
+        row("lru", 0.0, 0.5, bytes_per_token=1000.0, hit_rate=0.55),
+        row("lru", 0.0, 0.25, bytes_per_token=5000.0),
+        row(
+            "+cpu",
+            0.2,
+            0.5,
+            bytes_per_token=400.0,
+            top1_agreement=0.98,
+            ppl_delta=0.01,
+            hit_rate=0.7,
+        ),
+        row("+cpu", 0.2, 0.25, bytes_per_token=10.0),
+    ]
+    head = headline(rows, alpha=0.2)
+    assert head["bytes_ratio_vs_lru"] == pytest.approx(0.4)
+    assert head["pass_bytes"] and head["pass_top1"] and head["pass_ppl"] and head["pass_hits"]
+    rows[2]["top1_agreement"] = 0.9
+    head = headline(rows, alpha=0.2)
+    assert not head["pass_top1"]
+    assert "**not met**" in headline_text(head) and "0.40 x LRU" in headline_text(head)
+    assert headline(rows, alpha=0.4) == {}
