@@ -38,6 +38,8 @@ from engine.paths import builtin_model_dir, user_data_dir
 DEFAULT_OUT = Path("docs/benchmarks")
 DEFAULT_TRACES = Path("../shared/traces")
 CURVE_FILE = "understudy_curve.json"
+SAMPLE_FILE = "heldout_sample.txt"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -292,10 +294,10 @@ def _quick_text_args(args: argparse.Namespace) -> argparse.Namespace:
 def _default_text(args: argparse.Namespace) -> Path:
     if args.text_file is not None:
         return Path(args.text_file)
-    sample = DEFAULT_OUT / "heldout_sample.txt"
-    if sample.is_file():
-        return sample
-    raise InvalidRequestError(f"no --text-file given and no {sample} here; pass --text-file F")
+    for sample in (DEFAULT_OUT / SAMPLE_FILE, REPO_ROOT / DEFAULT_OUT / SAMPLE_FILE):
+        if sample.is_file():
+            return sample
+    raise InvalidRequestError(f"no --text-file given and no {DEFAULT_OUT / SAMPLE_FILE}; pass one")
 
 
 def _replay(args: argparse.Namespace) -> list[dict[str, Any]]:
