@@ -106,12 +106,19 @@ stage_icons() {
     install -D -m 0644 resources/icons/understudy.svg "$share/icons/hicolor/scalable/apps/understudy.svg"
 }
 
+host_glibc() {
+    # PyInstaller copies the build host's shared libraries into the bundle, so the package
+    # needs at least the build host's glibc (Debian 12: 2.36).
+    getconf GNU_LIBC_VERSION | awk '{print $2}'
+}
+
 write_control() {
     local root="$1" size
     size="$(du -sk --exclude=DEBIAN "$root" | cut -f1)"
     mkdir -p "$root/DEBIAN"
     sed -e "s/@VERSION@/$DEB_VERSION/" -e "s/@ARCH@/$ARCH/" -e "s/@SIZE@/$size/" \
-        -e "s/@VARIANT@/$VARIANT/" installers/linux/debian/control.in > "$root/DEBIAN/control"
+        -e "s/@VARIANT@/$VARIANT/" -e "s/@GLIBC@/$(host_glibc)/" \
+        installers/linux/debian/control.in > "$root/DEBIAN/control"
     install -m 0755 installers/linux/debian/postinst installers/linux/debian/postrm "$root/DEBIAN/"
 }
 

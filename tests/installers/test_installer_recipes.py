@@ -316,6 +316,8 @@ def test_spec_lists_project_modules_without_importing_them() -> None:
         ("torch/lib/libtorch_cpu.so", True),
         ("nvidia/cuda_runtime/lib/libcudart.so.12", True),
         ("resources/models/understudy-mini-moe/model.safetensors", True),
+        ("torch/bin/torch_shm_manager", True),
+        ("torch/bin/test_api", False),
         ("torch/test/test_api", False),
         ("torch/include/ATen/ATen.h", False),
         ("torch/lib/libtorchbind_test.so", False),
