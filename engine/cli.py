@@ -189,14 +189,24 @@ def configure_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", help="system message (with --chat)")
     parser.add_argument("--chat-template", type=Path, metavar="FILE", help="override template")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--max-new-tokens", type=int, metavar="N")
+    d = SamplingConfig()
+    sampling.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help=f"default {d.max_new_tokens}"
+    )
     sampling.add_argument("--greedy", action="store_true", help="always the most likely token")
-    sampling.add_argument("--temperature", type=float, metavar="T")
-    sampling.add_argument("--top-p", type=float, metavar="P")
-    sampling.add_argument("--top-k", type=int, metavar="K")
-    sampling.add_argument("--repetition-penalty", type=float, metavar="R")
-    sampling.add_argument("--stop", action="extend", nargs="+", default=[], metavar="S")
-    sampling.add_argument("--seed", type=int, metavar="N")
+    sampling.add_argument("--temperature", type=float, metavar="T", help=f"default {d.temperature}")
+    sampling.add_argument("--top-p", type=float, metavar="P", help=f"default {d.top_p}")
+    sampling.add_argument("--top-k", type=int, metavar="K", help=f"default {d.top_k}, 0: off")
+    sampling.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="R",
+        help=f"default {d.repetition_penalty} (1.0 with --greedy)",
+    )
+    sampling.add_argument(
+        "--stop", action="extend", nargs="+", default=[], metavar="S", help="stop strings"
+    )
+    sampling.add_argument("--seed", type=int, metavar="N", help="for reproducible sampling")
     add_model_options(parser)
 
 
