@@ -10,7 +10,9 @@ of the device slots, which use the same layout) are as aligned as the fused para
 Reads go through ``safe_open``: per-expert checkpoint keys are read whole, fused ``[E, ...]`` keys
 through ``get_slice(key)[e]``, which touches only expert ``e``'s pages. The data is copied (and
 cast to the compute dtype) into the buffer; the mmap view is dropped at once and each file is
-closed after its tensors are read, so no second full copy of the experts ever exists.
+closed after its tensors are read, so no second full copy of the experts ever exists. Pages of
+the mapping stay resident (and count in the process RSS) while the file is open, so a file is
+re-opened every ``REMAP_BYTES`` read: the mapped pages in RSS stay under that bound.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from safetensors import safe_open
 from engine.errors import ModelLoadError
 
 ALIGN_ELEMENTS = 128
+REMAP_BYTES = 32 * 2**20  # reopen a file after this much was read: mapped pages count as RSS
 Part = Literal["gate", "up", "down", "gate_up"]
 SlotKey = tuple[int, int]
 
@@ -132,11 +135,27 @@ class HostExpertStore:
         total = sum(len(items) for items in by_file.values())
         done = 0
         for file, items in by_file.items():
-            with _open(file) as handle:
-                for key, part in items:
-                    self._read_part(handle, key, part)
-                    done += 1
-                    on_tensor(done, total)
+            for window in self._windows(items):
+                with _open(file) as handle:
+                    for key, part in window:
+                        self._read_part(handle, key, part)
+                        done += 1
+                        on_tensor(done, total)
+
+    def _windows(
+        self, items: list[tuple[SlotKey, ExpertPart]]
+    ) -> list[list[tuple[SlotKey, ExpertPart]]]:
+        """Split one file's reads so each mapping touches at most ``REMAP_BYTES``."""
+        windows: list[list[tuple[SlotKey, ExpertPart]]] = [[]]
+        size = 0
+        for item in items:
+            part_bytes = self.shape.part_view(self.row(item[0]), item[1].part).nbytes
+            if windows[-1] and size + part_bytes > REMAP_BYTES:
+                windows.append([])
+                size = 0
+            windows[-1].append(item)
+            size += part_bytes
+        return windows
 
     def _read_part(self, handle: object, key: SlotKey, part: ExpertPart) -> None:
         target = self.shape.part_view(self.row(key), part.part)
