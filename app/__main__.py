@@ -22,6 +22,7 @@ from app.chat_store import ChatStore
 from app.crash_guard import CrashGuard
 from app.error_reporting import ErrorReporter, setup_logging
 from app.main_window import MainWindow
+from app.measure import BenchMeasurer
 from app.settings import SettingsStore
 from app.telemetry import GpuTelemetry
 from app.unavailable_engine import UnavailableEngine
@@ -82,7 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = build_engine(args.demo)
     settings_store = SettingsStore(user_config_dir())
     chat_store = ChatStore(user_data_dir() / "chats.sqlite3")
-    window = MainWindow(EngineBridge(engine, loop), settings_store, chat_store, GpuTelemetry())
+    measure = None if args.demo else BenchMeasurer(user_data_dir() / "benchmarks")
+    window = MainWindow(
+        EngineBridge(engine, loop), settings_store, chat_store, GpuTelemetry(), measure
+    )
     ErrorReporter(window).install(loop)
     smoke = SmokeTest(window, args.require_model, args.timeout) if args.smoke_test else None
     guard = CrashGuard(user_config_dir())

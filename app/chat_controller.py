@@ -19,6 +19,7 @@ from app.bridge import EngineBridge, JobEvents
 from app.chat_store import ChatStore
 from app.chat_view import ChatView
 from app.conversation import Conversation, Message, title_from
+from app.tasks import start_task
 from engine.config import GenerateRequest, SamplingConfig
 from engine.errors import EngineError
 from engine.events import GenerationFinished, TokenReceived
@@ -174,7 +175,7 @@ class ChatController(QObject):
 
     def _start(self, parent_id: str) -> None:
         assert self.bridge is not None, "checked in _can_generate"
-        self.task = self.bridge.loop.create_task(self._reply(parent_id))
+        self.task = start_task(self.view, self._reply(parent_id), self.bridge.loop)
 
     async def _reply(self, parent_id: str) -> None:
         conversation, bridge, options = self.conversation, self.bridge, self.options()

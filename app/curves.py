@@ -7,7 +7,9 @@ File format (``<user_data_dir>/curves/<model-name>.json``)::
                  "top1_agreement": 1.0, "ppl_delta": 0.0}, ...]}
 
 Every point needs ``alpha``; the other fields are optional (``null`` or absent when not
-measured). No Qt in here.
+measured); unknown fields are ignored. ``ppl_delta`` is relative (0.01: perplexity 1% above
+the unmodified model). ``engine.eval.bench`` writes this file; a curve shipped next to the
+built-in model (``understudy_curve.json``) is used until the user measures their own. No Qt.
 """
 
 from __future__ import annotations
@@ -83,15 +85,27 @@ def parse_curve(data: Any) -> Curve:
     )
 
 
-def load_curve(model_name: str, data_dir: Path | None = None) -> Curve | None:
-    """The curve for a model, or None when it was never measured. Raises CurveError if bad."""
-    path = curve_path(model_name, data_dir)
+SHIPPED_CURVE = "understudy_curve.json"  # written next to the built-in model by the benchmark
+
+
+def read_curve(path: Path) -> Curve | None:
+    """The curve in ``path``, or None when there is none. Raises CurveError if unusable."""
     if not path.exists():
         return None
     try:
         return parse_curve(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, json.JSONDecodeError) as error:
         raise CurveError(f"cannot read {path}: {error}") from error
+
+
+def load_curve(
+    model_name: str, data_dir: Path | None = None, model_dir: Path | None = None
+) -> Curve | None:
+    """The user's measured curve for a model, else the one shipped in its folder, else None."""
+    curve = read_curve(curve_path(model_name, data_dir))
+    if curve is None and model_dir is not None:
+        curve = read_curve(model_dir / SHIPPED_CURVE)
+    return curve
 
 
 def save_curve(curve: Curve, data_dir: Path | None = None) -> Path:
@@ -119,5 +133,5 @@ def describe(point: CurvePoint | None) -> str:
     if point.top1_agreement is not None:
         parts.append(f"top-1 agreement {point.top1_agreement * 100:.1f}%")
     if point.ppl_delta is not None:
-        parts.append(f"perplexity {point.ppl_delta:+.3f}")
+        parts.append(f"perplexity {point.ppl_delta * 100:+.1f}%")
     return ", ".join(parts) if parts else "measured, no figures recorded"

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 
 from app.bridge import EngineBridge
 from app.model_library import ModelEntry, all_models, check_model_folder, human_bytes
+from app.tasks import start_task
 from engine.events import ModelInfo
 
 COLUMNS = ("Name", "Source", "Architecture", "Size", "Experts", "Top-k")
@@ -76,7 +77,7 @@ class LibraryDialog(QDialog):
             for column, value in enumerate((*values, "…", "…")):
                 self.table.setItem(row, column, QTableWidgetItem(value))
         if self.bridge is not None:
-            self.task = self.bridge.loop.create_task(self._inspect_all())
+            self.task = start_task(self, self._inspect_all(), self.bridge.loop)
 
     async def _inspect_all(self) -> None:
         assert self.bridge is not None, "checked in rescan"

@@ -15,6 +15,7 @@ from PySide6.QtCore import QObject, Signal
 from app.bridge import EngineBridge, JobEvents
 from app.model_library import human_bytes
 from app.settings import ModelSettings, to_load_config
+from app.tasks import start_task
 from engine.errors import (
     CacheBudgetError,
     CancelledError,
@@ -93,7 +94,7 @@ class ModelLoader(QObject):
 
     def start(self, model_dir: Path, settings: ModelSettings, force: bool = False) -> None:
         self.model_dir, self.settings = model_dir, settings
-        self.task = self.bridge.loop.create_task(self._run(model_dir, settings, force))
+        self.task = start_task(self, self._run(model_dir, settings, force), self.bridge.loop)
 
     def cancel(self) -> None:
         if self.events is not None and self.events.job is not None:

@@ -31,6 +31,7 @@ from PySide6.QtWidgets import (
 from app.bridge import EngineBridge
 from app.loader import describe_estimate
 from app.settings import RELOAD_FIELDS, ModelSettings, to_load_config
+from app.tasks import start_task
 from engine.config import ALPHA_MAX, DEVICES, POLICIES, CacheConfig, ChatMessage, GenerateRequest
 from engine.events import ModelInfo
 
@@ -234,7 +235,7 @@ class SettingsDialog(QDialog):
         """Re-estimate memory for the budget and context shown (async, via the engine)."""
         self._show_fit_from_info()
         if self.bridge is not None:
-            self.task = self.bridge.loop.create_task(self._estimate())
+            self.task = start_task(self, self._estimate(), self.bridge.loop)
 
     async def _estimate(self) -> None:
         assert self.bridge is not None, "checked in update_fit"
@@ -250,7 +251,7 @@ class SettingsDialog(QDialog):
         if self.bridge is None:
             self.template_status.setText("Load a model to preview its chat template.")
             return
-        self.task = self.bridge.loop.create_task(self._preview())
+        self.task = start_task(self, self._preview(), self.bridge.loop)
 
     async def _preview(self) -> None:
         assert self.bridge is not None, "checked in start_preview"

@@ -16,6 +16,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
 
 from app.curves import Curve, CurveError, describe, load_curve
+from app.tasks import start_task
 from engine.config import ALPHA_MAX
 
 STEP = 0.05
@@ -89,7 +90,7 @@ class ImportanceSlider(QWidget):
         self.curve, self.curve_error = None, ""
         if self.model_name:
             try:
-                self.curve = load_curve(self.model_name)
+                self.curve = load_curve(self.model_name, model_dir=self.model_dir)
             except CurveError as error:
                 self.curve_error = f"benchmark curve unreadable: {error}"
         self._refresh()
@@ -118,7 +119,7 @@ class ImportanceSlider(QWidget):
             return
         self.curve_label.setText("measuring… (this runs the model several times)")
         self.measure_button.setEnabled(False)
-        self.task = asyncio.get_event_loop().create_task(self._measure(self.model_dir))
+        self.task = start_task(self, self._measure(self.model_dir))
 
     async def _measure(self, model_dir: Path) -> None:
         assert self.measure is not None, "checked in start_measure"

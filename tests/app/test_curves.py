@@ -36,5 +36,17 @@ def test_missing_curve_is_none_and_a_bad_one_is_an_error(tmp_path: Path) -> None
 
 def test_describe_shows_speed_and_fidelity() -> None:
     text = describe(CurvePoint(0.3, 14.5, 1.2e8, 0.975, 0.021))
-    assert text == ("14.5 tok/s, 120.0 MB/token moved, top-1 agreement 97.5%, perplexity +0.021")
+    assert text == ("14.5 tok/s, 120.0 MB/token moved, top-1 agreement 97.5%, perplexity +2.1%")
     assert describe(None) == "not measured yet"
+
+
+def test_a_curve_shipped_with_the_model_is_used_until_one_is_measured(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shipped = {"model": "mini", "points": [{"alpha": 0.2, "top1_agreement": 0.99, "kl": 0.1}]}
+    (model_dir / "understudy_curve.json").write_text(json.dumps(shipped))
+    found = load_curve("mini", tmp_path / "data", model_dir)
+    assert found is not None and found.at(0.2) == CurvePoint(0.2, top1_agreement=0.99)
+    save_curve(Curve("mini", (CurvePoint(0.2, top1_agreement=0.5),)), tmp_path / "data")
+    mine = load_curve("mini", tmp_path / "data", model_dir)
+    assert mine is not None and mine.points[0].top1_agreement == 0.5, "the user's own wins"

@@ -168,9 +168,9 @@ def test_slider_shows_the_measured_curve_or_offers_to_measure(
     slider.start_measure()
     qtbot.waitUntil(lambda: slider.task is None, timeout=5000)
     assert measured == [window.model_dir]
-    assert slider.curve_label.text() == "10.0 tok/s, top-1 agreement 100.0%, perplexity +0.000"
+    assert slider.curve_label.text() == "10.0 tok/s, top-1 agreement 100.0%, perplexity +0.0%"
     slider.slider.setValue(6)
-    assert slider.curve_label.text() == "13.0 tok/s, top-1 agreement 98.0%, perplexity +0.010"
+    assert slider.curve_label.text() == "13.0 tok/s, top-1 agreement 98.0%, perplexity +1.0%"
     assert not slider.measure_button.isVisibleTo(slider)
 
 

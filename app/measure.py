@@ -1,0 +1,94 @@
+"""The slider's Measure button: runs the engine's benchmark for one model in a child process.
+
+``python -m engine bench`` (or ``understudy --engine bench`` in the frozen bundle) measures the
+full method at the headline cache size for each slider alpha and writes the curve where
+``app.curves`` reads it. It runs in a separate process, off the UI thread, so the window stays
+responsive; its own fresh copy of the model is loaded there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from engine.paths import resources_dir
+
+SLIDER_ALPHAS = "0,0.1,0.2,0.3,0.4,0.5,0.6"
+TEXT_NAME = "heldout_sample.txt"
+Runner = Callable[[list[str]], subprocess.CompletedProcess[str]]
+
+
+class MeasureError(RuntimeError):
+    """The benchmark could not run or failed; the message is for the user."""
+
+
+def engine_command() -> list[str]:
+    """How to start the engine CLI: the bundle's ``--engine`` door, or ``python -m engine``."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, "--engine"]
+    return [sys.executable, "-m", "engine"]
+
+
+def evaluation_text() -> Path:
+    """The held-out text the benchmark scores (shipped in resources, or in a source tree)."""
+    candidates = (
+        resources_dir() / "benchmarks" / TEXT_NAME,
+        Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / TEXT_NAME,
+    )
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise MeasureError(f"No evaluation text is installed (looked for {TEXT_NAME}).")
+
+
+def bench_command(model_dir: Path, out_dir: Path, text: Path) -> list[str]:
+    return [
+        *engine_command(),
+        "bench",
+        "--model",
+        str(model_dir),
+        "--policies",
+        "+cpu",
+        "--cache-fractions",
+        "0.5",
+        "--alphas",
+        SLIDER_ALPHAS,
+        "--timing-runs",
+        "1",
+        "--no-traces",
+        "--text-file",
+        str(text),
+        "--out",
+        str(out_dir),
+        "--markdown",
+        str(out_dir / "BENCHMARKS.md"),
+    ]
+
+
+def run_command(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+class BenchMeasurer:
+    """``await measurer(model_dir)`` runs the benchmark; raises ``MeasureError`` on failure."""
+
+    def __init__(self, out_root: Path, run: Runner = run_command) -> None:
+        self.out_root = out_root
+        self.run = run
+
+    async def __call__(self, model_dir: Path) -> None:
+        command = bench_command(model_dir, self.out_root / model_dir.name, evaluation_text())
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1, thread_name_prefix="measure") as pool:
+            result = await loop.run_in_executor(pool, self.run, command)
+        if result.returncode != 0:
+            raise MeasureError(f"the benchmark failed: {last_line(result.stderr or result.stdout)}")

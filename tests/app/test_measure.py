@@ -1,0 +1,50 @@
+"""The Measure button's default: the engine benchmark in a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.curves import Curve, CurvePoint, save_curve
+from app.measure import BenchMeasurer, MeasureError, bench_command, engine_command
+
+
+def test_bench_command_measures_every_slider_alpha(tmp_path: Path) -> None:
+    command = bench_command(tmp_path / "m", tmp_path / "out", tmp_path / "t.txt")
+    assert command[:3] == [sys.executable, "-m", "engine"] and command[3] == "bench"
+    assert command[command.index("--alphas") + 1] == "0,0.1,0.2,0.3,0.4,0.5,0.6"
+    assert command[command.index("--model") + 1] == str(tmp_path / "m")
+
+
+def test_the_frozen_bundle_uses_its_engine_door(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    assert engine_command() == [sys.executable, "--engine"]
+
+
+def test_measurer_runs_off_the_ui_thread_and_reports_failures(
+    qtbot: Any, aloop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    seen: list[list[str]] = []
+
+    def succeed(command: list[str]) -> subprocess.CompletedProcess[str]:
+        seen.append(command)
+        save_curve(Curve("m", (CurvePoint(0.0, 5.0),)))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    task = aloop.create_task(BenchMeasurer(tmp_path, succeed)(tmp_path / "m"))
+    qtbot.waitUntil(task.done, timeout=5000)
+    task.result()
+    assert seen and "--text-file" in seen[0]
+
+    def fail(command: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(command, 2, "", "loading\nModel folder is broken\n")
+
+    task = aloop.create_task(BenchMeasurer(tmp_path, fail)(tmp_path / "m"))
+    qtbot.waitUntil(task.done, timeout=5000)
+    with pytest.raises(MeasureError, match="the benchmark failed: Model folder is broken"):
+        task.result()
