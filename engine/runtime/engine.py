@@ -13,8 +13,8 @@ load therefore leaves no model loaded, and the engine ready for the next request
 from __future__ import annotations
 
 import threading
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from engine.config import GenerateRequest, LiveOptions, LoadConfig

@@ -16,7 +16,6 @@ import torch
 from tests.helpers.stand_in import StandInLoaded, stand_in
 from tests.helpers.tiny_models import save_tiny_checkpoint
 
-
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the OpenMP
 # workers spin against other processes: one thread is ~40x faster for these tests.
 torch.set_num_threads(1)
