@@ -87,6 +87,8 @@ class StatsSnapshot:
     cache_bytes: int = 0
     per_layer: tuple[LayerStats, ...] = field(default_factory=tuple)
     bytes_per_token_history: tuple[int, ...] = field(default_factory=tuple)
+    device_allocated_bytes: int | None = None  # torch allocator on the device, if reported
+    pinned_host_bytes: int | None = None  # page-locked host buffers for experts, if reported
 
     @property
     def hit_rate(self) -> float:
