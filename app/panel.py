@@ -126,8 +126,7 @@ class LivePanel(QWidget):
             for name in ("hit rate", "substitutions/token", "moved/token", "misses/token"):
                 self._set(name, "no model loaded")
             return
-        allocated = getattr(stats, "device_allocated_bytes", None)
-        pinned = getattr(stats, "pinned_host_bytes", None)
+        allocated, pinned = stats.device_allocated_bytes, stats.pinned_host_bytes
         self._set("allocator", "not reported" if allocated is None else human_bytes(allocated))
         self._set("pinned", "not reported" if pinned is None else human_bytes(pinned))
         self._set("hit rate", f"{stats.hit_rate * 100:.1f}%")

@@ -248,3 +248,16 @@ def test_panel_plots_fill_while_generating(
     qtbot.waitUntil(lambda: not window.controller.generating, timeout=5000)
     assert len(window.panel.plots["tok/s"].values) >= 1
     assert len(window.panel.plots["hit rate"].values) >= 2
+
+
+def test_panel_shows_allocator_and_pinned_memory_when_the_engine_reports_them(
+    window: MainWindow, fake_engine: FakeEngine
+) -> None:
+    from dataclasses import replace as with_fields
+
+    fake_engine._stats = with_fields(
+        fake_engine._stats, device_allocated_bytes=2_500_000_000, pinned_host_bytes=4_000_000_000
+    )
+    window.panel.update_readings()
+    assert window.panel.labels["allocator"].text() == "2.5 GB"
+    assert window.panel.labels["pinned"].text() == "4.0 GB"
