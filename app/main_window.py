@@ -52,6 +52,7 @@ from app.settings import (
 from app.settings_dialog import SettingsDialog
 from app.slider import ImportanceSlider, Measurer
 from app.telemetry import GpuTelemetry
+from engine.errors import EngineError
 from engine.events import GenerationFinished, ModelInfo, StatsSnapshot
 from engine.paths import builtin_model_dir
 
@@ -248,7 +249,7 @@ class MainWindow(QMainWindow):
         self.model_info = info
         self.controller.ready = True
         self.model_label.setText(f"<b>{info.name}</b>")
-        self.slider.set_model(self.model_dir, info.name)
+        self.slider.set_model(self.model_dir, info.name, info.substitution_supported)
         self.slider.set_alpha(self.model_settings.alpha)
         self._update_title()
         try:
@@ -296,7 +297,7 @@ class MainWindow(QMainWindow):
         if settings.needs_reload(old) or not self.controller.ready:
             self.load_model()
         else:
-            self.bridge.set_live_options(to_live_options(settings))
+            self._apply_live(old)
 
     def _save_model_settings(self) -> bool:
         try:
@@ -307,10 +308,23 @@ class MainWindow(QMainWindow):
         return True
 
     def set_alpha(self, alpha: float) -> None:
-        self.model_settings = replace(self.model_settings, alpha=alpha)
-        if self.controller.ready:
+        old, self.model_settings = self.model_settings, replace(self.model_settings, alpha=alpha)
+        if not self.controller.ready or self._apply_live(old):
+            self._save_model_settings()
+
+    def _apply_live(self, previous: ModelSettings) -> bool:
+        """Send policy/alpha to the engine; on refusal say why and go back to ``previous``."""
+        try:
             self.bridge.set_live_options(to_live_options(self.model_settings))
-        self._save_model_settings()
+        except EngineError as error:
+            self.banner.show_message(str(error), "warning")
+            self.model_settings = replace(
+                self.model_settings, alpha=previous.alpha, policy=previous.policy
+            )
+            self.slider.set_alpha(previous.alpha)
+            self._save_model_settings()
+            return False
+        return True
 
     def apply_prefs(self, prefs: AppPrefs) -> None:
         app = QApplication.instance()

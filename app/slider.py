@@ -23,6 +23,9 @@ STEP = 0.05
 Measurer = Callable[[Path], Awaitable[None]]  # model folder -> writes the curve file
 
 
+UNSUPPORTED = "this model's router family does not support substitution: exact only"
+
+
 def alpha_label(alpha: float) -> str:
     return "α = 0 (exact)" if alpha == 0 else f"α = {alpha:.2f}"
 
@@ -35,6 +38,7 @@ class ImportanceSlider(QWidget):
         self.measure = measure
         self.curve: Curve | None = None
         self.curve_error = ""
+        self.supported = True
         self.model_dir: Path | None = None
         self.model_name = ""
         self.task: asyncio.Task[None] | None = None
@@ -82,8 +86,11 @@ class ImportanceSlider(QWidget):
         self.slider.blockSignals(False)
         self._refresh()
 
-    def set_model(self, model_dir: Path | None, name: str) -> None:
-        self.model_dir, self.model_name = model_dir, name
+    def set_model(self, model_dir: Path | None, name: str, supported: bool = True) -> None:
+        """Show the curve of this model; a model that cannot substitute stays at exact."""
+        self.model_dir, self.model_name, self.supported = model_dir, name, supported
+        self.slider.setEnabled(supported)
+        self.slider.setToolTip("" if supported else UNSUPPORTED)
         self.reload_curve()
 
     def reload_curve(self) -> None:
@@ -104,12 +111,14 @@ class ImportanceSlider(QWidget):
         point = self.curve.at(self.alpha) if self.curve is not None else None
         if not self.model_name:
             text = "no model loaded"
+        elif not self.supported:
+            text = UNSUPPORTED
         elif self.curve_error:
             text = self.curve_error
         else:
             text = describe(point)
         self.curve_label.setText(text)
-        self.measure_button.setVisible(bool(self.model_name) and point is None)
+        self.measure_button.setVisible(bool(self.model_name) and self.supported and point is None)
         self.measure_button.setEnabled(self.measure is not None and self.task is None)
         if self.measure is None:
             self.measure_button.setToolTip("No measurement tool is available in this build.")

@@ -5,12 +5,13 @@ thread, ``EngineAPI``), with knobs the tests turn."""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from app.demo_engine import DemoEngine
 from engine.config import GenerateRequest, LiveOptions, LoadConfig
+from engine.errors import SubstitutionUnsupportedError
 from engine.events import ModelInfo
 from engine.protocol import EventSink, Job
 
@@ -34,6 +35,7 @@ class FakeEngine(DemoEngine):
         self.dropped: int | None = None  # forced GenerationFinished.dropped_messages
         self.release = threading.Event()  # with hold_tokens: tokens wait for this
         self.hold_tokens = False
+        self.substitution_supported = True
         self.release.set()
 
     def load(self, config: LoadConfig, on_event: EventSink) -> Job[ModelInfo]:
@@ -73,7 +75,13 @@ class FakeEngine(DemoEngine):
 
     def set_live_options(self, live: LiveOptions) -> None:
         self.calls.live.append(live)
+        if live.substitution_on and not self.substitution_supported:
+            raise SubstitutionUnsupportedError("This router family cannot substitute; use alpha 0.")
         super().set_live_options(live)
+
+    def model_info(self, path: Path) -> ModelInfo:
+        info = super().model_info(path)
+        return replace(info, substitution_supported=self.substitution_supported)
 
 
 def on_event_progress(on_event: EventSink) -> None:

@@ -261,3 +261,16 @@ def test_panel_shows_allocator_and_pinned_memory_when_the_engine_reports_them(
     window.panel.update_readings()
     assert window.panel.labels["allocator"].text() == "2.5 GB"
     assert window.panel.labels["pinned"].text() == "4.0 GB"
+
+
+def test_a_model_that_cannot_substitute_keeps_the_slider_at_exact(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine
+) -> None:
+    fake_engine.substitution_supported = False
+    window = make_window()
+    assert not window.slider.slider.isEnabled()
+    assert "does not support substitution" in window.slider.curve_label.text()
+    window.slider.slider.setValue(4)  # e.g. from the keyboard; the engine refuses
+    assert "cannot substitute" in window.banner.text
+    assert window.slider.alpha == 0.0 and window.model_settings.alpha == 0.0
+    assert fake_engine.live.alpha == 0.0
