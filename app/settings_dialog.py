@@ -100,6 +100,9 @@ class SettingsDialog(QDialog):
         self.prefetch = QCheckBox("Prefetch the experts the next layer will likely need")
         self.cpu_assist = QCheckBox("Run some missing experts on the CPU instead of copying")
         self.context = int_spin(16, 1_048_576, 256)
+        if self.info is not None and self.info.max_context >= 16:
+            self.context.setMaximum(self.info.max_context)
+            self.context.setToolTip(f"This model was trained for up to {self.info.max_context}.")
         self.temperature = spin(0.0, 5.0, 0.05)
         self.top_p = spin(0.01, 1.0, 0.05)
         self.top_k = int_spin(0, 1000)

@@ -236,3 +236,23 @@ def test_scroll_follows_only_while_at_the_bottom(
     bar.setValue(0)
     send_and_wait(qtbot, window, "more")
     assert bar.value() == 0, "the user scrolled up: the view stays put"
+
+
+def test_a_kill_mid_reply_loses_only_the_reply_being_generated(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    import sqlite3
+
+    fake_engine.replies = iter(["finished answer", LONG_REPLY])
+    send_and_wait(qtbot, window, "first")
+    fake_engine.token_delay = 0.01
+    window.composer.text.setPlainText("second")
+    window.composer.submit()
+    qtbot.waitUntil(lambda: window.controller.timing.tokens >= 3, timeout=5000)
+    # what another process (the app after a kill) would read from disk right now
+    other = sqlite3.connect(user_dirs / "data" / "chats.sqlite3")
+    rows = [r[0] for r in other.execute("SELECT content FROM messages ORDER BY created")]
+    other.close()
+    window.controller.stop()
+    qtbot.waitUntil(lambda: not window.controller.generating, timeout=5000)
+    assert rows == ["first", "finished answer", "second"]
