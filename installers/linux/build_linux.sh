@@ -14,6 +14,7 @@
 #   PYTHON              interpreter with the project installed (default .venv/bin/python)
 #   UNDERSTUDY_VARIANT  cpu or cuda (default: what the installed torch is built for)
 #   DEB_COMPRESSION     dpkg-deb compressor: gzip (default, fast), xz or zstd
+#   COMPRESS_LEVEL      1 (fastest) to 9 (smallest) for the .deb and the .tar.gz (default 6)
 # Needs: the project's venv (scripts/setup.sh), dpkg-deb, tar, gzip; desktop-file-validate
 # (Debian package desktop-file-utils) is used when present. Installs PyInstaller 6.22.3 into
 # the venv when it is missing (pip, pinned); nothing else is downloaded.
@@ -143,7 +144,8 @@ build_deb() {
     log "staging the .deb in $root"
     stage_deb "$root"
     validate_desktop_file "$root/usr/share/applications/understudy.desktop"
-    dpkg-deb --root-owner-group -Z"${DEB_COMPRESSION:-gzip}" --build "$root" "$out" >/dev/null
+    dpkg-deb --root-owner-group -Z"${DEB_COMPRESSION:-gzip}" -z"${COMPRESS_LEVEL:-6}" \
+        --build "$root" "$out" >/dev/null
     log "wrote $out ($(du -h "$out" | cut -f1))"
 }
 
@@ -153,7 +155,7 @@ build_tarball() {
     cp -a "$DIST/understudy" "$stage/understudy"
     install -m 0644 "$DESKTOP" "$stage/understudy/understudy.desktop"
     install -m 0644 resources/icons/png/understudy-256.png "$stage/understudy/understudy.png"
-    tar -C "$stage" -czf "$DIST/$name.tar.gz" understudy
+    tar -C "$stage" -cf - understudy | gzip -"${COMPRESS_LEVEL:-6}" > "$DIST/$name.tar.gz"
     rm -rf "$stage"
     log "wrote $DIST/$name.tar.gz ($(du -h "$DIST/$name.tar.gz" | cut -f1))"
 }

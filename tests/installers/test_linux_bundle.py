@@ -54,7 +54,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(reason)
     base = tmp_path_factory.mktemp("linux-build")
     out, work = base / "dist", base / "work"
-    env = {**os.environ, "PYTHON": sys.executable}
+    env = {**os.environ, "PYTHON": sys.executable, "COMPRESS_LEVEL": "1"}  # fast packaging
     result = subprocess.run(
         ["bash", str(BUILD_SCRIPT), "--out", str(out), "--work", str(work)],
         env=env,
