@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +54,7 @@ class OffloadController:
         self.last_scores: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
         self._pending: tuple[LiveOptions, EvictionPolicy | None] | None = None
+        self.method: Any = None  # the SMoE policies (engine.offload.method), set by the loader
         for layer, module in self.experts.items():
             module.bind(layer, cache, self._before_layer)
         for wrapper in self.routers.values():
@@ -96,6 +98,8 @@ class OffloadController:
     def close(self) -> None:
         """Unhook, free the device slots and the host buffers."""
         self._hook.remove()
+        if self.method is not None:
+            self.method.close()
         for wrapper in self.routers.values():
             wrapper.remove()
         self.cache.close()

@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from engine.offload.cache import ExpertCache
+from engine.offload.cache import ExpertCache, ExpertWeights
+
+# Where a layer's expert weights come from: default ``cache.stream``; the SMoE method's CPU
+# assist (``engine.offload.method``) supplies host-resident weights for some experts.
+ExpertSource = Callable[[int, Sequence[int]], Iterable[list[ExpertWeights]]]
 
 _STANDARD_SOURCE_OWNER = "transformers.models.mixtral.modeling_mixtral"
 
@@ -47,6 +51,7 @@ class OffloadedExperts(nn.Module):
         self.layer = -1
         self.cache: ExpertCache | None = None
         self.before_layer: Callable[[int], None] | None = None
+        self.source: ExpertSource | None = None
 
     def bind(self, layer: int, cache: ExpertCache, before_layer: Callable[[int], None]) -> None:
         """Attach to the cache; ``before_layer(layer)`` runs at the start of every forward."""
@@ -67,7 +72,8 @@ class OffloadedExperts(nn.Module):
             mask = mask.permute(2, 1, 0)  # [E + 1, k, T]
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()  # [n, 1]
         experts = [e for e in hit.flatten().tolist() if e != self.num_experts]  # one host sync
-        for chunk in self.cache.stream(self.layer, experts):
+        source = self.cache.stream if self.source is None else self.source
+        for chunk in source(self.layer, experts):
             for expert, gate_up, down in chunk:
                 self._accumulate(final, hidden_states, mask[expert], top_k_weights, gate_up, down)
         return final
@@ -82,12 +88,13 @@ class OffloadedExperts(nn.Module):
         down: torch.Tensor,
     ) -> None:
         top_k_pos, token_idx = torch.where(expert_mask)  # [n], [n] in (k, token) order
-        current = hidden_states[token_idx]  # [n, H]
+        at = gate_up.device  # the host for a CPU-assisted expert; no-op moves otherwise
+        current = hidden_states[token_idx].to(at)  # [n, H]
         gate, up = nn.functional.linear(current, gate_up).chunk(2, dim=-1)  # [n, I] each
         current = self.act_fn(gate) * up
         current = nn.functional.linear(current, down)  # [n, H]
-        current = current * top_k_weights[token_idx, top_k_pos, None]  # router's dtype
-        final.index_add_(0, token_idx, current.to(final.dtype))
+        current = current * top_k_weights[token_idx, top_k_pos, None].to(at)  # router's dtype
+        final.index_add_(0, token_idx, current.to(final.device, final.dtype))
 
 
 def _normalised_body(source: str) -> str:

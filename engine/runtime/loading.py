@@ -61,6 +61,7 @@ from engine.offload.experts import (
     placeholder_class,
 )
 from engine.offload.families import ROUTER_ATTRIBUTES, RouterFamily, router_family
+from engine.offload.method import SmoeMethod
 from engine.offload.routing import RoutingWrapper
 from engine.offload.stats import OffloadStats
 from engine.offload.store import ExpertPart, ExpertShape, HostExpertStore, Part, SlotKey
@@ -533,7 +534,9 @@ def _bind_offload(
             raise ModelLoadError(f"{m.experts_path} was not replaced by an offloaded module")
         experts[m.layer] = module
         routers[m.layer] = RoutingWrapper(m.layer, model.get_submodule(m.router_path), plan.family)
-    return OffloadController(model, store, cache, stats, routers, experts, config.live)
+    controller = OffloadController(model, store, cache, stats, routers, experts, config.live)
+    controller.method = SmoeMethod(controller, model, plan.family, plan.moe[0].top_k)
+    return controller
 
 
 def _fill_store(
