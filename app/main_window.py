@@ -352,6 +352,10 @@ class MainWindow(QMainWindow):
         if self.controller.generating:
             self.banner.show_message("Stop the current reply before starting a new chat.", "info")
             return
+        current = self.controller.conversation
+        if current is not None and not current.messages:
+            self.composer.text.setFocus()  # the open chat is still empty: use it
+            return
         conversation = self.controller.new_conversation(self.model_settings.system_prompt)
         self.system_prompt.setText(conversation.system_prompt)
         self.sidebar.refresh()

@@ -182,9 +182,13 @@ def test_search_across_chats_and_open_a_hit(
 
 
 def test_new_rename_delete_chats(qtbot: Any, window: MainWindow) -> None:
+    empty = window.controller.conversation
+    qtbot.keyClick(window, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
+    assert window.controller.conversation is empty, "an empty chat is reused, not piled up"
+    send_and_wait(qtbot, window, "hello")
     qtbot.keyClick(window, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
     current = window.controller.conversation
-    assert current is not None and window.sidebar.items.count() == 2
+    assert current is not None and current is not empty and window.sidebar.items.count() == 2
     window.sidebar.rename(current.id, "Renamed")
     assert window.chat_store.list_conversations()[0].title == "Renamed"
     window.sidebar.delete(current.id)
