@@ -129,10 +129,9 @@ def eviction_rows(
     base = LiveOptions(policy="smoe", substitution=False, prefetch=False, cpu_assist=False)
     for scale in SCORE_SCALES:
         for n in windows:
-            policy = ScoreEviction(window=n, scale=scale)  # type: ignore[arg-type]
-            run = _run(
-                model_dir, token_ids, fraction, replace(base, score_window=n), eviction=policy
-            )
+            evict = ScoreEviction(window=n, scale=scale)  # type: ignore[arg-type]
+            live = replace(base, score_window=n)
+            run = _run(model_dir, token_ids, fraction, live, eviction=evict)
             rows.append(_row(f"score n={n} {scale}", reference, targets, run))
     return rows
 
