@@ -57,6 +57,7 @@ class ExpertCache:
         self._key_of: list[SlotKey | None] = [None] * num_slots
         self._protected: set[SlotKey] = set()
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._inflight: dict[SlotKey, torch.cuda.Event] = {}  # prefetch copies not yet awaited
 
     @property
     def nbytes(self) -> int:
@@ -111,11 +112,42 @@ class ExpertCache:
             self.policy.record_use(key, self.step)
         if misses:
             self._copy_in(misses)
+        self._await_prefetched(keys)
 
     def load(self, key: SlotKey) -> None:
         """Copy one expert in without counting a use (prefetch); no-op when resident."""
         if key not in self._slot_of:
             self._copy_in([key])
+
+    def prefetch(self, keys: Sequence[SlotKey]) -> list[SlotKey]:
+        """Start copying non-resident ``keys`` without counting a use; returns those copied.
+
+        On CUDA the copies run on the copy stream and the compute stream waits for one only
+        when a layer first uses it (``_ensure``), so they overlap the compute in between; on
+        CPU they are plain synchronous copies.
+        """
+        new = [key for key in dict.fromkeys(keys) if key not in self._slot_of]
+        if self._copy_stream is None or not new:
+            if new:
+                self._copy_in(new)
+            return new
+        slots = [self._claim_slot(key) for key in new]
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copy_stream):
+            for key, slot in zip(new, slots, strict=True):
+                self._slots[slot].copy_(self.store.row(key), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        for key in new:
+            self._inflight[key] = done
+            self.stats.add(key[0], transfers=1, bytes_moved=self.shape.nbytes)
+        return new
+
+    def _await_prefetched(self, keys: list[SlotKey]) -> None:
+        for key in keys:
+            event = self._inflight.pop(key, None)
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
 
     def _copy_in(self, keys: list[SlotKey]) -> None:
         slots = [self._claim_slot(key) for key in keys]
@@ -142,6 +174,7 @@ class ExpertCache:
             victim = self.policy.victim(list(self._slot_of), self._protected)
             slot = self._slot_of.pop(victim)
             self.policy.forget(victim)
+            self._inflight.pop(victim, None)  # its copy is ordered before any overwrite
         self._slot_of[key] = slot
         self._key_of[slot] = key
         return slot
@@ -156,6 +189,7 @@ class ExpertCache:
         for key in list(self._slot_of):
             self.policy.forget(key)
         self._slot_of.clear()
+        self._inflight.clear()
         self._key_of = [None] * self.num_slots
 
     def set_policy(self, policy: EvictionPolicy) -> None:

@@ -202,8 +202,7 @@ class SmoeMethod:
             predicted, resident, self.spec, alpha, bias=bias, limit=self.prefetch_limit
         )
         top = _top_score(predicted, self.spec, alpha, bias)
-        for expert in issued:
-            self.cache.load((layer, expert))
+        self.cache.prefetch([(layer, expert) for expert in issued])
         if issued:
             self.cache.stats.add(layer, prefetched=len(issued))
         before = set(torch.nonzero(resident).flatten().tolist())
