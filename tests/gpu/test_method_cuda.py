@@ -33,8 +33,8 @@ def _run(model: Any, prompt: torch.Tensor, steps: list[int], offload: Any = None
 
 def _setup(tmp_path: Path) -> tuple[list, torch.Tensor, list[int]]:
     save_family("qwen2_moe", tmp_path, seed=3)
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
-    reference = reference.to("cuda").eval()
+    reference: Any = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
+    reference = reference.cuda().eval()
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 200, (1, 6), generator=generator).cuda()
     steps = torch.randint(0, 200, (12,), generator=generator).tolist()
