@@ -259,3 +259,58 @@ def replay_folder(
         if shuffle_seed is not None:
             rows += replay_trace(shuffled(trace, shuffle_seed), chosen, fractions, pools, True)
     return rows
+
+
+def summary_markdown(rows: Sequence[ReplayRow]) -> str:
+    """Hit rates per model, pool, cache fraction and policy: real order next to the shuffle.
+
+    Rows of one model are pooled over its traces (hits over accesses); "layer mean" is the mean
+    over traces of the mean per-layer hit rate (the README's sanity figure).
+    """
+    groups: dict[tuple[str, str, float, str, bool], list[ReplayRow]] = {}
+    for row in rows:
+        key = (row.model, row.pool, row.fraction, row.policy, row.shuffled)
+        groups.setdefault(key, []).append(row)
+    lines = [
+        "| model | pool | cache | policy | hit rate | layer mean | shuffled | gain over shuffle |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, pool, fraction, policy, shuf), group in sorted(groups.items()):
+        if shuf:
+            continue
+        control = groups.get((model, pool, fraction, policy, True), [])
+        real, ctrl = _pooled(group), _pooled(control)
+        mean = float(np.mean([r.mean_layer_hit_rate for r in group]))
+        lines.append(
+            f"| {model} | {pool} | {fraction:.0%} | {policy} | {real:.3f} | {mean:.3f} "
+            f"| {ctrl:.3f} | {real - ctrl:+.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pooled(rows: Sequence[ReplayRow]) -> float:
+    accesses = sum(r.accesses for r in rows)
+    return sum(r.hits for r in rows) / accesses if accesses else float("nan")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine.eval.traces FOLDER [--windows N ...] [--scales S ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Replay routing traces through eviction policies")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--windows", type=int, nargs="+", default=[8])
+    parser.add_argument("--scales", nargs="+", default=["relative"])
+    parser.add_argument("--pools", nargs="+", default=list(POOLS))
+    args = parser.parse_args(argv)
+    policies: dict[str, PolicyFactory] = {"lru": LRUPolicy, "lfu": LFUPolicy}
+    for scale in args.scales:
+        for n in args.windows:
+            policies[f"score-w{n}-{scale}"] = _score_factory(n, scale)
+    rows = replay_folder(args.folder, policies, pools=args.pools)
+    print(summary_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ from engine.eval.traces import (
     replay_trace,
     sequences,
     shuffled,
+    summary_markdown,
 )
 from engine.offload.eviction import LRUPolicy
 
@@ -119,3 +120,13 @@ def test_replay_folder_rows_cover_policies_and_control() -> None:
     assert {r.policy for r in rows} == {"lru", "score-w8"}
     assert sum(r.shuffled for r in rows) == len(rows) // 2
     assert all(0.0 < r.hit_rate < 1.0 for r in rows)
+
+
+def test_summary_table_pairs_real_and_shuffled(tmp_path: Path) -> None:
+    rows = [[[i % 3]] for i in range(9)]
+    trace = load_trace(_write_trace(tmp_path / "t_decode.npz", rows, [0] * 9, 4))
+    table = summary_markdown(
+        replay_trace(trace, {"lru": LRUPolicy}, (0.5,), ("layer",))
+        + replay_trace(shuffled(trace), {"lru": LRUPolicy}, (0.5,), ("layer",), True)
+    )
+    assert table.count("\n") == 3 and "| lru |" in table and "50%" in table
