@@ -11,6 +11,7 @@ Bible books, and doc pages / chats chosen by a stable hash of their name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -87,9 +88,15 @@ def _apt_download(name: str, pkgs: Path) -> Path:
     try:
         _run(["apt-get", "download", name], pkgs)
     except CorpusFetchError:
-        subprocess.run(["apt-get", "update"], capture_output=True, timeout=600, check=False)
+        _refresh_apt_lists(pkgs)
         _run(["apt-get", "download", name], pkgs)
     return sorted(pkgs.glob(f"{name}_*.deb"))[-1]
+
+
+def _refresh_apt_lists(cwd: Path) -> None:
+    """``apt-get update`` (needs root); a failure is left to the retried download to report."""
+    with contextlib.suppress(CorpusFetchError):
+        _run(["apt-get", "update"], cwd)
 
 
 def _doc_download(pkgs: Path) -> Path:
@@ -211,12 +218,10 @@ _UNDERLINE = re.compile(r"^([-=~^\"'*+#])\1{3,}\s*$")
 def faq_pairs(text: str, max_chars: int = 700) -> Iterator[tuple[str, str]]:
     """(question heading, first answer paragraphs) from one FAQ page."""
     lines = clean_rest(text).splitlines()
-    heads = [
-        i
-        for i in range(1, len(lines))
-        if _UNDERLINE.match(lines[i]) and lines[i - 1].strip().endswith("?")
-    ]
+    heads = [i for i in range(1, len(lines)) if _UNDERLINE.match(lines[i]) and lines[i - 1].strip()]
     for n, i in enumerate(heads):
+        if not lines[i - 1].strip().endswith("?"):
+            continue
         end = heads[n + 1] - 1 if n + 1 < len(heads) else len(lines)
         answer = _first_paragraphs(lines[i + 1 : end], max_chars)
         if answer:
