@@ -13,11 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from engine.config import CacheConfig, LiveOptions, LoadConfig
 from engine.runtime.loading import LoadedModel, inspect_model, load_model, minimum_slots
-from tests.helpers.moe_families import EXTRA_FAMILIES, FAMILIES, save_family
+from tests.helpers.moe_families import (
+    EXTRA_FAMILIES,
+    FAMILIES,
+    prefill_and_decode,
+    save_family,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PROMPT_TOKENS = 9
@@ -53,28 +58,16 @@ def _load(directory: Path, dtype: str, slots: int, policy: str = "lru") -> Loade
     return load_model(LoadConfig(directory, dtype=dtype, cache=cache, live=live))  # type: ignore[arg-type]
 
 
-def _run(model: torch.nn.Module, prompt: torch.Tensor, steps: list[int]) -> list[torch.Tensor]:
-    """Prefill ``prompt`` then feed ``steps`` one by one through the KV cache."""
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        out = model(prompt, past_key_values=cache, use_cache=True)
-        logits = [out.logits]
-        for token in steps:
-            out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            logits.append(out.logits)
-    return logits
-
-
 def _assert_exact(name: str, directory: Path, dtype: str, policy: str = "lru") -> None:
     reference = _reference(directory, dtype)
     generator = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, reference.config.vocab_size, (1, PROMPT_TOKENS), generator=generator)
     steps = torch.randint(0, reference.config.vocab_size, (DECODE_STEPS,), generator=generator)
-    expected = _run(reference, prompt, steps.tolist())
+    expected = prefill_and_decode(reference, prompt, steps.tolist())
     for slots in _budgets(directory):
         loaded = _load(directory, dtype, slots, policy)
         assert loaded.offload.cache.num_slots == slots
-        got = _run(loaded.model, prompt, steps.tolist())
+        got = prefill_and_decode(loaded.model, prompt, steps.tolist())
         for step, (want, have) in enumerate(zip(expected, got, strict=True)):
             assert have.dtype == want.dtype
             assert torch.equal(want, have), f"{name} {dtype} slots={slots} step={step}"

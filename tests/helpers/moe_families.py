@@ -16,8 +16,12 @@ from transformers import (
     AutoModelForCausalLM,
     DeepseekV2Config,
     DeepseekV3Config,
+    DynamicCache,
+    GraniteMoeConfig,
+    MiniMaxM2Config,
     MixtralConfig,
     OlmoeConfig,
+    PhimoeConfig,
     PreTrainedTokenizerFast,
     Qwen2MoeConfig,
     Qwen3MoeConfig,
@@ -85,6 +89,30 @@ def deepseek_v3(vocab: int) -> DeepseekV3Config:
     )  # fmt: skip
 
 
+def granitemoe(vocab: int) -> GraniteMoeConfig:
+    """Experts stored already fused ``[E, ...]`` in the checkpoint; softmax over the top-k."""
+    return GraniteMoeConfig(
+        vocab_size=vocab, intermediate_size=16, num_hidden_layers=2, num_key_value_heads=2,
+        num_local_experts=6, num_experts_per_tok=3, **_COMMON,
+    )  # fmt: skip
+
+
+def phimoe(vocab: int) -> PhimoeConfig:
+    """Sparsemixer router (hard-wired top-2)."""
+    return PhimoeConfig(
+        vocab_size=vocab, intermediate_size=16, num_hidden_layers=2, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, **_COMMON,
+    )  # fmt: skip
+
+
+def minimax_m2(vocab: int) -> MiniMaxM2Config:
+    """A family outside the router tables (sigmoid with bias): runs offloaded, no substitution."""
+    return MiniMaxM2Config(
+        vocab_size=vocab, intermediate_size=16, num_hidden_layers=2, num_key_value_heads=2,
+        head_dim=8, num_local_experts=6, num_experts_per_tok=3, **_COMMON,
+    )  # fmt: skip
+
+
 FAMILIES: dict[str, Callable[[int], Any]] = {
     "mixtral": mixtral,
     "qwen2_moe": qwen2_moe,
@@ -93,6 +121,11 @@ FAMILIES: dict[str, Callable[[int], Any]] = {
     "deepseek_v2": deepseek_v2,
 }
 EXTRA_FAMILIES: dict[str, Callable[[int], Any]] = {"deepseek_v3": deepseek_v3}
+OTHER_FAMILIES: dict[str, Callable[[int], Any]] = {
+    "granitemoe": granitemoe,
+    "phimoe": phimoe,
+    "minimax_m2": minimax_m2,
+}
 
 
 def _randomise_biases(model: torch.nn.Module) -> None:
@@ -105,7 +138,7 @@ def _randomise_biases(model: torch.nn.Module) -> None:
 def save_family(name: str, directory: Path, seed: int = 0) -> tuple[Any, PreTrainedTokenizerFast]:
     """Write a random tiny model of family ``name`` (fp32) to ``directory``."""
     tokenizer = build_tiny_tokenizer()
-    config = {**FAMILIES, **EXTRA_FAMILIES}[name](len(tokenizer))
+    config = {**FAMILIES, **EXTRA_FAMILIES, **OTHER_FAMILIES}[name](len(tokenizer))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -114,3 +147,33 @@ def save_family(name: str, directory: Path, seed: int = 0) -> tuple[Any, PreTrai
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return model, tokenizer
+
+
+def prefill_and_decode(
+    model: torch.nn.Module, prompt: torch.Tensor, steps: list[int]
+) -> list[torch.Tensor]:
+    """Logits of a prefill of ``prompt``, then of each of ``steps`` fed through the KV cache."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(prompt, past_key_values=cache, use_cache=True)
+        logits = [out.logits]
+        for token in steps:
+            out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+    return logits
+
+
+def align_experts(model: torch.nn.Module) -> torch.nn.Module:
+    """Copy the routed experts' parameters out of the checkpoint's mmap into aligned memory.
+
+    ``from_pretrained`` leaves tensors it need not convert as views of the safetensors mmap,
+    which are only 8-byte aligned; CPU matmul kernels may round differently on such data (the
+    alignment pitfall in ``docs/ENGINE_NOTES.md``). The engine computes experts from aligned
+    copies, so the reference must too when a checkpoint stores experts already fused. The trunk
+    is left as loaded: the engine loads it with the same ``from_pretrained``, so both share it.
+    """
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".experts." in name:
+                parameter.data = parameter.data.clone()
+    return model
