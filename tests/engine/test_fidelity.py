@@ -201,3 +201,18 @@ def test_fidelity_command_errors_are_one_line(tmp_path, capsys) -> None:  # type
     assert capsys.readouterr().err.startswith("error: ")
     with pytest.raises(SystemExit):
         main(["fidelity", "--text-file", "x", "--alpha", "0,oops"])
+
+
+def test_substitution_shows_up_as_fewer_bytes_and_a_measured_deviation(
+    checkpoint, tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    text = prepare_text(tokenizer, TEXT, max_tokens=48, window=24)
+    loader = session_loader(LoadConfig(checkpoint, device="cpu", dtype="float32"))
+    plain = LiveOptions(policy="smoe", alpha=0.0, prefetch=False, cpu_assist=False)
+    substituting = LiveOptions(policy="smoe", alpha=0.4, prefetch=False, cpu_assist=False)
+    exact, lossy = run_fidelity(loader, [RunConfig(0.5, plain), RunConfig(0.5, substituting)], text)
+    assert exact.substitutions_per_token == 0.0 and exact.kl == 0.0
+    assert lossy.substitutions_per_token > 0.0
+    assert lossy.bytes_per_token < exact.bytes_per_token
+    assert lossy.kl > 0.0 and lossy.nll != lossy.nll_ref
+    assert lossy.hit_rate > lossy.plain_hit_rate  # substitutions count as served from the cache
