@@ -56,7 +56,7 @@ class OffloadController:
         self._pending: tuple[LiveOptions, EvictionPolicy | None] | None = None
         self.method: Any = None  # the SMoE policies (engine.offload.method), set by the loader
         for layer, module in self.experts.items():
-            module.bind(layer, cache, self._before_layer)
+            module.bind(layer, cache)
         for wrapper in self.routers.values():
             wrapper.listeners.append(self._on_scores)
         self._hook = model.register_forward_pre_hook(self._on_forward)
@@ -118,6 +118,3 @@ class OffloadController:
     def _on_scores(self, layer: int, scores: torch.Tensor) -> None:
         self.last_scores[layer] = scores
         self.cache.policy.record_scores(layer, scores.mean(dim=0), self.cache.step)  # [E]
-
-    def _before_layer(self, layer: int) -> None:
-        return None

@@ -34,8 +34,6 @@ from engine.offload.cache import ExpertCache, ExpertWeights
 # assist (``engine.offload.method``) supplies host-resident weights for some experts.
 ExpertSource = Callable[[int, Sequence[int]], Iterable[list[ExpertWeights]]]
 
-_STANDARD_SOURCE_OWNER = "transformers.models.mixtral.modeling_mixtral"
-
 
 class OffloadedExperts(nn.Module):
     """Parameter-less experts module computing the chosen experts from the cache."""
@@ -50,22 +48,18 @@ class OffloadedExperts(nn.Module):
         self.act_fn = act_fn
         self.layer = -1
         self.cache: ExpertCache | None = None
-        self.before_layer: Callable[[int], None] | None = None
         self.source: ExpertSource | None = None
 
-    def bind(self, layer: int, cache: ExpertCache, before_layer: Callable[[int], None]) -> None:
-        """Attach to the cache; ``before_layer(layer)`` runs at the start of every forward."""
+    def bind(self, layer: int, cache: ExpertCache) -> None:
+        """Attach to the device expert cache as MoE layer ``layer``."""
         self.layer = layer
         self.cache = cache
-        self.before_layer = before_layer
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError("offloaded experts used before the engine bound them to a cache")
-        if self.before_layer is not None:
-            self.before_layer(self.layer)
         final = torch.zeros_like(hidden_states)  # [T, H]
         with torch.no_grad():
             mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)

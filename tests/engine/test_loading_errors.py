@@ -267,3 +267,10 @@ def test_progress_is_monotonic_and_complete(good: Path) -> None:
     load_model(LoadConfig(good), progress=lambda fraction, message: seen.append(fraction))
     assert seen == sorted(seen)
     assert seen[0] == 0.0 and seen[-1] == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_requested_without_a_gpu(good: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no usable NVIDIA GPU"):
+        load_model(LoadConfig(good, device="cuda"))
+    _still_works(good)
