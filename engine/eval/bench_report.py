@@ -79,42 +79,65 @@ def _policies(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["policy"] for r in rows))
 
 
+def _curve(rows: Sequence[dict[str, Any]], policy: str, fraction: float) -> list[dict[str, Any]]:
+    chosen = (r for r in rows if r["policy"] == policy and r["cache_fraction"] == fraction)
+    return sorted(chosen, key=lambda r: r["alpha"])
+
+
+def _label_alphas(
+    axis: Any, curve: Sequence[dict[str, Any]], xs: list[float], ys: list[float]
+) -> None:
+    if len(curve) < 2:
+        return
+    for r, x, y in zip(curve, xs, ys, strict=True):
+        axis.annotate(
+            f"{r['alpha']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
+
+
+def _color(policy: str) -> str:
+    from engine.eval.bench import POLICIES
+
+    index = POLICIES.index(policy) if policy in POLICIES else len(POLICIES)
+    return f"C{index}"
+
+
+def _panel(axis: Any, rows: Sequence[dict[str, Any]], fraction: float, x_key: str) -> None:
+    """One cache size: KB moved per token against ``x_key``, one line per policy."""
+    for policy in _policies(rows):
+        curve = _curve(rows, policy, fraction)
+        xs = [r[x_key] for r in curve]
+        ys = [r["bytes_per_token"] / 1e3 for r in curve]
+        if x_key == "alpha" and len(curve) == 1:  # a baseline: the same at every alpha
+            axis.axhline(ys[0], linestyle="--", linewidth=1, label=policy, color=_color(policy))
+            continue
+        axis.plot(xs, ys, marker="o", label=policy, color=_color(policy))
+        if x_key != "alpha":
+            _label_alphas(axis, curve, xs, ys)
+    axis.set_title(f"cache {fraction:.0%} of experts", fontsize=9)
+    axis.set_xlabel("teacher-forced top-1 agreement" if x_key != "alpha" else "alpha")
+    axis.set_ylabel("KB moved per token")
+    axis.grid(alpha=0.3)
+
+
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Bytes/token vs top-1 agreement, one marker line per policy over alpha, per cache size."""
+    """Top: bytes/token vs top-1 agreement (points labelled by alpha); bottom: vs alpha."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fractions = sorted({r["cache_fraction"] for r in rows})
-    figure, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 4.2), squeeze=False)
-    for axis, fraction in zip(axes[0], fractions, strict=True):
-        for policy in _policies(rows):
-            curve = sorted(
-                (r for r in rows if r["policy"] == policy and r["cache_fraction"] == fraction),
-                key=lambda r: r["alpha"],
-            )
-            xs = [r["top1_agreement"] for r in curve]
-            ys = [r["bytes_per_token"] / 1e3 for r in curve]
-            axis.plot(xs, ys, marker="o", label=policy)
-            for r, x, y in zip(curve, xs, ys, strict=True):
-                if len(curve) > 1:
-                    axis.annotate(
-                        f"{r['alpha']:g}",
-                        (x, y),
-                        fontsize=7,
-                        xytext=(3, 3),
-                        textcoords="offset points",
-                    )
-        axis.set_title(f"cache {fraction:.0%} of experts")
-        axis.set_xlabel("teacher-forced top-1 agreement")
-        axis.set_ylabel("KB moved per token")
-        axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    figure.suptitle("Speed (bytes moved) against fidelity; labels are alpha", fontsize=10)
+    size = (4.6 * len(fractions), 7.6)
+    figure, axes = plt.subplots(2, len(fractions), figsize=size, squeeze=False)
+    for column, fraction in enumerate(fractions):
+        _panel(axes[0][column], rows, fraction, "top1_agreement")
+        _panel(axes[1][column], rows, fraction, "alpha")
+    axes[1][0].legend(fontsize=7)
+    figure.suptitle("Bytes moved per token against fidelity (top) and alpha (bottom)", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
 
