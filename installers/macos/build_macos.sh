@@ -71,7 +71,7 @@ smoke_test() {
     local exe=dist/macos/Understudy.app/Contents/MacOS
     log "smoke test: the engine finds the built-in model, the app starts and exits"
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$exe/understudy" --engine inspect --json >/dev/null
-    QT_QPA_PLATFORM=offscreen HF_HUB_OFFLINE=1 "$exe/understudy" --smoke-test
+    QT_QPA_PLATFORM=offscreen HF_HUB_OFFLINE=1 "$exe/understudy" --smoke-test --require-model
 }
 
 build_dmg() {

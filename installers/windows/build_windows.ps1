@@ -12,10 +12,10 @@
   index for the variant, the project (pinned by pyproject.toml) and PyInstaller 6.22.3;
   (2) the PyInstaller one-folder bundle in dist\windows\<variant>\understudy\ from the shared
   spec; (3) a headless check of the bundle: the engine CLI finds the built-in model and the
-  app's --smoke-test exits 0; (4) Inno Setup compiles
+  app's --smoke-test --require-model exits 0; (4) Inno Setup compiles
   dist\windows\Understudy-<version>-win64-<variant>-setup.exe.
 
-  Packages are downloaded only while building (steps 1). The installer that comes out
+  Packages are downloaded only while building (step 1). The installer that comes out
   downloads nothing: the bundle, the built-in model and the icon are all inside it.
 
   Needs: Python 3.11 x64 (python.org installer, with the "py" launcher), Inno Setup 6.3 or
@@ -97,7 +97,7 @@ function Test-Bundle([string]$Bundle) {
     $env:TRANSFORMERS_OFFLINE = '1'
     $exe = Join-Path $Bundle 'understudy.exe'
     Invoke-Bundle $exe @('--engine', 'inspect', '--json')
-    Invoke-Bundle $exe @('--smoke-test')
+    Invoke-Bundle $exe @('--smoke-test', '--require-model')
     Remove-Item Env:QT_QPA_PLATFORM
 }
 
