@@ -72,6 +72,7 @@ _SWAP_LOCK = threading.Lock()  # experts classes are swapped module-wide during 
 _SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _NOISY_LOGGERS = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+_HOST_OOM = re.compile(r"can't allocate memory|out of memory|Cannot allocate memory", re.IGNORECASE)
 _SHAPE_ERROR = re.compile(r"size mismatch|shape", re.IGNORECASE)
 
 
@@ -609,6 +610,11 @@ def load_model(
             ) from error
         raise ModelLoadError(f"cannot read the model folder {config.model_dir}: {error}") from error
     except RuntimeError as error:
+        if _HOST_OOM.search(str(error)):
+            raise EngineOutOfMemoryError(
+                "Host memory ran out while loading the model: the experts live in RAM, so close "
+                "other programs or choose a smaller model (or a smaller dtype such as bfloat16)."
+            ) from error
         if _SHAPE_ERROR.search(str(error)):
             raise ModelLoadError(
                 f"tensors with the wrong shape for config.json: {error}"

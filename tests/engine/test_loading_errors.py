@@ -274,3 +274,14 @@ def test_cuda_requested_without_a_gpu(good: Path) -> None:
     with pytest.raises(ModelLoadError, match="no usable NVIDIA GPU"):
         load_model(LoadConfig(good, device="cuda"))
     _still_works(good)
+
+
+def test_host_out_of_memory_is_translated(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_ram(*args: object) -> None:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9e12")
+
+    monkeypatch.setattr(loading, "HostExpertStore", no_ram)
+    with pytest.raises(EngineOutOfMemoryError, match="Host memory ran out"):
+        load_model(LoadConfig(good))
+    monkeypatch.undo()
+    _still_works(good)
