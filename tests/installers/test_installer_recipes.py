@@ -371,3 +371,46 @@ def test_readme_documents_every_recipe() -> None:
     for name in ("build_linux.sh", "build_windows.ps1", "build_macos.sh", "understudy.iss"):
         assert name in text
     assert "NVIDIA driver" in text
+
+
+# --- Frozen entry point ----------------------------------------------------------------------
+
+
+def load_entry() -> ModuleType:
+    path = INSTALLERS / "pyinstaller" / "understudy_entry.py"
+    spec = importlib.util.spec_from_file_location("understudy_entry", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_entry_dispatches_engine_flag_to_the_engine_cli() -> None:
+    engine_main = pytest.importorskip("engine.__main__").main
+    entry = load_entry()
+    main, argv = entry.pick_main(["/opt/understudy/understudy", "--engine", "inspect", "--json"])
+    assert main is engine_main
+    assert argv == ["/opt/understudy/understudy", "inspect", "--json"]
+
+
+def test_entry_starts_the_app_by_default() -> None:
+    app_main = pytest.importorskip("app.__main__").main
+    main, argv = load_entry().pick_main(["understudy", "--smoke-test"])
+    assert main is app_main and argv == ["understudy", "--smoke-test"]
+
+
+@pytest.mark.parametrize(("returned", "code"), [(None, 0), (0, 0), (3, 3)])
+def test_entry_passes_the_exit_code_on(
+    monkeypatch: pytest.MonkeyPatch, returned: int | None, code: int
+) -> None:
+    entry = load_entry()
+    seen: list[list[str]] = []
+
+    def fake_main() -> int | None:
+        seen.append(list(sys.argv))
+        return returned
+
+    monkeypatch.setattr(entry, "pick_main", lambda argv: (fake_main, [argv[0], "x"]))
+    monkeypatch.setattr(sys, "argv", ["before"])
+    assert entry.run(["understudy", "--engine", "x"]) == code
+    assert seen == [["understudy", "x"]]
