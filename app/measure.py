@@ -26,6 +26,10 @@ class MeasureError(RuntimeError):
     """The benchmark could not run or failed; the message is for the user."""
 
 
+class MeasureCancelled(MeasureError):
+    """The user cancelled the measurement."""
+
+
 def engine_command() -> list[str]:
     """How to start the engine CLI: the bundle's ``--engine`` door, or ``python -m engine``."""
     if getattr(sys, "frozen", False):
@@ -59,6 +63,12 @@ def bench_command(model_dir: Path, out_dir: Path, text: Path) -> list[str]:
         SLIDER_ALPHAS,
         "--timing-runs",
         "1",
+        "--max-tokens",
+        "256",
+        "--cloze-items",
+        "4",
+        "--gen-tokens",
+        "16",
         "--no-traces",
         "--text-file",
         str(text),
@@ -69,26 +79,43 @@ def bench_command(model_dir: Path, out_dir: Path, text: Path) -> list[str]:
     ]
 
 
-def run_command(command: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, check=False)
-
-
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "no output"
 
 
 class BenchMeasurer:
-    """``await measurer(model_dir)`` runs the benchmark; raises ``MeasureError`` on failure."""
+    """``await measurer(model_dir)`` runs the benchmark; raises ``MeasureError`` on failure.
 
-    def __init__(self, out_root: Path, run: Runner = run_command) -> None:
+    ``run`` is injectable for tests; the default starts the child process and remembers it so
+    ``cancel`` can end it.
+    """
+
+    def __init__(self, out_root: Path, run: Runner | None = None) -> None:
         self.out_root = out_root
-        self.run = run
+        self.run = run or self._run_process
+        self.process: subprocess.Popen[str] | None = None
+        self.cancelled = False
+
+    def _run_process(self, command: list[str]) -> subprocess.CompletedProcess[str]:
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        stdout, stderr = self.process.communicate()
+        return subprocess.CompletedProcess(command, self.process.returncode, stdout, stderr)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
 
     async def __call__(self, model_dir: Path) -> None:
         command = bench_command(model_dir, self.out_root / model_dir.name, evaluation_text())
+        self.cancelled = False
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(1, thread_name_prefix="measure") as pool:
             result = await loop.run_in_executor(pool, self.run, command)
+        if self.cancelled:
+            raise MeasureCancelled("measuring was cancelled")
         if result.returncode != 0:
             raise MeasureError(f"the benchmark failed: {last_line(result.stderr or result.stdout)}")

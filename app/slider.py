@@ -16,6 +16,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
 
 from app.curves import Curve, CurveError, describe, load_curve
+from app.measure import MeasureCancelled
 from app.tasks import start_task
 from engine.config import ALPHA_MAX
 
@@ -119,25 +120,44 @@ class ImportanceSlider(QWidget):
             text = describe(point)
         self.curve_label.setText(text)
         self.measure_button.setVisible(bool(self.model_name) and self.supported and point is None)
-        self.measure_button.setEnabled(self.measure is not None and self.task is None)
+        self.measure_button.setEnabled(self.measure is not None)
         if self.measure is None:
             self.measure_button.setToolTip("No measurement tool is available in this build.")
 
     def start_measure(self) -> None:
-        if self.measure is None or self.model_dir is None or self.task is not None:
+        if self.measure is None or self.model_dir is None:
             return
-        self.curve_label.setText("measuring… (this runs the model several times)")
-        self.measure_button.setEnabled(False)
+        if self.task is not None:
+            self.cancel_measure()
+            return
+        self.curve_label.setText("measuring in a separate process (this can take minutes)…")
+        self.measure_button.setText("Cancel")
         self.task = start_task(self, self._measure(self.model_dir))
+
+    def cancel_measure(self) -> None:
+        """Stop the measurement: through the measurer's own ``cancel`` when it has one."""
+        cancel = getattr(self.measure, "cancel", None)
+        if callable(cancel):
+            cancel()
+        elif self.task is not None:
+            self.task.cancel()  # the widget may be going away: no UI work in the task
+            self._measured("measurement cancelled")
 
     async def _measure(self, model_dir: Path) -> None:
         assert self.measure is not None, "checked in start_measure"
         try:
             await self.measure(model_dir)
-        except Exception as error:
-            self.task = None
-            self.curve_label.setText(f"measurement failed: {error}")
-            self.measure_button.setEnabled(True)
+        except MeasureCancelled:
+            self._measured("measurement cancelled")
             return
+        except Exception as error:
+            self._measured(f"measurement failed: {error}")
+            return
+        self._measured("")
+
+    def _measured(self, problem: str) -> None:
         self.task = None
+        self.measure_button.setText("Measure")
         self.reload_curve()
+        if problem:
+            self.curve_label.setText(problem)

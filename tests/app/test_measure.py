@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PySide6.QtCore import Qt
 
 from app.curves import Curve, CurvePoint, save_curve
-from app.measure import BenchMeasurer, MeasureError, bench_command, engine_command
+from app.measure import BenchMeasurer, MeasureCancelled, MeasureError, bench_command, engine_command
 
 
 def test_bench_command_measures_every_slider_alpha(tmp_path: Path) -> None:
@@ -48,3 +49,47 @@ def test_measurer_runs_off_the_ui_thread_and_reports_failures(
     qtbot.waitUntil(task.done, timeout=5000)
     with pytest.raises(MeasureError, match="the benchmark failed: Model folder is broken"):
         task.result()
+
+
+def test_cancel_ends_the_benchmark_process(
+    qtbot: Any, aloop: asyncio.AbstractEventLoop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.measure as measure
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr(measure, "bench_command", lambda *args: sleeper)
+    measurer = BenchMeasurer(tmp_path)
+    task = aloop.create_task(measurer(tmp_path / "m"))
+    qtbot.waitUntil(lambda: measurer.process is not None, timeout=5000)
+    measurer.cancel()
+    qtbot.waitUntil(task.done, timeout=10_000)
+    with pytest.raises(MeasureError, match="cancelled"):
+        task.result()
+    assert measurer.process is not None and measurer.process.returncode is not None
+
+
+def test_slider_measure_button_turns_into_cancel(
+    qtbot: Any, aloop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    from app.slider import ImportanceSlider
+
+    class SlowMeasurer:
+        def __init__(self) -> None:
+            self.stop = asyncio.Event()
+
+        async def __call__(self, model_dir: Path) -> None:
+            await self.stop.wait()
+            raise MeasureCancelled("measuring was cancelled")
+
+        def cancel(self) -> None:
+            self.stop.set()
+
+    slider = ImportanceSlider(SlowMeasurer())
+    qtbot.addWidget(slider)
+    slider.set_model(tmp_path, "never-measured")
+    slider.start_measure()
+    assert slider.measure_button.text() == "Cancel" and slider.measure_button.isEnabled()
+    qtbot.mouseClick(slider.measure_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: slider.task is None, timeout=5000)
+    assert slider.measure_button.text() == "Measure"
+    assert slider.curve_label.text() == "measurement cancelled"
