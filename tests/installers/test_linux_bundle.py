@@ -5,7 +5,9 @@ temporary folder; the ``.deb`` is unpacked into a temporary root with ``dpkg -x`
 installed ``.desktop`` file is validated with ``desktop-file-validate``; the installed app is
 launched headless (offscreen Qt, a fresh temporary HOME and XDG folders, no network namespace
 where ``unshare`` allows it) with ``--smoke-test --require-model`` and must report the
-built-in model loaded and exit 0; the installed engine CLI must chat with the built-in model.
+built-in model loaded and exit 0, then once more in a real X11 window under Xvfb (the xcb
+plugin and the system libraries it needs); the installed engine CLI must chat with the
+built-in model.
 
 Run it with ``python -m pytest -m slow tests/installers/test_linux_bundle.py``.
 """
@@ -29,6 +31,8 @@ BUILTIN_MODEL = ROOT / "resources" / "models" / "understudy-mini-moe"
 BUILD_TIMEOUT_S = 3600
 LAUNCH_TIMEOUT_S = 600
 ICON_SIZES = (16, 22, 24, 32, 48, 64, 128, 256, 512)
+XCB_PLUGIN = "opt/understudy/_internal/PySide6/Qt/plugins/platforms/libqxcb.so"
+XCB_APT_PACKAGES = "xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0"
 
 
 def missing_prerequisite() -> str | None:
@@ -110,6 +114,17 @@ def offline_home_env(home: Path) -> dict[str, str]:
     return env
 
 
+def unresolved_libraries(library: Path) -> list[str]:
+    """Shared libraries ``library`` needs that the loader cannot find (bundle first)."""
+    internal = library.parents[4]  # .../_internal (PySide6/Qt/plugins/platforms/lib.so)
+    paths = [str(internal), str(internal / "PySide6" / "Qt" / "lib")]
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(paths)}
+    result = subprocess.run(
+        ["ldd", str(library)], env=env, capture_output=True, text=True, check=False
+    )
+    return sorted({line.split()[0] for line in result.stdout.splitlines() if "not found" in line})
+
+
 def without_network(command: list[str]) -> list[str]:
     """Run ``command`` in a new network namespace (no network at all) when possible."""
     unshare = shutil.which("unshare")
@@ -118,11 +133,14 @@ def without_network(command: list[str]) -> list[str]:
     return command
 
 
-def run_installed(root: Path, home: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+def run_installed(
+    root: Path, home: Path, args: list[str], wrapper: tuple[str, ...] = (), qpa: str = "offscreen"
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed executable offline in a fresh HOME (``wrapper``: e.g. xvfb-run)."""
     exe = root / "opt" / "understudy" / "understudy"
     return subprocess.run(
-        without_network([str(exe), *args]),
-        env=offline_home_env(home),
+        without_network([*wrapper, str(exe), *args]),
+        env={**offline_home_env(home), "QT_QPA_PLATFORM": qpa},
         cwd=home,
         capture_output=True,
         text=True,
@@ -202,3 +220,17 @@ def test_installed_engine_chats_with_the_builtin_model(installed: Path, tmp_path
     reply = json.loads(result.stdout)
     assert isinstance(reply["text"], str)
     assert 1 <= len(reply["token_ids"]) <= 8
+
+
+def test_installed_app_opens_a_real_x11_window(installed: Path, tmp_path: Path) -> None:
+    xvfb_run = shutil.which("xvfb-run")
+    if xvfb_run is None:
+        pytest.skip("xvfb-run missing: apt-get install -y xvfb xauth")
+    missing = unresolved_libraries(installed / XCB_PLUGIN)
+    if missing:
+        pytest.skip(f"the xcb plugin needs {missing}: apt-get install -y {XCB_APT_PACKAGES}")
+    args = ["--smoke-test", "--require-model", "--timeout", "400"]
+    result = run_installed(installed, tmp_path / "home", args, (xvfb_run, "-a"), qpa="xcb")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert "SMOKE OK: loaded" in result.stdout, output[-6000:]
