@@ -1,7 +1,8 @@
 """Render screenshots offscreen with the DEMO engine: ``python -m app.screenshots [OUT_DIR]``.
 
-Writes ``main-window.png``, ``main-window-dark.png``, ``panel-generating.png``,
-``settings-dialog.png`` and ``load-dialog.png`` (default ``docs/screenshots``). The demo
+Writes ``main-window.png``, ``main-window-generating.png``, ``main-window-dark.png``,
+``panel-generating.png``, ``settings-dialog.png``, ``settings-template-error.png`` and
+``load-dialog.png`` (default ``docs/screenshots``). The demo
 engine runs no model: the replies and cache counters in these pictures are scripted, the GPU
 readings are this machine's own (NVML, or "no NVIDIA GPU"). User data goes to a temp folder.
 """
@@ -88,6 +89,11 @@ async def shoot_dialogs(window: MainWindow, engine: DemoEngine, out: Path) -> No
     await until(lambda: "memory: needs" in dialog.fit_label.text())
     dialog.adjustSize()
     save(dialog, out / "settings-dialog.png")
+    dialog.tabs.setCurrentIndex(2)
+    dialog.template.setPlainText("{% for m in messages %}{{ m.content }")
+    dialog.start_preview()
+    await until(lambda: "Template error" in dialog.template_status.text())
+    save(dialog, out / "settings-template-error.png")
     dialog.close()
     window.set_theme("dark")
     await asyncio.sleep(0.2)  # the palette change is delivered through the event loop

@@ -162,7 +162,7 @@ class SettingsDialog(QDialog):
                 ("", "Rendered", self.preview),
             ]
         )
-        tabs = QTabWidget()
+        tabs = self.tabs = QTabWidget()
         for page, title in (
             (model, "Model"),
             (sampling, "Sampling"),
