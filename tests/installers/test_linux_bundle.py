@@ -68,6 +68,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=False,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    print("".join(line + "\n" for line in result.stdout.splitlines() if "[build_linux]" in line))
     shutil.rmtree(work, ignore_errors=True)  # PyInstaller's scratch files are not needed now
     return out
 
