@@ -53,7 +53,7 @@ def _still_works(good: Path) -> None:
     loaded.offload.close()
 
 
-def _edit_tensors(directory: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+def _edit_tensors(directory: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
     tensors = load_file(directory / "model.safetensors")
     edit(tensors)
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})

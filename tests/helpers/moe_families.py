@@ -53,7 +53,7 @@ def qwen2_moe(vocab: int) -> Qwen2MoeConfig:
 
 
 def qwen3_moe(vocab: int) -> Qwen3MoeConfig:
-    return Qwen3MoeConfig(
+    return Qwen3MoeConfig(  # type: ignore[call-arg]
         vocab_size=vocab, intermediate_size=64, moe_intermediate_size=16, head_dim=8,
         num_hidden_layers=2, num_key_value_heads=2, num_experts=8, num_experts_per_tok=3,
         norm_topk_prob=True, **_COMMON,
@@ -80,7 +80,7 @@ def deepseek_v2(vocab: int) -> DeepseekV2Config:
 
 def deepseek_v3(vocab: int) -> DeepseekV3Config:
     """Sigmoid router with score-correction bias and groups."""
-    return DeepseekV3Config(
+    return DeepseekV3Config(  # type: ignore[call-arg]
         vocab_size=vocab, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
         num_key_value_heads=4, first_k_dense_replace=0, n_routed_experts=8, n_shared_experts=1,
         num_experts_per_tok=3, n_group=2, topk_group=1, routed_scaling_factor=2.0,
@@ -149,9 +149,7 @@ def save_family(name: str, directory: Path, seed: int = 0) -> tuple[Any, PreTrai
     return model, tokenizer
 
 
-def prefill_and_decode(
-    model: torch.nn.Module, prompt: torch.Tensor, steps: list[int]
-) -> list[torch.Tensor]:
+def prefill_and_decode(model: Any, prompt: torch.Tensor, steps: list[int]) -> list[torch.Tensor]:
     """Logits of a prefill of ``prompt``, then of each of ``steps`` fed through the KV cache."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
