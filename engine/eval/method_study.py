@@ -7,6 +7,7 @@ Each study loads the model fresh per configuration, feeds the same text token by
 - ``weight_mode_rows``: the substitute's mixing weight (own gate score, renormalised or not,
   or the replaced expert's weight) at several alphas;
 - ``eviction_rows``: score-eviction window ``n`` and the global-pool scale against LRU;
+- ``prefetch_rows``: how many predicted experts to copy per layer;
 - prefetch precision/recall/used come with every row of the full method.
 
 ``python -m engine.eval.method_study MODEL_DIR TEXT_FILE`` prints the tables (markdown).
@@ -154,6 +155,23 @@ def full_method_rows(
     ]
 
 
+def prefetch_rows(
+    model_dir: Path,
+    token_ids: torch.Tensor,
+    alpha: float,
+    limits: Sequence[int | None] = (None, 1, 2),
+    fraction: float = 0.5,
+) -> list[StudyRow]:
+    """Substitution + prefetch (no CPU assist) per cap on prefetched experts per layer."""
+    reference, targets = _reference(model_dir, token_ids)
+    live = LiveOptions(policy="smoe", alpha=alpha, cpu_assist=False)
+    rows = []
+    for limit in limits:
+        run = _run(model_dir, token_ids, fraction, live, prefetch_limit=limit)
+        rows.append(_row(f"prefetch limit {limit or 'none'}", reference, targets, run))
+    return rows
+
+
 def markdown(rows: Sequence[StudyRow]) -> str:
     """A markdown table of study rows."""
     head = (
@@ -190,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown(weight_mode_rows(args.model_dir, ids, fraction=args.fraction)))
     print(f"## Eviction window and scale (cache {args.fraction:.0%})\n")
     print(markdown(eviction_rows(args.model_dir, ids, fraction=args.fraction)))
+    print(f"## Prefetch cap per layer at alpha {args.alpha}\n")
+    print(markdown(prefetch_rows(args.model_dir, ids, args.alpha, fraction=args.fraction)))
     print(f"## Cumulative method at alpha {args.alpha}\n")
     print(markdown(full_method_rows(args.model_dir, ids, args.alpha, args.fraction)))
     return 0

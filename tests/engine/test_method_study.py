@@ -41,3 +41,10 @@ def test_eviction_and_full_method_rows(tiny: Path, monkeypatch: pytest.MonkeyPat
     full = method_study.full_method_rows(tiny, _ids(), alpha=0.3)
     assert [r.name for r in full] == ["lru", "score", "+substitution", "+prefetch", "+cpu"]
     assert full[0].top1 == 1.0 and full[3].prefetch_precision > 0.0
+
+
+def test_prefetch_rows_cap_the_copies(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(method_study, "WINDOW", 20)
+    rows = method_study.prefetch_rows(tiny, _ids(), alpha=0.0, limits=(None, 1))
+    assert [r.name for r in rows] == ["prefetch limit none", "prefetch limit 1"]
+    assert all(r.top1 == 1.0 for r in rows), "prefetch alone must not change the output"
