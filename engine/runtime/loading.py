@@ -157,7 +157,7 @@ def _read_config(model_dir: Path) -> Any:
                 architecture, "it needs custom code, which is never run"
             ) from error
         raise ModelLoadError(f"cannot read config.json in {model_dir}: {error}") from error
-    except OSError as error:
+    except Exception as error:  # OSError, or a field that fails transformers' validation
         raise ModelLoadError(f"cannot read config.json in {model_dir}: {error}") from error
 
 
@@ -207,6 +207,10 @@ def _meta_model(config: Any, architecture: str) -> nn.Module:
             return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except ValueError as error:
         raise UnsupportedModelError(architecture, "it is not a causal language model") from error
+    except Exception as error:  # a config transformers cannot build a model from
+        raise ModelLoadError(
+            f"config.json describes a {architecture} that cannot be built: {error}"
+        ) from error
 
 
 def _layer_index(path: str) -> int:

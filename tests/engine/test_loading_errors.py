@@ -285,3 +285,13 @@ def test_host_out_of_memory_is_translated(good: Path, monkeypatch: pytest.Monkey
         load_model(LoadConfig(good))
     monkeypatch.undo()
     _still_works(good)
+
+
+def test_config_with_impossible_values(good: Path, copy: Callable[[], Path]) -> None:
+    directory = copy()
+    config = json.loads((directory / "config.json").read_text())
+    config["num_attention_heads"] = "many"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError):
+        inspect_model(directory)
+    _still_works(good)
