@@ -144,7 +144,7 @@ class PreparedText:
 
 
 def _encode(tokenizer: Any, text: str) -> torch.Tensor:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)  # [n]
 
 
