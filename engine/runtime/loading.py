@@ -141,6 +141,16 @@ def _architecture_name(model_dir: Path) -> str:
     return str(names[0])
 
 
+def _unknown_reason(model_dir: Path) -> str:
+    try:
+        raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = {}
+    if raw.get("auto_map"):
+        return "it needs custom code from the model folder, which is never run"
+    return f"transformers does not know the model type {raw.get('model_type')!r}"
+
+
 def _read_config(model_dir: Path) -> Any:
     if not model_dir.is_dir():
         raise ModelLoadError(f"model folder {model_dir} does not exist or is not a folder")
@@ -152,10 +162,8 @@ def _read_config(model_dir: Path) -> Any:
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
     except ValueError as error:
-        if "trust_remote_code" in str(error) or "not recognized" in str(error).lower():
-            raise UnsupportedModelError(
-                architecture, "it needs custom code, which is never run"
-            ) from error
+        if re.search(r"trust_remote_code|recogni[sz]e", str(error)):
+            raise UnsupportedModelError(architecture, _unknown_reason(model_dir)) from error
         raise ModelLoadError(f"cannot read config.json in {model_dir}: {error}") from error
     except Exception as error:  # OSError, or a field that fails transformers' validation
         raise ModelLoadError(f"cannot read config.json in {model_dir}: {error}") from error

@@ -295,3 +295,13 @@ def test_config_with_impossible_values(good: Path, copy: Callable[[], Path]) -> 
     with pytest.raises(ModelLoadError):
         inspect_model(directory)
     _still_works(good)
+
+
+def test_unknown_model_type_is_unsupported(good: Path, copy: Callable[[], Path]) -> None:
+    directory = copy()
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="future_moe", architectures=["FutureMoeForCausalLM"])
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=r"FutureMoeForCausalLM.*'future_moe'"):
+        inspect_model(directory)
+    _still_works(good)
