@@ -20,6 +20,7 @@ compares the source); any other experts implementation is reported unsupported b
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -104,6 +105,7 @@ def _eager_source(cls: Any) -> str:
         return ""
 
 
+@functools.cache
 def _standard_body() -> str:
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
