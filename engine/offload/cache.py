@@ -56,6 +56,9 @@ class ExpertCache:
         self._slot_of: dict[SlotKey, int] = {}
         self._key_of: list[SlotKey | None] = [None] * num_slots
         self._protected: set[SlotKey] = set()
+        self._resident = {  # per layer [E] bool, kept in step with _slot_of
+            layer: torch.zeros(store.num_experts, dtype=torch.bool) for layer in store.layers
+        }
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._inflight: dict[SlotKey, torch.cuda.Event] = {}  # prefetch copies not yet awaited
 
@@ -71,11 +74,7 @@ class ExpertCache:
 
     def resident_mask(self, layer: int) -> torch.Tensor:
         """[E] bool on the CPU: which experts of ``layer`` sit in a slot now."""
-        mask = torch.zeros(self.store.num_experts, dtype=torch.bool)
-        for cached_layer, expert in self._slot_of:
-            if cached_layer == layer:
-                mask[expert] = True
-        return mask
+        return self._resident[layer].clone()
 
     def weights(self, key: SlotKey) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) views of a resident expert's slot."""
@@ -173,10 +172,12 @@ class ExpertCache:
         if slot is None:
             victim = self.policy.victim(list(self._slot_of), self._protected)
             slot = self._slot_of.pop(victim)
+            self._resident[victim[0]][victim[1]] = False
             self.policy.forget(victim)
             self._inflight.pop(victim, None)  # its copy is ordered before any overwrite
         self._slot_of[key] = slot
         self._key_of[slot] = key
+        self._resident[key[0]][key[1]] = True
         return slot
 
     def _free_slot(self) -> int | None:
@@ -189,6 +190,8 @@ class ExpertCache:
         for key in list(self._slot_of):
             self.policy.forget(key)
         self._slot_of.clear()
+        for mask in self._resident.values():
+            mask.zero_()
         self._inflight.clear()
         self._key_of = [None] * self.num_slots
 

@@ -169,3 +169,18 @@ def test_make_policy_names() -> None:
             make_policy("score")
     else:
         assert hasattr(make_policy("score", 4), "victim")
+
+
+def test_resident_masks_follow_every_load_and_eviction() -> None:
+    cache = _cache(3, "lfu")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        layer = int(torch.randint(0, len(LAYERS), (1,), generator=generator))
+        experts = torch.randperm(EXPERTS, generator=generator)[:2].tolist()
+        _use(cache, layer, experts)
+        for check in LAYERS:
+            want = [cache.is_resident((check, e)) for e in range(EXPERTS)]
+            assert cache.resident_mask(check).tolist() == want
+    assert sum(int(cache.resident_mask(layer).sum()) for layer in LAYERS) == 3
+    cache.clear()
+    assert not any(cache.resident_mask(layer).any() for layer in LAYERS)
