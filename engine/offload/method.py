@@ -158,9 +158,10 @@ class SmoeMethod:
         out = substitute(
             scores, idx, w, resident, self.spec, alpha, bias=bias, weight_mode=self.weight_mode
         )
-        if out.idx is idx:
-            return idx, w
-        added = set(out.idx.flatten().tolist()) - set(idx.flatten().tolist())
+        final = set(out.idx.flatten().tolist())
+        if out.idx is idx or len(final) > self.cache.num_slots:
+            return idx, w  # streamed in chunks, a substitute could be evicted before its use
+        added = final - set(idx.flatten().tolist())
         # substitutes are resident: the cache will count them as hits; they are substitutions
         self.cache.stats.add(layer, hits=-len(added), substitutions=len(added))
         return out.idx, out.weights
