@@ -51,6 +51,25 @@ class Curve:
             return None
         return best
 
+    def between(self, alpha: float) -> CurvePoint | None:
+        """Linear interpolation between the measured points around ``alpha`` (None outside)."""
+        lower = [p for p in self.points if p.alpha <= alpha]
+        upper = [p for p in self.points if p.alpha >= alpha]
+        if not lower or not upper:
+            return None
+        a, b = lower[-1], upper[0]
+        if a.alpha == b.alpha:
+            return a
+        t = (alpha - a.alpha) / (b.alpha - a.alpha)
+        return CurvePoint(alpha, *(_mix(getattr(a, f), getattr(b, f), t) for f in FIGURES))
+
+
+FIGURES = ("tokens_per_second", "bytes_per_token", "top1_agreement", "ppl_delta")
+
+
+def _mix(low: float | None, high: float | None, t: float) -> float | None:
+    return None if low is None or high is None else low + (high - low) * t
+
 
 def curve_path(model_name: str, data_dir: Path | None = None) -> Path:
     return (data_dir or user_data_dir()) / "curves" / f"{model_name}.json"
@@ -67,8 +86,7 @@ def _number(value: Any, name: str) -> float | None:
 def _point(data: Any) -> CurvePoint:
     if not isinstance(data, dict) or "alpha" not in data:
         raise CurveError("every point needs an alpha")
-    names = ("tokens_per_second", "bytes_per_token", "top1_agreement", "ppl_delta")
-    values = {name: _number(data.get(name), name) for name in names}
+    values = {name: _number(data.get(name), name) for name in FIGURES}
     alpha = _number(data["alpha"], "alpha")
     return CurvePoint(alpha=alpha or 0.0, **values)
 

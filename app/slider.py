@@ -110,16 +110,20 @@ class ImportanceSlider(QWidget):
     def _refresh(self) -> None:
         self.value_label.setText(alpha_label(self.alpha))
         point = self.curve.at(self.alpha) if self.curve is not None else None
+        between = self.curve.between(self.alpha) if self.curve and point is None else None
         if not self.model_name:
             text = "no model loaded"
         elif not self.supported:
             text = UNSUPPORTED
         elif self.curve_error:
             text = self.curve_error
+        elif between is not None:
+            text = f"≈ {describe(between)} (between measured points)"
         else:
             text = describe(point)
         self.curve_label.setText(text)
-        self.measure_button.setVisible(bool(self.model_name) and self.supported and point is None)
+        measured = point is not None or between is not None
+        self.measure_button.setVisible(bool(self.model_name) and self.supported and not measured)
         self.measure_button.setEnabled(self.measure is not None)
         if self.measure is None:
             self.measure_button.setToolTip("No measurement tool is available in this build.")

@@ -50,3 +50,13 @@ def test_a_curve_shipped_with_the_model_is_used_until_one_is_measured(tmp_path: 
     save_curve(Curve("mini", (CurvePoint(0.2, top1_agreement=0.5),)), tmp_path / "data")
     mine = load_curve("mini", tmp_path / "data", model_dir)
     assert mine is not None and mine.points[0].top1_agreement == 0.5, "the user's own wins"
+
+
+def test_between_interpolates_inside_the_measured_range_only() -> None:
+    curve = Curve(
+        "m", (CurvePoint(0.0, 10.0, None, 1.0, 0.0), CurvePoint(0.2, 20.0, None, 0.9, 0.02))
+    )
+    mid = curve.between(0.05)
+    assert mid is not None and mid.tokens_per_second == pytest.approx(12.5)
+    assert mid.top1_agreement == pytest.approx(0.975) and mid.bytes_per_token is None
+    assert curve.between(0.3) is None

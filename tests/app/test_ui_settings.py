@@ -172,6 +172,12 @@ def test_slider_shows_the_measured_curve_or_offers_to_measure(
     slider.slider.setValue(6)
     assert slider.curve_label.text() == "13.0 tok/s, top-1 agreement 98.0%, perplexity +1.0%"
     assert not slider.measure_button.isVisibleTo(slider)
+    slider.slider.setValue(3)  # 0.15: between the points measured at 0 and 0.3
+    assert slider.curve_label.text().startswith("≈ 11.5 tok/s, top-1 agreement 99.0%")
+    assert slider.curve_label.text().endswith("(between measured points)")
+    slider.slider.setValue(8)  # 0.40: beyond the measured range
+    assert slider.curve_label.text() == "not measured yet"
+    assert slider.measure_button.isVisibleTo(slider)
 
 
 def test_panel_without_nvml_says_so_and_shows_engine_counters(
