@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from app.model_library import human_bytes
 from engine.paths import user_data_dir
 
 MATCH_TOLERANCE = 0.026  # half a slider step: a point this close counts as measured here
@@ -147,9 +148,10 @@ def describe(point: CurvePoint | None) -> str:
     if point.tokens_per_second is not None:
         parts.append(f"{point.tokens_per_second:.1f} tok/s")
     if point.bytes_per_token is not None:
-        parts.append(f"{point.bytes_per_token / 1e6:.1f} MB/token moved")
+        parts.append(f"{human_bytes(point.bytes_per_token)}/token moved")
     if point.top1_agreement is not None:
         parts.append(f"top-1 agreement {point.top1_agreement * 100:.1f}%")
     if point.ppl_delta is not None:
-        parts.append(f"perplexity {point.ppl_delta * 100:+.1f}%")
+        percent = round(point.ppl_delta * 100, 1) + 0.0  # + 0.0: no "-0.0%"
+        parts.append(f"perplexity {percent:+.1f}%")
     return ", ".join(parts) if parts else "measured, no figures recorded"

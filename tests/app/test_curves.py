@@ -60,3 +60,9 @@ def test_between_interpolates_inside_the_measured_range_only() -> None:
     assert mid is not None and mid.tokens_per_second == pytest.approx(12.5)
     assert mid.top1_agreement == pytest.approx(0.975) and mid.bytes_per_token is None
     assert curve.between(0.3) is None
+
+
+def test_small_figures_read_well() -> None:
+    assert describe(CurvePoint(0.6, bytes_per_token=11_200, ppl_delta=-0.0001)) == (
+        "11.2 KB/token moved, perplexity +0.0%"
+    )
