@@ -260,3 +260,13 @@ def test_a_kill_mid_reply_loses_only_the_reply_being_generated(
     window.controller.stop()
     qtbot.waitUntil(lambda: not window.controller.generating, timeout=5000)
     assert rows == ["first", "finished answer", "second"]
+
+
+def test_ctrl_enter_in_the_message_box_regenerates_instead_of_adding_a_line(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine
+) -> None:
+    fake_engine.replies = iter(["one", "two"])
+    send_and_wait(qtbot, window, "q")
+    qtbot.keyClick(window.composer.text, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
+    qtbot.waitUntil(lambda: path_texts(window) == ["q", "two"], timeout=5000)
+    assert window.composer.text.toPlainText() == ""
