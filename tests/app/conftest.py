@@ -24,7 +24,7 @@ from app.telemetry import GpuTelemetry
 from tests.app.fake_engine import FakeEngine
 
 # Warnings of the offscreen platform itself, not of the app.
-IGNORED_QT_WARNINGS = ("propagateSizeHints", "QFont::setPointSize")
+IGNORED_QT_WARNINGS = ("propagateSizeHints",)
 
 
 def write_model_folder(path: Path, architecture: str = "MixtralForCausalLM") -> Path:
