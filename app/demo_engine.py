@@ -13,7 +13,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -74,7 +74,7 @@ class DemoEngine:
         load_delay: float = 0.02,
         device_free_bytes: int | None = 8 * GB,
     ) -> None:
-        self.replies = itertools.cycle(replies)
+        self.replies: Iterator[str] = itertools.cycle(replies)
         self.token_delay = token_delay
         self.load_steps = load_steps
         self.load_delay = load_delay

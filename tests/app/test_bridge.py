@@ -30,6 +30,7 @@ def test_events_from_another_thread_arrive_in_order_then_the_error(
     async def consume() -> None:
         with pytest.raises(EngineOutOfMemoryError):
             async for event in events:
+                assert isinstance(event, LoadProgressed)
                 seen.append((event.message, threading.current_thread().name))
 
     task = aloop.create_task(consume())
