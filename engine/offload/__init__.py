@@ -13,6 +13,7 @@ Policies (substitution, prefetch, CPU assist, score eviction) plug in through
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -70,8 +71,19 @@ class OffloadController:
         return sorted(self.experts)
 
     def stats(self) -> StatsSnapshot:
-        """Thread-safe copy of the counters."""
-        return self._stats.snapshot()
+        """Thread-safe copy of the counters, with the device allocator and pinned host figures."""
+        return dataclasses.replace(
+            self._stats.snapshot(),
+            device_allocated_bytes=self._device_allocated_bytes(),
+            pinned_host_bytes=self.store.nbytes if self.store.pinned else None,
+        )
+
+    def _device_allocated_bytes(self) -> int | None:
+        """What the torch CUDA allocator holds now; ``None`` when computing on the CPU."""
+        device = self.cache.device
+        if device.type != "cuda":
+            return None
+        return int(torch.cuda.memory_allocated(device))
 
     def reset_stats(self) -> None:
         self._stats.reset()
