@@ -4,8 +4,9 @@ An item is a context (the sentences just before position ``i``), the true senten
 three distractors drawn from elsewhere in the same text (at least ``min_distance`` sentences
 away, and of similar length so that a sum of log-probabilities does not simply favour the
 shortest). The choices are shuffled; everything is deterministic for a given seed. A model
-answers by the log-likelihood of each continuation given the context; this module only
-builds items and grades answers, it never runs a model.
+answers by the log-likelihood of each continuation given the context (the fidelity harness
+subtracts its likelihood after a neutral context, so sentences that are easy on their own do
+not win); this module only builds items and grades answers, it never runs a model.
 """
 
 from __future__ import annotations

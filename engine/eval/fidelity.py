@@ -26,6 +26,7 @@ from engine.eval.metrics import ComparisonAccumulator, perplexity
 from engine.events import StatsSnapshot
 
 DEFAULT_WINDOW = 256
+NEUTRAL_CONTEXT = "\n"  # what a cloze choice is conditioned on for its baseline likelihood
 REFERENCE_LIVE = LiveOptions(policy="lru", alpha=0.0)
 
 
@@ -127,11 +128,18 @@ def session_loader(base: LoadConfig) -> Loader:
 
 @dataclass(frozen=True)
 class ClozeTokens:
-    """A cloze item tokenized: context ids and one id tensor per choice."""
+    """A cloze item tokenized: context ids, one id tensor per choice, a neutral context.
+
+    A choice scores ``log P(choice | context) - log P(choice | neutral)``: how much the
+    context raises its likelihood (lm-eval's ``acc_mutual_info``). A plain sum measured
+    mostly how easy each sentence is on its own: formulaic verses beat the true Austen
+    sentence, and the reference model scored below chance.
+    """
 
     context: torch.Tensor  # [Tc]
     choices: tuple[torch.Tensor, ...]  # each [C]
     answer: int
+    neutral: torch.Tensor | None = None  # [Tn]; None scores by the plain sum
 
 
 @dataclass(frozen=True)
@@ -166,11 +174,13 @@ def prepare_text(
     items: tuple[ClozeTokens, ...] = ()
     if cloze_settings is not None:
         built = cloze.build_items(text, cloze_settings)
+        neutral = _encode(tokenizer, NEUTRAL_CONTEXT)
         items = tuple(
             ClozeTokens(
                 _encode(tokenizer, item.context),
                 tuple(_encode(tokenizer, " " + choice) for choice in item.choices),
                 item.answer,
+                neutral,
             )
             for item in built
         )
@@ -243,7 +253,11 @@ def _cloze_scores(runner: Runner, items: Sequence[ClozeTokens]) -> tuple[tuple[f
         row = []
         for choice in item.choices:
             logits = continuation_logits(runner.model, item.context, choice, hook)  # [C, V]
-            row.append(cloze.continuation_logprob(logits, choice))
+            score = cloze.continuation_logprob(logits, choice)
+            if item.neutral is not None and item.neutral.numel():
+                logits = continuation_logits(runner.model, item.neutral, choice, hook)  # [C, V]
+                score -= cloze.continuation_logprob(logits, choice)
+            row.append(score)
         scores.append(tuple(row))
     return tuple(scores)
 
