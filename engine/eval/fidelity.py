@@ -130,10 +130,12 @@ def session_loader(base: LoadConfig) -> Loader:
 class ClozeTokens:
     """A cloze item tokenized: context ids, one id tensor per choice, a neutral context.
 
-    A choice scores ``log P(choice | context) - log P(choice | neutral)``: how much the
-    context raises its likelihood (lm-eval's ``acc_mutual_info``). A plain sum measured
-    mostly how easy each sentence is on its own: formulaic verses beat the true Austen
-    sentence, and the reference model scored below chance.
+    A choice scores ``log P(choice | context) - log P_ref(choice | neutral)``: how much the
+    context raises its likelihood (lm-eval's ``acc_mutual_info``). The baseline term is the
+    reference model's, computed once and shared by every configuration (it only calibrates
+    how easy each sentence is on its own, and halves the cost). A plain sum measured mostly
+    that ease: formulaic verses beat the true Austen sentence, and the reference model scored
+    below chance.
     """
 
     context: torch.Tensor  # [Tc]
@@ -192,7 +194,8 @@ class Reference:
     """What the unmodified model said: per-window logits and cloze choice scores."""
 
     windows: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # ([w-1, V] logits, [w-1] targets)
-    cloze_scores: tuple[tuple[float, ...], ...]
+    cloze_scores: Scores  # context gain: conditional minus baseline
+    cloze_baseline: Scores = ()  # log P(choice | neutral context), reused by every configuration
 
 
 @dataclass(frozen=True)
@@ -246,20 +249,28 @@ def _hooked(runner: Runner, times: StepTimes | None = None) -> Callable[[int, fl
     return hook
 
 
-def _cloze_scores(runner: Runner, items: Sequence[ClozeTokens]) -> tuple[tuple[float, ...], ...]:
+Scores = tuple[tuple[float, ...], ...]  # per item, per choice
+
+
+def _cloze_logprobs(runner: Runner, items: Sequence[ClozeTokens], neutral: bool = False) -> Scores:
+    """log P(choice | context) per item and choice; ``neutral``: given the neutral context."""
     hook = _hooked(runner)
     scores = []
     for item in items:
+        context = item.neutral if neutral and item.neutral is not None else item.context
         row = []
         for choice in item.choices:
-            logits = continuation_logits(runner.model, item.context, choice, hook)  # [C, V]
-            score = cloze.continuation_logprob(logits, choice)
-            if item.neutral is not None and item.neutral.numel():
-                logits = continuation_logits(runner.model, item.neutral, choice, hook)  # [C, V]
-                score -= cloze.continuation_logprob(logits, choice)
-            row.append(score)
+            logits = continuation_logits(runner.model, context, choice, hook)  # [C, V]
+            row.append(cloze.continuation_logprob(logits, choice))
         scores.append(tuple(row))
     return tuple(scores)
+
+
+def _minus(scores: Scores, baseline: Scores) -> Scores:
+    return tuple(
+        tuple(a - b for a, b in zip(row, base, strict=True))
+        for row, base in zip(scores, baseline, strict=True)
+    )
 
 
 def _cloze_accuracy(
@@ -277,7 +288,15 @@ def run_reference(runner: Runner, text: PreparedText) -> Reference:
     windows = tuple(
         stream_window_logits(runner.model, text.token_ids, text.window, _hooked(runner))
     )
-    return Reference(windows, _cloze_scores(runner, text.cloze_items))
+    items = text.cloze_items
+    baseline = (
+        _cloze_logprobs(runner, items, neutral=True)
+        if items and items[0].neutral is not None
+        else ()
+    )
+    conditional = _cloze_logprobs(runner, items)
+    scores = _minus(conditional, baseline) if baseline else conditional
+    return Reference(windows, scores, baseline)
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -345,7 +364,9 @@ def evaluate(
     times = StepTimes()
     comparison = _stream_compare(runner, text, reference, times).result()
     stats = runner.stats()  # decode over the text only; the cloze below is not counted
-    scores = _cloze_scores(runner, text.cloze_items)
+    scores = _cloze_logprobs(runner, text.cloze_items)
+    if reference.cloze_baseline:
+        scores = _minus(scores, reference.cloze_baseline)
     live = config.live
     return FidelityRow(
         policy=config.name,

@@ -216,3 +216,19 @@ def test_substitution_shows_up_as_fewer_bytes_and_a_measured_deviation(
     assert lossy.bytes_per_token < exact.bytes_per_token
     assert lossy.kl > 0.0 and lossy.nll != lossy.nll_ref
     assert lossy.hit_rate > lossy.plain_hit_rate  # substitutions count as served from the cache
+
+
+def test_cloze_scores_are_context_gain_over_the_reference_baseline(model, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from engine.eval.cloze import continuation_logprob
+    from engine.eval.fidelity import run_reference
+
+    text = prepare_text(tokenizer, TEXT, max_tokens=10, window=10, cloze_settings=CLOZE)
+    reference = run_reference(PlainRunner(model), text)
+    item = text.cloze_items[0]
+    assert item.neutral is not None and len(reference.cloze_baseline) == len(text.cloze_items)
+    choice = item.choices[item.answer]
+    given_context = continuation_logprob(continuation_logits(model, item.context, choice), choice)
+    given_nothing = continuation_logprob(continuation_logits(model, item.neutral, choice), choice)
+    assert reference.cloze_baseline[0][item.answer] == pytest.approx(given_nothing, abs=1e-4)
+    gain = reference.cloze_scores[0][item.answer]
+    assert gain == pytest.approx(given_context - given_nothing, abs=1e-4)
