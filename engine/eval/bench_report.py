@@ -246,6 +246,32 @@ def headline(rows: Sequence[dict[str, Any]], alpha: float) -> dict[str, Any]:
     }
 
 
+def best_within_bounds(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The fewest bytes per token at the headline cache among rows within both bounds."""
+    fraction = _headline_fraction(rows)
+    fine = [
+        r
+        for r in rows
+        if r["cache_fraction"] == fraction
+        and r["top1_agreement"] >= MIN_AGREEMENT
+        and r["ppl_delta"] <= MAX_PPL_DELTA
+    ]
+    return min(fine, key=lambda r: r["bytes_per_token"], default=None)
+
+
+def best_text(rows: Sequence[dict[str, Any]], head: dict[str, Any]) -> str:
+    best = best_within_bounds(rows)
+    if best is None or not head or not head["lru_bytes_per_token"]:
+        return ""
+    ratio = best["bytes_per_token"] / head["lru_bytes_per_token"]
+    return (
+        f"Fewest bytes among all rows at this cache within both fidelity bounds: "
+        f"`{best['policy']}` at alpha {best['alpha']:.1f}, {best['bytes_per_token'] / 1e3:.1f} "
+        f"KB/token = {ratio:.2f} x LRU, top-1 {best['top1_agreement']:.4f}, perplexity "
+        f"{best['ppl_delta']:+.2%}, hit rate {best['hit_rate']:.3f}."
+    )
+
+
 def _mark(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
@@ -352,6 +378,8 @@ def render_markdown(
         '## Headline (issue 4, "What to aim for")',
         "",
         headline_text(headline(result.rows, alpha)),
+        "",
+        best_text(result.rows, headline(result.rows, alpha)),
         "",
         "## Default alpha",
         "",
