@@ -153,6 +153,7 @@ build_tarball() {
     local name="understudy-$VERSION-linux-$(uname -m)-$VARIANT" stage="$WORK/tar-root"
     rm -rf "$stage" && mkdir -p "$stage"
     cp -a "$DIST/understudy" "$stage/understudy"
+    chmod -R u+rwX,go+rX,go-w "$stage/understudy"
     install -m 0644 "$DESKTOP" "$stage/understudy/understudy.desktop"
     install -m 0644 resources/icons/png/understudy-256.png "$stage/understudy/understudy.png"
     tar -C "$stage" -cf - understudy | gzip -"${COMPRESS_LEVEL:-6}" > "$DIST/$name.tar.gz"
