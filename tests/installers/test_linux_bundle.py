@@ -177,6 +177,10 @@ def test_deb_installs_launcher_menu_entry_and_icons(installed: Path) -> None:
     assert (installed / "usr/share/icons/hicolor/scalable/apps/understudy.svg").is_file()
     model = installed / "opt/understudy/_internal/resources/models/understudy-mini-moe"
     assert (model / "config.json").is_file()
+    unreadable = [
+        p for p in (installed / "opt/understudy").rglob("*") if p.stat().st_mode & 0o444 != 0o444
+    ]
+    assert unreadable == [], f"not readable by every user: {unreadable[:5]}"
 
 
 def test_installed_desktop_file_validates(installed: Path) -> None:
