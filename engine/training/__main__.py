@@ -20,6 +20,7 @@ from engine.training.corpus import build_corpus
 from engine.training.tokenizer import train_tokenizer
 from engine.training.train import (
     QUICK_SPEC,
+    TUNE_SPEC,
     ModelSpec,
     TrainResult,
     TrainSpec,
@@ -50,7 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--skip-train", action="store_true", help="evaluate and write the card for --out only"
     )
+    p.add_argument(
+        "--tune-tokens", type=int, default=0, help="second, chat-heavier stage budget in tokens"
+    )
+    p.add_argument(
+        "--resume", type=Path, default=None, help="run only the second stage on this trained folder"
+    )
     args = p.parse_args(argv)
+    if args.tune_tokens < 0:
+        p.error(f"--tune-tokens must not be negative, got {args.tune_tokens}")
+    if args.resume is not None and (args.tune_tokens <= 0 or args.skip_train):
+        p.error("--resume needs --tune-tokens > 0 and cannot be combined with --skip-train")
     if args.tokens is not None and args.tokens <= 0:
         p.error(f"--tokens must be positive, got {args.tokens}")
     if args.tokens is None and not args.skip_train:
@@ -67,8 +78,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     corpus = args.cache / "corpus"
     if args.skip_train:
         summary = json.loads((args.out / "training_summary.json").read_text())
+    elif args.resume is not None:
+        summary = _tune_stage(args, corpus, args.resume)
     else:
         summary = _train_stage(args, corpus, sizes)
+        if args.tune_tokens > 0:
+            summary = _tune_stage(args, corpus, args.out)
     from engine.training.evaluate import evaluate_model
     from engine.training.model_card import write_card
 
@@ -97,6 +112,32 @@ def _train_stage(args: argparse.Namespace, corpus: Path, sizes: dict) -> dict[st
     ckpt = args.cache / "checkpoints" / args.out.name
     result = train(model, tokenizer, streams, train_spec, None if args.quick else ckpt)
     summary = _summary(args, sizes, streams, model_spec, train_spec, result)
+    save_model(model, tokenizer, args.out, summary)
+    (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _tune_stage(args: argparse.Namespace, corpus: Path, source: Path) -> dict[str, object]:
+    """Stage 2: continue training the model in ``source`` with the chat-heavier mix."""
+    from transformers import AutoTokenizer, Qwen2MoeForCausalLM
+
+    summary = json.loads((source / "training_summary.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = Qwen2MoeForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model.config.output_router_logits = True  # the load-balancing loss stays on
+    model.set_experts_implementation("grouped_mm")
+    spec = replace(TUNE_SPEC, tokens=args.tune_tokens, seed=args.seed + 1)
+    if args.quick:
+        spec = replace(spec, batch_size=4, checkpoint_every=10**9)
+    streams = encode_split(corpus / "train", tokenizer)
+    ckpt = None if args.quick else args.cache / "checkpoints" / f"{args.out.name}-tune"
+    result = train(model, tokenizer, streams, spec, ckpt)
+    summary.pop("eval", None)
+    summary["tune"] = {
+        "command": "python -m engine.training " + " ".join(sys.argv[1:]),
+        "train_spec": asdict(spec),
+        "result": asdict(result),
+    }
     save_model(model, tokenizer, args.out, summary)
     (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -88,9 +88,25 @@ def _training_lines(summary: dict[str, Any]) -> list[str]:
         f"{t['grad_clip']}, seed {t['seed']}.",
         f"- Training time: {r['seconds'] / 60:.1f} min, {r['tokens_per_second']:.0f} tokens/s, "
         f"final training loss {r['final_loss']:.3f}.",
+        *_tune_lines(summary),
         f"- Machine: {mach['platform']}, {mach['processor']}, {mach['cpu_count']} CPUs "
         f"(shared with other jobs), {mach['torch_threads']} torch thread(s), "
         f"torch {mach['torch']}.",
+    ]
+
+
+def _tune_lines(summary: dict[str, Any]) -> list[str]:
+    if "tune" not in summary:
+        return []
+    t, r = summary["tune"]["train_spec"], summary["tune"]["result"]
+    weights = ", ".join(f"{d} {w:.0%}" for d, w in t["domain_weights"])
+    total = summary["result"]["tokens_seen"] + r["tokens_seen"]
+    return [
+        f"- Stage 2 (chat-heavier continuation): {r['tokens_seen']:,} more tokens "
+        f"({r['steps']} steps), mix {weights}, lr {t['lr']} warm-up then cosine, "
+        f"{r['seconds'] / 60:.1f} min at {r['tokens_per_second']:.0f} tokens/s, final loss "
+        f"{r['final_loss']:.3f}. Total tokens seen: {total:,}.",
+        f"- Stage 2 command: `{summary['tune']['command']}`",
     ]
 
 

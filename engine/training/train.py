@@ -71,6 +71,13 @@ class TrainSpec:
     )
 
 
+TUNE_SPEC = TrainSpec(
+    tokens=0,
+    lr=1e-3,
+    domain_weights=(("austen", 0.25), ("bible", 0.1), ("python_docs", 0.3), ("chat", 0.35)),
+)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What the model card reports about the run."""

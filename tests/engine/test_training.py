@@ -148,6 +148,10 @@ def test_fetch_without_clients_raises_clear_error(
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", "--tokens", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--resume", "y"])  # a resume needs --tune-tokens
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--tune-tokens", "-5"])
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(Path("unused"), vocab_size=100)
 
@@ -219,7 +223,8 @@ def test_real_heldout_split_is_disjoint_from_training(corpus_cache: Path) -> Non
 @pytest.mark.slow
 def test_recipe_end_to_end_quick(corpus_cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "mini"
-    code = main(["--out", str(out), "--quick", "--cache", str(corpus_cache), "--tokens", "30000"])
+    args = ["--out", str(out), "--quick", "--cache", str(corpus_cache), "--tokens", "30000"]
+    code = main([*args, "--tune-tokens", "8000"])
     assert code == 0
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
@@ -234,6 +239,7 @@ def test_recipe_end_to_end_quick(corpus_cache: Path, tmp_path: Path) -> None:
     assert gen.shape[1] > ids["input_ids"].shape[1]
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["result"]["tokens_seen"] > 0
+    assert summary["tune"]["result"]["tokens_seen"] > 0  # the second stage ran too
     for domain in ("austen", "bible", "python_docs", "chat"):
         assert math.isfinite(summary["eval"]["domains"][domain]["perplexity"])
     card = (out / "README.md").read_text()
