@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,8 @@ def missing_prerequisite() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run the one-command build into a temporary folder; return the output folder."""
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Run the one-command build into a temporary folder; yield the output folder."""
     reason = missing_prerequisite()
     if reason:
         pytest.skip(reason)
@@ -70,7 +71,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     print("".join(line + "\n" for line in result.stdout.splitlines() if "[build_linux]" in line))
     shutil.rmtree(work, ignore_errors=True)  # PyInstaller's scratch files are not needed now
-    return out
+    yield out
+    shutil.rmtree(base, ignore_errors=True)  # about 2 GB: do not leave it in the temp folder
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +82,12 @@ def deb(built: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def installed(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The ``.deb`` unpacked into a temporary root with ``dpkg -x``."""
     root = tmp_path_factory.mktemp("root")
     subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def deb_field(deb: Path, name: str) -> str:
