@@ -8,11 +8,12 @@ from collections.abc import Sequence
 
 import qasync
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QColor, QFont, QPalette
+from PySide6.QtGui import QColor, QFont, QIcon, QPalette
 from PySide6.QtWidgets import QApplication
 
 from app import markdown_render
 from app.markdown_render import Palette
+from engine.paths import resources_dir
 
 DARK_COLORS = {
     QPalette.ColorRole.Window: "#26292e",
@@ -39,8 +40,18 @@ def create_application(argv: Sequence[str] | None = None) -> QApplication:
     app = QApplication(list(argv if argv is not None else sys.argv))
     app.setApplicationName("Understudy")
     app.setOrganizationName("Understudy")
+    app.setDesktopFileName("understudy")  # matches the installed .desktop file (Wayland icon)
+    app.setWindowIcon(app_icon())
     app.setStyle("Fusion")
     return app
+
+
+def app_icon() -> QIcon:
+    """The app icon at every size shipped in ``resources/icons/png``."""
+    icon = QIcon()
+    for png in sorted((resources_dir() / "icons" / "png").glob("*.png")):
+        icon.addFile(str(png))
+    return icon
 
 
 def create_loop(app: QApplication) -> qasync.QEventLoop:

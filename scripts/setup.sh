@@ -26,7 +26,11 @@ installed_torch() {
 install_torch() {
     local current
     current="$(installed_torch)"
-    if have_nvidia_gpu; then
+    if [ "$(uname -s)" = "Darwin" ]; then
+        # macOS wheels are CPU/MPS builds and carry no +cpu label.
+        [ "$current" = "$TORCH_VERSION" ] && return 0
+        "$VPY" -m pip install "torch==$TORCH_VERSION"
+    elif have_nvidia_gpu; then
         case "$current" in "$TORCH_VERSION"|"$TORCH_VERSION"+cu*) return 0 ;; esac
         echo "[setup] NVIDIA GPU found: installing CUDA torch $TORCH_VERSION"
         "$VPY" -m pip install "torch==$TORCH_VERSION"
