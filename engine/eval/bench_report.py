@@ -168,7 +168,9 @@ MAIN_COLUMNS = (
     ("prefetch_precision", "prefetch P", "{:.2f}"),
     ("prefetch_recall", "prefetch R", "{:.2f}"),
     ("time_per_token_s", "ms/tok (forced)", "{:.1f}"),
+    ("step_time_p90_s", "p90 ms", "{:.1f}"),
     ("gen_tokens_per_second", "gen tok/s", "{:.1f}"),
+    ("gen_time_to_first_token_s", "TTFT ms", "{:.0f}"),
     ("top1_agreement", "top-1", "{:.4f}"),
     ("kl", "KL", "{:.5f}"),
     ("ppl_delta", "ppl delta", "{:+.2%}"),
@@ -182,7 +184,7 @@ def _main_cell(row: dict[str, Any], key: str, fmt: str) -> str:
         return "-"
     if key == "bytes_per_token":
         value = value / 1e3
-    elif key == "time_per_token_s":
+    elif key in ("time_per_token_s", "step_time_p90_s", "gen_time_to_first_token_s"):
         value = value * 1e3
     cell = _f(value, fmt)
     if key == "policy" and row.get("same_run_as"):
@@ -343,8 +345,10 @@ def _settings_lines(result: BenchResult, machine: dict[str, Any]) -> list[str]:
         f"step at a time in windows of {s.get('window')}; {s.get('cloze_items')} cloze items",
         f"- timing: greedy generation of {len(s.get('prompts', []))} chat prompts x "
         f"{s.get('gen_tokens')} tokens, {s.get('timing_runs')} runs, median tok/s "
-        '("gen tok/s"); "ms/tok (forced)" is the median over windows of the mean '
-        "teacher-forced decode step",
+        '("gen tok/s", decode only) and time to first token ("TTFT", the chat prompt\'s '
+        'prefill); "ms/tok (forced)" is the median over windows of the mean teacher-forced '
+        'decode step, "p90 ms" the 90th percentile of those steps. Timings are on a shared, '
+        "busy machine: compare rows within one run, not across runs",
         f"- machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
         f"({machine['torch_threads']} threads), Python {machine['python']}, device "
         f"`{machine['device']}`" + (f" ({machine['gpu']})" if machine.get("gpu") else ""),

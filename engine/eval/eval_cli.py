@@ -260,6 +260,9 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--traces", type=Path, metavar="DIR", help="routing traces to replay")
     parser.add_argument("--no-traces", action="store_true", help="skip the trace replay")
     parser.add_argument("--no-curve", action="store_true", help="do not write the slider curve")
+    parser.add_argument(
+        "--rerender", action="store_true", help="rebuild plot and report from <out>/bench.json"
+    )
     _add_text_options(parser, max_tokens=1024, cloze_items=16)
 
 
@@ -320,29 +323,59 @@ def _curve_paths(args: argparse.Namespace, model_dir: Path, name: str) -> list[P
     return paths
 
 
-def _report(args: argparse.Namespace, result: bench.BenchResult, device: str) -> list[Path]:
+def _command_line() -> str:
+    arguments = [a for a in sys.argv[1:] if a]
+    if not arguments:
+        return "python -m engine bench"
+    return "python -m engine " + " ".join(shlex.quote(a) for a in arguments)
+
+
+def _report(args: argparse.Namespace, result: bench.BenchResult) -> list[Path]:
+    """JSON (unless re-rendering from it), plot and markdown of one bench result."""
     out: Path = args.out
-    json_path = bench_report.write_json(result, out / "bench.json")
+    json_path = out / "bench.json"
+    if not args.rerender:
+        bench_report.write_json(result, json_path)
     plot_path = bench_report.plot(result.rows, out / "speed_vs_fidelity.png")
     markdown = args.markdown or (
         Path("docs/BENCHMARKS.md") if out == DEFAULT_OUT else out / "BENCHMARKS.md"
     )
-    machine = bench_report.machine_info(device)
-    command = (
-        "python -m engine " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a)
-        if sys.argv[1:]
-        else "python -m engine bench"
-    )
+    settings = result.settings
     text = bench_report.render_markdown(
         result,
-        machine,
-        command,
+        settings["machine"],
+        settings["command"],
         _relative(plot_path, markdown.parent),
         _relative(json_path, markdown.parent),
     )
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(text, encoding="utf-8")
     return [json_path, plot_path, markdown]
+
+
+def _rerender(args: argparse.Namespace) -> int:
+    """Rebuild the plot and markdown from ``<out>/bench.json`` without measuring anything."""
+    path = args.out / "bench.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        result = bench.BenchResult(
+            data["rows"],
+            data["default_alpha"],
+            data["model"],
+            data["info"],
+            data["settings"],
+            data.get("trace_replay", []),
+            data["started"],
+            data["seconds"],
+        )
+    except (OSError, json.JSONDecodeError, KeyError) as error:
+        raise InvalidRequestError(f"cannot re-render from {path}: {error}") from error
+    missing = [key for key in ("machine", "command") if key not in result.settings]
+    if missing:
+        raise InvalidRequestError(f"{path} does not record its {' and '.join(missing)}")
+    written = _report(args, result)
+    print("re-rendered " + ", ".join(map(str, written[1:])), file=sys.stderr)
+    return 0
 
 
 def _relative(path: Path, start: Path) -> str:
@@ -355,6 +388,8 @@ def _relative(path: Path, start: Path) -> str:
 def run_bench_command(args: argparse.Namespace) -> int:
     from engine.runtime.loading import inspect_model
 
+    if args.rerender:
+        return _rerender(args)
     _set_threads(args.threads)
     args = _quick_text_args(args)
     plan = bench_plan(args)
@@ -375,7 +410,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     rows = bench.run_bench(session_loader(base), plan, prepared, on_row=_progress)
+    auto_cuda = args.device == "auto" and torch.cuda.is_available()
+    device = "cuda" if args.device == "cuda" or auto_cuda else "cpu"
     settings = {
+        "command": _command_line(),
+        "machine": bench_report.machine_info(device),
         "text_file": str(text_path),
         "tokens": int(prepared.token_ids.shape[0]),
         "window": prepared.window,
@@ -395,9 +434,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         started,
         time.perf_counter() - clock,
     )
-    auto_cuda = args.device == "auto" and torch.cuda.is_available()
-    device = "cuda" if args.device == "cuda" or auto_cuda else "cpu"
-    written = _report(args, result, device)
+    written = _report(args, result)
     if not args.no_curve:
         written += bench.write_curve(
             bench.curve_document(result, device), _curve_paths(args, base.model_dir, info.name)

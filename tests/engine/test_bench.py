@@ -195,6 +195,11 @@ def test_quick_bench_writes_rows_report_plot_and_curve(
     assert curve["default_alpha"] == data["default_alpha"]
     assert [p["alpha"] for p in curve["points"]] == [0.0, 0.3]
     assert not (checkpoint / "understudy_curve.json").exists()  # quick runs leave models alone
+    assert "TTFT ms" in report and data["rows"][0]["gen_time_to_first_token_s"] > 0
+    (tmp_path / "out" / "BENCHMARKS.md").unlink()
+    assert main(["bench", "--out", str(tmp_path / "out"), "--rerender"]) == 0
+    assert (tmp_path / "out" / "BENCHMARKS.md").read_text(encoding="utf-8") == report
+    assert main(["bench", "--out", str(tmp_path / "nothing"), "--rerender"]) == 2
 
 
 def test_bench_without_traces_skips_cleanly_and_bad_folder_is_an_error(
