@@ -18,6 +18,7 @@ reads it (``app.curves`` format). Reporting (tables, plot, ``BENCHMARKS.md``) li
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -311,12 +312,16 @@ def curve_document(result: BenchResult, device: str) -> dict[str, Any]:
 
 
 def write_curve(document: dict[str, Any], paths: Sequence[Path]) -> list[Path]:
-    """Write the curve JSON to every path (creating folders); returns what was written."""
+    """Write the curve JSON to every writable path (creating folders); returns those written."""
     text = json.dumps(document, indent=2)
     written = []
     for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n", encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n", encoding="utf-8")
+        except OSError as error:  # e.g. a read-only install folder: the others still count
+            print(f"warning: could not write the curve to {path}: {error}", file=sys.stderr)
+            continue
         written.append(path)
     return written
 

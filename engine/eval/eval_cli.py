@@ -317,8 +317,10 @@ def _replay(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _curve_paths(args: argparse.Namespace, model_dir: Path, name: str) -> list[Path]:
+    """The user's curve; plus the shipped one in the built-in model's folder after a full run."""
     paths = [user_data_dir() / "curves" / f"{name}.json"]
-    if not args.quick and model_dir.resolve() == builtin_model_dir().resolve():
+    full_run = not args.quick and args.policies is None and args.cache_fractions is None
+    if full_run and model_dir.resolve() == builtin_model_dir().resolve():
         paths.append(model_dir / CURVE_FILE)
     return paths
 

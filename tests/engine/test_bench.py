@@ -254,3 +254,15 @@ def test_headline_compares_the_full_method_with_lru_at_half_cache() -> None:
     assert not head["pass_top1"]
     assert "**not met**" in headline_text(head) and "0.40 x LRU" in headline_text(head)
     assert headline(rows, alpha=0.4) == {}
+
+
+def test_curve_is_written_where_possible_and_an_unwritable_path_is_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    good = tmp_path / "curves" / "m.json"
+    written = bench.write_curve({"model": "m", "points": []}, [blocker / "m.json", good])
+    assert written == [good]
+    assert json.loads(good.read_text(encoding="utf-8"))["model"] == "m"
+    assert "could not write the curve" in capsys.readouterr().err
