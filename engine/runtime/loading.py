@@ -578,12 +578,7 @@ def _load(
     plan = _plan(config.model_dir)
     info = _info(plan)
     tokenizer = _load_tokenizer(plan.model_dir, info.vocab_size)
-    device = resolve_device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(
-            "the CUDA device was chosen but no usable NVIDIA GPU was found; choose the CPU "
-            "(device cpu) or auto"
-        )
+    device = resolve_device(config.device)  # refuses CUDA without a GPU
     dtype = resolve_dtype(config.dtype, device)
     shape = ExpertShape(plan.hidden, plan.intermediate, dtype)
     num_slots = cache_slots(config.cache, info, shape.nbytes)

@@ -28,10 +28,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when a GPU is usable, else the CPU."""
+    """``auto`` is CUDA when a GPU is usable, else the CPU; CUDA without a GPU is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            "the CUDA device was chosen but no usable NVIDIA GPU was found; choose the CPU "
+            "(device cpu) or auto"
+        )
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

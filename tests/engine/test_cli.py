@@ -197,3 +197,11 @@ def test_help_lists_the_commands_and_shared_options():
         "--stop",
     ):
         assert option in generate_help
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
+@pytest.mark.parametrize("command", ["inspect", "generate"])
+def test_cuda_without_a_gpu_is_bad_input_not_a_crash(capsys, model, command):
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    code, line = fail(capsys, command, *model, "--device", "cuda", *extra)
+    assert code == 2 and "no usable NVIDIA GPU" in line

@@ -75,6 +75,7 @@ def test_refuses_when_host_memory_is_short_unless_forced(tiny_checkpoint, monkey
 
 
 def test_refuses_on_cuda_when_the_device_is_short(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000, 80_000_000_000))
     monkeypatch.setattr(memory, "host_available_bytes", lambda: 64 * 1024 * MB)
     estimate = tiny_estimate(tiny_checkpoint, device="cuda", dtype="float16")
@@ -84,6 +85,7 @@ def test_refuses_on_cuda_when_the_device_is_short(tiny_checkpoint, monkeypatch):
 
 
 def test_refuses_when_experts_do_not_fit_host(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     monkeypatch.setattr(
         torch.cuda, "mem_get_info", lambda device=None: (80_000_000_000, 80_000_000_000)
     )
