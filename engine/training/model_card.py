@@ -107,6 +107,8 @@ def _tune_lines(summary: dict[str, Any]) -> list[str]:
         f"{r['seconds'] / 60:.1f} min at {r['tokens_per_second']:.0f} tokens/s, final loss "
         f"{r['final_loss']:.3f}. Total tokens seen: {total:,}.",
         f"- Stage 2 command: `{summary['tune']['command']}`",
+        f"- Both stages in one command: `python -m engine.training --out DIR --tokens "
+        f"{summary['result']['tokens_seen']} --tune-tokens {r['tokens_seen']}`",
     ]
 
 
@@ -138,6 +140,7 @@ def render_card(summary: dict[str, Any]) -> str:
         "## Training",
         *_training_lines(summary),
         f"- Re-run: `{summary['command']}`",
+        *[f"- Note: {note}" for note in summary.get("notes", [])],
         "",
         "## Held-out evaluation",
         *_eval_table(ev),
