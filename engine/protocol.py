@@ -82,5 +82,5 @@ def run_job(job: Job[Any], work: Callable[[], Any]) -> None:
     """Run ``work`` and settle ``job`` with its result or exception (used by engine threads)."""
     try:
         job.future.set_result(work())
-    except BaseException as error:  # noqa: BLE001 - settled into the future, thread lives on
+    except BaseException as error:  # settled into the future; the thread lives on
         job.future.set_exception(error)
