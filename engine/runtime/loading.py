@@ -41,6 +41,7 @@ from transformers.core_model_loading import (
     WeightRenaming,
     rename_source_key,
 )
+from transformers.utils import logging as hf_logging
 
 from engine.config import CacheConfig, LoadConfig
 from engine.errors import (
@@ -472,16 +473,21 @@ def _experts_swapped(classes: set[type]) -> Iterator[None]:
 
 @contextmanager
 def _quiet_load_report() -> Iterator[None]:
-    """Silence transformers' load report: expert keys are unexpected there by design."""
+    """Silence transformers' load report and progress bar: the engine reports its own progress,
+    and expert keys are unexpected there by design."""
     loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
     levels = [logger.level for logger in loggers]
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     for logger in loggers:
         logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def _load_tokenizer(model_dir: Path, vocab_size: int) -> Any:
