@@ -47,7 +47,7 @@ ROUTER_KINDS: tuple[str, ...] = ("softmax", "sigmoid", "sparsemixer")
 GROUP_SCORES: tuple[str, ...] = ("max", "top2_sum")
 WEIGHT_MODES: tuple[str, ...] = ("own", "own_renorm", "replaced")
 ALPHA_MAX = 0.6
-# Chosen from the measurement recorded in docs/BENCHMARKS.md (fidelity per weight mode).
+# Measured in docs/METHOD.md: lowest KL against the unmodified model at alpha 0.2-0.4.
 DEFAULT_WEIGHT_MODE: WeightMode = "own"
 
 
