@@ -253,21 +253,24 @@ def choose_default_alpha(
     min_agreement: float = MIN_AGREEMENT,
     max_ppl_delta: float = MAX_PPL_DELTA,
 ) -> float:
-    """The largest measured alpha whose fidelity stays within both bounds (else 0).
+    """The fastest measured alpha whose fidelity stays within both bounds (else 0).
 
     The paper's equation 5 is not available to us; this rule is stated instead: among the
-    rows of ``policy`` at ``cache_fraction`` (the nearest measured one), the largest alpha
-    with top-1 agreement >= ``min_agreement`` and perplexity <= (1 + ``max_ppl_delta``) x the
-    unmodified model's, provided every smaller alpha also passes (fidelity must not be
-    bought back by luck at a larger alpha).
+    rows of ``policy`` at ``cache_fraction`` (the nearest measured one), keep the alphas from
+    0 upwards while top-1 agreement >= ``min_agreement`` and perplexity <= (1 +
+    ``max_ppl_delta``) x the unmodified model's (the first failure ends the admissible range:
+    fidelity must not be bought back by luck at a larger alpha); of those, take the one that
+    moves the fewest bytes per token (the smaller alpha on a tie).
     """
-    curve = curve_rows(rows, policy, cache_fraction)
-    chosen = 0.0
-    for row in curve:
+    admissible = []
+    for row in curve_rows(rows, policy, cache_fraction):
         if row["top1_agreement"] < min_agreement or row["ppl_delta"] > max_ppl_delta:
             break
-        chosen = row["alpha"]
-    return chosen
+        admissible.append(row)
+    if not admissible:
+        return 0.0
+    fastest = min(admissible, key=lambda r: (r.get("bytes_per_token", 0.0), r["alpha"]))
+    return float(fastest["alpha"])
 
 
 def curve_rows(
@@ -304,8 +307,9 @@ def curve_document(result: BenchResult, device: str) -> dict[str, Any]:
         "device": device,
         "measured_at": result.started,
         "default_alpha": result.default_alpha,
-        "rule": f"largest alpha with top-1 agreement >= {MIN_AGREEMENT} and "
-        f"perplexity delta <= {MAX_PPL_DELTA:.0%} (policy smoe, cache {HEADLINE_CACHE:.0%})",
+        "rule": f"fewest bytes per token among the alphas with top-1 agreement >= "
+        f"{MIN_AGREEMENT} and perplexity delta <= {MAX_PPL_DELTA:.0%} "
+        f"(policy smoe, cache {HEADLINE_CACHE:.0%})",
         "ppl_delta_unit": "relative (0.01 = 1% higher perplexity than the unmodified model)",
         "points": points,
     }

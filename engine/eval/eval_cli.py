@@ -362,7 +362,7 @@ def _rerender(args: argparse.Namespace) -> int:
         data = json.loads(path.read_text(encoding="utf-8"))
         result = bench.BenchResult(
             data["rows"],
-            data["default_alpha"],
+            bench.choose_default_alpha(data["rows"]),  # the rule in force, from the measured rows
             data["model"],
             data["info"],
             data["settings"],
@@ -376,7 +376,16 @@ def _rerender(args: argparse.Namespace) -> int:
     if missing:
         raise InvalidRequestError(f"{path} does not record its {' and '.join(missing)}")
     written = _report(args, result)
-    print("re-rendered " + ", ".join(map(str, written[1:])), file=sys.stderr)
+    if not args.no_curve:
+        device = result.settings["machine"].get("device", "cpu")
+        model_dir = Path(args.model) if args.model else builtin_model_dir()
+        paths = _curve_paths(args, model_dir, result.model_name)
+        written += bench.write_curve(bench.curve_document(result, device), paths)
+    print(
+        f"default alpha {result.default_alpha:.1f}; re-rendered "
+        + ", ".join(map(str, written[1:])),
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -85,17 +85,20 @@ def test_same_behaviour_is_measured_once() -> None:
     assert keys["+prefetch0.0"] != keys["score0.0"]
 
 
-def _row(alpha: float, top1: float, ppl_delta: float, policy: str = "+cpu") -> dict[str, object]:
+def _row(
+    alpha: float, top1: float, ppl_delta: float, policy: str = "+cpu", kb: float | None = None
+) -> dict[str, object]:
     return {
         "policy": policy,
         "alpha": alpha,
         "cache_fraction": 0.5,
         "top1_agreement": top1,
         "ppl_delta": ppl_delta,
+        "bytes_per_token": 1000.0 * (1.0 - alpha) if kb is None else kb,
     }
 
 
-def test_default_alpha_is_the_largest_alpha_within_both_bounds() -> None:
+def test_default_alpha_is_the_fastest_alpha_within_both_bounds() -> None:
     rows = [
         _row(0.0, 1.0, 0.0),
         _row(0.1, 0.99, 0.004),
@@ -105,6 +108,8 @@ def test_default_alpha_is_the_largest_alpha_within_both_bounds() -> None:
         _row(0.4, 0.5, 0.5, policy="lru"),
     ]
     assert bench.choose_default_alpha(rows) == 0.2  # 0.4 passes again but 0.3 broke the curve
+    rows[1] = _row(0.1, 0.99, 0.004, kb=100.0)  # fewer bytes at 0.1 than at 0.2
+    assert bench.choose_default_alpha(rows) == 0.1
     rows[1] = _row(0.1, 0.99, 0.05)  # perplexity bound alone fails at 0.1
     assert bench.choose_default_alpha(rows) == 0.0
     assert bench.choose_default_alpha([]) == 0.0
