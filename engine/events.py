@@ -80,7 +80,8 @@ class StatsSnapshot:
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_predicted_top: int = 0
-    prefetch_actual_top: int = 0
+    prefetch_actual_top: int = 0  # top-score experts that were not resident before the prefetch
+    prefetch_top_hits: int = 0  # of those, how many the prefetch had issued
     tokens_per_second: float = 0.0
     time_to_first_token_s: float = 0.0
     cache_slots: int = 0
@@ -119,7 +120,10 @@ class StatsSnapshot:
 
     @property
     def prefetch_recall(self) -> float:
-        return self.prefetch_used / self.prefetch_actual_top if self.prefetch_actual_top else 0.0
+        """Share of the needed top-score experts that the prefetch had already issued."""
+        if not self.prefetch_actual_top:
+            return 0.0
+        return self.prefetch_top_hits / self.prefetch_actual_top
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict: every field plus the derived rates."""

@@ -218,7 +218,9 @@ class SmoeMethod:
         used = state.issued & final
         needed = actual - state.resident_before
         self.cache.stats.add(layer, prefetch_used=len(used))
-        self.cache.stats.add_prefetch_accuracy(len(state.predicted_top), len(needed))
+        self.cache.stats.add_prefetch_accuracy(
+            len(state.predicted_top), len(needed), len(state.issued & needed)
+        )
         self.prefetch_account.observe(state.predicted_top, actual, state.issued, final)
 
     # ----------------------------------------------------------------- CPU assist

@@ -40,7 +40,11 @@ class OffloadStats:
         self._tokens = 0
         self._step_bytes = 0
         self._history: deque[int] = deque(maxlen=HISTORY_LENGTH)
-        self._extra = {"prefetch_predicted_top": 0, "prefetch_actual_top": 0}
+        self._extra = {
+            "prefetch_predicted_top": 0,
+            "prefetch_actual_top": 0,
+            "prefetch_top_hits": 0,
+        }
 
     def add(self, layer: int, **counts: int) -> None:
         """Add to named counters of one layer, e.g. ``add(3, hits=2, misses=1)``."""
@@ -50,10 +54,12 @@ class OffloadStats:
                 setattr(counters, name, getattr(counters, name) + value)
             self._step_bytes += counts.get("bytes_moved", 0)
 
-    def add_prefetch_accuracy(self, predicted_top: int, actual_top: int) -> None:
+    def add_prefetch_accuracy(self, predicted_top: int, actual_top: int, top_hits: int) -> None:
+        """One layer's prediction: predicted and needed top-score experts, and their overlap."""
         with self._lock:
             self._extra["prefetch_predicted_top"] += predicted_top
             self._extra["prefetch_actual_top"] += actual_top
+            self._extra["prefetch_top_hits"] += top_hits
 
     def end_step(self, num_tokens: int) -> None:
         """Close one forward of ``num_tokens`` tokens: record its bytes moved per token."""
@@ -92,6 +98,7 @@ class OffloadStats:
             prefetch_used=sum(s.prefetch_used for s in per_layer),
             prefetch_predicted_top=extra["prefetch_predicted_top"],
             prefetch_actual_top=extra["prefetch_actual_top"],
+            prefetch_top_hits=extra["prefetch_top_hits"],
             cache_slots=self.cache_slots,
             cache_bytes=self.cache_bytes,
             per_layer=per_layer,

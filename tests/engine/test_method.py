@@ -197,7 +197,8 @@ def test_prefetch_accounting_is_consistent(checkpoints: dict[str, Path]) -> None
     stats = _decode_stats(checkpoints["qwen3_moe"], LiveOptions(policy="smoe", cpu_assist=False))
     assert stats.prefetch_issued > 0
     assert 0 <= stats.prefetch_used <= stats.prefetch_issued
-    assert stats.prefetch_used <= stats.prefetch_actual_top
+    assert stats.prefetch_top_hits <= min(stats.prefetch_actual_top, stats.prefetch_issued)
+    assert 0.0 <= stats.prefetch_recall <= 1.0
     assert stats.transfers >= stats.prefetch_issued
 
 

@@ -1,4 +1,4 @@
-"""The controller's snapshot carries the allocator and pinned-host figures the live panel shows."""
+"""Controller snapshot figures: allocator and pinned-host bytes, prefetch precision and recall."""
 
 from __future__ import annotations
 
@@ -28,3 +28,15 @@ def test_pinned_store_reports_its_size(tiny_checkpoint: object) -> None:
         assert loaded.offload.stats().pinned_host_bytes == store.nbytes > 0
     finally:
         loaded.offload.close()
+
+
+def test_prefetch_recall_counts_only_needed_top_score_experts() -> None:
+    from engine.events import StatsSnapshot
+
+    # 5 prefetched experts were computed, but only 3 of the 4 needed top-score ones were among
+    # them (the other 2 ended up used as low-score picks): recall is 3/4, not 5/4.
+    snapshot = StatsSnapshot(
+        prefetch_issued=6, prefetch_used=5, prefetch_actual_top=4, prefetch_top_hits=3
+    )
+    assert snapshot.prefetch_recall == 0.75
+    assert snapshot.prefetch_precision == 5 / 6
