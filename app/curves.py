@@ -44,6 +44,7 @@ class Curve:
     points: tuple[CurvePoint, ...]
     device: str = ""
     measured_at: str = ""
+    default_alpha: float | None = None  # the benchmark's pick from this curve, if it made one
 
     def at(self, alpha: float) -> CurvePoint | None:
         """The point measured at this alpha (within half a slider step), else None."""
@@ -101,6 +102,7 @@ def parse_curve(data: Any) -> Curve:
         points,
         str(data.get("device", "")),
         str(data.get("measured_at", "")),
+        _number(data.get("default_alpha"), "default_alpha"),
     )
 
 
@@ -134,6 +136,7 @@ def save_curve(curve: Curve, data_dir: Path | None = None) -> Path:
         "model": curve.model,
         "device": curve.device,
         "measured_at": curve.measured_at,
+        "default_alpha": curve.default_alpha,
         "points": [asdict(p) for p in curve.points],
     }
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")

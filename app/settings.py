@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from app.curves import CurveError, load_curve
 from engine.config import LiveOptions, LoadConfig, SamplingConfig
 from engine.errors import InvalidRequestError
 from engine.options import EngineOptions, build_live_options, build_load_config, build_sampling
@@ -208,6 +209,21 @@ def move_aside(path: Path) -> Path:
     return target
 
 
+def default_model_settings(model_dir: Path) -> ModelSettings:
+    """Defaults for a model never configured: alpha from its measured curve when there is one.
+
+    The benchmark picks that alpha from the model's speed/fidelity curve; without a curve (or
+    with an unusable one) the model starts exact, at alpha 0.
+    """
+    try:
+        curve = load_curve(model_dir.name, model_dir=model_dir)
+    except CurveError:
+        curve = None
+    if curve is None or curve.default_alpha is None:
+        return ModelSettings()
+    return ModelSettings(alpha=curve.default_alpha)
+
+
 class SettingsStore:
     """Reads and writes the settings files. ``warnings`` collects messages for the user."""
 
@@ -232,7 +248,8 @@ class SettingsStore:
             return default
 
     def load_model(self, model_dir: Path | str) -> ModelSettings:
-        return self._read(self._model_path(model_dir), model_settings_from_dict, ModelSettings())
+        default = default_model_settings(Path(model_dir))
+        return self._read(self._model_path(model_dir), model_settings_from_dict, default)
 
     def save_model(self, model_dir: Path | str, settings: ModelSettings) -> None:
         write_json_atomic(self._model_path(model_dir), asdict(settings))

@@ -115,3 +115,32 @@ def test_prefs_file_is_json_a_person_can_read(tmp_path: Path) -> None:
     SettingsStore(tmp_path).save_prefs(AppPrefs(font_size=14))
     data = json.loads((tmp_path / "prefs.json").read_text())
     assert data["font_size"] == 14 and data["theme"] == "system"
+
+
+def _model_with_curve(folder: Path, curve: object) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "understudy_curve.json").write_text(json.dumps(curve), encoding="utf-8")
+    return folder
+
+
+def test_a_new_model_starts_at_the_alpha_its_benchmark_curve_chose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "data"))
+    measured = _model_with_curve(
+        tmp_path / "measured",
+        {"model": "measured", "default_alpha": 0.3, "points": [{"alpha": 0.0}, {"alpha": 0.3}]},
+    )
+    store = SettingsStore(tmp_path / "config")
+    assert store.load_model(measured).alpha == 0.3
+    assert store.load_model(tmp_path / "unmeasured").alpha == 0.0, "no curve: start exact"
+    store.save_model(measured, ModelSettings(alpha=0.1))
+    assert store.load_model(measured).alpha == 0.1, "the user's own choice wins over the curve"
+
+
+def test_an_unusable_curve_leaves_the_model_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "data"))
+    broken = _model_with_curve(tmp_path / "broken", {"default_alpha": "high", "points": []})
+    assert SettingsStore(tmp_path / "config").load_model(broken).alpha == 0.0
