@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 from engine.events import LayerStats, StatsSnapshot
 
 HISTORY_LENGTH = 4096  # bytes-per-token entries kept (one per step)
+COUNTER_NAMES = tuple(f.name for f in fields(LayerStats) if f.name != "layer")
 
 
-@dataclass
-class _LayerCounters:
-    hits: int = 0
-    misses: int = 0
-    substitutions: int = 0
-    cpu_computed: int = 0
-    prefetched: int = 0
-    prefetch_used: int = 0
-    bytes_moved: int = 0
-    transfers: int = 0
+def _zero_counters() -> dict[str, int]:
+    """One layer's counters, named as ``LayerStats`` names them."""
+    return dict.fromkeys(COUNTER_NAMES, 0)
 
 
 class OffloadStats:
@@ -36,7 +30,7 @@ class OffloadStats:
         self._layers = list(layers)
         self.cache_slots = cache_slots
         self.cache_bytes = cache_bytes
-        self._counters = {layer: _LayerCounters() for layer in self._layers}
+        self._counters = {layer: _zero_counters() for layer in self._layers}
         self._tokens = 0
         self._step_bytes = 0
         self._history: deque[int] = deque(maxlen=HISTORY_LENGTH)
@@ -51,7 +45,7 @@ class OffloadStats:
         with self._lock:
             counters = self._counters[layer]
             for name, value in counts.items():
-                setattr(counters, name, getattr(counters, name) + value)
+                counters[name] += value  # KeyError for a name LayerStats does not have
             self._step_bytes += counts.get("bytes_moved", 0)
 
     def add_prefetch_accuracy(self, predicted_top: int, actual_top: int, top_hits: int) -> None:
@@ -72,7 +66,7 @@ class OffloadStats:
 
     def reset(self) -> None:
         with self._lock:
-            self._counters = {layer: _LayerCounters() for layer in self._layers}
+            self._counters = {layer: _zero_counters() for layer in self._layers}
             self._tokens = 0
             self._step_bytes = 0
             self._history.clear()
@@ -81,7 +75,7 @@ class OffloadStats:
     def snapshot(self) -> StatsSnapshot:
         with self._lock:
             per_layer = tuple(
-                LayerStats(layer=layer, **_as_dict(self._counters[layer])) for layer in self._layers
+                LayerStats(layer=layer, **self._counters[layer]) for layer in self._layers
             )
             history = tuple(self._history)
             tokens = self._tokens
@@ -104,7 +98,3 @@ class OffloadStats:
             per_layer=per_layer,
             bytes_per_token_history=history,
         )
-
-
-def _as_dict(counters: _LayerCounters) -> dict[str, int]:
-    return {f.name: getattr(counters, f.name) for f in fields(counters)}
