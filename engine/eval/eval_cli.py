@@ -318,8 +318,12 @@ def _replay(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _curve_paths(args: argparse.Namespace, model_dir: Path, name: str) -> list[Path]:
     """The user's curve; plus the shipped one in the built-in model's folder after a full run."""
-    paths = [user_data_dir() / "curves" / f"{name}.json"]
     full_run = not args.quick and args.policies is None and args.cache_fractions is None
+    return _curve_targets(full_run, model_dir, name)
+
+
+def _curve_targets(full_run: bool, model_dir: Path, name: str) -> list[Path]:
+    paths = [user_data_dir() / "curves" / f"{name}.json"]
     if full_run and model_dir.resolve() == builtin_model_dir().resolve():
         paths.append(model_dir / CURVE_FILE)
     return paths
@@ -378,8 +382,10 @@ def _rerender(args: argparse.Namespace) -> int:
     written = _report(args, result)
     if not args.no_curve:
         device = result.settings["machine"].get("device", "cpu")
-        model_dir = Path(args.model) if args.model else builtin_model_dir()
-        paths = _curve_paths(args, model_dir, result.model_name)
+        # The model and run kind the JSON records, not this command's defaults.
+        model_dir = Path(result.info["path"])
+        full_run = not result.settings.get("quick", True)
+        paths = _curve_targets(full_run, model_dir, result.model_name)
         written += bench.write_curve(bench.curve_document(result, device), paths)
     print(
         f"default alpha {result.default_alpha:.1f}; re-rendered "

@@ -177,6 +177,9 @@ def test_quick_bench_writes_rows_report_plot_and_curve(
     checkpoint: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "user"))
+    builtin = tmp_path / "builtin"
+    builtin.mkdir()
+    monkeypatch.setenv("UNDERSTUDY_BUILTIN_MODEL", str(builtin))
     traces = tmp_path / "traces"
     traces.mkdir()
     _write_trace(traces)
@@ -204,6 +207,8 @@ def test_quick_bench_writes_rows_report_plot_and_curve(
     (tmp_path / "out" / "BENCHMARKS.md").unlink()
     assert main(["bench", "--out", str(tmp_path / "out"), "--rerender"]) == 0
     assert (tmp_path / "out" / "BENCHMARKS.md").read_text(encoding="utf-8") == report
+    assert not (builtin / "understudy_curve.json").exists(), "a re-render touched another model"
+    assert not (checkpoint / "understudy_curve.json").exists()  # the quick run's model too
     assert main(["bench", "--out", str(tmp_path / "nothing"), "--rerender"]) == 2
 
 
