@@ -43,6 +43,7 @@ from engine.options import EngineOptions, build_load_config, build_request, buil
 from engine.runtime.generation import ScoreResult
 from engine.runtime.session import ModelSession, estimate_for
 from engine.runtime.worker import translate_error
+from engine.server import serve_cli
 
 EXIT_OTHER, EXIT_BAD_INPUT, EXIT_MEMORY = 1, 2, 3
 BAD_INPUT = (InvalidRequestError, ModelLoadError, CacheBudgetError, SubstitutionUnsupportedError)
@@ -343,6 +344,12 @@ COMMANDS: list[Command] = [
         "policies side by side (transfers, speed, fidelity); writes docs/BENCHMARKS.md",
         eval_cli.configure_bench,
         eval_cli.run_bench_command,
+    ),
+    Command(
+        "serve",
+        "serve the model over an OpenAI-compatible HTTP API (loopback only by default)",
+        serve_cli.configure_serve,
+        serve_cli.run_serve,
     ),
 ]
 

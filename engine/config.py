@@ -161,6 +161,7 @@ class GenerateRequest:
     prompt: str | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     chat_template: str | None = None  # overrides the tokenizer's template when set
+    live: LiveOptions | None = None  # policy/alpha for this request only (then restored)
 
     def __post_init__(self) -> None:
         if self.prompt is None and not self.messages:

@@ -90,6 +90,7 @@ class Engine:
         self._session: ModelSession | None = None  # only the engine thread changes it
         self._pending = PendingChanges()
         self._stats = StatsBox()
+        self._saved_live: LiveOptions | None = None  # while a request's own live options run
         self._thread = EngineThread()
 
     # ------------------------------------------------------------ asked from any thread
@@ -169,11 +170,15 @@ class Engine:
     ) -> GenerationFinished:
         session = self._require()
         self._apply_pending()
+        self._override_live(session, request.live)
         finished: GenerationFinished | None = None
-        stream = session.generate_stream(request, lambda: job.cancel_requested, self._between)
-        for event in stream:
-            on_event(event)
-            finished = event if isinstance(event, GenerationFinished) else finished
+        try:
+            stream = session.generate_stream(request, lambda: job.cancel_requested, self._between)
+            for event in stream:
+                on_event(event)
+                finished = event if isinstance(event, GenerationFinished) else finished
+        finally:
+            self._restore_live()
         self._publish_stats()
         assert finished is not None, "a generation stream ends with GenerationFinished"
         return finished
@@ -182,11 +187,29 @@ class Engine:
         self._apply_pending()
         self._publish_stats()
 
+    def _override_live(self, session: ModelSession, live: LiveOptions | None) -> None:
+        """A request's own live options, the engine's kept to restore after it."""
+        if live is None:
+            return
+        if live.substitution_on and not session.info.substitution_supported:
+            raise InvalidRequestError(
+                f"{session.info.architecture} does not substitute experts; use alpha 0."
+            )
+        self._saved_live = session.config.live
+        session.set_live_options(live)
+
+    def _restore_live(self) -> None:
+        saved, self._saved_live = self._saved_live, None
+        if saved is not None and self._session is not None:
+            self._session.set_live_options(saved)
+
     def _apply_pending(self) -> None:
         live, reset = self._pending.take()
         if self._session is None:
             return
-        if live is not None:
+        if live is not None and self._saved_live is not None:
+            self._saved_live = live  # a request overrides now: the change applies after it
+        elif live is not None:
             self._session.set_live_options(live)
         if reset:
             self._session.reset_stats()
