@@ -1,0 +1,266 @@
+"""The server speaks OpenAI: the official ``openai`` client against a real loopback server.
+
+Over the real engine with the tiny checkpoint (chat and text completions, streaming and not,
+usage, stop, seed, the ``understudy`` extras and live stats), and over the scripted engine for
+what needs control of time: 50 concurrent streams, and a disconnect cancelling its generation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from engine.config import CacheConfig, LiveOptions, LoadConfig
+from engine.runtime.engine import Engine
+from tests.engine.server_fixtures import MODEL_ID, running_server
+from tests.helpers.echo_engine import EchoEngine
+
+TINY_ID = "tiny-moe"
+
+
+def client_for(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def real_server(tiny_checkpoint):
+    engine = Engine()
+    config = LoadConfig(tiny_checkpoint.path, device="cpu", cache=CacheConfig(fraction=0.5))
+    info = engine.load(config, lambda event: None).result(60)
+    assert info.substitution_supported
+    with running_server(engine, TINY_ID, context_length=2048) as handle:
+        yield handle, engine
+    engine.shutdown()
+
+
+def test_models_lists_the_served_model(real_server):
+    handle, _ = real_server
+    models = client_for(handle.url).models.list()
+    assert [m.id for m in models.data] == [TINY_ID]
+    assert client_for(handle.url).models.retrieve(TINY_ID).id == TINY_ID
+
+
+def test_chat_completion_not_streaming_has_text_usage_and_extras(real_server):
+    handle, _ = real_server
+    reply = client_for(handle.url).chat.completions.create(
+        model=TINY_ID,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        temperature=0,
+    )
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage is not None and reply.usage.completion_tokens <= 6
+    assert reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    extras = reply.model_extra["understudy"]
+    assert extras["policy"] == "lru" and extras["alpha"] == 0.0
+    assert 0.0 <= extras["stats"]["hit_rate"] <= 1.0
+    assert extras["stats"]["tokens"] >= reply.usage.completion_tokens
+
+
+def test_streaming_joins_to_the_same_text_as_not_streaming(real_server):
+    handle, _ = real_server
+    client = client_for(handle.url)
+    messages = [{"role": "user", "content": "Tell me about the fox"}]
+    whole = client.chat.completions.create(
+        model=TINY_ID, messages=messages, max_tokens=12, temperature=0
+    )
+    stream = client.chat.completions.create(
+        model=TINY_ID,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert reasons[-1] == whole.choices[0].finish_reason and set(reasons[:-1]) == {None}
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_seed_makes_sampling_repeatable(real_server):
+    handle, _ = real_server
+    client = client_for(handle.url)
+
+    def sample(seed: int) -> str:
+        reply = client.chat.completions.create(
+            model=TINY_ID,
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=10,
+            temperature=1.5,
+            seed=seed,
+        )
+        return reply.choices[0].message.content or ""
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in range(1, 5)}) > 1, "different seeds, different samples"
+
+
+def test_text_completion_and_max_tokens(real_server):
+    handle, _ = real_server
+    client = client_for(handle.url)
+    reply = client.completions.create(model=TINY_ID, prompt="The quick brown", max_tokens=3)
+    assert reply.object == "text_completion"
+    assert reply.usage.completion_tokens <= 3
+    streamed = client.completions.create(
+        model=TINY_ID, prompt="The quick brown", max_tokens=3, temperature=0, stream=True
+    )
+    greedy = client.completions.create(
+        model=TINY_ID, prompt="The quick brown", max_tokens=3, temperature=0
+    )
+    assert "".join(c.choices[0].text for c in streamed) == greedy.choices[0].text
+
+
+def test_understudy_extras_apply_to_one_request_only(real_server):
+    handle, engine = real_server
+    client = client_for(handle.url)
+    reply = client.chat.completions.create(
+        model=TINY_ID,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        extra_body={"understudy": {"alpha": 0.3, "policy": "smoe"}},
+    )
+    assert reply.model_extra["understudy"]["alpha"] == 0.3
+    assert reply.model_extra["understudy"]["policy"] == "smoe"
+    assert engine._session.config.live == LiveOptions(), "the engine's own options came back"
+
+
+def test_live_stats_endpoint(real_server):
+    handle, _ = real_server
+    client_for(handle.url).chat.completions.create(
+        model=TINY_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    stats = httpx.get(handle.url + "/understudy/stats").json()
+    assert stats["model"] == TINY_ID
+    assert stats["queue"]["running"] == 0 and stats["queue"]["served"] >= 1
+    assert stats["stats"]["tokens"] > 0 and "hit_rate" in stats["stats"]
+
+
+def test_unknown_model_raises_not_found_in_the_client(real_server):
+    handle, _ = real_server
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client_for(handle.url).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "Hi"}]
+        )
+
+
+def test_openai_client_with_the_api_key():
+    engine = EchoEngine()
+    with running_server(engine, api_key="k-123") as handle:
+        with pytest.raises(openai.AuthenticationError):
+            client_for(handle.url, "wrong").models.list()
+        reply = client_for(handle.url, "k-123").chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": "a b"}]
+        )
+        assert reply.choices[0].message.content == "reply a b"
+    engine.shutdown()
+
+
+def test_fifty_concurrent_streams_all_complete_with_their_own_tokens():
+    engine = EchoEngine(token_delay=0.001)
+    with running_server(engine) as handle:
+        client = client_for(handle.url)
+
+        def chat(index: int) -> str:
+            words = f"client {index} says w{index}a w{index}b w{index}c"
+            stream = client.chat.completions.create(
+                model=MODEL_ID, messages=[{"role": "user", "content": words}], stream=True
+            )
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        with ThreadPoolExecutor(50) as pool:
+            texts = list(pool.map(chat, range(50)))
+        state = handle.routes.gate.state()
+    engine.shutdown()
+    for index, text in enumerate(texts):
+        assert text == f"reply client {index} says w{index}a w{index}b w{index}c", text
+    assert state.served == 50 and state.waiting == 0 and state.running == 0
+    assert len(engine.record.started) == 50
+
+
+def test_a_disconnected_stream_cancels_its_generation_within_one_token():
+    engine = EchoEngine(token_delay=0.02, repeat=100)
+    with running_server(engine, context_length=4096) as handle:
+        body = {
+            "model": MODEL_ID,
+            "messages": [{"role": "user", "content": "a b c d"}],
+            "max_tokens": 400,
+            "stream": True,
+        }
+        with httpx.stream("POST", handle.url + "/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            seen = [next(lines) for _ in range(6)]
+        assert any("content" in line for line in seen)
+        deadline = time.monotonic() + 5
+        while not engine.record.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.record.finished == ["cancelled"]
+        assert engine.record.after_cancel == [0] or engine.record.after_cancel == [1]
+        assert handle.routes.gate.state().cancelled == 1
+        follow = httpx.post(
+            handle.url + "/chat/completions", json={**body, "stream": False, "max_tokens": 3}
+        )
+        assert follow.json()["choices"][0]["message"]["content"] == "reply a b"
+    engine.shutdown()
+
+
+def test_a_disconnected_plain_request_cancels_its_generation():
+    engine = EchoEngine(token_delay=0.02, repeat=100)
+    with running_server(engine, context_length=4096) as handle:
+        body = {
+            "model": MODEL_ID,
+            "messages": [{"role": "user", "content": "a b"}],
+            "max_tokens": 300,
+        }
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(handle.url + "/chat/completions", json=body, timeout=0.3)
+        deadline = time.monotonic() + 5
+        while not engine.record.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.record.finished == ["cancelled"]
+        assert engine.record.after_cancel[0] <= 1
+    engine.shutdown()
+
+
+def test_requests_wait_their_turn_and_the_queue_is_visible():
+    engine = EchoEngine(token_delay=0.02, repeat=10)
+    with running_server(engine, context_length=4096) as handle:
+        client = client_for(handle.url)
+        peak = {"waiting": 0}
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                peak["waiting"] = max(peak["waiting"], handle.routes.gate.state().waiting)
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with ThreadPoolExecutor(3) as pool:
+            list(
+                pool.map(
+                    lambda i: client.chat.completions.create(
+                        model=MODEL_ID,
+                        messages=[{"role": "user", "content": f"m{i}"}],
+                        max_tokens=20,
+                    ),
+                    range(3),
+                )
+            )
+        stop.set()
+        watcher.join()
+    engine.shutdown()
+    assert peak["waiting"] >= 1, "while one request ran, others were seen waiting"
