@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal
@@ -16,6 +17,7 @@ from app.bridge import EngineBridge, JobEvents
 from app.model_library import human_bytes
 from app.settings import ModelSettings, to_load_config
 from app.tasks import start_task
+from engine.config import LoadConfig
 from engine.errors import (
     CacheBudgetError,
     CancelledError,
@@ -87,6 +89,8 @@ class ModelLoader(QObject):
         self.task: asyncio.Task[None] | None = None
         self.model_dir: Path | None = None
         self.settings = ModelSettings()
+        # settings -> LoadConfig; a remote engine swaps in one that needs no model folder
+        self.make_config: Callable[[Path, ModelSettings, bool], LoadConfig] = to_load_config
 
     @property
     def busy(self) -> bool:
@@ -102,7 +106,7 @@ class ModelLoader(QObject):
 
     async def _run(self, model_dir: Path, settings: ModelSettings, force: bool) -> None:
         try:
-            config = to_load_config(model_dir, settings, force)
+            config = self.make_config(model_dir, settings, force)
             estimate = await self.bridge.estimate(config)
             self.estimated.emit(estimate)
             if not estimate.fits and not force:

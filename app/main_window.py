@@ -41,6 +41,7 @@ from app.library_dialog import LibraryDialog
 from app.load_dialog import LoadDialog
 from app.loader import ModelLoader
 from app.panel import LivePanel
+from app.remote_actions import RemoteActions
 from app.settings import (
     AppPrefs,
     ModelSettings,
@@ -82,7 +83,9 @@ class MainWindow(QMainWindow):
         self.model_info: ModelInfo | None = None
         self.dialogs: dict[str, QWidget] = {}
         self._build(telemetry, measure)
+        self.remote = RemoteActions(self)  # remote engines and the server switch (issue 13)
         self._menus()
+        self.remote.install_menu(self.menus["&Model"])
         self._shortcuts()
         self._connect()
         self.apply_prefs(self.prefs)
@@ -241,6 +244,7 @@ class MainWindow(QMainWindow):
         self.load_model()
 
     def switch_model(self, model_dir: str) -> None:
+        self.remote.use_local()
         self.model_dir = Path(model_dir)
         self.model_settings = self.settings_store.load_model(self.model_dir)
         self.load_model()
@@ -464,6 +468,7 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"Understudy — {name}")
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        self.remote.close()
         self.controller.stop()
         self.loader.cancel()
         for dialog in self.dialogs.values():

@@ -43,6 +43,7 @@ class LivePanel(QWidget):
             host,
         )
         self.generating = False
+        self.engine_note: str | None = None  # shown instead of the cache counters (remote)
         self.labels: dict[str, QLabel] = {}
         self.plots = {
             "tok/s": Sparkline("#2e9d5b"),
@@ -122,9 +123,10 @@ class LivePanel(QWidget):
             self._set("RAM", f"{used} / {total}")
 
     def _show_engine(self, stats: StatsSnapshot | None) -> None:
-        if stats is None:
+        if stats is None or self.engine_note is not None:
             for name in ("hit rate", "substitutions/token", "moved/token", "misses/token"):
-                self._set(name, "no model loaded")
+                self._set(name, "no model loaded" if stats is None else "not available remotely")
+            self.gpu_note.setText(self.engine_note or self.gpu_note.text())
             return
         allocated, pinned = stats.device_allocated_bytes, stats.pinned_host_bytes
         self._set("allocator", "not reported" if allocated is None else human_bytes(allocated))
