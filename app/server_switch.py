@@ -8,6 +8,7 @@ engine: a chat reply and a server request run one at a time on the engine's thre
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, QTimer, Signal
@@ -112,4 +113,10 @@ class ServerSwitch(QObject):
         return text
 
     def refresh(self) -> None:
+        """The status line, and the alpha/policy the server reports, kept current."""
         self.label.setText(self.status_text())
+        if self.handle is not None:
+            live = to_live_options(self.window.model_settings)
+            served = self.handle.routes.served
+            if served.live != live:
+                self.handle.routes.served = replace(served, live=live)

@@ -9,6 +9,7 @@ a stream when Starlette stops it, a plain request when its disconnect arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -25,7 +26,7 @@ from starlette.routing import Route
 
 from engine.config import GenerateRequest
 from engine.errors import EngineError, EngineOutOfMemoryError, InvalidRequestError
-from engine.events import GenerationFinished, TokenReceived
+from engine.events import GenerationFinished, StatsSnapshot, TokenReceived
 from engine.protocol import EngineAPI
 from engine.server import responses as out
 from engine.server.config import ServedModel, ServerConfig
@@ -170,22 +171,32 @@ class Routes:
     async def _whole(
         self, request: Request, generate: GenerateRequest, reply: out.Reply
     ) -> Response:
-        async with self.gate.turn():
-            generation = Generation(self.engine, generate)
-            collect = asyncio.ensure_future(finish_of(generation))
-            gone = asyncio.ensure_future(until_disconnect(request))
-            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-            gone.cancel()
-            if not collect.done():
-                self._abandon(generation)
-                collect.cancel()
-                return Response(status_code=499)
+        """Wait for the turn and the whole reply, or for the client to leave (then cancel)."""
+        work = asyncio.ensure_future(self._generate_whole(generate))
+        gone = asyncio.ensure_future(until_disconnect(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            return Response(status_code=499)
         try:
-            finished = collect.result()
+            finished, stats = work.result()
         except Exception as error:
             raise engine_error(error) from error
-        stats = stats_delta(generation.before, finished.stats)
         return JSONResponse(out.full_response(reply, finished, stats))
+
+    async def _generate_whole(
+        self, generate: GenerateRequest
+    ) -> tuple[GenerationFinished, StatsSnapshot]:
+        async with self.gate.turn():
+            generation = Generation(self.engine, generate)
+            try:
+                finished = await finish_of(generation)
+            finally:
+                self._abandon(generation)  # only if it is still running: the client left
+        return finished, stats_delta(generation.before, finished.stats)
 
     def _abandon(self, generation: Generation) -> None:
         if not generation.job.done():

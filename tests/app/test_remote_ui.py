@@ -177,3 +177,35 @@ def test_a_plain_openai_server_leaves_a_note_instead_of_cache_counters(
     assert window.panel.labels["hit rate"].text() == "not available remotely"
     assert NO_TELEMETRY in window.panel.gpu_note.text()
     assert not window.slider.isEnabled() or not window.model_info.substitution_supported
+
+
+def test_chat_and_server_take_turns_on_the_engine(qtbot, window, fake_engine: FakeEngine):
+    import itertools
+    import threading
+
+    fake_engine.replies = itertools.cycle(["one two three four five six seven eight"])
+    fake_engine.token_delay = 0.02
+    switch = window.remote.server
+    switch.port = 0
+    window.remote.server_action.setChecked(True)
+    url = switch.handle.url
+    body = {"model": window.model_info.name, "messages": [{"role": "user", "content": "hi"}]}
+    served: dict[str, str] = {}
+
+    def call() -> None:
+        reply = httpx.post(f"{url}/chat/completions", json=body, timeout=20).json()
+        served["text"] = reply["choices"][0]["message"]["content"]
+
+    client = threading.Thread(target=call)
+    client.start()
+    qtbot.waitUntil(lambda: switch.handle.routes.gate.state().running == 1, timeout=5000)
+    window.send("and me")
+    assert "1 answering" in switch.status_text()
+    qtbot.waitUntil(lambda: not window.controller.generating and "text" in served, timeout=10000)
+    client.join(5)
+    assert served["text"] == "one two three four five six seven eight"
+    assert path_texts(window)[-1] == "one two three four five six seven eight"
+    window.set_alpha(0.3)
+    switch.refresh()
+    assert switch.handle.routes.served.live.alpha == 0.3
+    window.remote.server_action.setChecked(False)

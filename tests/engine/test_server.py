@@ -264,3 +264,38 @@ def test_requests_wait_their_turn_and_the_queue_is_visible():
         watcher.join()
     engine.shutdown()
     assert peak["waiting"] >= 1, "while one request ran, others were seen waiting"
+
+
+def test_a_client_leaving_the_queue_never_reaches_the_engine():
+    engine = EchoEngine(token_delay=0.02, repeat=100)
+    with running_server(engine, context_length=4096) as handle:
+        gate = handle.routes.gate
+        body = {
+            "model": MODEL_ID,
+            "messages": [{"role": "user", "content": "first"}],
+            "max_tokens": 300,
+            "stream": True,
+        }
+        with httpx.stream("POST", handle.url + "/chat/completions", json=body) as first:
+            lines = first.iter_lines()
+            next(lines)
+            second_body = {**body, "messages": [{"role": "user", "content": "second"}]}
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(handle.url + "/chat/completions", json=second_body, timeout=0.3)
+            third_body = {**second_body, "stream": True}
+            with (
+                pytest.raises(httpx.ReadTimeout),
+                httpx.stream(
+                    "POST", handle.url + "/chat/completions", json=third_body, timeout=0.3
+                ) as third,
+            ):
+                third.read()
+            deadline = time.monotonic() + 2
+            while gate.state().waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert gate.state().waiting == 0, "the queued clients that left are no longer counted"
+        deadline = time.monotonic() + 5
+        while gate.state().running and time.monotonic() < deadline:
+            time.sleep(0.01)
+    engine.shutdown()
+    assert engine.record.started == ["first"], "the second request never started generating"
