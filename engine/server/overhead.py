@@ -5,7 +5,8 @@ One model on one engine; in interleaved rounds the same greedy text completion r
 HTTP client in its own process, as another tool would be, on loopback, timed where the client
 reads each chunk). Reported per path: decode
 speed (tokens after the first over the time from the first to the last token) and time to the
-first token from the moment the request is made; then the ratios. Medians over the rounds.
+first token from the moment the request is made; then, round by round, the speed ratio and
+the first-token difference (medians and ranges: on a busy machine the spread is the news).
 Torch runs with one thread unless ``--threads`` says otherwise. Prints Markdown and JSON.
 """
 
@@ -126,15 +127,30 @@ def measure(model_dir: Path, rounds: int, max_tokens: int, device: str) -> dict[
                 served += client.submit(client_rounds, server.url, body, 1).result()
     finally:
         engine.shutdown()
-    return {"in_process": summary(local), "server": summary(served)}
+    return {"in_process": summary(local), "server": summary(served), **paired(local, served)}
+
+
+def paired(local: list[Timing], served: list[Timing]) -> dict[str, Any]:
+    """Round by round (the two ran back to back): speed ratio and first-token difference."""
+    ratios = [
+        there.decode_tokens_per_s / here.decode_tokens_per_s
+        for here, there in zip(local, served, strict=True)
+        if here.decode_tokens_per_s
+    ]
+    extra_ms = [
+        (there.first_s - here.first_s) * 1000 for here, there in zip(local, served, strict=True)
+    ]
+    return {
+        "speed_ratio": statistics.median(ratios) if ratios else 0.0,
+        "speed_ratio_range": [min(ratios, default=0.0), max(ratios, default=0.0)],
+        "first_token_extra_ms": statistics.median(extra_ms),
+        "first_token_extra_ms_range": [min(extra_ms), max(extra_ms)],
+    }
 
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    local, served = result["in_process"], result["server"]
     return {
         **result,
-        "speed_ratio": served["decode_tokens_per_s"] / local["decode_tokens_per_s"],
-        "first_token_extra_ms": served["first_token_ms"] - local["first_token_ms"],
         "model": Path(args.model_dir).name,
         "rounds": args.rounds,
         "max_tokens": args.max_tokens,
@@ -156,8 +172,11 @@ def markdown(data: dict[str, Any]) -> str:
             f"| server, 1 streaming client | {served['decode_tokens_per_s']:.1f} "
             f"| {served['first_token_ms']:.1f} | {served['tokens']:.0f} |",
             "",
-            f"server/in-process speed: {data['speed_ratio']:.3f}; first token "
-            f"{data['first_token_extra_ms']:+.1f} ms through the server "
+            f"server/in-process speed, median of paired rounds: {data['speed_ratio']:.3f} "
+            f"(rounds {data['speed_ratio_range'][0]:.3f}-{data['speed_ratio_range'][1]:.3f}); "
+            f"first token through the server {data['first_token_extra_ms']:+.1f} ms "
+            f"(rounds {data['first_token_extra_ms_range'][0]:+.1f} to "
+            f"{data['first_token_extra_ms_range'][1]:+.1f}) "
             f"({data['model']}, {data['device']}, {data['threads']} thread(s), "
             f"{data['rounds']} interleaved rounds, {data['max_tokens']} tokens, {data['date']})",
         ]
