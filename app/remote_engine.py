@@ -91,7 +91,7 @@ def describe_http_error(response: httpx.Response) -> str:
     except (ValueError, KeyError, TypeError, AttributeError):
         message = None
     if response.status_code in (401, 403):
-        hint = "the server refused the API key (check it in Models > Add remote…)"
+        hint = "the server refused the API key (check it in Model > Add remote…)"
         return f"{hint}: {message}" if message else hint
     return message or f"HTTP {response.status_code} {response.reason_phrase}"
 

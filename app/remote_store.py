@@ -99,8 +99,14 @@ class KeyStore:
     """API keys in the OS keyring, or in memory for the session when there is none."""
 
     def __init__(self, backend: keyring.backend.KeyringBackend | None = None) -> None:
-        self.backend = backend if backend is not None else keyring.get_keyring()
+        self._backend = backend  # found on first use: nothing is asked of the OS before
         self._session: dict[str, str] = {}
+
+    @property
+    def backend(self) -> keyring.backend.KeyringBackend:
+        if self._backend is None:
+            self._backend = keyring.get_keyring()
+        return self._backend
 
     @property
     def persistent(self) -> bool:

@@ -58,10 +58,14 @@ def uvicorn_server(app: Starlette, log_level: str = "warning") -> uvicorn.Server
 
 
 def serve_forever(
-    engine: EngineAPI, model: ServedModel, config: ServerConfig, log_level: str = "info"
+    engine: EngineAPI,
+    model: ServedModel,
+    config: ServerConfig,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve in the foreground until interrupted (the CLI)."""
-    sock = bind(config.host, config.port)
+    """Serve in the foreground until interrupted (the CLI); on ``sock`` when given."""
+    sock = sock if sock is not None else bind(config.host, config.port)
     server = uvicorn_server(create_app(engine, model, config), log_level)
     server.run(sockets=[sock])
 
@@ -77,6 +81,7 @@ class ServerHandle:
         app = create_app(engine, model, config)
         self.routes: Routes = app.state.routes
         self._server = uvicorn_server(app)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
         self._thread = threading.Thread(target=self._run, name="understudy-server", daemon=True)
 
     def start(self, timeout: float = 10.0) -> ServerHandle:
@@ -92,9 +97,13 @@ class ServerHandle:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._server.serve(sockets=[self._socket]))
+            asyncio.run(self._serve())
         except Exception:
             log.exception("the server stopped with an error")
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self._server.serve(sockets=[self._socket])
 
     @property
     def running(self) -> bool:

@@ -73,15 +73,17 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.runtime.engine import Engine
 
     server = server_config(args)
-    bind(server.host, server.port).close()  # a taken port fails before the model loads
     load = build_load_config(cli.engine_options(args))
+    sock = bind(server.host, server.port)  # a taken port fails before the model loads
     engine = Engine()
     try:
         info = engine.load(load, _progress).result()
         print(file=sys.stderr)
         model = served_model(load, args.model_name, info.substitution_supported)
-        print(f"Serving {model.model_id} at {url_of(server.host, server.port)}", file=sys.stderr)
-        serve_forever(engine, model, server, args.log_level)
+        url = url_of(server.host, sock.getsockname()[1])
+        print(f"Serving {model.model_id} at {url}", file=sys.stderr)
+        serve_forever(engine, model, server, args.log_level, sock)
     finally:
         engine.shutdown()
+        sock.close()
     return 0

@@ -183,12 +183,25 @@ def test_fifty_concurrent_streams_all_complete_with_their_own_tokens():
 
         with ThreadPoolExecutor(50) as pool:
             texts = list(pool.map(chat, range(50)))
-        state = handle.routes.gate.state()
+            state = handle.routes.gate.state()
+            tasks_after_one = server_tasks(handle)
+            for _ in range(2):  # more waves: nothing piles up on the server
+                assert list(pool.map(chat, range(50))) == texts
+            tasks_after_three = server_tasks(handle)
     engine.shutdown()
     for index, text in enumerate(texts):
         assert text == f"reply client {index} says w{index}a w{index}b w{index}c", text
     assert state.served == 50 and state.waiting == 0 and state.running == 0
-    assert len(engine.record.started) == 50
+    assert len(engine.record.started) == 150
+    assert tasks_after_three <= tasks_after_one, "no task left behind by finished streams"
+
+
+def server_tasks(handle) -> int:
+    """Tasks alive on the server's event loop (its connections and their handlers)."""
+    import asyncio
+
+    time.sleep(0.2)  # let closing connections finish
+    return len(asyncio.all_tasks(handle.loop))
 
 
 def test_a_disconnected_stream_cancels_its_generation_within_one_token():
