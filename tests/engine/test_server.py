@@ -15,7 +15,14 @@ import httpx
 import openai
 import pytest
 
-from engine.config import CacheConfig, LiveOptions, LoadConfig
+from engine.config import (
+    CacheConfig,
+    ChatMessage,
+    GenerateRequest,
+    LiveOptions,
+    LoadConfig,
+    SamplingConfig,
+)
 from engine.runtime.engine import Engine
 from tests.engine.server_fixtures import MODEL_ID, running_server
 from tests.helpers.echo_engine import EchoEngine
@@ -312,3 +319,24 @@ def test_a_client_leaving_the_queue_never_reaches_the_engine():
             time.sleep(0.01)
     engine.shutdown()
     assert engine.record.started == ["first"], "the second request never started generating"
+
+
+def test_a_live_change_during_an_overriding_request_applies_after_it(real_server):
+    _, engine = real_server
+    changed = threading.Event()
+
+    def sink(event: object) -> None:
+        if not changed.is_set():
+            engine.set_live_options(LiveOptions(policy="lfu"))
+            changed.set()
+
+    live = LiveOptions(policy="smoe", alpha=0.3)
+    request = GenerateRequest(
+        messages=(ChatMessage("user", "Hi"),), sampling=SamplingConfig(max_new_tokens=4), live=live
+    )
+    engine.generate(request, sink).result(60)
+    assert changed.is_set()
+    plain = GenerateRequest(prompt="x", sampling=request.sampling)
+    engine.generate(plain, lambda event: None).result(60)
+    assert engine._session.config.live == LiveOptions(policy="lfu"), "the app's change won"
+    engine.set_live_options(LiveOptions())
