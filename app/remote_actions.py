@@ -128,7 +128,9 @@ class RemoteActions(QObject):
         if self.remote is None and self.window.model_dir.parent != self.config_dir / "remotes":
             self.local_dir = self.window.model_dir
         self._drop_remote()
-        self.remote = RemoteEngine(RemoteSpec(entry.base_url, entry.model, key))
+        self.local_engine.unload()  # its memory is free while the remote one answers
+        spec = RemoteSpec(entry.base_url, entry.model, key)
+        self.remote = RemoteEngine(spec, folder_inspector=self.local_engine.inspect)
         self.active = entry
         w = self.window
         w.bridge.engine = self.remote

@@ -153,8 +153,14 @@ def delta_text(chunk: Any, chat: bool) -> str:
 class RemoteEngine:
     """``EngineAPI`` over HTTP; see the module docstring."""
 
-    def __init__(self, spec: RemoteSpec, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        spec: RemoteSpec,
+        transport: httpx.BaseTransport | None = None,
+        folder_inspector: Callable[[Path], Job[ModelInfo]] | None = None,
+    ) -> None:
         self.spec = spec
+        self.folder_inspector = folder_inspector  # model folders (the Models window): local
         headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
         self.client = httpx.Client(
             base_url=spec.base_url, headers=headers, timeout=TIMEOUT, transport=transport
@@ -228,6 +234,8 @@ class RemoteEngine:
         return MemoryEstimate("remote", 0, 0, 0, 0, None, None)
 
     def inspect(self, model_dir: Path) -> Job[ModelInfo]:
+        if self.folder_inspector is not None:
+            return self.folder_inspector(model_dir)
         return self._submit(self.info)
 
     def estimate(self, config: LoadConfig) -> Job[MemoryEstimate]:

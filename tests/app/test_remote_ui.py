@@ -209,3 +209,12 @@ def test_chat_and_server_take_turns_on_the_engine(qtbot, window, fake_engine: Fa
     switch.refresh()
     assert switch.handle.routes.served.live.alpha == 0.3
     window.remote.server_action.setChecked(False)
+
+
+def test_remote_engine_frees_the_local_model_and_still_inspects_folders(
+    qtbot, remote_window, fake_engine: FakeEngine, user_dirs
+):
+    qtbot.waitUntil(lambda: fake_engine.loaded is None, timeout=5000)
+    folder = user_dirs / "builtin" / "understudy-mini-moe"
+    info = remote_window.bridge.engine.inspect(folder).result(5)
+    assert info.name == folder.name and fake_engine.calls.inspected[-1] == folder
