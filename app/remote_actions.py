@@ -89,6 +89,23 @@ class RemoteActions(QObject):
                 f"{entry.name} ({entry.model} at {entry.base_url})"
             )
             action.triggered.connect(lambda _=False, e=entry: self.use_remote(e))
+        if entries:
+            forget = self.remotes_menu.addMenu("Forget")
+            for entry in entries:
+                action = forget.addAction(entry.name)
+                action.triggered.connect(lambda _=False, e=entry: self.forget(e))
+
+    def forget(self, entry: RemoteEntry) -> None:
+        """Remove a saved remote and its key; back to the local engine if it is in use."""
+        if self.active is not None and self.active.name == entry.name:
+            self.back_to_local()
+        try:
+            self.store.remove(entry.name)
+        except SettingsError as error:
+            self.window.banner.show_message(str(error), "error")
+            return
+        self.keys.delete(entry.key_id)
+        self.window.banner.show_message(f"Forgot the remote engine {entry.name!r}.", "info")
 
     def _server_changed(self, on: bool) -> None:
         if self.server_action.isChecked() != on:

@@ -15,7 +15,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtWidgets import QLabel
 
 from app.settings import to_live_options
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidRequestError
 from engine.server import ServedModel, ServerConfig, ServerHandle
 from engine.server.config import DEFAULT_PORT
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from app.main_window import MainWindow
 
 REFRESH_MS = 500
+PORT_TRIES = 10
 
 
 class ServerSwitch(QObject):
@@ -72,8 +73,7 @@ class ServerSwitch(QObject):
             self._refuse("The server serves a model loaded in this app, not a remote engine.")
             return
         try:
-            handle = ServerHandle(self.window.bridge.engine, model, ServerConfig(port=self.port))
-            self.handle = handle.start()
+            self.handle = self._listen(model).start()
         except EngineError as error:
             self._refuse(f"The server could not start: {error}")
             return
@@ -84,6 +84,18 @@ class ServerSwitch(QObject):
             f"Serving {model.model_id} on {self.handle.url} (this computer only).", "info"
         )
         self.changed.emit(True)
+
+    def _listen(self, model: ServedModel) -> ServerHandle:
+        """The first free port of ``port`` and the next few (another app may hold 8080)."""
+        ports = [self.port] if self.port == 0 else list(range(self.port, self.port + PORT_TRIES))
+        for port in ports:
+            try:
+                return ServerHandle(self.window.bridge.engine, model, ServerConfig(port=port))
+            except InvalidRequestError as error:
+                failure = error
+        raise InvalidRequestError(
+            f"Ports {ports[0]}-{ports[-1]} are all in use on this computer ({failure})."
+        )
 
     def _refuse(self, message: str) -> None:
         self.window.banner.show_message(message, "warning")

@@ -218,3 +218,34 @@ def test_remote_engine_frees_the_local_model_and_still_inspects_folders(
     folder = user_dirs / "builtin" / "understudy-mini-moe"
     info = remote_window.bridge.engine.inspect(folder).result(5)
     assert info.name == folder.name and fake_engine.calls.inspected[-1] == folder
+
+
+def test_saved_remotes_are_listed_and_can_be_forgotten(qtbot, remote_window, fake_engine):
+    actions = remote_window.remote
+    actions._fill_remotes()
+    titles = [a.text() for a in actions.remotes_menu.actions()]
+    assert any(t.startswith("big box (") for t in titles) and "Forget" in titles
+    entry = actions.store.get("big box")
+    assert actions.keys.get(entry.key_id) == "sk-remote-123"
+    actions.forget(entry)
+    qtbot.waitUntil(lambda: remote_window.controller.ready, timeout=5000)
+    assert actions.store.load() == [] and actions.keys.get(entry.key_id) is None
+    assert remote_window.bridge.engine is fake_engine, "forgetting the one in use goes local"
+
+
+def test_server_switch_moves_to_the_next_port_when_one_is_taken(window):
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    switch = window.remote.server
+    switch.port = taken
+    try:
+        window.remote.server_action.setChecked(True)
+        assert switch.on and switch.handle.port != taken
+        assert taken < switch.handle.port < taken + 10
+    finally:
+        window.remote.server_action.setChecked(False)
+        holder.close()
