@@ -231,3 +231,25 @@ def test_a_taken_port_is_reported_in_words(server):
     ):
         pass
     engine.shutdown()
+
+
+def test_unknown_model_id_route_is_404(client):
+    assert_openai_error(client.get("/v1/models/gpt-4o"), 404)
+    assert client.get(f"/v1/models/{MODEL_ID}").json()["id"] == MODEL_ID
+
+
+def test_serves_on_ipv6_loopback_too():
+    import socket
+
+    probe = socket.socket(socket.AF_INET6)
+    try:
+        probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    finally:
+        probe.close()
+    engine = EchoEngine()
+    with running_server(engine, host="::1") as handle:
+        assert handle.url.startswith("http://[::1]:")
+        assert httpx.get(f"{handle.url}/models").json()["data"][0]["id"] == MODEL_ID
+    engine.shutdown()
