@@ -340,3 +340,28 @@ def test_a_live_change_during_an_overriding_request_applies_after_it(real_server
     engine.generate(plain, lambda event: None).result(60)
     assert engine._session.config.live == LiveOptions(policy="lfu"), "the app's change won"
     engine.set_live_options(LiveOptions())
+
+
+def test_a_disconnect_stops_the_real_engine_early(real_server):
+    handle, engine = real_server
+    gate = handle.routes.gate
+    cancelled_before = gate.state().cancelled
+    body = {
+        "model": TINY_ID,
+        "prompt": "The quick brown fox",
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", handle.url + "/completions", json=body) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+    before = engine.stats().tokens
+    deadline = time.monotonic() + 30
+    while gate.state().running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gate.state().running == 0 and gate.state().cancelled == cancelled_before + 1
+    follow = client_for(handle.url).completions.create(model=TINY_ID, prompt="Hi", max_tokens=1)
+    assert follow.usage.completion_tokens == 1
+    assert engine.stats().tokens - before < 100, "the 1500-token generation stopped early"
