@@ -43,6 +43,7 @@ from engine.server.scheduler import EngineGate, Generation, stats_delta
 from engine.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    SamplingFields,
     chat_request,
     completion_request,
 )
@@ -134,35 +135,19 @@ class Routes:
     async def chat(self, request: Request) -> Response:
         body = parse(ChatCompletionRequest, await read_json(request, self.config.max_body_bytes))
         generate = chat_request(body, self.served, self.config.default_max_tokens)
-        return await self._answer(
-            request,
-            generate,
-            out.Reply("chat", self.served.model_id, generate.live or self.served.live),
-            body.stream,
-            body.include_usage,
-        )
+        return await self._answer(request, body, generate, "chat")
 
     async def completions(self, request: Request) -> Response:
         body = parse(CompletionRequest, await read_json(request, self.config.max_body_bytes))
         generate = completion_request(body, self.served, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        return await self._answer(
-            request,
-            generate,
-            out.Reply("text", self.served.model_id, generate.live or self.served.live),
-            body.stream,
-            body.include_usage,
-        )
+        return await self._answer(request, body, generate, "text")
 
     async def _answer(
-        self,
-        request: Request,
-        generate: GenerateRequest,
-        reply: out.Reply,
-        stream: bool,
-        include_usage: bool,
+        self, request: Request, body: SamplingFields, generate: GenerateRequest, kind: out.Kind
     ) -> Response:
-        if stream:
-            events = self._stream(generate, reply, include_usage)
+        reply = out.Reply(kind, self.served.model_id, generate.live or self.served.live)
+        if body.stream:
+            events = self._stream(generate, reply, body.include_usage)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
