@@ -25,6 +25,7 @@ from engine.errors import EngineError
 from engine.events import GenerationFinished, TokenReceived
 
 log = logging.getLogger(__name__)
+WAIT_FOR_LOADING = "No model is loaded yet; wait for loading to finish."
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class ChatController(QObject):
         self.options = options
         self.bridge: EngineBridge | None = None
         self.ready = False
+        self.not_ready_reason = WAIT_FOR_LOADING  # what Send says while ``ready`` is False
         self.conversation: Conversation | None = None
         self.timing = StreamTiming()
         self.task: asyncio.Task[None] | None = None
@@ -117,7 +119,7 @@ class ChatController(QObject):
             self.error_occurred.emit("Wait for the current reply to finish, or press Stop.")
             return False
         if self.bridge is None or not self.ready:
-            self.error_occurred.emit("No model is loaded yet; wait for loading to finish.")
+            self.error_occurred.emit(self.not_ready_reason)
             return False
         return True
 

@@ -30,7 +30,7 @@ from app.about_dialog import AboutDialog
 from app.application import apply_theme
 from app.banner import Banner
 from app.bridge import EngineBridge
-from app.chat_controller import ChatController, RequestOptions
+from app.chat_controller import WAIT_FOR_LOADING, ChatController, RequestOptions
 from app.chat_store import ChatStore
 from app.chat_view import ChatView
 from app.composer import Composer
@@ -80,6 +80,8 @@ class MainWindow(QMainWindow):
         )
         self.model_settings: ModelSettings = settings_store.load_model(self.model_dir)
         self.model_info: ModelInfo | None = None
+        self.working: tuple[Path, ModelSettings] | None = None  # loaded model and its settings
+        self.restoring = False  # loading ``working`` again after a failed switch
         self.dialogs: dict[str, QWidget] = {}
         self._build(telemetry, measure)
         self._menus()
@@ -185,7 +187,9 @@ class MainWindow(QMainWindow):
         self.loader.loaded.connect(self._loaded)
         self.loader.failed.connect(self._load_failed)
         self.loader.cancelled.connect(self._load_cancelled)
-        self.load_dialog.load_anyway.connect(lambda: self.load_model(force=True))
+        self.loader.settings_adjusted.connect(self._settings_adjusted)
+        self.load_dialog.load_anyway.connect(self._load_anyway)
+        self.load_dialog.declined.connect(self._load_declined)
         self.load_dialog.settings_requested.connect(self.show_settings)
 
     # start-up ---------------------------------------------------------------------------
@@ -233,6 +237,7 @@ class MainWindow(QMainWindow):
         if self.controller.generating:
             self.controller.stop()
         self.controller.ready = False
+        self.controller.not_ready_reason = WAIT_FOR_LOADING
         self.model_label.setText(f"Loading {self.model_dir.name}…")
         self.load_dialog.begin(self.model_dir.name)
         self.loader.start(self.model_dir, self.model_settings, force)
@@ -246,12 +251,14 @@ class MainWindow(QMainWindow):
         self.load_model()
 
     def _loaded(self, info: ModelInfo) -> None:
-        self.model_info = info
+        self.model_info, self.working = info, (self.model_dir, self.model_settings)
         self.controller.ready = True
-        self.model_label.setText(f"<b>{info.name}</b>")
+        self._show_model(info)
         self.slider.set_model(self.model_dir, info.name, info.substitution_supported)
         self.slider.set_alpha(self.model_settings.alpha)
-        self._update_title()
+        if self.banner.text == WAIT_FOR_LOADING:
+            self.banner.dismiss()
+        self.restoring = False
         try:
             self.prefs = self.settings_store.remember_model(self.model_dir)
             self.settings_store.save_last_working(self.model_dir, self.model_settings)
@@ -260,14 +267,80 @@ class MainWindow(QMainWindow):
         self.panel.update_readings()
         self.ready.emit("loaded")
 
+    def _show_model(self, info: ModelInfo | None) -> None:
+        """Header label, window title and panel for the model the engine holds now."""
+        self.model_label.setText(f"<b>{info.name}</b>" if info else "No model loaded")
+        self._update_title()
+        self.panel.update_readings()
+
+    def _settings_adjusted(self, settings: ModelSettings, note: str) -> None:
+        self.model_settings = settings
+        if self._save_model_settings():
+            self.banner.show_message(note, "info", (("Settings…", self.show_settings),))
+
     def _load_failed(self, message: str) -> None:
-        self.model_label.setText("No model loaded")
-        self.banner.show_message(message, "error", (("Settings…", self.show_settings),))
+        failed = self.model_dir.name
+        if self.working is not None and not self.loader.unloaded_previous:
+            self._keep_working(f"{failed} was not loaded: {message}")
+        elif self.working is not None and not self.restoring:
+            self._restore_working(f"{failed} could not be loaded: {message}")
+        else:
+            self._no_model(f"{failed} could not be loaded.")
+            self.banner.show_message(message, "error", (("Settings…", self.show_settings),))
         self.ready.emit(message)
 
+    def _keep_working(self, why: str) -> None:
+        """A load stopped before the engine let go of its model: keep using that one."""
+        assert self.working is not None and self.model_info is not None, "a model is loaded"
+        self.model_dir, self.model_settings = self.working
+        self.controller.ready = True
+        self._show_model(self.model_info)
+        self.load_dialog.hide()
+        self.banner.show_message(
+            f"{why}\n{self.model_info.name} is still loaded.",
+            "warning",
+            (("Settings…", self.show_settings),),
+        )
+
+    def _restore_working(self, why: str) -> None:
+        """The engine had already unloaded the working model: load it again, as it was."""
+        assert self.working is not None, "a model was loaded"
+        self.model_dir, self.model_settings = self.working
+        self._no_model(why)
+        self.restoring = True
+        self.load_model()
+        self.banner.show_message(f"{why}\nLoading {self.model_dir.name} again.", "warning")
+
+    def _no_model(self, why: str) -> None:
+        self.model_info = None
+        self.controller.ready = False
+        self.controller.not_ready_reason = (
+            f"No model is loaded: {why} Choose one in Model > Models… or change its settings."
+        )
+        self._show_model(None)
+        self.slider.set_model(None, "")
+
+    def _load_anyway(self) -> None:
+        self.load_dialog.awaiting_choice = False
+        self.load_model(force=True)
+
+    def _load_declined(self) -> None:
+        """Closed at "does not fit": nothing was unloaded, so the working model stays."""
+        if self.working is not None:
+            self._keep_working(f"{self.model_dir.name} was not loaded (it does not fit).")
+        else:
+            self._no_model(f"{self.model_dir.name} does not fit with these settings.")
+
     def _load_cancelled(self) -> None:
-        self.model_label.setText("No model loaded (loading cancelled)")
-        self.banner.show_message("Loading was cancelled. Use Model > Reload to try again.", "info")
+        if self.working is not None and not self.loader.unloaded_previous:
+            self._keep_working("Loading was cancelled.")
+        elif self.working is not None and not self.restoring:
+            self._restore_working("Loading was cancelled.")
+        else:
+            self._no_model("loading was cancelled.")
+            self.banner.show_message(
+                "Loading was cancelled. Use Model > Reload to try again.", "info"
+            )
         self.ready.emit("Loading was cancelled.")
 
     def _engine_stats(self) -> StatsSnapshot | None:
