@@ -35,6 +35,7 @@ class ChatView(QTextBrowser):
         self.conversation: Conversation | None = None
         self.palette_html: Palette = markdown_render.LIGHT
         self.streaming_id: str | None = None
+        self.failure = ""  # the last reply's error, shown under the chat until the next one
         self.render_count = 0
         self._cache: dict[str, tuple[str, str, tuple[CodeBlock, ...]]] = {}
         self._code: dict[str, tuple[CodeBlock, ...]] = {}
@@ -46,6 +47,7 @@ class ChatView(QTextBrowser):
     def set_conversation(self, conversation: Conversation | None) -> None:
         self.conversation = conversation
         self.streaming_id = None
+        self.failure = ""
         self.render_now()
 
     def set_html_palette(self, palette: Palette) -> None:
@@ -73,7 +75,13 @@ class ChatView(QTextBrowser):
     def _document_html(self) -> str:
         if self.conversation is None or not self.conversation.active_path():
             return '<p style="color: gray;">Type a message below to start.</p>'
-        return "".join(self._message_html(m) for m in self.conversation.active_path())
+        body = "".join(self._message_html(m) for m in self.conversation.active_path())
+        return body + self._failure_html()
+
+    def _failure_html(self) -> str:
+        if not self.failure:
+            return ""
+        return f'<p style="color: #c0392b;"><i>{html.escape(self.failure)}</i></p>'
 
     def _message_html(self, message: Message) -> str:
         body, blocks = self._body(message)

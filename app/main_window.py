@@ -82,6 +82,7 @@ class MainWindow(QMainWindow):
         self.model_info: ModelInfo | None = None
         self.working: tuple[Path, ModelSettings] | None = None  # loaded model and its settings
         self.restoring = False  # loading ``working`` again after a failed switch
+        self.ready_status = ""  # the last ``ready`` status ("loaded" or the error shown)
         self.dialogs: dict[str, QWidget] = {}
         self._build(telemetry, measure)
         self._menus()
@@ -183,6 +184,7 @@ class MainWindow(QMainWindow):
         c.generation_started.connect(self._generation_started)
         c.generation_finished.connect(self._generation_finished)
         c.error_occurred.connect(lambda text: self.banner.show_message(text, "warning"))
+        c.generation_failed.connect(self._generation_failed)
         c.conversations_changed.connect(self.sidebar.refresh)
         self.loader.loaded.connect(self._loaded)
         self.loader.failed.connect(self._load_failed)
@@ -265,7 +267,7 @@ class MainWindow(QMainWindow):
         except SettingsError as error:
             self.banner.show_message(str(error), "warning")
         self.panel.update_readings()
-        self.ready.emit("loaded")
+        self._report_ready("loaded")
 
     def _show_model(self, info: ModelInfo | None) -> None:
         """Header label, window title and panel for the model the engine holds now."""
@@ -287,7 +289,7 @@ class MainWindow(QMainWindow):
         else:
             self._no_model(f"{failed} could not be loaded.")
             self.banner.show_message(message, "error", (("Settings…", self.show_settings),))
-        self.ready.emit(message)
+        self._report_ready(message)
 
     def _keep_working(self, why: str) -> None:
         """A load stopped before the engine let go of its model: keep using that one."""
@@ -341,7 +343,11 @@ class MainWindow(QMainWindow):
             self.banner.show_message(
                 "Loading was cancelled. Use Model > Reload to try again.", "info"
             )
-        self.ready.emit("Loading was cancelled.")
+        self._report_ready("Loading was cancelled.")
+
+    def _report_ready(self, status: str) -> None:
+        self.ready_status = status
+        self.ready.emit(status)
 
     def _engine_stats(self) -> StatsSnapshot | None:
         return self.bridge.stats() if self.controller.ready else None
@@ -491,6 +497,10 @@ class MainWindow(QMainWindow):
         if self.controller.conversation is not None:
             self.sidebar.select(self.controller.conversation.id)
 
+    def _generation_failed(self, message: str) -> None:
+        actions = (("Retry", self.regenerate), ("Settings…", self.show_settings))
+        self.banner.show_message(message, "warning", actions)
+
     def export_current(self) -> None:
         if self.controller.conversation is not None:
             self.export_conversation(self.controller.conversation.id)
@@ -537,7 +547,7 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"Understudy — {name}")
 
     def closeEvent(self, event: QCloseEvent) -> None:
-        self.controller.stop()
+        self.controller.close()
         self.loader.cancel()
         for dialog in self.dialogs.values():
             dialog.close()
