@@ -27,6 +27,7 @@ class ConversationList(QWidget):
     def __init__(self, store: ChatStore, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.store = store
+        self.current_id: str | None = None  # the chat shown; selected whenever it is listed
         self.new_button = QPushButton("New chat")
         self.search = QLineEdit()
         self.search.setPlaceholderText("Search all chats (Ctrl+F)")
@@ -57,6 +58,8 @@ class ConversationList(QWidget):
         else:
             for summary in self.store.list_conversations():
                 self._add(summary.id, summary.title, editable=True)
+        if self.current_id is not None:
+            self._select_row(self.current_id)
         self.items.blockSignals(False)
 
     def _add(self, conversation_id: str, text: str, editable: bool) -> None:
@@ -67,6 +70,12 @@ class ConversationList(QWidget):
         self.items.addItem(item)
 
     def select(self, conversation_id: str) -> None:
+        """Mark the chat shown; its row is selected now and after every refresh."""
+        self.current_id = conversation_id
+        self._select_row(conversation_id)
+
+    def _select_row(self, conversation_id: str) -> None:
+        self.items.clearSelection()
         for row in range(self.items.count()):
             item = self.items.item(row)
             if item.data(ID_ROLE) == conversation_id:

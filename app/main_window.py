@@ -11,8 +11,15 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QShortcut
+from PySide6.QtCore import QStandardPaths, Qt, Signal
+from PySide6.QtGui import (
+    QAction,
+    QActionGroup,
+    QCloseEvent,
+    QGuiApplication,
+    QKeySequence,
+    QShortcut,
+)
 from PySide6.QtWidgets import (
     QApplication,
     QFileDialog,
@@ -36,12 +43,13 @@ from app.chat_view import ChatView
 from app.composer import Composer
 from app.conversation_list import ConversationList
 from app.crash_guard import CrashGuard
-from app.export import export_to
+from app.export import default_export_path, export_to
 from app.library_dialog import LibraryDialog
 from app.load_dialog import LoadDialog
 from app.loader import ModelLoader
 from app.panel import LivePanel
 from app.settings import (
+    THEMES,
     AppPrefs,
     ModelSettings,
     SettingsError,
@@ -57,6 +65,13 @@ from engine.events import GenerationFinished, ModelInfo, StatsSnapshot
 from engine.paths import builtin_model_dir
 
 log = logging.getLogger(__name__)
+
+
+def documents_folder() -> Path:
+    """The user's documents folder (home when the platform has none)."""
+    location = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.DocumentsLocation)
+    folder = Path(location) if location else Path.home()
+    return folder if folder.is_dir() else Path.home()
 
 
 class MainWindow(QMainWindow):
@@ -88,6 +103,8 @@ class MainWindow(QMainWindow):
         self._menus()
         self._shortcuts()
         self._connect()
+        self.banner.return_focus = self.composer.text
+        QGuiApplication.styleHints().colorSchemeChanged.connect(self._system_theme_changed)
         self.apply_prefs(self.prefs)
         self.resize(1280, 800)
         self._update_title()
@@ -145,14 +162,23 @@ class MainWindow(QMainWindow):
         self._action("&Model", "Models…", self.show_library)
         self._action("&Model", "Settings…", self.show_settings, "Ctrl+,")
         self._action("&Model", "Reload", self.reload_model)
-        for theme in ("system", "light", "dark"):
-            self._action(
-                "&View", f"{theme.title()} theme", lambda _=False, t=theme: self.set_theme(t)
-            )
+        self._theme_actions()
         self._action("&View", "Larger text", lambda: self.change_font(1), "Ctrl++")
         self._action("&View", "Smaller text", lambda: self.change_font(-1), "Ctrl+-")
         self._action("&View", "Show/hide live panel", self.toggle_panel)
         self._action("&Help", "About Understudy", self.show_about)
+
+    def _theme_actions(self) -> None:
+        """System / Light / Dark as one exclusive, checked group in the View menu."""
+        self.theme_group = QActionGroup(self)
+        self.theme_actions: dict[str, QAction] = {}
+        for theme in THEMES:
+            title = "Follow the system theme" if theme == "system" else f"{theme.title()} theme"
+            action = self._action("&View", title, lambda _=False, t=theme: self.set_theme(t))
+            action.setCheckable(True)
+            self.theme_group.addAction(action)
+            self.theme_actions[theme] = action
+        self.menus["&View"].addSeparator()
 
     def _shortcuts(self) -> None:
         bindings = {
@@ -409,6 +435,12 @@ class MainWindow(QMainWindow):
         app = QApplication.instance()
         if isinstance(app, QApplication):
             self.chat_view.set_html_palette(apply_theme(app, prefs.theme, prefs.font_size))
+        self.theme_actions[prefs.theme].setChecked(True)
+
+    def _system_theme_changed(self) -> None:
+        """The OS switched light/dark: follow it when the theme is "system"."""
+        if self.prefs.theme == "system":
+            self.apply_prefs(self.prefs)
 
     def _update_prefs(self, prefs: AppPrefs) -> None:
         self.prefs = prefs
@@ -506,15 +538,17 @@ class MainWindow(QMainWindow):
             self.export_conversation(self.controller.conversation.id)
 
     def export_conversation(self, conversation_id: str, path: Path | None = None) -> None:
+        conversation = self.chat_store.load(conversation_id)
         if path is None:
+            suggested = default_export_path(conversation.title, documents_folder())
             name, _ = QFileDialog.getSaveFileName(
-                self, "Export chat", "chat.md", "Markdown (*.md);;JSON (*.json)"
+                self, "Export chat", str(suggested), "Markdown (*.md);;JSON (*.json)"
             )
             if not name:
                 return
             path = Path(name)
         try:
-            export_to(self.chat_store.load(conversation_id), path)
+            export_to(conversation, path)
         except (OSError, ValueError) as error:
             self.banner.show_message(f"Could not export the chat: {error}", "error")
             return
@@ -523,9 +557,13 @@ class MainWindow(QMainWindow):
     # other windows ----------------------------------------------------------------------
 
     def show_library(self) -> None:
-        dialog = LibraryDialog(self.bridge, self.prefs.model_folders, self.hf_cache, self)
+        loaded = self.working[0] if self.working is not None else None
+        dialog = LibraryDialog(
+            self.bridge, self.prefs.model_folders, self.hf_cache, self, loaded=loaded
+        )
         dialog.load_requested.connect(self.switch_model)
         dialog.folder_added.connect(self._folder_added)
+        dialog.folder_removed.connect(self._folder_removed)
         self.dialogs["library"] = dialog
         dialog.show()
         dialog.rescan()
@@ -533,6 +571,12 @@ class MainWindow(QMainWindow):
     def _folder_added(self, folder: str) -> None:
         folders = (*self.prefs.model_folders, folder)
         self._update_prefs(replace(self.prefs, model_folders=folders))
+
+    def _folder_removed(self, folder: str) -> None:
+        kept = tuple(
+            p for p in self.prefs.model_folders if Path(p).resolve() != Path(folder).resolve()
+        )
+        self._update_prefs(replace(self.prefs, model_folders=kept))
 
     def show_about(self) -> None:
         dialog = AboutDialog(self)

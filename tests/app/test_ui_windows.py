@@ -40,7 +40,7 @@ def test_models_window_lists_builtin_and_hf_cache_with_engine_details(
     dialog = open_library(window)
     qtbot.waitUntil(lambda: cell(dialog, 1, 5) == "2", timeout=5000)
     assert [cell(dialog, r, 0) for r in range(2)] == [
-        "understudy-mini-moe",
+        "● understudy-mini-moe (loaded)",
         "mistralai/Mixtral-8x7B",
     ]
     assert cell(dialog, 1, 1) == "Hugging Face cache"
