@@ -119,6 +119,7 @@ class LibraryDialog(QDialog):
         if not self.is_loaded(entry):
             return
         item = self.table.item(row, 0)
+        assert item is not None, "rescan fills every cell"
         item.setText(LOADED_MARK + entry.name + " (loaded)")
         font = QFont(item.font())
         font.setBold(True)
