@@ -9,6 +9,7 @@ from PySide6.QtWidgets import (
     QListWidgetItem,
     QMenu,
     QPushButton,
+    QStyle,
     QVBoxLayout,
     QWidget,
 )
@@ -29,6 +30,7 @@ class ConversationList(QWidget):
         self.store = store
         self.current_id: str | None = None  # the chat shown; selected whenever it is listed
         self.new_button = QPushButton("New chat")
+        self.new_button.setIcon(self.style().standardIcon(QStyle.StandardPixmap.SP_FileIcon))
         self.search = QLineEdit()
         self.search.setPlaceholderText("Search all chats (Ctrl+F)")
         self.search.setClearButtonEnabled(True)
@@ -36,8 +38,9 @@ class ConversationList(QWidget):
         self.items.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.items.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.items.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.items.setStyleSheet("QListWidget::item { padding: 6px 4px; }")
         layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setContentsMargins(6, 6, 0, 6)
         for widget in (self.new_button, self.search, self.items):
             layout.addWidget(widget)
         self.new_button.clicked.connect(self.new_requested)

@@ -22,6 +22,7 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import (
     QApplication,
+    QComboBox,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -47,6 +48,7 @@ from app.export import default_export_path, export_to
 from app.library_dialog import LibraryDialog
 from app.load_dialog import LoadDialog
 from app.loader import ModelLoader
+from app.model_library import all_models
 from app.panel import LivePanel
 from app.settings import (
     THEMES,
@@ -65,6 +67,7 @@ from engine.events import GenerationFinished, ModelInfo, StatsSnapshot
 from engine.paths import builtin_model_dir
 
 log = logging.getLogger(__name__)
+OTHER_MODELS = "other-models"  # the picker's last entry: opens the Models window
 
 
 def documents_folder() -> Path:
@@ -119,7 +122,11 @@ class MainWindow(QMainWindow):
         self.slider = ImportanceSlider(measure)
         self.system_prompt = QLineEdit()
         self.system_prompt.setPlaceholderText("System prompt for this chat")
-        self.model_label = QLabel("No model loaded")
+        self.model_label = QLabel("No model loaded")  # loading state next to the picker
+        self.model_picker = QComboBox()
+        self.model_picker.setToolTip("The model replies come from; choose another to load it")
+        self.model_picker.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+        self.model_picker.activated.connect(self._model_picked)
         self.controller = ChatController(self.chat_store, self.chat_view, self.request_options)
         self.controller.bridge = self.bridge
         self.loader = ModelLoader(self.bridge)
@@ -129,10 +136,13 @@ class MainWindow(QMainWindow):
 
     def _splitter(self) -> QSplitter:
         header = QHBoxLayout()
+        header.addWidget(self.model_picker)
         header.addWidget(self.model_label)
+        header.addSpacing(12)
         header.addWidget(self.system_prompt, 1)
         center = QWidget()
         column = QVBoxLayout(center)
+        column.setContentsMargins(10, 8, 10, 8)
         column.addWidget(self.banner)
         column.addLayout(header)
         column.addWidget(self.slider)
@@ -297,9 +307,35 @@ class MainWindow(QMainWindow):
 
     def _show_model(self, info: ModelInfo | None) -> None:
         """Header label, window title and panel for the model the engine holds now."""
-        self.model_label.setText(f"<b>{info.name}</b>" if info else "No model loaded")
+        self.model_label.setText("" if info else "No model loaded")
+        self.fill_model_picker()
         self._update_title()
         self.panel.update_readings()
+
+    def fill_model_picker(self) -> None:
+        """The library's models, the loaded one shown; "Other models…" opens the library."""
+        loaded = self.working[0] if self.working and self.model_info else None
+        picker = self.model_picker
+        picker.blockSignals(True)
+        picker.clear()
+        for entry in all_models(self.prefs.model_folders, self.hf_cache):
+            picker.addItem(entry.name, str(entry.path))
+            if loaded is not None and entry.path.resolve() == loaded.resolve():
+                picker.setCurrentIndex(picker.count() - 1)
+        if loaded is None:
+            picker.insertItem(0, "No model loaded", "")
+            picker.setCurrentIndex(0)
+        picker.insertSeparator(picker.count())
+        picker.addItem("Other models…", OTHER_MODELS)
+        picker.blockSignals(False)
+
+    def _model_picked(self, index: int) -> None:
+        target = self.model_picker.itemData(index)
+        if target == OTHER_MODELS:
+            self.fill_model_picker()  # show the loaded model again, then open the library
+            self.show_library()
+        elif target and (self.working is None or Path(target) != self.working[0]):
+            self.switch_model(target)
 
     def _settings_adjusted(self, settings: ModelSettings, note: str) -> None:
         self.model_settings = settings
@@ -571,12 +607,14 @@ class MainWindow(QMainWindow):
     def _folder_added(self, folder: str) -> None:
         folders = (*self.prefs.model_folders, folder)
         self._update_prefs(replace(self.prefs, model_folders=folders))
+        self.fill_model_picker()
 
     def _folder_removed(self, folder: str) -> None:
         kept = tuple(
             p for p in self.prefs.model_folders if Path(p).resolve() != Path(folder).resolve()
         )
         self._update_prefs(replace(self.prefs, model_folders=kept))
+        self.fill_model_picker()
 
     def show_about(self) -> None:
         dialog = AboutDialog(self)

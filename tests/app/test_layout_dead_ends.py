@@ -154,3 +154,40 @@ def test_export_suggests_the_documents_folder_and_the_title(
     path = Path(suggested[0])
     assert path.name == "Plan a trip to Lyon.md"
     assert path.parent.is_absolute() and path.parent != Path.cwd()
+
+
+def test_the_message_box_grows_with_its_text_up_to_a_limit(window: MainWindow) -> None:
+    box = window.composer.text
+    empty = box.height()
+    box.setPlainText("one\ntwo\nthree\nfour\nfive")
+    assert box.height() > empty and window.composer.lines_shown() == 5
+    box.setPlainText("\n".join(str(i) for i in range(40)))
+    assert window.composer.lines_shown() == 8, "then it scrolls"
+    box.clear()
+    assert box.height() == empty
+
+
+def test_the_header_model_picker_shows_and_switches_the_model(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    picker = window.model_picker
+    assert picker.currentText() == "understudy-mini-moe"
+    folder = write_model_folder(user_dirs / "mine" / "olmoe")
+    window._folder_added(str(folder))
+    index = picker.findText("olmoe")
+    assert index >= 0 and picker.findText("Other models…") == picker.count() - 1
+    picker.setCurrentIndex(index)
+    picker.activated.emit(index)
+    qtbot.waitUntil(lambda: fake_engine.calls.loads[-1].model_dir == folder, timeout=5000)
+    qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
+    assert picker.currentText() == "olmoe"
+
+
+def test_the_transcript_keeps_a_readable_line_length(qtbot: Any, window: MainWindow) -> None:
+    from app.chat_view import MAX_LINE_PX
+
+    window.resize(2400, 900)
+    qtbot.wait(50)
+    view = window.chat_view
+    column = view.viewport().width() - 2 * view.side_margin()
+    assert column <= MAX_LINE_PX + 1 and view.side_margin() > 16

@@ -33,7 +33,7 @@ def test_a_broken_model_folder_keeps_the_working_model_loaded(
     assert fake_engine.loaded is not None and fake_engine.loaded.name == "understudy-mini-moe"
     assert window.controller.ready
     assert "understudy-mini-moe" in window.windowTitle()
-    assert "understudy-mini-moe" in window.model_label.text()
+    assert window.model_picker.currentText() == "understudy-mini-moe"
     assert "broken-moe was not loaded" in window.banner.text
     assert "config.json is not a JSON object" in window.banner.text
     assert "understudy-mini-moe is still loaded" in window.banner.text

@@ -19,7 +19,7 @@ def test_first_start_loads_the_builtin_model(
     window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
 ) -> None:
     assert fake_engine.calls.loads[0].model_dir == user_dirs / "builtin" / "understudy-mini-moe"
-    assert window.controller.ready and "understudy-mini-moe" in window.model_label.text()
+    assert window.controller.ready and window.model_picker.currentText() == "understudy-mini-moe"
     assert not window.load_dialog.isVisible()
 
 

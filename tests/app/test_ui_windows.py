@@ -64,7 +64,7 @@ def test_add_folder_checks_it_remembers_it_and_loads_it(
     dialog._load_selected()
     qtbot.waitUntil(lambda: fake_engine.calls.loads[-1].model_dir == folder, timeout=5000)
     qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
-    assert window.model_label.text() == "<b>olmoe</b>"
+    assert window.model_picker.currentText() == "olmoe" and window.model_label.text() == ""
     assert window.prefs.last_model == str(folder)
 
 
