@@ -38,7 +38,7 @@ class ConversationList(QWidget):
         self.items.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.items.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.items.setTextElideMode(Qt.TextElideMode.ElideRight)
-        self.items.setStyleSheet("QListWidget::item { padding: 6px 4px; }")
+        self.items.setSpacing(3)  # a style sheet here would stop the list following the theme
         layout = QVBoxLayout(self)
         layout.setContentsMargins(6, 6, 0, 6)
         for widget in (self.new_button, self.search, self.items):
