@@ -211,7 +211,8 @@ class ChatController(QObject):
             return
         current = conversation.messages[reply_id]
         note = " ".join(n for n in (current.note, CLOSED) if n)
-        self.store.save_message(conversation, conversation.update(reply_id, note=note))
+        saved = conversation.update(reply_id, note=note, finished=True)
+        self.store.save_message(conversation, saved)
 
     def _start(self, parent_id: str) -> None:
         assert self.bridge is not None, "checked in _can_generate"

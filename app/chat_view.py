@@ -72,6 +72,7 @@ class ChatView(QTextBrowser):
         self.streaming_id = None
         self.failure = ""
         self.render_now()
+        self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())  # latest first
 
     @property
     def look(self) -> Look:
@@ -93,8 +94,11 @@ class ChatView(QTextBrowser):
             root.setFrameFormat(frame)
 
     def resizeEvent(self, event: QResizeEvent) -> None:
+        follow = self.at_bottom()  # e.g. a banner appeared above: keep the latest in view
         super().resizeEvent(event)
         self._apply_margins()
+        if follow:
+            self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
 
     def set_html_palette(self, palette: Palette) -> None:
         self.palette_html = palette

@@ -106,6 +106,7 @@ class MainWindow(QMainWindow):
         self._menus()
         self._shortcuts()
         self._connect()
+        self.fill_model_picker()
         self.banner.return_focus = self.composer.text
         QGuiApplication.styleHints().colorSchemeChanged.connect(self._system_theme_changed)
         self.apply_prefs(self.prefs)
@@ -122,7 +123,7 @@ class MainWindow(QMainWindow):
         self.slider = ImportanceSlider(measure)
         self.system_prompt = QLineEdit()
         self.system_prompt.setPlaceholderText("System prompt for this chat")
-        self.model_label = QLabel("No model loaded")  # loading state next to the picker
+        self.model_label = QLabel()  # "Loading …" next to the picker while a model loads
         self.model_picker = QComboBox()
         self.model_picker.setToolTip("The model replies come from; choose another to load it")
         self.model_picker.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
@@ -307,7 +308,7 @@ class MainWindow(QMainWindow):
 
     def _show_model(self, info: ModelInfo | None) -> None:
         """Header label, window title and panel for the model the engine holds now."""
-        self.model_label.setText("" if info else "No model loaded")
+        self.model_label.setText("")  # the picker says which model, or "No model loaded"
         self.fill_model_picker()
         self._update_title()
         self.panel.update_readings()

@@ -191,3 +191,25 @@ def test_the_transcript_keeps_a_readable_line_length(qtbot: Any, window: MainWin
     view = window.chat_view
     column = view.viewport().width() - 2 * view.side_margin()
     assert column <= MAX_LINE_PX + 1 and view.side_margin() > 16
+
+
+def test_an_opened_chat_shows_its_latest_message_even_after_a_banner(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine
+) -> None:
+    window = make_window()
+    fake_engine.replies = iter([" ".join(["line"] * 400)] * 6)
+    for number in range(3):
+        send(qtbot, window, f"question {number}")
+    chat = window.controller.conversation.id  # type: ignore[union-attr]
+    window.new_chat()
+    window.open_conversation(chat)
+    window.banner.show_message("A banner that takes room above the chat", "info")
+    qtbot.wait(50)
+    bar = window.chat_view.verticalScrollBar()
+    assert bar.maximum() > 0 and bar.value() == bar.maximum()
+
+
+def test_the_model_picker_is_filled_before_any_model_loads(make_window: Any) -> None:
+    window = make_window(start=False)
+    assert window.model_picker.currentText() == "No model loaded"
+    assert window.model_picker.findText("understudy-mini-moe") >= 0

@@ -79,7 +79,7 @@ def test_closing_the_window_mid_reply_keeps_the_partial_reply(
     window.close()
     path = stored_reply(user_dirs, conversation.id)
     assert path[-1].role == "assistant" and path[-1].content.startswith("word0")
-    assert CLOSED in path[-1].note
+    assert CLOSED in path[-1].note and path[-1].finished, "not reported again as interrupted"
 
 
 def test_a_failed_generation_leaves_no_branch_and_retry_answers(
