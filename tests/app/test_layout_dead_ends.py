@@ -213,3 +213,36 @@ def test_the_model_picker_is_filled_before_any_model_loads(make_window: Any) -> 
     window = make_window(start=False)
     assert window.model_picker.currentText() == "No model loaded"
     assert window.model_picker.findText("understudy-mini-moe") >= 0
+
+
+def clipped_texts(root: Any) -> list[str]:
+    """Visible labels and buttons narrower (or, wrapped, shorter) than their text needs."""
+    from PySide6.QtWidgets import QAbstractButton
+
+    found = []
+    for label in root.findChildren(QLabel):
+        if label.isVisible() and label.text() and not shows_whole_text(label):
+            found.append(f"label {label.text()!r}")
+    for button in root.findChildren(QAbstractButton):
+        if button.isVisible() and button.text() and button.width() < button.sizeHint().width():
+            found.append(f"button {button.text()!r}")
+    return found
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (1920, 1080)])
+def test_no_text_is_clipped_in_the_main_window_and_dialogs(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, size: tuple[int, int]
+) -> None:
+    send(qtbot, window, "hello")
+    window.banner.show_message("Adjusted so replies can be generated: " + "x " * 60, "info")
+    window.resize(*size)
+    qtbot.wait(100)
+    assert clipped_texts(window) == []
+    window.show_settings()
+    dialog = window.dialogs["settings"]
+    qtbot.waitUntil(lambda: "memory: needs" in dialog.fit_label.text(), timeout=5000)  # type: ignore[attr-defined]
+    qtbot.wait(100)
+    assert clipped_texts(dialog) == []
+    library = open_library(window)
+    qtbot.wait(100)
+    assert clipped_texts(library) == []
