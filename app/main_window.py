@@ -68,6 +68,9 @@ from engine.paths import builtin_model_dir
 
 log = logging.getLogger(__name__)
 OTHER_MODELS = "other-models"  # the picker's last entry: opens the Models window
+RECOVERY_QUESTION = (
+    "Understudy did not close properly last time. Load the last settings that worked?"
+)
 
 
 def documents_folder() -> Path:
@@ -220,7 +223,7 @@ class MainWindow(QMainWindow):
         c = self.controller
         c.generation_started.connect(self._generation_started)
         c.generation_finished.connect(self._generation_finished)
-        c.error_occurred.connect(lambda text: self.banner.show_message(text, "warning"))
+        c.error_occurred.connect(self._chat_error)
         c.generation_failed.connect(self._generation_failed)
         c.conversations_changed.connect(self.sidebar.refresh)
         self.loader.loaded.connect(self._loaded)
@@ -246,14 +249,25 @@ class MainWindow(QMainWindow):
         elif auto_recover:
             self.use_last_working()
         else:
-            self.banner.show_message(
-                "Understudy did not close properly last time. Load the last settings that worked?",
-                "warning",
-                (
-                    ("Use last working settings", self.use_last_working),
-                    ("Load current settings", self.load_model),
-                ),
-            )
+            self.controller.not_ready_reason = RECOVERY_QUESTION
+            self.offer_recovery()
+
+    def offer_recovery(self) -> None:
+        """Ask which settings to load after a crash (again, if Send was tried meanwhile)."""
+        self.banner.show_message(
+            RECOVERY_QUESTION,
+            "warning",
+            (
+                ("Use last working settings", self.use_last_working),
+                ("Load current settings", self.load_model),
+            ),
+        )
+
+    def _chat_error(self, text: str) -> None:
+        if text == RECOVERY_QUESTION:
+            self.offer_recovery()  # keep the choice on screen: nothing loads until it is made
+        else:
+            self.banner.show_message(text, "warning")
 
     def use_last_working(self) -> None:
         last = self.settings_store.load_last_working()

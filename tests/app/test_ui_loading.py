@@ -96,6 +96,10 @@ def test_last_working_settings_are_remembered_and_offered_after_a_crash(
     window.start(CrashGuard(config))
     assert "did not close properly" in window.banner.text
     assert len(fake_engine.calls.loads) == loads_before, "no automatic load after a crash"
+    window.composer.text.setPlainText("hello?")
+    window.composer.submit()  # Send before choosing: the choice stays on screen
+    assert "did not close properly" in window.banner.text
+    assert "wait for loading" not in window.banner.text
     offer = next(b for b in window.banner.buttons if b.text() == "Use last working settings")
     qtbot.mouseClick(offer, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
