@@ -246,3 +246,18 @@ def test_no_text_is_clipped_in_the_main_window_and_dialogs(
     library = open_library(window)
     qtbot.wait(100)
     assert clipped_texts(library) == []
+
+
+def test_the_system_theme_is_followed_when_the_os_switches(
+    window: MainWindow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.application as application
+    from app import markdown_render
+
+    window.set_theme("system")
+    monkeypatch.setattr(application, "system_prefers_dark", lambda _app: True)
+    window._system_theme_changed()  # what the OS's colour-scheme signal calls
+    assert window.chat_view.palette_html is markdown_render.DARK
+    window.set_theme("light")
+    window._system_theme_changed()
+    assert window.chat_view.palette_html is markdown_render.LIGHT, "an explicit theme stays"
