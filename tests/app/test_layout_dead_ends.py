@@ -197,6 +197,7 @@ def test_an_opened_chat_shows_its_latest_message_even_after_a_banner(
     qtbot: Any, make_window: Any, fake_engine: FakeEngine
 ) -> None:
     window = make_window()
+    fake_engine.token_delay = 0.0  # long replies, quickly (the test is about scrolling)
     fake_engine.replies = iter([" ".join(["line"] * 400)] * 6)
     for number in range(3):
         send(qtbot, window, f"question {number}")
@@ -204,8 +205,8 @@ def test_an_opened_chat_shows_its_latest_message_even_after_a_banner(
     window.new_chat()
     window.open_conversation(chat)
     window.banner.show_message("A banner that takes room above the chat", "info")
-    qtbot.wait(50)
     bar = window.chat_view.verticalScrollBar()
+    qtbot.wait(50)
     assert bar.maximum() > 0 and bar.value() == bar.maximum()
 
 
