@@ -198,9 +198,11 @@ def test_an_opened_chat_shows_its_latest_message_even_after_a_banner(
 ) -> None:
     window = make_window()
     fake_engine.token_delay = 0.0  # long replies, quickly (the test is about scrolling)
-    fake_engine.replies = iter([" ".join(["line"] * 400)] * 6)
+    fake_engine.replies = iter([" ".join(["line"] * 150)] * 6)
     for number in range(3):
-        send(qtbot, window, f"question {number}")
+        window.composer.text.setPlainText(f"question {number}")
+        window.composer.submit()
+        qtbot.waitUntil(lambda: not window.controller.generating, timeout=30_000)
     chat = window.controller.conversation.id  # type: ignore[union-attr]
     window.new_chat()
     window.open_conversation(chat)
