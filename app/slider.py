@@ -67,7 +67,10 @@ class ImportanceSlider(QWidget):
         self.curve_label = QLabel("no model loaded")
         self.curve_label.setWordWrap(True)
         self.measure_button = QPushButton("Measure")
-        self.measure_button.setToolTip("Measure speed and fidelity at four α (a few minutes).")
+        self.measure_button.setToolTip(
+            "Measure speed and fidelity at four α in a separate process (minutes; on a CPU "
+            "more than ten): progress and time left are shown, Cancel stops it."
+        )
         self.measure_button.clicked.connect(self.start_measure)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)
