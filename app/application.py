@@ -15,6 +15,8 @@ from app import markdown_render
 from app.markdown_render import Palette
 from engine.paths import resources_dir
 
+APP_ID = "understudy"
+
 DARK_COLORS = {
     QPalette.ColorRole.Window: "#26292e",
     QPalette.ColorRole.WindowText: "#e6e6e6",
@@ -37,13 +39,22 @@ def create_application(argv: Sequence[str] | None = None) -> QApplication:
     existing = QApplication.instance()
     if isinstance(existing, QApplication):
         return existing
-    app = QApplication(list(argv if argv is not None else sys.argv))
+    app = QApplication(qt_arguments(argv if argv is not None else sys.argv))
     app.setApplicationName("Understudy")
     app.setOrganizationName("Understudy")
-    app.setDesktopFileName("understudy")  # matches the installed .desktop file (Wayland icon)
+    app.setDesktopFileName(APP_ID)  # matches the installed .desktop file (Wayland icon)
     app.setWindowIcon(app_icon())
     app.setStyle("Fusion")
     return app
+
+
+def qt_arguments(argv: Sequence[str]) -> list[str]:
+    """The arguments for Qt, with the program named ``understudy``.
+
+    X11 takes the window class (what task bars and ``xprop WM_CLASS`` show) from the program
+    name, which under ``python -m app`` would be ``__main__.py``.
+    """
+    return [APP_ID, *list(argv)[1:]]
 
 
 def app_icon() -> QIcon:

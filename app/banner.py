@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QPushButton, QWidget
+from PySide6.QtWidgets import QApplication, QFrame, QHBoxLayout, QLabel, QPushButton, QWidget
 
 COLORS = {"error": "#f8d7da", "warning": "#fff3cd", "info": "#d1ecf1"}
 TEXT_COLOR = "#1b1e21"
@@ -22,6 +22,7 @@ class Banner(QFrame):
         self.row = QHBoxLayout(self)
         self.row.addWidget(self.label, 1)
         self.buttons: list[QPushButton] = []
+        self.return_focus: QWidget | None = None  # gets the focus back when a button had it
         self.close_button = QPushButton("Dismiss")
         self.close_button.clicked.connect(self.dismiss)
         self.row.addWidget(self.close_button)
@@ -58,5 +59,9 @@ class Banner(QFrame):
         self.buttons = []
 
     def dismiss(self) -> None:
+        focus = QApplication.focusWidget()
+        had_focus = focus is not None and (focus is self or self.isAncestorOf(focus))
+        if had_focus and self.return_focus is not None:
+            self.return_focus.setFocus()  # before hiding, or Qt moves it to the next field
         self._clear_buttons()
         self.setVisible(False)

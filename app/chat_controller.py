@@ -1,8 +1,12 @@
 """Chat logic between the widgets, the conversation tree, the store and the engine.
 
 Send, Stop, Regenerate, Edit and branch switching live here so the main window stays thin.
-Replies stream from ``EngineBridge.generate`` on the qasync loop; each finished message is
-committed to the store at once.
+Replies stream from ``EngineBridge.generate`` on the qasync loop. A reply is committed to the
+store with its first token and then at most every ``SAVE_INTERVAL_S`` while it streams, so a
+killed app keeps the partial reply (shown as interrupted when the chat is opened again);
+Stop and closing the window keep it too, marked. A generation that fails before its first
+token leaves no message behind: the error is shown and Regenerate (or Retry) answers the
+user's message again.
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ from app.chat_view import ChatView
 from app.conversation import Conversation, Message, title_from
 from app.tasks import start_task
 from engine.config import GenerateRequest, SamplingConfig
-from engine.errors import EngineError
+from engine.errors import CancelledError, EngineError
 from engine.events import GenerationFinished, TokenReceived
 
 log = logging.getLogger(__name__)
+WAIT_FOR_LOADING = "No model is loaded yet; wait for loading to finish."
+SAVE_INTERVAL_S = 1.0
+INTERRUPTED = "Interrupted: Understudy stopped before this reply finished."
+CLOSED = "Stopped: the window was closed during this reply."
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,7 @@ class ChatController(QObject):
     token_streamed = Signal()
     generation_finished = Signal(object)  # GenerationFinished | None
     error_occurred = Signal(str)
+    generation_failed = Signal(str)  # the message; nothing was kept of the reply
     conversations_changed = Signal()
 
     def __init__(
@@ -85,10 +94,13 @@ class ChatController(QObject):
         self.options = options
         self.bridge: EngineBridge | None = None
         self.ready = False
+        self.not_ready_reason = WAIT_FOR_LOADING  # what Send says while ``ready`` is False
         self.conversation: Conversation | None = None
         self.timing = StreamTiming()
         self.task: asyncio.Task[None] | None = None
         self._events: JobEvents | None = None
+        self._reply_id: str | None = None  # the reply streaming now
+        self._saved_at = 0.0
         view.regenerate_requested.connect(self.regenerate)
         view.branch_requested.connect(self.step_branch)
 
@@ -105,7 +117,16 @@ class ChatController(QObject):
 
     def open(self, conversation_id: str) -> None:
         self.conversation = self.store.load(conversation_id)
+        self._mark_interrupted(self.conversation)
         self.view.set_conversation(self.conversation)
+
+    def _mark_interrupted(self, conversation: Conversation) -> None:
+        """Replies left unfinished by a killed app: keep them, say so."""
+        for message in list(conversation.messages.values()):
+            if not message.finished:
+                note = " ".join(n for n in (message.note, INTERRUPTED) if n)
+                saved = conversation.update(message.id, note=note, finished=True)
+                self.store.save_message(conversation, saved)
 
     def set_system_prompt(self, text: str) -> None:
         if self.conversation is not None:
@@ -117,7 +138,7 @@ class ChatController(QObject):
             self.error_occurred.emit("Wait for the current reply to finish, or press Stop.")
             return False
         if self.bridge is None or not self.ready:
-            self.error_occurred.emit("No model is loaded yet; wait for loading to finish.")
+            self.error_occurred.emit(self.not_ready_reason)
             return False
         return True
 
@@ -147,6 +168,10 @@ class ChatController(QObject):
         """A new reply next to ``message_id`` (default: the last reply on the active path)."""
         if self.conversation is None or not self._can_generate():
             return False
+        unanswered = self._unanswered_id() if not message_id else None
+        if unanswered is not None:  # e.g. the last reply failed: answer the question again
+            self._start(unanswered)
+            return True
         target = message_id or self._last_reply_id()
         if target is None:
             self.error_occurred.emit("There is no reply to regenerate yet.")
@@ -156,6 +181,11 @@ class ChatController(QObject):
             return False
         self._start(parent_id)
         return True
+
+    def _unanswered_id(self) -> str | None:
+        assert self.conversation is not None, "regenerate needs a chat"
+        path = self.conversation.active_path()
+        return path[-1].id if path and path[-1].role == "user" else None
 
     def _last_reply_id(self) -> str | None:
         assert self.conversation is not None, "regenerate needs a chat"
@@ -173,6 +203,17 @@ class ChatController(QObject):
         if self._events is not None and self._events.job is not None:
             self._events.job.cancel()
 
+    def close(self) -> None:
+        """The window is closing: stop, and commit the partial reply now, marked."""
+        self.stop()
+        conversation, reply_id = self.conversation, self._reply_id
+        if conversation is None or reply_id is None or reply_id not in conversation.messages:
+            return
+        current = conversation.messages[reply_id]
+        note = " ".join(n for n in (current.note, CLOSED) if n)
+        saved = conversation.update(reply_id, note=note, finished=True)
+        self.store.save_message(conversation, saved)
+
     def _start(self, parent_id: str) -> None:
         assert self.bridge is not None, "checked in _can_generate"
         self.task = start_task(self.view, self._reply(parent_id), self.bridge.loop)
@@ -186,6 +227,8 @@ class ChatController(QObject):
             chat_template=options.chat_template,
         )
         reply = conversation.add_child(parent_id, "assistant", "", finished=False)
+        self._reply_id, self._saved_at = reply.id, 0.0
+        self.view.failure = ""
         self.view.streaming_id = reply.id
         self.view.render_now()
         self.timing = StreamTiming(started=time.perf_counter())
@@ -204,10 +247,12 @@ class ChatController(QObject):
                 if isinstance(event, TokenReceived):
                     text += event.text
                     self._count_token()
-                    self.conversation.update(reply.id, content=text)
+                    self._save_partial(self.conversation.update(reply.id, content=text))
                     self.view.schedule_render()
                 elif isinstance(event, GenerationFinished):
                     finished = event
+        except CancelledError:
+            log.info("generation cancelled before it started")
         except EngineError as error:
             log.warning("generation failed: %s", error)
             self._failed(reply, f"Generation failed: {error}")
@@ -216,10 +261,18 @@ class ChatController(QObject):
             self._failed(reply, f"Generation failed unexpectedly: {error!r} (see the log file)")
         return finished
 
+    def _save_partial(self, reply: Message) -> None:
+        """Commit the streaming reply: at its first token, then every ``SAVE_INTERVAL_S``."""
+        now = time.monotonic()
+        if self.conversation is not None and now - self._saved_at >= SAVE_INTERVAL_S:
+            self._saved_at = now
+            self.store.save_message(self.conversation, reply)
+
     def _failed(self, reply: Message, message: str) -> None:
         assert self.conversation is not None, "streaming needs a chat"
         self.conversation.update(reply.id, note=message)
-        self.error_occurred.emit(message)
+        self.view.failure = message
+        self.generation_failed.emit(message)
 
     def _count_token(self) -> None:
         now = time.perf_counter()
@@ -237,9 +290,13 @@ class ChatController(QObject):
         current = conversation.messages[reply.id]
         note = " ".join(n for n in (current.note, ending_note(finished, options)) if n)
         content = finished.text if finished is not None else current.content
-        saved = conversation.update(reply.id, content=content, note=note, finished=True)
-        self.store.save_message(conversation, saved)
-        self._events = None
+        if finished is None and not content:
+            conversation.remove(reply.id)  # failed before any text: no branch is left behind
+            self.store.save_conversation(conversation)
+        else:
+            saved = conversation.update(reply.id, content=content, note=note, finished=True)
+            self.store.save_message(conversation, saved)
+        self._events, self._reply_id = None, None
         self.view.streaming_id = None
         self.view.render_now()
         self.generation_finished.emit(finished)

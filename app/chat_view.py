@@ -1,18 +1,22 @@
 """The transcript: the active branch of a chat rendered as HTML in a QTextBrowser.
 
-Each message has links to copy it, edit it (user) or regenerate it (assistant), and to step
-between branches; each code block has its own Copy link. While a reply streams, repaints
-are coalesced to at most one per ``RENDER_INTERVAL_MS`` and the view follows the stream only
-while the user is scrolled to the bottom.
+Messages are blocks in the manner of chat apps: a role line with small actions, the user's
+words in a tinted block, the reply as plain text. The column is at most ``MAX_LINE_PX`` wide
+and centred, so lines stay readable in a wide window. Each message has links to copy it, edit
+it (user) or regenerate it (assistant), and to step between branches; each code block has its
+own Copy link. While a reply streams, repaints are coalesced to at most one per
+``RENDER_INTERVAL_MS`` and the view follows the stream only while the user is scrolled to the
+bottom.
 """
 
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 
 from PySide6.QtCore import QTimer, QUrl, Signal
-from PySide6.QtGui import QGuiApplication
-from PySide6.QtWidgets import QTextBrowser, QWidget
+from PySide6.QtGui import QGuiApplication, QResizeEvent
+from PySide6.QtWidgets import QFrame, QTextBrowser, QWidget
 
 from app import markdown_render
 from app.conversation import Conversation, Message
@@ -20,6 +24,24 @@ from app.markdown_render import CodeBlock, Palette
 
 RENDER_INTERVAL_MS = 40
 ROLE_LABELS = {"user": "You", "assistant": "Assistant", "system": "System"}
+MAX_LINE_PX = 760  # about 90 characters of body text: a readable line
+SIDE_PX = 16  # the least room left and right of the column
+
+
+@dataclass(frozen=True)
+class Look:
+    """Colours of the transcript's own blocks, for one theme."""
+
+    user_block: str
+    muted: str
+    note: str
+    error: str
+
+
+LOOKS = {
+    "light": Look(user_block="#eef2f7", muted="#6b7280", note="#9a5b00", error="#b42318"),
+    "dark": Look(user_block="#2c323a", muted="#9aa3ad", note="#e0a44a", error="#ff8a80"),
+}
 
 
 class ChatView(QTextBrowser):
@@ -31,10 +53,12 @@ class ChatView(QTextBrowser):
         super().__init__(parent)
         self.setOpenLinks(False)
         self.setOpenExternalLinks(False)
+        self.setFrameShape(QFrame.Shape.NoFrame)
         self.anchorClicked.connect(self._on_anchor)
         self.conversation: Conversation | None = None
         self.palette_html: Palette = markdown_render.LIGHT
         self.streaming_id: str | None = None
+        self.failure = ""  # the last reply's error, shown under the chat until the next one
         self.render_count = 0
         self._cache: dict[str, tuple[str, str, tuple[CodeBlock, ...]]] = {}
         self._code: dict[str, tuple[CodeBlock, ...]] = {}
@@ -46,7 +70,35 @@ class ChatView(QTextBrowser):
     def set_conversation(self, conversation: Conversation | None) -> None:
         self.conversation = conversation
         self.streaming_id = None
+        self.failure = ""
         self.render_now()
+        self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())  # latest first
+
+    @property
+    def look(self) -> Look:
+        return LOOKS["dark" if self.palette_html is markdown_render.DARK else "light"]
+
+    def side_margin(self) -> int:
+        """Left/right margin that keeps the column at most ``MAX_LINE_PX`` wide, centred."""
+        return max(SIDE_PX, (self.viewport().width() - MAX_LINE_PX) // 2)
+
+    def _apply_margins(self) -> None:
+        root = self.document().rootFrame()
+        frame = root.frameFormat()
+        margin = self.side_margin()
+        if frame.leftMargin() != margin:
+            frame.setLeftMargin(margin)
+            frame.setRightMargin(margin)
+            frame.setTopMargin(12)
+            frame.setBottomMargin(24)
+            root.setFrameFormat(frame)
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        follow = self.at_bottom()  # e.g. a banner appeared above: keep the latest in view
+        super().resizeEvent(event)
+        self._apply_margins()
+        if follow:
+            self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
 
     def set_html_palette(self, palette: Palette) -> None:
         self.palette_html = palette
@@ -67,23 +119,46 @@ class ChatView(QTextBrowser):
         bar = self.verticalScrollBar()
         follow, position = self.at_bottom(), bar.value()
         self.setHtml(self._document_html())
+        self._apply_margins()
         bar.setValue(bar.maximum() if follow else position)
         self.render_count += 1
 
     def _document_html(self) -> str:
         if self.conversation is None or not self.conversation.active_path():
-            return '<p style="color: gray;">Type a message below to start.</p>'
-        return "".join(self._message_html(m) for m in self.conversation.active_path())
+            return self._empty_html()
+        body = "".join(self._message_html(m) for m in self.conversation.active_path())
+        return body + self._failure_html()
+
+    def _empty_html(self) -> str:
+        muted = self.look.muted
+        return (
+            '<p align="center" style="margin-top: 120px; font-size: x-large;">'
+            "<b>What can I help with?</b></p>"
+            f'<p align="center" style="color: {muted};">Replies are generated on this '
+            "computer; nothing leaves it. Enter sends, Shift+Enter adds a line.</p>"
+        )
+
+    def _failure_html(self) -> str:
+        if not self.failure:
+            return ""
+        color = self.look.error
+        return f'<p style="color: {color}; margin-top: 12px;">{html.escape(self.failure)}</p>'
 
     def _message_html(self, message: Message) -> str:
         body, blocks = self._body(message)
         self._code[message.id] = blocks
         note = (
-            f'<p style="color: #b26b00;"><i>{html.escape(message.note)}</i></p>'
+            f'<p style="color: {self.look.note}; margin: 0 0 6px 0;">'
+            f"<i>{html.escape(message.note)}</i></p>"
             if message.note
             else ""
         )
-        return f"{self._header(message)}{note}<div>{body}</div><hr/>"
+        if message.role == "user":
+            body = (
+                f'<table width="100%" cellpadding="10" cellspacing="0" '
+                f'bgcolor="{self.look.user_block}"><tr><td>{body}</td></tr></table>'
+            )
+        return f"{self._header(message)}{note}<div>{body}</div>"
 
     def _body(self, message: Message) -> tuple[str, tuple[CodeBlock, ...]]:
         text = message.content or ("…" if message.id == self.streaming_id else "")
@@ -95,17 +170,22 @@ class ChatView(QTextBrowser):
         return rendered.html, rendered.code_blocks
 
     def _header(self, message: Message) -> str:
-        link = self.palette_html.link
-        links = [f'<a href="copy-msg:{message.id}" style="color: {link};">Copy</a>']
+        """The role line: who, branch arrows, then small muted actions."""
+        muted = self.look.muted
+        links = [f'<a href="copy-msg:{message.id}" style="color: {muted};">Copy</a>']
         if message.id != self.streaming_id:
             if message.role == "user":
-                links.append(f'<a href="edit:{message.id}" style="color: {link};">Edit</a>')
+                links.append(f'<a href="edit:{message.id}" style="color: {muted};">Edit</a>')
             if message.role == "assistant":
-                links.append(f'<a href="regen:{message.id}" style="color: {link};">Regenerate</a>')
+                links.append(f'<a href="regen:{message.id}" style="color: {muted};">Regenerate</a>')
         label = f"<b>{ROLE_LABELS[message.role]}</b>"
         if message.id == self.streaming_id:
-            label += ' <span style="color: gray;">(writing…)</span>'
-        return f"<p>{label}{self._branch_html(message)} &nbsp; {' &middot; '.join(links)}</p>"
+            label += f' <span style="color: {muted};">writing…</span>'
+        actions = f'<span style="font-size: small;">{" &nbsp;·&nbsp; ".join(links)}</span>'
+        return (
+            f'<p style="margin: 22px 0 6px 0;">{label}{self._branch_html(message)}'
+            f" &nbsp;&nbsp; {actions}</p>"
+        )
 
     def _branch_html(self, message: Message) -> str:
         assert self.conversation is not None, "rendering needs a conversation"

@@ -1,14 +1,19 @@
-"""The message box under the chat: Send, Stop, Regenerate, and editing a past message."""
+"""The message box under the chat: Send, Stop, Regenerate, and editing a past message.
+
+The box grows with its text from ``MIN_LINES`` to ``MAX_LINES`` lines, then scrolls.
+"""
 
 from __future__ import annotations
 
 from PySide6.QtCore import QEvent, QObject, Qt, Signal
 from PySide6.QtGui import QKeyEvent
 from PySide6.QtWidgets import (
+    QFrame,
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
     QPushButton,
+    QStyle,
     QVBoxLayout,
     QWidget,
 )
@@ -16,6 +21,7 @@ from PySide6.QtWidgets import (
 RETURN_KEYS = (Qt.Key.Key_Return, Qt.Key.Key_Enter)
 SHIFT = Qt.KeyboardModifier.ShiftModifier
 CONTROL = Qt.KeyboardModifier.ControlModifier
+MIN_LINES, MAX_LINES = 2, 8
 
 
 class Composer(QWidget):
@@ -31,28 +37,54 @@ class Composer(QWidget):
         self.edit_banner.setVisible(False)
         self.text = QPlainTextEdit()
         self.text.setPlaceholderText("Message (Enter sends, Shift+Enter adds a line)")
-        self.text.setFixedHeight(80)
+        self.text.setFrameShape(QFrame.Shape.NoFrame)
         self.text.installEventFilter(self)
-        self.send_button = QPushButton("Send")
-        self.stop_button = QPushButton("Stop")
-        self.regenerate_button = QPushButton("Regenerate")
+        self.text.document().contentsChanged.connect(self.fit_height)
+        self.send_button = self._button("Send", QStyle.StandardPixmap.SP_ArrowForward)
+        self.stop_button = self._button("Stop", QStyle.StandardPixmap.SP_MediaStop)
+        self.regenerate_button = self._button("Regenerate", QStyle.StandardPixmap.SP_BrowserReload)
+        self.send_button.setDefault(True)
         self.send_button.clicked.connect(self.submit)
         self.stop_button.clicked.connect(self.stop_requested)
         self.regenerate_button.clicked.connect(self.regenerate_requested)
         self._layout()
         self.set_generating(False)
+        self.fit_height()
+
+    def _button(self, title: str, icon: QStyle.StandardPixmap) -> QPushButton:
+        button = QPushButton(self.style().standardIcon(icon), title)
+        button.setCursor(Qt.CursorShape.PointingHandCursor)
+        return button
 
     def _layout(self) -> None:
-        buttons = QVBoxLayout()
-        for button in (self.send_button, self.stop_button, self.regenerate_button):
+        self.frame = QFrame()
+        self.frame.setObjectName("composerFrame")
+        self.frame.setFrameShape(QFrame.Shape.StyledPanel)
+        buttons = QHBoxLayout()
+        buttons.addStretch(1)
+        for button in (self.regenerate_button, self.stop_button, self.send_button):
             buttons.addWidget(button)
-        row = QHBoxLayout()
-        row.addWidget(self.text, 1)
-        row.addLayout(buttons)
+        inside = QVBoxLayout(self.frame)
+        inside.setContentsMargins(8, 6, 6, 6)
+        inside.setSpacing(4)
+        inside.addWidget(self.text)
+        inside.addLayout(buttons)
         column = QVBoxLayout(self)
         column.setContentsMargins(0, 0, 0, 0)
         column.addWidget(self.edit_banner)
-        column.addLayout(row)
+        column.addWidget(self.frame)
+
+    def lines_shown(self) -> int:
+        """Lines the box is sized for now: its text's lines within MIN_LINES..MAX_LINES."""
+        lines = round(self.text.document().size().height())  # lines, in a QPlainTextEdit
+        return max(MIN_LINES, min(MAX_LINES, lines))
+
+    def fit_height(self) -> None:
+        margins = self.text.contentsMargins()
+        frame = 2 * self.text.frameWidth() + margins.top() + margins.bottom()
+        padding = 2 * round(self.text.document().documentMargin())
+        line = self.text.fontMetrics().lineSpacing()
+        self.text.setFixedHeight(self.lines_shown() * line + padding + frame)
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:
         if (

@@ -75,6 +75,17 @@ class Conversation:
         self.messages[message_id] = message
         return message
 
+    def remove(self, message_id: str) -> None:
+        """Drop a message that has no children (a reply that failed); select its sibling."""
+        message = self.messages[message_id]
+        assert not self.children(message_id), "only a leaf message can be removed"
+        del self.messages[message_id]
+        siblings = self.children(message.parent_id)
+        if siblings:
+            self.selected[message.parent_id] = siblings[-1].id
+        else:
+            self.selected.pop(message.parent_id, None)
+
     def edit(self, message_id: str, content: str) -> Message:
         """A user message edited: a new sibling branch; the old one is kept."""
         old = self._get(message_id, "user")

@@ -9,6 +9,7 @@ from PySide6.QtWidgets import (
     QListWidgetItem,
     QMenu,
     QPushButton,
+    QStyle,
     QVBoxLayout,
     QWidget,
 )
@@ -27,7 +28,9 @@ class ConversationList(QWidget):
     def __init__(self, store: ChatStore, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.store = store
+        self.current_id: str | None = None  # the chat shown; selected whenever it is listed
         self.new_button = QPushButton("New chat")
+        self.new_button.setIcon(self.style().standardIcon(QStyle.StandardPixmap.SP_FileIcon))
         self.search = QLineEdit()
         self.search.setPlaceholderText("Search all chats (Ctrl+F)")
         self.search.setClearButtonEnabled(True)
@@ -35,8 +38,9 @@ class ConversationList(QWidget):
         self.items.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.items.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.items.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.items.setSpacing(3)  # a style sheet here would stop the list following the theme
         layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setContentsMargins(6, 6, 0, 6)
         for widget in (self.new_button, self.search, self.items):
             layout.addWidget(widget)
         self.new_button.clicked.connect(self.new_requested)
@@ -57,6 +61,8 @@ class ConversationList(QWidget):
         else:
             for summary in self.store.list_conversations():
                 self._add(summary.id, summary.title, editable=True)
+        if self.current_id is not None:
+            self._select_row(self.current_id)
         self.items.blockSignals(False)
 
     def _add(self, conversation_id: str, text: str, editable: bool) -> None:
@@ -67,6 +73,12 @@ class ConversationList(QWidget):
         self.items.addItem(item)
 
     def select(self, conversation_id: str) -> None:
+        """Mark the chat shown; its row is selected now and after every refresh."""
+        self.current_id = conversation_id
+        self._select_row(conversation_id)
+
+    def _select_row(self, conversation_id: str) -> None:
+        self.items.clearSelection()
         for row in range(self.items.count()):
             item = self.items.item(row)
             if item.data(ID_ROLE) == conversation_id:

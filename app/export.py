@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,18 @@ from app import __version__
 from app.conversation import Conversation
 
 ROLE_TITLES = {"user": "User", "assistant": "Assistant", "system": "System"}
+UNSAFE_IN_NAMES = re.compile(r'[\x00-\x1f<>:"/\\|?*]+')
+
+
+def file_name_for(title: str, suffix: str = ".md", limit: int = 80) -> str:
+    """A file name from a chat title, safe on Windows, macOS and Linux."""
+    name = " ".join(UNSAFE_IN_NAMES.sub(" ", title).split()).strip(" .")[:limit].rstrip(" .")
+    return (name or "chat") + suffix
+
+
+def default_export_path(title: str, folder: Path) -> Path:
+    """Where Export suggests saving: the documents folder, named after the chat."""
+    return folder / file_name_for(title)
 
 
 def to_markdown(conversation: Conversation) -> str:
@@ -65,4 +80,16 @@ def export_to(conversation: Conversation, path: Path) -> None:
         text = to_json(conversation)
     else:
         raise ValueError(f"export to .md or .json, not {suffix or 'a file without extension'}")
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temp file in the same folder: a failed write leaves no half file."""
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

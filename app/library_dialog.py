@@ -1,5 +1,6 @@
 """The Models window: built-in, added, models-folder and Hugging Face cache models in a table
-with architecture, size, experts and top-k (from ``EngineAPI.inspect``); add a folder; load.
+with architecture, size, experts and top-k (from ``EngineAPI.inspect``); the loaded model is
+marked; add a folder, remove an added one from the list (its files stay), load.
 """
 
 from __future__ import annotations
@@ -8,10 +9,12 @@ import asyncio
 from pathlib import Path
 
 from PySide6.QtCore import Signal
+from PySide6.QtGui import QFont
 from PySide6.QtWidgets import (
     QDialog,
     QFileDialog,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QPushButton,
     QTableWidget,
@@ -26,11 +29,14 @@ from app.tasks import start_task
 from engine.events import ModelInfo
 
 COLUMNS = ("Name", "Source", "Architecture", "Size", "Experts", "Top-k")
+LOADED_MARK = "● "
+NOT_REMOVABLE = "Only folders you added can be removed from this list."
 
 
 class LibraryDialog(QDialog):
     load_requested = Signal(str)  # model folder
     folder_added = Signal(str)
+    folder_removed = Signal(str)
 
     def __init__(
         self,
@@ -38,17 +44,27 @@ class LibraryDialog(QDialog):
         added: tuple[str, ...],
         hf_cache: Path | None = None,
         parent: QWidget | None = None,
+        loaded: Path | None = None,
     ) -> None:
         super().__init__(parent)
         self.setWindowTitle("Models")
-        self.resize(820, 360)
+        self.resize(1000, 420)
         self.bridge, self.added, self.hf_cache = bridge, added, hf_cache
+        self.loaded = loaded.resolve() if loaded is not None else None
         self.entries: list[ModelEntry] = []
         self.task: asyncio.Task[None] | None = None
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table.setWordWrap(False)
+        self.table.verticalHeader().setVisible(False)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
+        self.remove_button = QPushButton("Remove from list")
+        self.remove_button.clicked.connect(self.remove_selected)
+        self.table.itemSelectionChanged.connect(self._selection_changed)
         self.message = QLabel("Models are used where they are; nothing is copied.")
         self.message.setWordWrap(True)
         self._layout()
@@ -60,7 +76,7 @@ class LibraryDialog(QDialog):
         load.clicked.connect(self._load_selected)
         self.table.itemDoubleClicked.connect(lambda _item: self._load_selected())
         buttons = QHBoxLayout()
-        for button in (add, rescan):
+        for button in (add, self.remove_button, rescan):
             buttons.addWidget(button)
         buttons.addStretch(1)
         buttons.addWidget(load)
@@ -75,7 +91,9 @@ class LibraryDialog(QDialog):
         for row, entry in enumerate(self.entries):
             values = (entry.name, entry.source, entry.architecture, human_bytes(entry.size_bytes))
             for column, value in enumerate((*values, "…", "…")):
-                self.table.setItem(row, column, QTableWidgetItem(value))
+                self._set(row, column, value)
+            self._mark_if_loaded(row, entry)
+        self._selection_changed()
         if self.bridge is not None:
             self.task = start_task(self, self._inspect_all(), self.bridge.loop)
 
@@ -89,17 +107,34 @@ class LibraryDialog(QDialog):
             else:
                 self._set_row(row, info, "")
 
+    def _set(self, row: int, column: int, text: str) -> None:
+        item = QTableWidgetItem(text)
+        item.setToolTip(text)  # the whole text, also where a column is narrow
+        self.table.setItem(row, column, item)
+
+    def is_loaded(self, entry: ModelEntry) -> bool:
+        return self.loaded is not None and entry.path.resolve() == self.loaded
+
+    def _mark_if_loaded(self, row: int, entry: ModelEntry) -> None:
+        if not self.is_loaded(entry):
+            return
+        item = self.table.item(row, 0)
+        assert item is not None, "rescan fills every cell"
+        item.setText(LOADED_MARK + entry.name + " (loaded)")
+        font = QFont(item.font())
+        font.setBold(True)
+        item.setFont(font)
+
     def _set_row(self, row: int, info: ModelInfo | None, problem: str) -> None:
         if row >= self.table.rowCount():
             return
         if info is None:
-            self.table.setItem(row, 4, QTableWidgetItem(problem))
-            self.table.setItem(row, 5, QTableWidgetItem(""))
+            self._set(row, 4, problem)
+            self._set(row, 5, "")
             return
-        self.table.setItem(row, 2, QTableWidgetItem(info.architecture))
-        experts = f"{info.experts_per_layer} × {info.moe_layers} layers"
-        self.table.setItem(row, 4, QTableWidgetItem(experts))
-        self.table.setItem(row, 5, QTableWidgetItem(str(info.top_k)))
+        self._set(row, 2, info.architecture)
+        self._set(row, 4, f"{info.experts_per_layer} × {info.moe_layers} layers")
+        self._set(row, 5, str(info.top_k))
 
     def choose_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose a model folder")
@@ -117,6 +152,27 @@ class LibraryDialog(QDialog):
         self.message.setText(f"Added {folder} (used in place, not copied).")
         self.rescan()
         return True
+
+    def _selected(self) -> ModelEntry | None:
+        row = self.table.currentRow()
+        return self.entries[row] if 0 <= row < len(self.entries) else None
+
+    def _selection_changed(self) -> None:
+        entry = self._selected()
+        removable = entry is not None and entry.source == "added"
+        self.remove_button.setEnabled(removable)
+        self.remove_button.setToolTip("" if removable else NOT_REMOVABLE)
+
+    def remove_selected(self) -> None:
+        """Take an added folder off the list; nothing on disk is touched."""
+        entry = self._selected()
+        if entry is None or entry.source != "added":
+            return
+        self.added = tuple(p for p in self.added if Path(p).resolve() != entry.path.resolve())
+        self.folder_removed.emit(str(entry.path))
+        note = " It stays loaded until you load another model." if self.is_loaded(entry) else ""
+        self.message.setText(f"Removed {entry.path} from the list (its files are kept).{note}")
+        self.rescan()
 
     def _load_selected(self) -> None:
         row = self.table.currentRow()

@@ -6,6 +6,7 @@ Non-modal: it follows a ``ModelLoader``'s signals and never blocks the event loo
 from __future__ import annotations
 
 from PySide6.QtCore import Signal
+from PySide6.QtGui import QHideEvent
 from PySide6.QtWidgets import (
     QDialog,
     QHBoxLayout,
@@ -23,12 +24,14 @@ from engine.events import MemoryEstimate, ModelInfo
 class LoadDialog(QDialog):
     load_anyway = Signal()
     settings_requested = Signal()
+    declined = Signal()  # closed at "does not fit" without choosing Load anyway
 
     def __init__(self, loader: ModelLoader, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Loading model")
         self.setMinimumWidth(520)
         self.loader = loader
+        self.awaiting_choice = False
         self.title = QLabel()
         self.estimate_label = QLabel("Estimating memory…")
         self.estimate_label.setWordWrap(True)
@@ -70,6 +73,7 @@ class LoadDialog(QDialog):
         self.anyway_button.setVisible(False)
         self.settings_button.setVisible(False)
         self.cancel_button.setText("Cancel")
+        self.awaiting_choice = False
         self.show()
 
     def _estimated(self, estimate: MemoryEstimate) -> None:
@@ -84,6 +88,7 @@ class LoadDialog(QDialog):
         self.anyway_button.setVisible(True)
         self.settings_button.setVisible(True)
         self.cancel_button.setText("Close")
+        self.awaiting_choice = True
 
     def _progressed(self, fraction: float, message: str) -> None:
         self.progress.setValue(round(fraction * 1000))
@@ -111,3 +116,9 @@ class LoadDialog(QDialog):
             self.loader.cancel()
         else:
             self.hide()
+
+    def hideEvent(self, event: QHideEvent) -> None:
+        if self.awaiting_choice:
+            self.awaiting_choice = False
+            self.declined.emit()
+        super().hideEvent(event)

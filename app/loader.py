@@ -1,7 +1,12 @@
-"""Loading a model in the background: estimate first, then load with progress and Cancel.
+"""Loading a model in the background: check, estimate, then load with progress and Cancel.
 
-A load whose estimate does not fit stops at ``needs_confirmation`` until the user chooses
-"Load anyway" (``force=True``). Errors become a message that says what to change.
+The folder is inspected first (its config read) and the memory estimated, both before the
+engine unloads the model it has: a broken folder fails there and the working model stays.
+``unloaded_previous`` says whether a failure came after that point. Settings the model cannot
+generate with (a context past its maximum, no room for the prompt) are lowered first and
+``settings_adjusted`` says how. A load whose estimate does not fit stops at
+``needs_confirmation`` until the user chooses "Load anyway" (``force=True``). Errors become a
+message that says what to change.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from PySide6.QtCore import QObject, Signal
 from app.bridge import EngineBridge, JobEvents
 from app.model_library import human_bytes
 from app.settings import ModelSettings, to_load_config
+from app.settings_check import fit_to_model
 from app.tasks import start_task
 from engine.config import LoadConfig
 from engine.errors import (
@@ -81,6 +87,7 @@ class ModelLoader(QObject):
     loaded = Signal(object)  # ModelInfo
     failed = Signal(str)
     cancelled = Signal()
+    settings_adjusted = Signal(object, str)  # ModelSettings, what was changed and why
 
     def __init__(self, bridge: EngineBridge) -> None:
         super().__init__()
@@ -91,6 +98,7 @@ class ModelLoader(QObject):
         self.settings = ModelSettings()
         # settings -> LoadConfig; a remote engine swaps in one that needs no model folder
         self.make_config: Callable[[Path, ModelSettings, bool], LoadConfig] = to_load_config
+        self.unloaded_previous = False  # the engine dropped its model for this load
 
     @property
     def busy(self) -> bool:
@@ -98,6 +106,7 @@ class ModelLoader(QObject):
 
     def start(self, model_dir: Path, settings: ModelSettings, force: bool = False) -> None:
         self.model_dir, self.settings = model_dir, settings
+        self.unloaded_previous = False
         self.task = start_task(self, self._run(model_dir, settings, force), self.bridge.loop)
 
     def cancel(self) -> None:
@@ -106,12 +115,16 @@ class ModelLoader(QObject):
 
     async def _run(self, model_dir: Path, settings: ModelSettings, force: bool) -> None:
         try:
+            if self.make_config is to_load_config:  # a local folder: check it before unloading
+                info = await self.bridge.inspect(model_dir)  # a broken folder fails here
+                settings = self._fitted(settings, info)
             config = self.make_config(model_dir, settings, force)
             estimate = await self.bridge.estimate(config)
             self.estimated.emit(estimate)
             if not estimate.fits and not force:
                 self.needs_confirmation.emit(estimate)
                 return
+            self.unloaded_previous = True  # the engine unloads before loading
             await self._load(self.bridge.load(config))
         except CancelledError:
             self.cancelled.emit()
@@ -123,6 +136,13 @@ class ModelLoader(QObject):
             self.failed.emit(advice_for(error, settings))
         finally:
             self.events = None
+
+    def _fitted(self, settings: ModelSettings, info: ModelInfo) -> ModelSettings:
+        fitted, note = fit_to_model(settings, info.max_context)
+        if note:
+            self.settings = fitted
+            self.settings_adjusted.emit(fitted, note)
+        return fitted
 
     async def _load(self, events: JobEvents) -> None:
         self.events = events

@@ -11,10 +11,18 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QShortcut
+from PySide6.QtCore import QStandardPaths, Qt, Signal
+from PySide6.QtGui import (
+    QAction,
+    QActionGroup,
+    QCloseEvent,
+    QGuiApplication,
+    QKeySequence,
+    QShortcut,
+)
 from PySide6.QtWidgets import (
     QApplication,
+    QComboBox,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -30,19 +38,21 @@ from app.about_dialog import AboutDialog
 from app.application import apply_theme
 from app.banner import Banner
 from app.bridge import EngineBridge
-from app.chat_controller import ChatController, RequestOptions
+from app.chat_controller import WAIT_FOR_LOADING, ChatController, RequestOptions
 from app.chat_store import ChatStore
 from app.chat_view import ChatView
 from app.composer import Composer
 from app.conversation_list import ConversationList
 from app.crash_guard import CrashGuard
-from app.export import export_to
+from app.export import default_export_path, export_to
 from app.library_dialog import LibraryDialog
 from app.load_dialog import LoadDialog
 from app.loader import ModelLoader
+from app.model_library import all_models
 from app.panel import LivePanel
 from app.remote_actions import RemoteActions
 from app.settings import (
+    THEMES,
     AppPrefs,
     ModelSettings,
     SettingsError,
@@ -58,6 +68,17 @@ from engine.events import GenerationFinished, ModelInfo, StatsSnapshot
 from engine.paths import builtin_model_dir
 
 log = logging.getLogger(__name__)
+OTHER_MODELS = "other-models"  # the picker's last entry: opens the Models window
+RECOVERY_QUESTION = (
+    "Understudy did not close properly last time. Load the last settings that worked?"
+)
+
+
+def documents_folder() -> Path:
+    """The user's documents folder (home when the platform has none)."""
+    location = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.DocumentsLocation)
+    folder = Path(location) if location else Path.home()
+    return folder if folder.is_dir() else Path.home()
 
 
 class MainWindow(QMainWindow):
@@ -81,6 +102,9 @@ class MainWindow(QMainWindow):
         )
         self.model_settings: ModelSettings = settings_store.load_model(self.model_dir)
         self.model_info: ModelInfo | None = None
+        self.working: tuple[Path, ModelSettings] | None = None  # loaded model and its settings
+        self.restoring = False  # loading ``working`` again after a failed switch
+        self.ready_status = ""  # the last ``ready`` status ("loaded" or the error shown)
         self.dialogs: dict[str, QWidget] = {}
         self._build(telemetry, measure)
         self.remote = RemoteActions(self)  # remote engines and the server switch (issue 13)
@@ -88,6 +112,9 @@ class MainWindow(QMainWindow):
         self.remote.install_menu(self.menus["&Model"])
         self._shortcuts()
         self._connect()
+        self.fill_model_picker()
+        self.banner.return_focus = self.composer.text
+        QGuiApplication.styleHints().colorSchemeChanged.connect(self._system_theme_changed)
         self.apply_prefs(self.prefs)
         self.resize(1280, 800)
         self._update_title()
@@ -102,7 +129,11 @@ class MainWindow(QMainWindow):
         self.slider = ImportanceSlider(measure)
         self.system_prompt = QLineEdit()
         self.system_prompt.setPlaceholderText("System prompt for this chat")
-        self.model_label = QLabel("No model loaded")
+        self.model_label = QLabel()  # "Loading …" next to the picker while a model loads
+        self.model_picker = QComboBox()
+        self.model_picker.setToolTip("The model replies come from; choose another to load it")
+        self.model_picker.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+        self.model_picker.activated.connect(self._model_picked)
         self.controller = ChatController(self.chat_store, self.chat_view, self.request_options)
         self.controller.bridge = self.bridge
         self.loader = ModelLoader(self.bridge)
@@ -112,10 +143,13 @@ class MainWindow(QMainWindow):
 
     def _splitter(self) -> QSplitter:
         header = QHBoxLayout()
+        header.addWidget(self.model_picker)
         header.addWidget(self.model_label)
+        header.addSpacing(12)
         header.addWidget(self.system_prompt, 1)
         center = QWidget()
         column = QVBoxLayout(center)
+        column.setContentsMargins(10, 8, 10, 8)
         column.addWidget(self.banner)
         column.addLayout(header)
         column.addWidget(self.slider)
@@ -145,14 +179,23 @@ class MainWindow(QMainWindow):
         self._action("&Model", "Models…", self.show_library)
         self._action("&Model", "Settings…", self.show_settings, "Ctrl+,")
         self._action("&Model", "Reload", self.reload_model)
-        for theme in ("system", "light", "dark"):
-            self._action(
-                "&View", f"{theme.title()} theme", lambda _=False, t=theme: self.set_theme(t)
-            )
+        self._theme_actions()
         self._action("&View", "Larger text", lambda: self.change_font(1), "Ctrl++")
         self._action("&View", "Smaller text", lambda: self.change_font(-1), "Ctrl+-")
         self._action("&View", "Show/hide live panel", self.toggle_panel)
         self._action("&Help", "About Understudy", self.show_about)
+
+    def _theme_actions(self) -> None:
+        """System / Light / Dark as one exclusive, checked group in the View menu."""
+        self.theme_group = QActionGroup(self)
+        self.theme_actions: dict[str, QAction] = {}
+        for theme in THEMES:
+            title = "Follow the system theme" if theme == "system" else f"{theme.title()} theme"
+            action = self._action("&View", title, lambda _=False, t=theme: self.set_theme(t))
+            action.setCheckable(True)
+            self.theme_group.addAction(action)
+            self.theme_actions[theme] = action
+        self.menus["&View"].addSeparator()
 
     def _shortcuts(self) -> None:
         bindings = {
@@ -183,12 +226,15 @@ class MainWindow(QMainWindow):
         c = self.controller
         c.generation_started.connect(self._generation_started)
         c.generation_finished.connect(self._generation_finished)
-        c.error_occurred.connect(lambda text: self.banner.show_message(text, "warning"))
+        c.error_occurred.connect(self._chat_error)
+        c.generation_failed.connect(self._generation_failed)
         c.conversations_changed.connect(self.sidebar.refresh)
         self.loader.loaded.connect(self._loaded)
         self.loader.failed.connect(self._load_failed)
         self.loader.cancelled.connect(self._load_cancelled)
-        self.load_dialog.load_anyway.connect(lambda: self.load_model(force=True))
+        self.loader.settings_adjusted.connect(self._settings_adjusted)
+        self.load_dialog.load_anyway.connect(self._load_anyway)
+        self.load_dialog.declined.connect(self._load_declined)
         self.load_dialog.settings_requested.connect(self.show_settings)
 
     # start-up ---------------------------------------------------------------------------
@@ -206,14 +252,25 @@ class MainWindow(QMainWindow):
         elif auto_recover:
             self.use_last_working()
         else:
-            self.banner.show_message(
-                "Understudy did not close properly last time. Load the last settings that worked?",
-                "warning",
-                (
-                    ("Use last working settings", self.use_last_working),
-                    ("Load current settings", self.load_model),
-                ),
-            )
+            self.controller.not_ready_reason = RECOVERY_QUESTION
+            self.offer_recovery()
+
+    def offer_recovery(self) -> None:
+        """Ask which settings to load after a crash (again, if Send was tried meanwhile)."""
+        self.banner.show_message(
+            RECOVERY_QUESTION,
+            "warning",
+            (
+                ("Use last working settings", self.use_last_working),
+                ("Load current settings", self.load_model),
+            ),
+        )
+
+    def _chat_error(self, text: str) -> None:
+        if text == RECOVERY_QUESTION:
+            self.offer_recovery()  # keep the choice on screen: nothing loads until it is made
+        else:
+            self.banner.show_message(text, "warning")
 
     def use_last_working(self) -> None:
         last = self.settings_store.load_last_working()
@@ -236,6 +293,7 @@ class MainWindow(QMainWindow):
         if self.controller.generating:
             self.controller.stop()
         self.controller.ready = False
+        self.controller.not_ready_reason = WAIT_FOR_LOADING
         self.model_label.setText(f"Loading {self.model_dir.name}…")
         self.load_dialog.begin(self.model_dir.name)
         self.loader.start(self.model_dir, self.model_settings, force)
@@ -250,29 +308,127 @@ class MainWindow(QMainWindow):
         self.load_model()
 
     def _loaded(self, info: ModelInfo) -> None:
-        self.model_info = info
+        self.model_info, self.working = info, (self.model_dir, self.model_settings)
         self.controller.ready = True
-        self.model_label.setText(f"<b>{info.name}</b>")
+        self._show_model(info)
         self.slider.set_model(self.model_dir, info.name, info.substitution_supported)
         self.slider.set_alpha(self.model_settings.alpha)
-        self._update_title()
+        if self.banner.text == WAIT_FOR_LOADING:
+            self.banner.dismiss()
+        self.restoring = False
         try:
             self.prefs = self.settings_store.remember_model(self.model_dir)
             self.settings_store.save_last_working(self.model_dir, self.model_settings)
         except SettingsError as error:
             self.banner.show_message(str(error), "warning")
         self.panel.update_readings()
-        self.ready.emit("loaded")
+        self._report_ready("loaded")
+
+    def _show_model(self, info: ModelInfo | None) -> None:
+        """Header label, window title and panel for the model the engine holds now."""
+        self.model_label.setText("")  # the picker says which model, or "No model loaded"
+        self.fill_model_picker()
+        self._update_title()
+        self.panel.update_readings()
+
+    def fill_model_picker(self) -> None:
+        """The library's models, the loaded one shown; "Other models…" opens the library."""
+        loaded = self.working[0] if self.working and self.model_info else None
+        picker = self.model_picker
+        picker.blockSignals(True)
+        picker.clear()
+        for entry in all_models(self.prefs.model_folders, self.hf_cache):
+            picker.addItem(entry.name, str(entry.path))
+            if loaded is not None and entry.path.resolve() == loaded.resolve():
+                picker.setCurrentIndex(picker.count() - 1)
+        if loaded is None:
+            picker.insertItem(0, "No model loaded", "")
+            picker.setCurrentIndex(0)
+        picker.insertSeparator(picker.count())
+        picker.addItem("Other models…", OTHER_MODELS)
+        picker.blockSignals(False)
+
+    def _model_picked(self, index: int) -> None:
+        target = self.model_picker.itemData(index)
+        if target == OTHER_MODELS:
+            self.fill_model_picker()  # show the loaded model again, then open the library
+            self.show_library()
+        elif target and (self.working is None or Path(target) != self.working[0]):
+            self.switch_model(target)
+
+    def _settings_adjusted(self, settings: ModelSettings, note: str) -> None:
+        self.model_settings = settings
+        if self._save_model_settings():
+            self.banner.show_message(note, "info", (("Settings…", self.show_settings),))
 
     def _load_failed(self, message: str) -> None:
-        self.model_label.setText("No model loaded")
-        self.banner.show_message(message, "error", (("Settings…", self.show_settings),))
-        self.ready.emit(message)
+        failed = self.model_dir.name
+        if self.working is not None and not self.loader.unloaded_previous:
+            self._keep_working(f"{failed} was not loaded: {message}")
+        elif self.working is not None and not self.restoring:
+            self._restore_working(f"{failed} could not be loaded: {message}")
+        else:
+            self._no_model(f"{failed} could not be loaded.")
+            self.banner.show_message(message, "error", (("Settings…", self.show_settings),))
+        self._report_ready(message)
+
+    def _keep_working(self, why: str) -> None:
+        """A load stopped before the engine let go of its model: keep using that one."""
+        assert self.working is not None and self.model_info is not None, "a model is loaded"
+        self.model_dir, self.model_settings = self.working
+        self.controller.ready = True
+        self._show_model(self.model_info)
+        self.load_dialog.hide()
+        self.banner.show_message(
+            f"{why}\n{self.model_info.name} is still loaded.",
+            "warning",
+            (("Settings…", self.show_settings),),
+        )
+
+    def _restore_working(self, why: str) -> None:
+        """The engine had already unloaded the working model: load it again, as it was."""
+        assert self.working is not None, "a model was loaded"
+        self.model_dir, self.model_settings = self.working
+        self._no_model(why)
+        self.restoring = True
+        self.load_model()
+        self.banner.show_message(f"{why}\nLoading {self.model_dir.name} again.", "warning")
+
+    def _no_model(self, why: str) -> None:
+        self.model_info = None
+        self.controller.ready = False
+        self.controller.not_ready_reason = (
+            f"No model is loaded: {why} Choose one in Model > Models… or change its settings."
+        )
+        self._show_model(None)
+        self.slider.set_model(None, "")
+
+    def _load_anyway(self) -> None:
+        self.load_dialog.awaiting_choice = False
+        self.load_model(force=True)
+
+    def _load_declined(self) -> None:
+        """Closed at "does not fit": nothing was unloaded, so the working model stays."""
+        if self.working is not None:
+            self._keep_working(f"{self.model_dir.name} was not loaded (it does not fit).")
+        else:
+            self._no_model(f"{self.model_dir.name} does not fit with these settings.")
 
     def _load_cancelled(self) -> None:
-        self.model_label.setText("No model loaded (loading cancelled)")
-        self.banner.show_message("Loading was cancelled. Use Model > Reload to try again.", "info")
-        self.ready.emit("Loading was cancelled.")
+        if self.working is not None and not self.loader.unloaded_previous:
+            self._keep_working("Loading was cancelled.")
+        elif self.working is not None and not self.restoring:
+            self._restore_working("Loading was cancelled.")
+        else:
+            self._no_model("loading was cancelled.")
+            self.banner.show_message(
+                "Loading was cancelled. Use Model > Reload to try again.", "info"
+            )
+        self._report_ready("Loading was cancelled.")
+
+    def _report_ready(self, status: str) -> None:
+        self.ready_status = status
+        self.ready.emit(status)
 
     def _engine_stats(self) -> StatsSnapshot | None:
         return self.bridge.stats() if self.controller.ready else None
@@ -334,6 +490,12 @@ class MainWindow(QMainWindow):
         app = QApplication.instance()
         if isinstance(app, QApplication):
             self.chat_view.set_html_palette(apply_theme(app, prefs.theme, prefs.font_size))
+        self.theme_actions[prefs.theme].setChecked(True)
+
+    def _system_theme_changed(self) -> None:
+        """The OS switched light/dark: follow it when the theme is "system"."""
+        if self.prefs.theme == "system":
+            self.apply_prefs(self.prefs)
 
     def _update_prefs(self, prefs: AppPrefs) -> None:
         self.prefs = prefs
@@ -422,20 +584,26 @@ class MainWindow(QMainWindow):
         if self.controller.conversation is not None:
             self.sidebar.select(self.controller.conversation.id)
 
+    def _generation_failed(self, message: str) -> None:
+        actions = (("Retry", self.regenerate), ("Settings…", self.show_settings))
+        self.banner.show_message(message, "warning", actions)
+
     def export_current(self) -> None:
         if self.controller.conversation is not None:
             self.export_conversation(self.controller.conversation.id)
 
     def export_conversation(self, conversation_id: str, path: Path | None = None) -> None:
+        conversation = self.chat_store.load(conversation_id)
         if path is None:
+            suggested = default_export_path(conversation.title, documents_folder())
             name, _ = QFileDialog.getSaveFileName(
-                self, "Export chat", "chat.md", "Markdown (*.md);;JSON (*.json)"
+                self, "Export chat", str(suggested), "Markdown (*.md);;JSON (*.json)"
             )
             if not name:
                 return
             path = Path(name)
         try:
-            export_to(self.chat_store.load(conversation_id), path)
+            export_to(conversation, path)
         except (OSError, ValueError) as error:
             self.banner.show_message(f"Could not export the chat: {error}", "error")
             return
@@ -444,9 +612,13 @@ class MainWindow(QMainWindow):
     # other windows ----------------------------------------------------------------------
 
     def show_library(self) -> None:
-        dialog = LibraryDialog(self.bridge, self.prefs.model_folders, self.hf_cache, self)
+        loaded = self.working[0] if self.working is not None else None
+        dialog = LibraryDialog(
+            self.bridge, self.prefs.model_folders, self.hf_cache, self, loaded=loaded
+        )
         dialog.load_requested.connect(self.switch_model)
         dialog.folder_added.connect(self._folder_added)
+        dialog.folder_removed.connect(self._folder_removed)
         self.dialogs["library"] = dialog
         dialog.show()
         dialog.rescan()
@@ -454,6 +626,14 @@ class MainWindow(QMainWindow):
     def _folder_added(self, folder: str) -> None:
         folders = (*self.prefs.model_folders, folder)
         self._update_prefs(replace(self.prefs, model_folders=folders))
+        self.fill_model_picker()
+
+    def _folder_removed(self, folder: str) -> None:
+        kept = tuple(
+            p for p in self.prefs.model_folders if Path(p).resolve() != Path(folder).resolve()
+        )
+        self._update_prefs(replace(self.prefs, model_folders=kept))
+        self.fill_model_picker()
 
     def show_about(self) -> None:
         dialog = AboutDialog(self)
@@ -469,7 +649,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self.remote.close()
-        self.controller.stop()
+        self.controller.close()
         self.loader.cancel()
         for dialog in self.dialogs.values():
             dialog.close()

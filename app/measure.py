@@ -1,25 +1,72 @@
 """The slider's Measure button: runs the engine's benchmark for one model in a child process.
 
 ``python -m engine bench`` (or ``understudy --engine bench`` in the frozen bundle) measures the
-full method at the headline cache size for each slider alpha and writes the curve where
-``app.curves`` reads it. It runs in a separate process, off the UI thread, so the window stays
-responsive; its own fresh copy of the model is loaded there.
+full method at the headline cache size for four slider alphas (0, 0.2, 0.4, 0.6: the slider
+interpolates between them) on a short text, and writes the curve where ``app.curves`` reads it.
+It runs in a separate process, off the UI thread, so the window stays responsive; its own
+fresh copy of the model is loaded there. The benchmark's one line per measured row becomes
+``MeasureProgress`` (rows done, elapsed, time left estimated from the rows so far).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.paths import resources_dir
 
-SLIDER_ALPHAS = "0,0.1,0.2,0.3,0.4,0.5,0.6"
+SLIDER_ALPHAS = "0,0.2,0.4,0.6"
+MAX_TOKENS = "128"
 TEXT_NAME = "heldout_sample.txt"
+ROW_LINE = re.compile(r"\balpha \d")
 Runner = Callable[[list[str]], subprocess.CompletedProcess[str]]
+
+
+@dataclass(frozen=True)
+class MeasureProgress:
+    """How far a measurement is: rows measured of all, seconds so far, seconds left (or None)."""
+
+    done: int
+    total: int
+    elapsed_s: float
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+    @property
+    def remaining_s(self) -> float | None:
+        """Time left at the pace of the rows so far; None before the first row."""
+        if self.done == 0:
+            return None
+        return max(0.0, self.elapsed_s / self.done * (self.total - self.done))
+
+
+def minutes(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 60}:{whole % 60:02d}"
+
+
+def describe_progress(progress: MeasureProgress) -> str:
+    """The slider's line while measuring."""
+    left = progress.remaining_s
+    pace = (
+        f"about {minutes(left)} left"
+        if left is not None
+        else "time left known after the first point"
+    )
+    return (
+        f"Measuring point {min(progress.done + 1, progress.total)} of {progress.total} "
+        f"in a separate process: {pace} ({minutes(progress.elapsed_s)} so far)"
+    )
 
 
 class MeasureError(RuntimeError):
@@ -64,7 +111,7 @@ def bench_command(model_dir: Path, out_dir: Path, text: Path) -> list[str]:
         "--timing-runs",
         "1",
         "--max-tokens",
-        "256",
+        MAX_TOKENS,
         "--cloze-items",
         "4",
         "--gen-tokens",
@@ -96,13 +143,36 @@ class BenchMeasurer:
         self.run = run or self._run_process
         self.process: subprocess.Popen[str] | None = None
         self.cancelled = False
+        self.on_progress: Callable[[MeasureProgress], None] | None = None  # on the UI loop
+        self.total = len(SLIDER_ALPHAS.split(","))
+        self._done, self._started = 0, 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _run_process(self, command: list[str]) -> subprocess.CompletedProcess[str]:
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1
         )
-        stdout, stderr = self.process.communicate()
-        return subprocess.CompletedProcess(command, self.process.returncode, stdout, stderr)
+        assert self.process.stderr is not None, "stderr is a pipe"
+        lines = []
+        for line in self.process.stderr:
+            lines.append(line)
+            self.line_received(line)
+        self.process.wait()
+        return subprocess.CompletedProcess(command, self.process.returncode, "", "".join(lines))
+
+    def line_received(self, line: str) -> None:
+        """A line of the benchmark's output (any thread): a measured row moves the progress."""
+        if ROW_LINE.search(line):
+            self._done += 1
+            self._report()
+
+    def progress(self) -> MeasureProgress:
+        return MeasureProgress(self._done, self.total, time.monotonic() - self._started)
+
+    def _report(self) -> None:
+        if self.on_progress is not None and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the UI loop is gone: nobody listens
+                self._loop.call_soon_threadsafe(self.on_progress, self.progress())
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -112,7 +182,9 @@ class BenchMeasurer:
     async def __call__(self, model_dir: Path) -> None:
         command = bench_command(model_dir, self.out_root / model_dir.name, evaluation_text())
         self.cancelled = False
-        loop = asyncio.get_running_loop()
+        self._done, self._started = 0, time.monotonic()
+        loop = self._loop = asyncio.get_running_loop()
+        self._report()
         with ThreadPoolExecutor(1, thread_name_prefix="measure") as pool:
             result = await loop.run_in_executor(pool, self.run, command)
         if self.cancelled:

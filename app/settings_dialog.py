@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
     QDialogButtonBox,
     QDoubleSpinBox,
     QFormLayout,
+    QHBoxLayout,
     QLabel,
     QPlainTextEdit,
     QPushButton,
@@ -31,11 +32,15 @@ from PySide6.QtWidgets import (
 from app.bridge import EngineBridge
 from app.loader import describe_estimate
 from app.settings import RELOAD_FIELDS, ModelSettings, to_load_config
+from app.settings_check import fit_to_model, generation_problem
 from app.tasks import start_task
 from engine.config import ALPHA_MAX, DEVICES, POLICIES, CacheConfig, ChatMessage, GenerateRequest
 from engine.events import ModelInfo
 
 RELOAD_MARK = " ⟳"
+WIDE_INT = 2_000_000_000  # spin boxes accept what is typed; Save says what is out of range
+WIDE_FLOAT = 1_000_000.0
+DEFAULT_SIZE = (680, 620)
 SAMPLE_CHAT = (ChatMessage("system", "You are helpful."), ChatMessage("user", "Hello!"))
 
 
@@ -45,17 +50,19 @@ def experts_that_fit(info: ModelInfo, budget_gb: float | None) -> str:
     return f"The expert cache holds {slots} of {total} experts ({slots / max(1, total):.0%})."
 
 
-def spin(low: float, high: float, step: float, decimals: int = 2) -> QDoubleSpinBox:
+def spin(low: float, step: float, decimals: int = 2) -> QDoubleSpinBox:
+    """A number box that keeps every digit typed; the settings check judges the value."""
     box = QDoubleSpinBox()
-    box.setRange(low, high)
+    box.setRange(low, WIDE_FLOAT)
     box.setSingleStep(step)
     box.setDecimals(decimals)
     return box
 
 
-def int_spin(low: int, high: int, step: int = 1) -> QSpinBox:
+def int_spin(low: int, step: int = 1) -> QSpinBox:
+    """A whole-number box that keeps every digit typed (Qt drops digits past the maximum)."""
     box = QSpinBox()
-    box.setRange(low, high)
+    box.setRange(low, WIDE_INT)
     box.setSingleStep(step)
     return box
 
@@ -85,29 +92,42 @@ class SettingsDialog(QDialog):
         for box in (self.budget, self.context):
             box.valueChanged.connect(self._estimate_timer.start)
         self.device.currentTextChanged.connect(self._estimate_timer.start)
+        for box in (self.context, self.max_tokens):
+            box.valueChanged.connect(self.check)
+
+    def check(self) -> bool:
+        """Say at once what keeps the shown settings from saving; True when nothing does."""
+        try:
+            self.current()
+        except ValueError as error:
+            self.error_label.setText(f"Cannot save yet: {error}")
+            return False
+        self.error_label.setText("")
+        return True
 
     def _make_widgets(self) -> None:
         self.device = QComboBox()
         self.device.addItems(list(DEVICES))
-        self.budget = spin(0.0, 1024.0, 0.5)
+        self.budget = spin(0.0, 0.5)
         self.budget.setSpecialValueText("default (half of the experts)")
         self.budget.setSuffix(" GB")
         self.fit_label = QLabel()
         self.fit_label.setWordWrap(True)
         self.policy = QComboBox()
         self.policy.addItems(list(POLICIES))
-        self.alpha = spin(0.0, ALPHA_MAX, 0.05)
+        self.alpha = spin(0.0, 0.05)
+        self.alpha.setMaximum(ALPHA_MAX)
         self.prefetch = QCheckBox("Prefetch the experts the next layer will likely need")
         self.cpu_assist = QCheckBox("Run some missing experts on the CPU instead of copying")
-        self.context = int_spin(16, 1_048_576, 256)
-        if self.info is not None and self.info.max_context >= 16:
-            self.context.setMaximum(self.info.max_context)
-            self.context.setToolTip(f"This model was trained for up to {self.info.max_context}.")
-        self.temperature = spin(0.0, 5.0, 0.05)
-        self.top_p = spin(0.01, 1.0, 0.05)
-        self.top_k = int_spin(0, 1000)
-        self.repetition = spin(0.5, 3.0, 0.05)
-        self.max_tokens = int_spin(1, 1_000_000, 64)
+        self.context = int_spin(16, 256)
+        self.context_hint = QLabel(self._context_hint())
+        self.temperature = spin(0.0, 0.05)
+        self.top_p = spin(0.0, 0.05)
+        self.top_k = int_spin(0)
+        self.repetition = spin(0.0, 0.05)
+        self.max_tokens = int_spin(1, 64)
+        self.notice = QLabel()
+        self.notice.setWordWrap(True)
         self.system_prompt = QPlainTextEdit()
         self.template = QPlainTextEdit()
         self.template.setPlaceholderText("Empty: use the model's own chat template")
@@ -118,7 +138,24 @@ class SettingsDialog(QDialog):
         self.preview = QPlainTextEdit()
         self.preview.setReadOnly(True)
         self.error_label = QLabel()
+        self.error_label.setWordWrap(True)
         self.error_label.setStyleSheet("color: #c0392b;")
+
+    @property
+    def max_context(self) -> int | None:
+        return self.info.max_context if self.info is not None and self.info.max_context else None
+
+    def _context_hint(self) -> str:
+        most = self.max_context
+        return f"this model: up to {most}" if most else "the model's maximum is not known yet"
+
+    def _with_hint(self, box: QWidget, hint: QLabel) -> QWidget:
+        row = QWidget()
+        layout = QHBoxLayout(row)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(box, 1)
+        layout.addWidget(hint)
+        return row
 
     def _form(self, rows: list[tuple[str, str, QWidget]]) -> QWidget:
         page = QWidget()
@@ -137,7 +174,11 @@ class SettingsDialog(QDialog):
                 ("device", "Device", self.device),
                 ("cache_budget_gb", "Expert-cache budget", self.budget),
                 ("", "", self.fit_label),
-                ("context_length", "Context length (tokens)", self.context),
+                (
+                    "context_length",
+                    "Context length (tokens)",
+                    self._with_hint(self.context, self.context_hint),
+                ),
                 ("policy", "Cache policy", self.policy),
                 ("alpha", "Importance α", self.alpha),
                 ("prefetch", "", self.prefetch),
@@ -180,10 +221,16 @@ class SettingsDialog(QDialog):
         layout = QVBoxLayout(self)
         layout.addWidget(self._pages())
         layout.addWidget(QLabel(f"{RELOAD_MARK.strip()} applied by reloading the model"))
+        layout.addWidget(self.notice)
         layout.addWidget(self.error_label)
+        self.resize(*DEFAULT_SIZE)
         layout.addWidget(buttons)
 
-    def show_settings(self, s: ModelSettings) -> None:
+    def show_settings(self, settings: ModelSettings) -> None:
+        """Show ``settings``, first lowered to what the model can generate with (said why)."""
+        s, note = fit_to_model(settings, self.max_context)
+        self.notice.setText(note)
+        self.notice.setVisible(bool(note))
         self.device.setCurrentText(s.device)
         self.budget.setValue(s.cache_budget_gb or 0.0)
         self.policy.setCurrentText(s.policy)
@@ -202,6 +249,13 @@ class SettingsDialog(QDialog):
 
     def current(self) -> ModelSettings:
         """The settings as shown; raises ``ValueError`` with a message when invalid."""
+        settings = self._shown()
+        problem = generation_problem(settings, self.max_context)
+        if problem:
+            raise ValueError(problem)
+        return settings
+
+    def _shown(self) -> ModelSettings:
         template = self.template.toPlainText()
         return replace(
             self.original,
@@ -225,7 +279,7 @@ class SettingsDialog(QDialog):
         try:
             settings = self.current()
         except ValueError as error:
-            self.error_label.setText(str(error))
+            self.error_label.setText(f"Not saved: {error}")
             return
         self.saved.emit(settings)
         super().accept()
@@ -243,7 +297,7 @@ class SettingsDialog(QDialog):
     async def _estimate(self) -> None:
         assert self.bridge is not None, "checked in update_fit"
         try:
-            estimate = await self.bridge.estimate(to_load_config(self.model_dir, self.current()))
+            estimate = await self.bridge.estimate(to_load_config(self.model_dir, self._shown()))
         except Exception as error:
             self.fit_label.setText(f"Cannot estimate memory: {error}")
             return

@@ -13,10 +13,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
 
 from app.curves import Curve, CurveError, describe, load_curve
-from app.measure import MeasureCancelled
+from app.measure import MeasureCancelled, MeasureProgress, describe_progress
 from app.tasks import start_task
 from engine.config import ALPHA_MAX
 
@@ -25,6 +33,14 @@ Measurer = Callable[[Path], Awaitable[None]]  # model folder -> writes the curve
 
 
 UNSUPPORTED = "this model's router family does not support substitution: exact only"
+
+
+AXIS_GAP = 24  # px between the two end labels at the slider's narrowest
+
+
+def axis_labels() -> tuple[str, str]:
+    """What the slider's two ends trade (left, right); the one place to reword them."""
+    return "exact", "faster, approximate"
 
 
 def alpha_label(alpha: float) -> str:
@@ -51,21 +67,34 @@ class ImportanceSlider(QWidget):
         self.curve_label = QLabel("no model loaded")
         self.curve_label.setWordWrap(True)
         self.measure_button = QPushButton("Measure")
+        self.measure_button.setToolTip(
+            "Measure speed and fidelity at four α in a separate process (minutes; on a CPU "
+            "more than ten): progress and time left are shown, Cancel stops it."
+        )
         self.measure_button.clicked.connect(self.start_measure)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setTextVisible(False)
+        self.progress.setMaximumWidth(120)
+        self.progress.setVisible(False)
         self.slider.valueChanged.connect(self._moved)
         self._layout()
         self._refresh()
 
     def _layout(self) -> None:
+        left, right = axis_labels()
+        self.left_end, self.right_end = QLabel(left), QLabel(right)
         ends = QHBoxLayout()
-        ends.addWidget(QLabel("exact"))
+        ends.setSpacing(AXIS_GAP)
+        ends.addWidget(self.left_end)
         ends.addStretch(1)
-        ends.addWidget(QLabel("faster, approximate"))
+        ends.addWidget(self.right_end)
         column = QVBoxLayout()
         column.setContentsMargins(0, 0, 0, 0)
         column.setSpacing(0)
         column.addWidget(self.slider)
         column.addLayout(ends)
+        self.value_label.setMinimumWidth(self.fontMetrics().horizontalAdvance("α = 0 (exact)"))
         row = QHBoxLayout(self)
         row.setContentsMargins(4, 2, 4, 2)
         title = QLabel("<b>Importance</b>")
@@ -74,6 +103,7 @@ class ImportanceSlider(QWidget):
         row.addLayout(column, 2)
         row.addWidget(self.value_label)
         row.addWidget(self.curve_label, 3)
+        row.addWidget(self.progress)
         row.addWidget(self.measure_button)
 
     @property
@@ -134,9 +164,19 @@ class ImportanceSlider(QWidget):
         if self.task is not None:
             self.cancel_measure()
             return
-        self.curve_label.setText("measuring in a separate process (this can take minutes)…")
+        if hasattr(self.measure, "on_progress"):
+            self.measure.on_progress = self.show_progress  # type: ignore[attr-defined]
+        self.curve_label.setText("Measuring in a separate process…")
         self.measure_button.setText("Cancel")
+        self.progress.setValue(0)
+        self.progress.setVisible(True)
         self.task = start_task(self, self._measure(self.model_dir))
+
+    def show_progress(self, progress: MeasureProgress) -> None:
+        if self.task is None:
+            return  # a late report after the measurement ended
+        self.progress.setValue(round(progress.fraction * 1000))
+        self.curve_label.setText(describe_progress(progress))
 
     def cancel_measure(self) -> None:
         """Stop the measurement: through the measurer's own ``cancel`` when it has one."""
@@ -161,6 +201,7 @@ class ImportanceSlider(QWidget):
 
     def _measured(self, problem: str) -> None:
         self.task = None
+        self.progress.setVisible(False)
         self.measure_button.setText("Measure")
         self.reload_curve()
         if problem:

@@ -11,7 +11,7 @@ from typing import Any
 
 from app.demo_engine import DemoEngine
 from engine.config import GenerateRequest, LiveOptions, LoadConfig
-from engine.errors import SubstitutionUnsupportedError
+from engine.errors import ModelLoadError, SubstitutionUnsupportedError
 from engine.events import ModelInfo
 from engine.protocol import EventSink, Job
 
@@ -36,6 +36,8 @@ class FakeEngine(DemoEngine):
         self.release = threading.Event()  # with hold_tokens: tokens wait for this
         self.hold_tokens = False
         self.substitution_supported = True
+        self.max_context = 4096
+        self.broken: dict[Path, str] = {}  # folder -> the error its inspect raises
         self.release.set()
 
     def load(self, config: LoadConfig, on_event: EventSink) -> Job[ModelInfo]:
@@ -45,6 +47,7 @@ class FakeEngine(DemoEngine):
         error = self.fail_load
 
         def failing(job: Job[Any]) -> None:
+            self._unload()  # like the real engine: the old model goes first
             on_event_progress(on_event)
             raise error
 
@@ -52,6 +55,13 @@ class FakeEngine(DemoEngine):
 
     def inspect(self, model_dir: Path) -> Job[ModelInfo]:
         self.calls.inspected.append(Path(model_dir))
+        problem = self.broken.get(Path(model_dir))
+        if problem is not None:
+
+            def failing(job: Job[Any]) -> None:
+                raise ModelLoadError(problem)
+
+            return self._submit(failing)
         return super().inspect(model_dir)
 
     def generate(self, request: GenerateRequest, on_event: EventSink) -> Job[Any]:
@@ -81,7 +91,9 @@ class FakeEngine(DemoEngine):
 
     def model_info(self, path: Path) -> ModelInfo:
         info = super().model_info(path)
-        return replace(info, substitution_supported=self.substitution_supported)
+        return replace(
+            info, substitution_supported=self.substitution_supported, max_context=self.max_context
+        )
 
 
 def on_event_progress(on_event: EventSink) -> None:

@@ -40,7 +40,7 @@ def chat_once(qtbot: Any, loop: asyncio.AbstractEventLoop, root: Path, model: Pa
         window.show()
         window.start(None)
         qtbot.waitUntil(
-            lambda: window.controller.ready or bool(window.banner.text), timeout=120_000
+            lambda: window.controller.ready or window.ready_status != "", timeout=120_000
         )
         assert window.controller.ready, f"the real engine did not load: {window.banner.text}"
         window.slider.slider.setValue(2)  # alpha 0.1, applied live to the real engine

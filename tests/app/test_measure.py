@@ -15,10 +15,11 @@ from app.curves import Curve, CurvePoint, save_curve
 from app.measure import BenchMeasurer, MeasureCancelled, MeasureError, bench_command, engine_command
 
 
-def test_bench_command_measures_every_slider_alpha(tmp_path: Path) -> None:
+def test_bench_command_is_short_by_default(tmp_path: Path) -> None:
     command = bench_command(tmp_path / "m", tmp_path / "out", tmp_path / "t.txt")
     assert command[:3] == [sys.executable, "-m", "engine"] and command[3] == "bench"
-    assert command[command.index("--alphas") + 1] == "0,0.1,0.2,0.3,0.4,0.5,0.6"
+    assert command[command.index("--alphas") + 1] == "0,0.2,0.4,0.6", "four points, not seven"
+    assert command[command.index("--max-tokens") + 1] == "128"
     assert command[command.index("--model") + 1] == str(tmp_path / "m")
 
 
@@ -93,3 +94,44 @@ def test_slider_measure_button_turns_into_cancel(
     qtbot.waitUntil(lambda: slider.task is None, timeout=5000)
     assert slider.measure_button.text() == "Measure"
     assert slider.curve_label.text() == "measurement cancelled"
+
+
+def test_progress_counts_rows_and_estimates_the_time_left() -> None:
+    from app.measure import MeasureProgress, describe_progress
+
+    first = MeasureProgress(0, 4, 30.0)
+    assert first.remaining_s is None and "after the first point" in describe_progress(first)
+    half = MeasureProgress(2, 4, 120.0)
+    assert half.fraction == 0.5 and half.remaining_s == 120.0
+    assert describe_progress(half) == (
+        "Measuring point 3 of 4 in a separate process: about 2:00 left (2:00 so far)"
+    )
+
+
+def test_the_slider_shows_progress_from_the_benchmark_output(
+    qtbot: Any, aloop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    from app.slider import ImportanceSlider
+
+    release = asyncio.Event()
+    measurer = BenchMeasurer(tmp_path)
+
+    def two_rows(command: list[str]) -> subprocess.CompletedProcess[str]:
+        measurer.line_received("bench: 4 rows on 128 tokens\n")
+        measurer.line_received("  +cpu cache 0.50 alpha 0.00: top-1 1.0000, hits 0.5\n")
+        measurer.line_received("  +cpu cache 0.50 alpha 0.20: top-1 0.9000, hits 0.6\n")
+        asyncio.run_coroutine_threadsafe(release.wait(), aloop).result(10)
+        save_curve(Curve("slow-model", (CurvePoint(0.0, 5.0),)))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    measurer.run = two_rows
+    slider = ImportanceSlider(measurer)
+    qtbot.addWidget(slider)
+    slider.set_model(tmp_path / "slow-model", "slow-model")
+    slider.start_measure()
+    qtbot.waitUntil(lambda: "point 3 of 4" in slider.curve_label.text(), timeout=5000)
+    assert slider.progress.isVisibleTo(slider) and slider.progress.value() == 500
+    assert "left" in slider.curve_label.text()
+    release.set()
+    qtbot.waitUntil(lambda: slider.task is None, timeout=5000)
+    assert not slider.progress.isVisibleTo(slider)

@@ -19,7 +19,7 @@ def test_first_start_loads_the_builtin_model(
     window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
 ) -> None:
     assert fake_engine.calls.loads[0].model_dir == user_dirs / "builtin" / "understudy-mini-moe"
-    assert window.controller.ready and "understudy-mini-moe" in window.model_label.text()
+    assert window.controller.ready and window.model_picker.currentText() == "understudy-mini-moe"
     assert not window.load_dialog.isVisible()
 
 
@@ -96,6 +96,10 @@ def test_last_working_settings_are_remembered_and_offered_after_a_crash(
     window.start(CrashGuard(config))
     assert "did not close properly" in window.banner.text
     assert len(fake_engine.calls.loads) == loads_before, "no automatic load after a crash"
+    window.composer.text.setPlainText("hello?")
+    window.composer.submit()  # Send before choosing: the choice stays on screen
+    assert "did not close properly" in window.banner.text
+    assert "wait for loading" not in window.banner.text
     offer = next(b for b in window.banner.buttons if b.text() == "Use last working settings")
     qtbot.mouseClick(offer, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)

@@ -280,9 +280,3 @@ def test_a_model_that_cannot_substitute_keeps_the_slider_at_exact(
     assert "cannot substitute" in window.banner.text
     assert window.slider.alpha == 0.0 and window.model_settings.alpha == 0.0
     assert fake_engine.live.alpha == 0.0
-
-
-def test_context_length_is_bounded_by_the_model(window: MainWindow) -> None:
-    dialog = open_settings(window)
-    dialog.context.setValue(100_000)
-    assert dialog.context.value() == 4096, "the demo model's max_context"

@@ -40,7 +40,7 @@ def test_models_window_lists_builtin_and_hf_cache_with_engine_details(
     dialog = open_library(window)
     qtbot.waitUntil(lambda: cell(dialog, 1, 5) == "2", timeout=5000)
     assert [cell(dialog, r, 0) for r in range(2)] == [
-        "understudy-mini-moe",
+        "● understudy-mini-moe (loaded)",
         "mistralai/Mixtral-8x7B",
     ]
     assert cell(dialog, 1, 1) == "Hugging Face cache"
@@ -64,7 +64,7 @@ def test_add_folder_checks_it_remembers_it_and_loads_it(
     dialog._load_selected()
     qtbot.waitUntil(lambda: fake_engine.calls.loads[-1].model_dir == folder, timeout=5000)
     qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
-    assert window.model_label.text() == "<b>olmoe</b>"
+    assert window.model_picker.currentText() == "olmoe" and window.model_label.text() == ""
     assert window.prefs.last_model == str(folder)
 
 

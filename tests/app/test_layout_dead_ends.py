@@ -1,0 +1,266 @@
+"""Layout dead ends: the memory estimate fits its dialog, the slider's end labels keep apart,
+the Models window marks the loaded model, reads whole and can remove an added folder, the chat
+list follows the chat shown, the focus stays in the message box after a banner, the theme menu
+is checked, the app is not called ``__main__.py``, export suggests a real folder and name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QFileDialog, QLabel
+
+from app.application import qt_arguments
+from app.export import default_export_path, file_name_for
+from app.library_dialog import LibraryDialog
+from app.main_window import MainWindow
+from app.settings_dialog import SettingsDialog
+from tests.app.conftest import write_model_folder
+from tests.app.fake_engine import FakeEngine
+
+
+def send(qtbot: Any, window: MainWindow, text: str) -> None:
+    window.composer.text.setPlainText(text)
+    window.composer.submit()
+    qtbot.waitUntil(lambda: not window.controller.generating, timeout=5000)
+
+
+def shows_whole_text(label: QLabel) -> bool:
+    if label.wordWrap():
+        return label.heightForWidth(label.contentsRect().width()) <= label.contentsRect().height()
+    return label.contentsRect().width() >= label.minimumSizeHint().width()
+
+
+def test_the_memory_estimate_is_not_clipped_at_the_default_size(
+    qtbot: Any, window: MainWindow
+) -> None:
+    window.show_settings()
+    dialog = window.dialogs["settings"]
+    assert isinstance(dialog, SettingsDialog)
+    qtbot.waitUntil(lambda: "memory: needs" in dialog.fit_label.text(), timeout=5000)
+    qtbot.wait(50)  # the layout settles after the text grows
+    assert shows_whole_text(dialog.fit_label), dialog.fit_label.text()
+
+
+def test_slider_end_labels_do_not_touch(qtbot: Any, window: MainWindow) -> None:
+    window.resize(1280, 800)
+    qtbot.wait(50)
+    slider = window.slider
+    left, right = slider.left_end.geometry(), slider.right_end.geometry()
+    assert right.left() - left.right() >= 12, (left, right)
+    assert shows_whole_text(slider.left_end) and shows_whole_text(slider.right_end)
+
+
+def open_library(window: MainWindow) -> LibraryDialog:
+    window.show_library()
+    dialog = window.dialogs["library"]
+    assert isinstance(dialog, LibraryDialog)
+    return dialog
+
+
+def test_models_window_marks_the_loaded_model_and_shows_whole_cells(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine
+) -> None:
+    dialog = open_library(window)
+    qtbot.waitUntil(lambda: dialog.table.item(0, 5).text() == "2", timeout=5000)
+    first = dialog.table.item(0, 0)
+    assert first.text() == "● understudy-mini-moe (loaded)" and first.font().bold()
+    metrics = dialog.table.fontMetrics()
+    for column in range(dialog.table.columnCount() - 1):  # the last one stretches
+        text = dialog.table.item(0, column).text()
+        width = metrics.horizontalAdvance(text)
+        assert dialog.table.columnWidth(column) >= width, f"column {column} cuts {text!r}"
+
+
+def test_an_added_folder_can_be_removed_and_the_builtin_cannot(
+    qtbot: Any, window: MainWindow, user_dirs: Path
+) -> None:
+    dialog = open_library(window)
+    folder = write_model_folder(user_dirs / "mine" / "olmoe")
+    assert dialog.add_folder(folder)
+    dialog.table.selectRow(0)
+    assert not dialog.remove_button.isEnabled(), "the built-in model stays"
+    names = [dialog.table.item(r, 0).text() for r in range(dialog.table.rowCount())]
+    dialog.table.selectRow(names.index("olmoe"))
+    assert dialog.remove_button.isEnabled()
+    qtbot.mouseClick(dialog.remove_button, Qt.MouseButton.LeftButton)
+    assert str(folder) not in window.prefs.model_folders
+    assert folder.is_dir(), "nothing on disk is deleted"
+    names = [dialog.table.item(r, 0).text() for r in range(dialog.table.rowCount())]
+    assert "olmoe" not in names and "files are kept" in dialog.message.text()
+
+
+def test_the_chat_list_selects_the_chat_shown_after_a_search_is_cleared(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine
+) -> None:
+    fake_engine.replies = iter(["bananas", "the sky", "more"])
+    send(qtbot, window, "fruit")
+    fruit = window.controller.conversation.id  # type: ignore[union-attr]
+    window.new_chat()
+    send(qtbot, window, "weather")
+    window.open_conversation(fruit)
+    window.sidebar.search.setText("weather")
+    window.sidebar.search.clear()
+    current = window.sidebar.items.currentItem()
+    assert current is not None and current.isSelected()
+    assert current.data(Qt.ItemDataRole.UserRole) == fruit == window.controller.conversation.id  # type: ignore[union-attr]
+
+
+def test_dismissing_a_banner_returns_the_focus_to_the_message_box(
+    qtbot: Any, window: MainWindow
+) -> None:
+    window.banner.show_message("Something to read", "info")
+    window.banner.close_button.setFocus()
+    qtbot.waitUntil(window.banner.close_button.hasFocus, timeout=2000)
+    qtbot.mouseClick(window.banner.close_button, Qt.MouseButton.LeftButton)
+    assert not window.system_prompt.hasFocus()
+    assert window.composer.text.hasFocus()
+
+
+def test_the_theme_menu_checks_the_theme_in_use(window: MainWindow) -> None:
+    actions = window.theme_actions
+    assert all(a.isCheckable() for a in actions.values())
+    assert [t for t, a in actions.items() if a.isChecked()] == [window.prefs.theme]
+    actions["dark"].trigger()
+    assert [t for t, a in actions.items() if a.isChecked()] == ["dark"]
+    assert window.prefs.theme == "dark"
+    actions["light"].trigger()
+
+
+def test_the_program_is_named_understudy_not_main_py() -> None:
+    assert qt_arguments(["/src/app/__main__.py", "--demo"]) == ["understudy", "--demo"]
+
+
+def test_export_names_the_file_after_the_chat(tmp_path: Path) -> None:
+    assert file_name_for('What is 2/3? "quick" test') == "What is 2 3 quick test.md"
+    assert file_name_for("...") == "chat.md"
+    assert default_export_path("Notes", tmp_path) == tmp_path / "Notes.md"
+
+
+def test_export_suggests_the_documents_folder_and_the_title(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    send(qtbot, window, "Plan a trip to Lyon")
+    suggested: list[str] = []
+
+    def fake_dialog(parent: object, title: str, path: str, filters: str) -> tuple[str, str]:
+        suggested.append(path)
+        return "", ""
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", fake_dialog)
+    window.export_current()
+    path = Path(suggested[0])
+    assert path.name == "Plan a trip to Lyon.md"
+    assert path.parent.is_absolute() and path.parent != Path.cwd()
+
+
+def test_the_message_box_grows_with_its_text_up_to_a_limit(window: MainWindow) -> None:
+    box = window.composer.text
+    empty = box.height()
+    box.setPlainText("one\ntwo\nthree\nfour\nfive")
+    assert box.height() > empty and window.composer.lines_shown() == 5
+    box.setPlainText("\n".join(str(i) for i in range(40)))
+    assert window.composer.lines_shown() == 8, "then it scrolls"
+    box.clear()
+    assert box.height() == empty
+
+
+def test_the_header_model_picker_shows_and_switches_the_model(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    picker = window.model_picker
+    assert picker.currentText() == "understudy-mini-moe"
+    folder = write_model_folder(user_dirs / "mine" / "olmoe")
+    window._folder_added(str(folder))
+    index = picker.findText("olmoe")
+    assert index >= 0 and picker.findText("Other models…") == picker.count() - 1
+    picker.setCurrentIndex(index)
+    picker.activated.emit(index)
+    qtbot.waitUntil(lambda: fake_engine.calls.loads[-1].model_dir == folder, timeout=5000)
+    qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
+    assert picker.currentText() == "olmoe"
+
+
+def test_the_transcript_keeps_a_readable_line_length(qtbot: Any, window: MainWindow) -> None:
+    from app.chat_view import MAX_LINE_PX
+
+    window.resize(2400, 900)
+    qtbot.wait(50)
+    view = window.chat_view
+    column = view.viewport().width() - 2 * view.side_margin()
+    assert column <= MAX_LINE_PX + 1 and view.side_margin() > 16
+
+
+def test_an_opened_chat_shows_its_latest_message_even_after_a_banner(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine
+) -> None:
+    window = make_window()
+    fake_engine.token_delay = 0.0  # long replies, quickly (the test is about scrolling)
+    fake_engine.replies = iter([" ".join(["line"] * 150)] * 6)
+    for number in range(3):
+        window.composer.text.setPlainText(f"question {number}")
+        window.composer.submit()
+        qtbot.waitUntil(lambda: not window.controller.generating, timeout=30_000)
+    chat = window.controller.conversation.id  # type: ignore[union-attr]
+    window.new_chat()
+    window.open_conversation(chat)
+    window.banner.show_message("A banner that takes room above the chat", "info")
+    bar = window.chat_view.verticalScrollBar()
+    qtbot.wait(50)
+    assert bar.maximum() > 0 and bar.value() == bar.maximum()
+
+
+def test_the_model_picker_is_filled_before_any_model_loads(make_window: Any) -> None:
+    window = make_window(start=False)
+    assert window.model_picker.currentText() == "No model loaded"
+    assert window.model_picker.findText("understudy-mini-moe") >= 0
+
+
+def clipped_texts(root: Any) -> list[str]:
+    """Visible labels and buttons narrower (or, wrapped, shorter) than their text needs."""
+    from PySide6.QtWidgets import QAbstractButton
+
+    found = []
+    for label in root.findChildren(QLabel):
+        if label.isVisible() and label.text() and not shows_whole_text(label):
+            found.append(f"label {label.text()!r}")
+    for button in root.findChildren(QAbstractButton):
+        if button.isVisible() and button.text() and button.width() < button.sizeHint().width():
+            found.append(f"button {button.text()!r}")
+    return found
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (1920, 1080)])
+def test_no_text_is_clipped_in_the_main_window_and_dialogs(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, size: tuple[int, int]
+) -> None:
+    send(qtbot, window, "hello")
+    window.banner.show_message("Adjusted so replies can be generated: " + "x " * 60, "info")
+    window.resize(*size)
+    qtbot.wait(100)
+    assert clipped_texts(window) == []
+    window.show_settings()
+    dialog = window.dialogs["settings"]
+    qtbot.waitUntil(lambda: "memory: needs" in dialog.fit_label.text(), timeout=5000)  # type: ignore[attr-defined]
+    qtbot.wait(100)
+    assert clipped_texts(dialog) == []
+    library = open_library(window)
+    qtbot.wait(100)
+    assert clipped_texts(library) == []
+
+
+def test_the_system_theme_is_followed_when_the_os_switches(
+    window: MainWindow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.application as application
+    from app import markdown_render
+
+    window.set_theme("system")
+    monkeypatch.setattr(application, "system_prefers_dark", lambda _app: True)
+    window._system_theme_changed()  # what the OS's colour-scheme signal calls
+    assert window.chat_view.palette_html is markdown_render.DARK
+    window.set_theme("light")
+    window._system_theme_changed()
+    assert window.chat_view.palette_html is markdown_render.LIGHT, "an explicit theme stays"
