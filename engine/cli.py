@@ -22,7 +22,15 @@ import torch
 from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 
-from engine.config import DEVICES, DTYPES, EVICTIONS, POLICIES, GenerateRequest, SamplingConfig
+from engine.config import (
+    DEVICES,
+    DTYPES,
+    EVICTIONS,
+    EXPERTS_IMPLEMENTATIONS,
+    POLICIES,
+    GenerateRequest,
+    SamplingConfig,
+)
 from engine.errors import (
     CacheBudgetError,
     EngineError,
@@ -78,6 +86,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--cache-fraction", type=float, metavar="F", help="expert cache as a fraction of experts"
     )
     group.add_argument("--force", action="store_true", help="load even if the estimate refuses")
+    group.add_argument(
+        "--experts",
+        choices=EXPERTS_IMPLEMENTATIONS,
+        default="eager",
+        help="expert compute: eager loop or grouped matmuls (fewer ops)",
+    )
     method = parser.add_argument_group("method")
     method.add_argument("--policy", choices=POLICIES, default="lru")
     method.add_argument("--alpha", type=float, default=0.0, metavar="A", help="importance band")
@@ -104,6 +118,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         substitution=args.substitution,
         prefetch=args.prefetch,
         cpu_assist=args.cpu_assist,
+        experts=getattr(args, "experts", "eager"),
     )
 
 

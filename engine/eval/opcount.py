@@ -61,7 +61,9 @@ class OpCounts:
         kinds = Counter(self.sync_kinds)
         kinds.subtract(earlier.sync_kinds)
         return OpCounts(
-            self.ops - earlier.ops, self.syncs - earlier.syncs, {k: v for k, v in kinds.items() if v}
+            self.ops - earlier.ops,
+            self.syncs - earlier.syncs,
+            {k: v for k, v in kinds.items() if v},
         )
 
 
@@ -78,7 +80,9 @@ def _is_sync_op(name: str, overload: str, args: tuple[Any, ...]) -> bool:
 def _device_to_host(name: str, args: tuple[Any, ...]) -> bool:
     if name == "aten::copy_":
         dst, src = args[0], args[1]
-        return isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst.device.type == "cpu"
+        return (
+            isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst.device.type == "cpu"
+        )
     return False  # _to_copy/to: checked by the caller with the output's device
 
 

@@ -13,16 +13,25 @@ Mechanism only (which expert leaves is the eviction policy's call):
   chunk fits because only the current chunk is protected, so the smallest legal cache is one
   decode step's working set, ``min(E, top_k)`` slots, and nothing can deadlock. Ascending
   order and whole-expert chunks keep the eager accumulation order (see ``experts.py``).
-- **Copies**: on CUDA, misses are copied on a side stream (after the compute stream's queued
-  work, since a victim slot may still be read by it) and the compute stream waits for them;
-  on CPU the copy is a plain ``copy_``. Every copy is counted (count and bytes) per layer.
+- **Copies**: on CUDA, demand misses are copied on a high-priority stream and prefetches on
+  a low-priority one, so a demand miss never queues behind a wrong prefetch; both start after
+  the compute stream's queued work (a victim slot may still be read by it). ``staged`` lets
+  the caller compute the layer's resident experts while its misses copy and wait for the copy
+  event (``arrival``) only before computing them; on CPU the copy is a plain ``copy_``. Every
+  copy is counted (count and bytes) per layer, and copy time on CUDA is measured with events
+  (``copy_seconds_per_expert``) for the CPU-assist cost model.
+- **Residency** is host state (numpy masks, a dict of slots), never read from the device;
+  eviction asks the policy for a victim among the resident keys (a set view, O(1) to pass).
+- **Close** waits for every copy in flight before the slots and host buffers go.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from engine.offload.eviction import EvictionPolicy, SlotKey
@@ -57,10 +66,19 @@ class ExpertCache:
         self._key_of: list[SlotKey | None] = [None] * num_slots
         self._protected: set[SlotKey] = set()
         self._resident = {  # per layer [E] bool, kept in step with _slot_of
-            layer: torch.zeros(store.num_experts, dtype=torch.bool) for layer in store.layers
+            layer: np.zeros(store.num_experts, dtype=bool) for layer in store.layers
         }
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        cuda = device.type == "cuda"
+        # demand misses first: a high-priority stream; prefetches on a low-priority one
+        self._copy_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
+        self._prefetch_stream = torch.cuda.Stream(device, priority=0) if cuda else None
         self._inflight: dict[SlotKey, torch.cuda.Event] = {}  # prefetch copies not yet awaited
+        self.arrival: list[torch.cuda.Event] = []  # the demand copies of the staged layer
+        self._timings: deque[tuple[torch.cuda.Event, torch.cuda.Event, int]] = deque()
+        self._copy_times: deque[float] = deque(maxlen=32)  # measured seconds per expert
+        self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending_demand: list[torch.cuda.Event] = []
+        self._free = list(range(num_slots - 1, -1, -1))  # free slots, lowest on top
 
     @property
     def nbytes(self) -> int:
@@ -74,7 +92,21 @@ class ExpertCache:
 
     def resident_mask(self, layer: int) -> torch.Tensor:
         """[E] bool on the CPU: which experts of ``layer`` sit in a slot now."""
-        return self._resident[layer].clone()
+        return torch.from_numpy(self._resident[layer].copy())
+
+    def resident_host(self, layer: int) -> np.ndarray:
+        """[E] bool numpy copy of the layer's residency (host state, no device read)."""
+        return self._resident[layer].copy()
+
+    def slot_index(self, key: SlotKey) -> int:
+        return self._slot_of[key]
+
+    def pool_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's weights: ``shape.expert_weights`` of the pool (gate_up [S, 2I, H],
+        down [S, H, I]); views, made once."""
+        if self._pool is None:
+            self._pool = self.shape.expert_weights(self._slots)
+        return self._pool
 
     def weights(self, key: SlotKey) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) views of a resident expert's slot."""
@@ -102,15 +134,50 @@ class ExpertCache:
         finally:
             self._protected.difference_update(keys)
 
-    def _ensure(self, keys: list[SlotKey]) -> None:
+    @contextmanager
+    def staged(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[list[int], list[int]]]:
+        """Protect ``experts`` and start their copies; yield (ready now, arriving).
+
+        The arriving ones (demand misses, and prefetches still copying) may be computed only
+        after ``wait(arrival)``. On a CPU device every copy is done before the yield.
+        """
+        keys = [(layer, e) for e in experts]
+        if len(keys) > self.num_slots:
+            raise ValueError(f"{len(keys)} experts cannot be resident in {self.num_slots} slots")
+        self._protected.update(keys)
+        try:
+            arriving = set(self._start(keys)) | {k for k in keys if k in self._inflight}
+            if self._copy_stream is None:
+                arriving = set()
+            self.arrival = [self._inflight.pop(k) for k in keys if k in self._inflight]
+            self.arrival += self._pending_demand
+            yield [e for e in experts if (layer, e) not in arriving], sorted(e for _, e in arriving)
+        finally:
+            self._protected.difference_update(keys)
+            self.arrival, self._pending_demand = [], []
+
+    def wait(self, events: Sequence[torch.cuda.Event] | None) -> None:
+        """Make the compute stream wait for ``events`` (no-op on CPU or for ``None``)."""
+        if not events or self._copy_stream is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        for event in events:
+            compute.wait_event(event)
+
+    def _start(self, keys: list[SlotKey]) -> list[SlotKey]:
+        """Count the uses, start the demand copies; returns the keys being copied now."""
         misses = [key for key in keys if key not in self._slot_of]
-        layer = keys[0][0] if keys else -1
         if keys:
-            self.stats.add(layer, hits=len(keys) - len(misses), misses=len(misses))
+            self.stats.add(keys[0][0], hits=len(keys) - len(misses), misses=len(misses))
         for key in keys:
             self.policy.record_use(key, self.step)
-        if misses:
-            self._copy_in(misses)
+        self._pending_demand = self._copy_in(misses, wait=False) if misses else []
+        return misses
+
+    def _ensure(self, keys: list[SlotKey]) -> None:
+        self._start(keys)
+        self.wait(self._pending_demand)
+        self._pending_demand = []
         self._await_prefetched(keys)
 
     def load(self, key: SlotKey) -> None:
@@ -131,12 +198,7 @@ class ExpertCache:
                 self._copy_in(new)
             return new
         slots = [self._claim_slot(key) for key in new]
-        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._copy_stream):
-            for key, slot in zip(new, slots, strict=True):
-                self._slots[slot].copy_(self.store.row(key), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._copy_stream)
+        done = self._copy_async(self._prefetch_stream, new, slots)
         for key in new:
             self._inflight[key] = done
             self.stats.add(key[0], transfers=1, bytes_moved=self.shape.nbytes)
@@ -148,52 +210,78 @@ class ExpertCache:
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)
 
-    def _copy_in(self, keys: list[SlotKey]) -> None:
+    def _copy_in(self, keys: list[SlotKey], wait: bool = True) -> list[torch.cuda.Event]:
+        """Copy ``keys`` into slots; on CUDA returns the copy's event (awaited if ``wait``)."""
         slots = [self._claim_slot(key) for key in keys]
+        for key in keys:
+            self.stats.add(key[0], transfers=1, bytes_moved=self.shape.nbytes)
         if self._copy_stream is None:
             for key, slot in zip(keys, slots, strict=True):
                 self._slots[slot].copy_(self.store.row(key))
-        else:
-            self._copy_on_side_stream(keys, slots)
-        for key in keys:
-            self.stats.add(key[0], transfers=1, bytes_moved=self.shape.nbytes)
+            return []
+        events = [self._copy_async(self._copy_stream, keys, slots)]
+        if wait:
+            self.wait(events)
+            return []
+        return events
 
-    def _copy_on_side_stream(self, keys: list[SlotKey], slots: list[int]) -> None:
-        assert self._copy_stream is not None
-        compute = torch.cuda.current_stream(self.device)
-        self._copy_stream.wait_stream(compute)  # victims may still be read by queued kernels
-        with torch.cuda.stream(self._copy_stream):
+    def _copy_async(
+        self, stream: torch.cuda.Stream | None, keys: list[SlotKey], slots: list[int]
+    ) -> torch.cuda.Event:
+        """Queue the copies on ``stream`` after the compute stream's work; timed with events."""
+        assert stream is not None
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # victims may be in use
+        start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record(stream)
             for key, slot in zip(keys, slots, strict=True):
                 self._slots[slot].copy_(self.store.row(key), non_blocking=True)
-        compute.wait_stream(self._copy_stream)
+            done.record(stream)
+        self._timings.append((start, done, len(keys)))
+        self._harvest_timings()
+        return done
+
+    def _harvest_timings(self) -> None:
+        """Turn finished copies' event pairs into seconds per expert (never waits)."""
+        while self._timings and self._timings[0][1].query():
+            start, done, count = self._timings.popleft()
+            self._copy_times.append(start.elapsed_time(done) / 1e3 / count)
+
+    @property
+    def copy_seconds_per_expert(self) -> float | None:
+        """Mean measured copy time of one expert on CUDA; ``None`` before any measurement."""
+        if not self._copy_times:
+            return None
+        return sum(self._copy_times) / len(self._copy_times)
 
     def _claim_slot(self, key: SlotKey) -> int:
         slot = self._free_slot()
         if slot is None:
-            victim = self.policy.victim(list(self._slot_of), self._protected)
+            victim = self.policy.victim(self._slot_of.keys(), self._protected)
             slot = self._slot_of.pop(victim)
             self._resident[victim[0]][victim[1]] = False
             self.policy.forget(victim)
             self._inflight.pop(victim, None)  # its copy is ordered before any overwrite
         self._slot_of[key] = slot
+        self.policy.record_load(key)
         self._key_of[slot] = key
         self._resident[key[0]][key[1]] = True
         return slot
 
     def _free_slot(self) -> int | None:
-        if len(self._slot_of) >= self.num_slots:
-            return None
-        return self._key_of.index(None) if None in self._key_of else None
+        return self._free.pop() if self._free else None
 
     def clear(self) -> None:
         """Empty every slot (the memory stays allocated)."""
+        self.synchronize()
         for key in list(self._slot_of):
             self.policy.forget(key)
         self._slot_of.clear()
         for mask in self._resident.values():
-            mask.zero_()
+            mask[:] = False
         self._inflight.clear()
         self._key_of = [None] * self.num_slots
+        self._free = list(range(self.num_slots - 1, -1, -1))
 
     def set_policy(self, policy: EvictionPolicy) -> None:
         """Switch eviction rule; the new policy learns the residents as just used."""
@@ -201,6 +289,14 @@ class ExpertCache:
         for key in self._slot_of:
             policy.record_use(key, self.step)
 
+    def synchronize(self) -> None:
+        """Wait for every copy in flight (before slots or host buffers are reused or freed)."""
+        for stream in (self._copy_stream, self._prefetch_stream):
+            if stream is not None:
+                stream.synchronize()
+
     def close(self) -> None:
+        """Wait for copies in flight, then free the slots."""
         self.clear()
+        self._pool = None
         self._slots = torch.empty(0, dtype=self.shape.dtype, device=self.device)

@@ -11,17 +11,18 @@ mean is ``1/E``; how peaked a layer's router is varies), so ``scale`` picks how 
 are made comparable: ``relative`` divides by the layer's mean over its experts (an average
 expert scores 1), ``rank`` uses the expert's rank within its layer in [0, 1], ``raw`` nothing.
 A layer with no score yet ranks its experts as average (neutral). The policy holds no device
-state: score vectors are reduced to Python floats only when a victim is asked for.
+state: the controller reports host (numpy) vectors from the layer's one routing copy, and the
+scaled table is rebuilt lazily when a victim is asked for.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection
 from collections.abc import Set as AbstractSet
-from typing import Literal
+from typing import Any, Literal
 
-import torch
+import numpy as np
 
 ScoreScale = Literal["raw", "relative", "rank"]
 SCORE_SCALES: tuple[str, ...] = ("raw", "relative", "rank")
@@ -35,33 +36,34 @@ class _LayerWindow:
     """The last ``window`` steps' score vectors of one layer (same-step reports averaged)."""
 
     def __init__(self, window: int) -> None:
-        self.vectors: deque[torch.Tensor] = deque(maxlen=window)  # each [E] fp32
+        self.vectors: deque[np.ndarray] = deque(maxlen=window)  # each [E] fp32
         self.last_step: int | None = None
         self._merged = 0
 
-    def add(self, scores: torch.Tensor, step: int) -> None:
-        vector = scores.detach().float().reshape(-1)  # [E]
+    def add(self, scores: Any, step: int) -> None:
+        vector = np.asarray(scores, dtype=np.float32).reshape(-1)  # [E]
         if step == self.last_step and self.vectors:
             count = self._merged
             self.vectors[-1] = (self.vectors[-1] * count + vector) / (count + 1)
             self._merged = count + 1
             return
-        self.vectors.append(vector.clone())
+        self.vectors.append(vector.copy())
         self.last_step, self._merged = step, 1
 
-    def mean(self) -> torch.Tensor:
-        return torch.stack(list(self.vectors)).mean(dim=0)  # [E]
+    def mean(self) -> np.ndarray:
+        return np.stack(list(self.vectors)).mean(axis=0, dtype=np.float32)  # [E]
 
 
-def scale_scores(mean: torch.Tensor, scale: ScoreScale) -> torch.Tensor:
+def scale_scores(mean: np.ndarray, scale: ScoreScale) -> np.ndarray:
     """A layer's windowed means [E] on the common scale of the global pool."""
+    mean = np.asarray(mean, dtype=np.float32)
     if scale == "raw":
         return mean
     if scale == "relative":
-        average = mean.mean()
-        return mean / average if average > 0 else torch.ones_like(mean)
-    order = mean.argsort().argsort().float()  # [E] 0 = lowest
-    return order / max(1, mean.numel() - 1)
+        average = mean.mean(dtype=np.float32)
+        return mean / average if average > 0 else np.ones_like(mean)
+    order = mean.argsort(kind="stable").argsort(kind="stable").astype(np.float32)  # 0 = lowest
+    return order / max(1, mean.size - 1)
 
 
 class ScoreEviction:
@@ -83,12 +85,15 @@ class ScoreEviction:
         self._clock += 1
         self._last_use[key] = self._clock
 
-    def record_scores(self, layer: int, scores: torch.Tensor, step: int) -> None:
+    def record_load(self, key: SlotKey) -> None:
+        return None
+
+    def record_scores(self, layer: int, scores: Any, step: int) -> None:
         """``scores``: [E] mean score of each expert over this step's tokens."""
         self._layers.setdefault(layer, _LayerWindow(self.window)).add(scores, step)
         self._table.pop(layer, None)
 
-    def victim(self, resident: Sequence[SlotKey], protected: AbstractSet[SlotKey]) -> SlotKey:
+    def victim(self, resident: Collection[SlotKey], protected: AbstractSet[SlotKey]) -> SlotKey:
         candidates = [key for key in resident if key not in protected]
         if not candidates:
             raise RuntimeError("every resident expert is protected; the cache is below its minimum")
@@ -112,7 +117,7 @@ class ScoreEviction:
             return None
         if layer not in self._table:
             mean = self._layers[layer].mean()
-            self._table[layer] = scale_scores(mean, self.scale).cpu().tolist()
+            self._table[layer] = scale_scores(mean, self.scale).tolist()
         return self._table[layer]
 
     def _neutral(self) -> float:

@@ -73,6 +73,18 @@ class ExpertShape:
         end = self.down_offset + self.down_numel
         return row[self.down_offset : end].view(self.hidden, self.intermediate)  # [H, I]
 
+    def expert_weights(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched ``gate_up``/``down`` of rows ``[n, numel]``: views ``[n, 2I, H]``, ``[n, H, I]``.
+
+        The grouped experts path reads every slot through this; a quantized shape returns
+        dequantized tensors here instead of views.
+        """
+        n = rows.shape[0]
+        gate_up = rows[:, : self.gate_up_numel].view(n, 2 * self.intermediate, self.hidden)
+        end = self.down_offset + self.down_numel
+        down = rows[:, self.down_offset : end].view(n, self.hidden, self.intermediate)
+        return gate_up, down
+
     def part_view(self, row: torch.Tensor, part: Part) -> torch.Tensor:
         if part == "down":
             return self.down(row)

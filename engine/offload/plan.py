@@ -1,0 +1,269 @@
+"""The host plan of one MoE layer: one small device-to-host copy, then plain numpy.
+
+Per MoE layer and forward, the router wrapper copies the router's full scores, its top-k index
+and its top-k weights to the host *once* (``HostRouting.read``: one packed fp32 ``[T, E + 2k]``
+copy, the layer's only host sync). Everything that decides - substitution (Algorithm 1, here in
+numpy: :func:`substitute_host`, checked against the tensor reference
+``engine.offload.substitution.substitute``), eviction scores, prefetch accounting, the CPU-assist
+split, and which token goes to which expert (``LayerPlan``) - runs on that copy. The device only
+receives index tensors built here (``LayerPlan.device_indices``: one host-to-device copy).
+
+Legend: T tokens, E experts, k experts per token, P = T*k (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from engine.offload.substitution import ALPHA_MAX, WEIGHT_MODES, RouterSpec, WeightMode
+
+F32 = np.float32
+
+
+@dataclass(frozen=True)
+class HostRouting:
+    """One layer's routing on the host: scores [T, E], top-k index [T, k], weights [T, k]."""
+
+    scores: np.ndarray  # [T, E] fp32
+    idx: np.ndarray  # [T, k] int64
+    weights: np.ndarray  # [T, k] fp32 (the router's weights, exactly, widened)
+
+    @classmethod
+    def read(cls, scores: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> HostRouting:
+        """The one device-to-host copy of a layer (E < 2**24, so ids are exact in fp32)."""
+        e, k = scores.shape[1], idx.shape[1]
+        packed = torch.cat([scores.float(), idx.float(), weights.float()], dim=1)  # [T, E+2k]
+        host = packed.cpu().numpy()  # the layer's only host sync
+        return cls(host[:, :e], host[:, e : e + k].astype(np.int64), host[:, e + k :])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.scores.shape[0])
+
+
+# --------------------------------------------------------------------------- Algorithm 1
+
+
+@dataclass(frozen=True)
+class HostBands:
+    top_score: np.ndarray  # [T, k] bool
+    candidate: np.ndarray  # [T, E] bool
+    choice: np.ndarray  # [T, E] fp32
+
+
+def _allowed(choice: np.ndarray, spec: RouterSpec) -> np.ndarray | None:
+    """[T, E] bool inside each token's chosen groups (group-limited routers); else None."""
+    if spec.group_score is None:
+        return None
+    t, e = choice.shape
+    grouped = choice.reshape(t, spec.n_group, e // spec.n_group)  # [T, G, E/G]
+    if spec.group_score == "max":
+        group = grouped.max(axis=-1)  # [T, G]
+    else:
+        group = np.sort(grouped, axis=-1)[..., -2:].sum(axis=-1, dtype=F32)  # [T, G]
+    keep = np.argsort(-group, axis=-1, kind="stable")[:, : spec.topk_group]  # [T, topk_group]
+    mask = np.zeros(group.shape, dtype=bool)
+    np.put_along_axis(mask, keep, True, axis=1)
+    return np.repeat(mask, e // spec.n_group, axis=1)  # [T, E]
+
+
+def classify_host(
+    scores: np.ndarray, idx: np.ndarray, spec: RouterSpec, alpha: float, bias: np.ndarray | None
+) -> HostBands:
+    """``substitution.classify`` on host arrays (same rule, same fp32 arithmetic)."""
+    choice = scores if bias is None else (scores + bias.astype(F32))  # [T, E]
+    allowed = _allowed(choice, spec)
+    selected = np.zeros(choice.shape, dtype=bool)
+    np.put_along_axis(selected, idx, True, axis=1)
+    outside = selected if allowed is None else selected | ~allowed
+    rest = np.where(outside, F32(-np.inf), choice)  # [T, E]
+    best = rest.max(axis=1, keepdims=True)  # [T, 1]
+    finite = np.isfinite(best)
+    margin = F32(alpha) * np.where(finite, np.abs(best), F32(0))  # [T, 1]
+    upper = np.where(finite, best + margin, best)
+    lower = np.where(finite, best - margin, best)
+    top_score = np.take_along_axis(choice, idx, axis=1) > upper  # [T, k]
+    return HostBands(top_score=top_score, candidate=(rest > lower) & finite, choice=choice)
+
+
+@dataclass(frozen=True)
+class HostSubstitution:
+    """The final experts and weights after Algorithm 1, on the host."""
+
+    idx: np.ndarray  # [T, k] int64
+    weights: np.ndarray  # [T, k] fp32
+    substituted: np.ndarray  # [T, k] bool
+
+    @property
+    def count(self) -> int:
+        return int(self.substituted.sum())
+
+
+def substitute_host(
+    routing: HostRouting,
+    resident: np.ndarray,
+    spec: RouterSpec,
+    alpha: float,
+    *,
+    bias: np.ndarray | None = None,
+    weight_mode: WeightMode = "own",
+    batch_set: bool = True,
+    bands: HostBands | None = None,
+) -> HostSubstitution | None:
+    """Algorithm 1 on the host; ``None`` when nothing changes (alpha 0 or nothing to swap)."""
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}; got {weight_mode!r}")
+    if not 0.0 <= alpha <= ALPHA_MAX:
+        raise ValueError(f"alpha must be in [0, {ALPHA_MAX}]; got {alpha}")
+    if alpha == 0.0:
+        return None
+    idx = routing.idx
+    bands = bands or classify_host(routing.scores, idx, spec, alpha, bias)
+    pool = resident.astype(bool).copy()  # [E]
+    if batch_set and routing.tokens > 1:
+        pool[idx[bands.top_score]] = True
+    missing_low = ~bands.top_score & ~pool[idx]  # [T, k]
+    candidate = bands.candidate & pool[None, :]  # [T, E]
+    count = np.minimum(missing_low.sum(axis=1), candidate.sum(axis=1))  # [T]
+    if not count.any():
+        return None
+    new_idx, substituted = _assign(bands.choice, idx, missing_low, candidate, count)
+    weights = _mix(routing, new_idx, substituted, spec, weight_mode)
+    return HostSubstitution(new_idx, weights, substituted)
+
+
+def _assign(
+    choice: np.ndarray,
+    idx: np.ndarray,
+    missing_low: np.ndarray,
+    candidate: np.ndarray,
+    count: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, the ``count`` lowest missing experts replaced by the best candidates."""
+    new_idx, substituted = idx.copy(), np.zeros(idx.shape, dtype=bool)
+    for t in np.flatnonzero(count):
+        n = int(count[t])
+        slots = np.flatnonzero(missing_low[t])
+        replaced = slots[np.argsort(choice[t, idx[t, slots]], kind="stable")][:n]  # lowest first
+        pool = np.flatnonzero(candidate[t])
+        best = pool[np.argsort(-choice[t, pool], kind="stable")][:n][::-1]  # n-th best first
+        new_idx[t, replaced] = best
+        substituted[t, replaced] = True
+    return new_idx, substituted
+
+
+def _mix(
+    routing: HostRouting,
+    idx: np.ndarray,
+    substituted: np.ndarray,
+    spec: RouterSpec,
+    mode: WeightMode,
+) -> np.ndarray:
+    """``substitution._mix_weights`` on the host (fp32; cast to the router dtype on device)."""
+    if mode == "replaced":
+        return routing.weights
+    scores = routing.scores
+    affinity = np.take_along_axis(scores, idx, axis=1)  # [T, k]
+    renorm = mode == "own_renorm" and spec.norm_topk_prob
+    if spec.norm_topk_prob:
+        base = affinity if renorm else np.take_along_axis(scores, routing.idx, axis=1)
+        affinity = affinity / (base.sum(axis=1, keepdims=True, dtype=F32) + F32(1e-20))
+    new = (affinity * F32(spec.scaling)).astype(F32)
+    changed = substituted.any(axis=1, keepdims=True) if renorm else substituted
+    return np.where(np.broadcast_to(changed, substituted.shape), new, routing.weights)
+
+
+def top_score_set(bands: HostBands, idx: np.ndarray) -> set[int]:
+    """Experts that are top-score for at least one token."""
+    return {int(e) for e in np.unique(idx[bands.top_score])}
+
+
+def model_top_k_host(choice: np.ndarray, spec: RouterSpec) -> np.ndarray:
+    """The experts the model would choose from these (biased) choice scores: [T, k]."""
+    allowed = _allowed(choice, spec)
+    masked = choice if allowed is None else np.where(allowed, choice, F32(-np.inf))
+    return np.argsort(-masked, axis=1, kind="stable")[:, : spec.top_k]
+
+
+def top_score_ranked(bands: HostBands, idx: np.ndarray) -> list[int]:
+    """Top-score experts, best (highest choice score) first."""
+    best: dict[int, float] = {}
+    picked = np.take_along_axis(bands.choice, idx, axis=1)
+    for t, j in zip(*np.nonzero(bands.top_score), strict=True):
+        e, value = int(idx[t, j]), float(picked[t, j])
+        best[e] = max(best.get(e, -np.inf), value)
+    return sorted(best, key=lambda e: -best[e])
+
+
+# --------------------------------------------------------------------------- layer plan
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Which token goes to which expert, decided on the host from the final top-k index."""
+
+    idx: np.ndarray  # [T, k] int64 final experts (E = a padded, skipped slot)
+    num_experts: int
+
+    @cached_property
+    def experts(self) -> list[int]:
+        """The routed experts, ascending (the eager visiting order)."""
+        return [int(e) for e in np.unique(self.idx) if e < self.num_experts]
+
+    def eager_pairs(self, expert: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in k, tokens) of ``expert`` in the eager ``torch.where(mask[e])`` order."""
+        pos, tok = np.nonzero(expert == self.idx.T)  # (k, token) order
+        return pos.astype(np.int64), tok.astype(np.int64)
+
+    def eager_indices(self) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """All experts' (tokens, positions) packed into one int64 array, and the spans.
+
+        The array is ``[tok_e0, pos_e0, tok_e1, pos_e1, ...]``; each span is ``(expert, start,
+        length)`` with the tokens at ``[start, start+length)`` and positions right after.
+        """
+        parts: list[np.ndarray] = []
+        spans: list[tuple[int, int, int]] = []
+        start = 0
+        for expert in self.experts:
+            pos, tok = self.eager_pairs(expert)
+            parts += [tok, pos]
+            spans.append((expert, start, len(tok)))
+            start += 2 * len(tok)
+        packed = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return packed, spans
+
+    def grouped_indices(self, slot_of: dict[int, int], num_slots: int) -> GroupedIndices:
+        """Pairs sorted by slot (stable), for one grouped matmul over the slot pool."""
+        flat = self.idx.reshape(-1)  # [P]
+        pairs = np.flatnonzero(np.isin(flat, list(slot_of)))  # pairs computed from slots
+        slots = np.array([slot_of[int(e)] for e in flat[pairs]], dtype=np.int64)
+        order = np.argsort(slots, kind="stable")
+        sorted_pairs = pairs[order]  # [p] pair ids grouped by slot
+        counts = np.bincount(slots, minlength=num_slots)
+        offsets = np.cumsum(counts).astype(np.int64)  # [S]
+        k = self.idx.shape[1]
+        return GroupedIndices(sorted_pairs, sorted_pairs // k, offsets)
+
+
+@dataclass(frozen=True)
+class GroupedIndices:
+    """Host indices of one grouped call: pair ids, their tokens, and per-slot end offsets."""
+
+    pairs: np.ndarray  # [p] int64, grouped by slot
+    tokens: np.ndarray  # [p] int64
+    offsets: np.ndarray  # [S] int64, cumulative rows per slot
+
+    def packed(self) -> np.ndarray:
+        return np.concatenate([self.pairs, self.tokens, self.offsets])
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One host-to-device copy of a host index array (pinned staging and async on CUDA)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
