@@ -40,7 +40,7 @@ from engine.errors import (
     ModelLoadError,
     SubstitutionUnsupportedError,
 )
-from engine.eval import eval_cli
+from engine.eval import eval_cli, hotpath
 from engine.eval.opcount import OpCounter, PerToken, TokenSpan
 from engine.events import (
     FLUSH_TOKEN_ID,
@@ -399,6 +399,12 @@ COMMANDS: list[Command] = [
         "policies side by side (transfers, speed, fidelity); writes docs/BENCHMARKS.md",
         eval_cli.configure_bench,
         eval_cli.run_bench_command,
+    ),
+    Command(
+        "hotpath",
+        "decode ops, host syncs and tok/s of plain transformers, LRU and smoe side by side",
+        hotpath.configure,
+        hotpath.run,
     ),
 ]
 

@@ -77,6 +77,7 @@ class ExpertCache:
         self._timings: deque[tuple[torch.cuda.Event, torch.cuda.Event, int]] = deque()
         self._copy_times: deque[float] = deque(maxlen=32)  # measured seconds per expert
         self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pool_t: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pending_demand: list[torch.cuda.Event] = []
         self._free = list(range(num_slots - 1, -1, -1))  # free slots, lowest on top
 
@@ -103,10 +104,24 @@ class ExpertCache:
 
     def pool_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every slot's weights: ``shape.expert_weights`` of the pool (gate_up [S, 2I, H],
-        down [S, H, I]); views, made once."""
-        if self._pool is None:
-            self._pool = self.shape.expert_weights(self._slots)
-        return self._pool
+        down [S, H, I]). Views of the slots are kept (made once); anything else (a quantized
+        shape dequantizing) is rebuilt at every call, since the slots change under it."""
+        if self._pool is not None:
+            return self._pool
+        pool = self.shape.expert_weights(self._slots)
+        if all(part._is_view() for part in pool):
+            self._pool = pool
+        return pool
+
+    def pool_weights_t(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pool_weights`` transposed for ``x @ W``: ([S, H, 2I], [S, I, H]) views, made once."""
+        if self._pool_t is not None:
+            return self._pool_t
+        gate_up, down = self.pool_weights()
+        pool_t = (gate_up.transpose(-2, -1), down.transpose(-2, -1))
+        if self._pool is not None:
+            self._pool_t = pool_t
+        return pool_t
 
     def weights(self, key: SlotKey) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) views of a resident expert's slot."""
@@ -298,5 +313,5 @@ class ExpertCache:
     def close(self) -> None:
         """Wait for copies in flight, then free the slots."""
         self.clear()
-        self._pool = None
+        self._pool = self._pool_t = None
         self._slots = torch.empty(0, dtype=self.shape.dtype, device=self.device)

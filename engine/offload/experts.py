@@ -31,7 +31,8 @@ against that implementation, as the eager path is against the eager loop. On CUD
 experts already resident run while the misses copy (a second grouped call after the demand
 copy's event). The weights come from ``shape.expert_weights(slots)``: views of the whole pool
 ``(gate_up [S, 2I, H], down [S, H, I])`` for a full-precision shape; a quantized shape
-dequantizes there. Layers with more experts than slots (prefill) take the eager path.
+dequantizes there. A layer with more experts than slots (prefill) runs in chunks of the pool,
+ascending; rows do not depend on the grouping, so that is exact too.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class OffloadedExperts(nn.Module):
         if self.cache is None:
             raise RuntimeError("offloaded experts used before the engine bound them to a cache")
         plan = self._take_plan(top_k_index)
-        if self.grouped and len(plan.experts) <= self.cache.num_slots:
+        if self.grouped:
             return self._grouped(hidden_states, plan, top_k_weights)
         return self._eager(hidden_states, plan, top_k_weights)
 
@@ -135,15 +136,17 @@ class OffloadedExperts(nn.Module):
         on_cpu = self.cpu_split(layer, plan.experts) if self.cpu_split is not None else set()
         on_device = [e for e in plan.experts if e not in on_cpu]
         proj = hidden_states.new_zeros(t * k, self.hidden_dim)  # [P, H] rows per pair
-        with cache.staged(layer, on_device) as (ready, arriving):
-            for experts, event in ((ready, None), (arriving, cache.arrival)):
-                if experts:
-                    cache.wait(event)
-                    self._grouped_rows(proj, hidden_states, plan, experts)
+        for start in range(0, len(on_device), cache.num_slots):  # chunks: prefill streaming
+            chunk = on_device[start : start + cache.num_slots]
+            with cache.staged(layer, chunk) as (ready, arriving):
+                for experts, event in ((ready, None), (arriving, cache.arrival)):
+                    if experts:
+                        cache.wait(event)
+                        self._grouped_rows(proj, hidden_states, plan, experts)
         for expert in sorted(on_cpu):
             self._cpu_rows(proj, hidden_states, plan, expert)
         weighted = proj * top_k_weights.reshape(-1, 1)  # [P, H], router dtype
-        return weighted.view(t, k, -1).sum(dim=1).to(hidden_states.dtype)  # [T, H]
+        return _cast(weighted.view(t, k, -1).sum(dim=1), hidden_states.dtype)  # [T, H]
 
     def _grouped_rows(
         self, proj: torch.Tensor, hidden: torch.Tensor, plan: LayerPlan, experts: list[int]
@@ -156,11 +159,11 @@ class OffloadedExperts(nn.Module):
         indices = to_device(grouped.packed(), hidden.device)  # one host-to-device copy
         pairs, tokens = indices[:p], indices[p : 2 * p]
         offsets = indices[2 * p :].to(torch.int32)  # [S]
-        gate_up, down = self.cache.pool_weights()  # [S, 2I, H], [S, H, I]
-        current = grouped_mm(hidden[tokens], gate_up.transpose(-2, -1), offsets)  # [p, 2I]
+        gate_up_t, down_t = self.cache.pool_weights_t()  # [S, H, 2I], [S, I, H]
+        current = grouped_mm(hidden[tokens], gate_up_t, offsets)  # [p, 2I]
         gate, up = current.chunk(2, dim=-1)
-        current = grouped_mm(self.act_fn(gate) * up, down.transpose(-2, -1), offsets)  # [p, H]
-        proj.index_copy_(0, pairs, current.to(proj.dtype))
+        current = grouped_mm(self.act_fn(gate) * up, down_t, offsets)  # [p, H]
+        proj.index_copy_(0, pairs, _cast(current, proj.dtype))
 
     def _cpu_rows(
         self, proj: torch.Tensor, hidden: torch.Tensor, plan: LayerPlan, expert: int
@@ -177,11 +180,16 @@ class OffloadedExperts(nn.Module):
         proj.index_copy_(0, indices[n:], current.to(proj.device, proj.dtype))
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without dispatching an op when it is already that dtype."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``x [p, in] @ weight[g] [in, out]`` per group ``g`` of rows (``offsets``: group ends)."""
     if hasattr(nn.functional, "grouped_mm"):
-        return nn.functional.grouped_mm(x.to(weight.dtype), weight, offs=offsets)
-    return torch._grouped_mm(x.to(weight.dtype), weight, offs=offsets)
+        return nn.functional.grouped_mm(_cast(x, weight.dtype), weight, offs=offsets)
+    return torch._grouped_mm(_cast(x, weight.dtype), weight, offs=offsets)
 
 
 def _normalised_body(source: str) -> str:

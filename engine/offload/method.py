@@ -204,8 +204,8 @@ class SmoeMethod:
         if layer not in self._bias:
             router = self.controller.routers[layer].router
             bias = getattr(router, "e_score_correction_bias", None)
-            is_tensor = isinstance(bias, torch.Tensor)
-            self._bias[layer] = bias.detach().float().cpu().numpy() if is_tensor else None
+            host = bias.detach().float().cpu().numpy() if isinstance(bias, torch.Tensor) else None
+            self._bias[layer] = host
         return self._bias[layer]
 
     # ----------------------------------------------------------------- prefetch
@@ -243,7 +243,7 @@ class SmoeMethod:
         self.cache.prefetch([(layer, expert) for expert in issued])
         if issued:
             self.cache.stats.add(layer, prefetched=len(issued))
-        before = {int(e) for e in np.flatnonzero(resident)}
+        before = set(np.flatnonzero(resident).tolist())
         self._prefetched[layer] = _PrefetchState(set(issued), set(ranked), before)
 
     def _top_score_ranked(self, layer: int, scores: np.ndarray) -> list[int]:
@@ -255,7 +255,7 @@ class SmoeMethod:
         bands = self._bands(layer, scores, top_idx, self._live.alpha)
         if bands is not None:
             return top_score_ranked(bands, top_idx)
-        picked = np.take_along_axis(choice, top_idx, axis=1)
+        picked = choice[np.arange(top_idx.shape[0])[:, None], top_idx]
         order = np.argsort(-picked.reshape(-1), kind="stable")
         return list(dict.fromkeys(int(e) for e in top_idx.reshape(-1)[order]))
 
@@ -270,9 +270,9 @@ class SmoeMethod:
         actual = (
             top_score_set(bands, host.idx)
             if bands is not None
-            else {int(e) for e in np.unique(host.idx)}
+            else set(host.idx.reshape(-1).tolist())
         )
-        final = {int(e) for e in np.unique(final_idx)}
+        final = set(final_idx.reshape(-1).tolist())
         used = state.issued & final
         needed = actual - state.resident_before
         self.cache.stats.add(layer, prefetch_used=len(used))

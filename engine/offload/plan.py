@@ -36,13 +36,20 @@ class HostRouting:
     def read(cls, scores: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> HostRouting:
         """The one device-to-host copy of a layer (E < 2**24, so ids are exact in fp32)."""
         e, k = scores.shape[1], idx.shape[1]
-        packed = torch.cat([scores.float(), idx.float(), weights.float()], dim=1)  # [T, E+2k]
-        host = packed.cpu().numpy()  # the layer's only host sync
+        parts = [_fp32(scores), idx.float(), _fp32(weights)]
+        packed = torch.cat(parts, dim=1)  # [T, E+2k]
+        if packed.device.type != "cpu":
+            packed = packed.cpu()
+        host = packed.numpy()  # the layer's only host sync
         return cls(host[:, :e], host[:, e : e + k].astype(np.int64), host[:, e + k :])
 
     @property
     def tokens(self) -> int:
         return int(self.scores.shape[0])
+
+
+def _fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
 # --------------------------------------------------------------------------- Algorithm 1
@@ -67,7 +74,7 @@ def _allowed(choice: np.ndarray, spec: RouterSpec) -> np.ndarray | None:
         group = np.sort(grouped, axis=-1)[..., -2:].sum(axis=-1, dtype=F32)  # [T, G]
     keep = np.argsort(-group, axis=-1, kind="stable")[:, : spec.topk_group]  # [T, topk_group]
     mask = np.zeros(group.shape, dtype=bool)
-    np.put_along_axis(mask, keep, True, axis=1)
+    mask[_rows(keep), keep] = True
     return np.repeat(mask, e // spec.n_group, axis=1)  # [T, E]
 
 
@@ -77,17 +84,21 @@ def classify_host(
     """``substitution.classify`` on host arrays (same rule, same fp32 arithmetic)."""
     choice = scores if bias is None else (scores + bias.astype(F32))  # [T, E]
     allowed = _allowed(choice, spec)
-    selected = np.zeros(choice.shape, dtype=bool)
-    np.put_along_axis(selected, idx, True, axis=1)
-    outside = selected if allowed is None else selected | ~allowed
-    rest = np.where(outside, F32(-np.inf), choice)  # [T, E]
+    rows = _rows(idx)
+    rest = choice.copy() if allowed is None else np.where(allowed, choice, F32(-np.inf))
+    rest[rows, idx] = -np.inf  # [T, E] unselected (and allowed) only
     best = rest.max(axis=1, keepdims=True)  # [T, 1]
     finite = np.isfinite(best)
     margin = F32(alpha) * np.where(finite, np.abs(best), F32(0))  # [T, 1]
     upper = np.where(finite, best + margin, best)
     lower = np.where(finite, best - margin, best)
-    top_score = np.take_along_axis(choice, idx, axis=1) > upper  # [T, k]
+    top_score = choice[rows, idx] > upper  # [T, k]
     return HostBands(top_score=top_score, candidate=(rest > lower) & finite, choice=choice)
+
+
+def _rows(idx: np.ndarray) -> np.ndarray:
+    """[T, 1] row numbers to index ``[T, E]`` arrays with a ``[T, k]`` expert index."""
+    return np.arange(idx.shape[0])[:, None]
 
 
 @dataclass(frozen=True)
@@ -167,10 +178,10 @@ def _mix(
     if mode == "replaced":
         return routing.weights
     scores = routing.scores
-    affinity = np.take_along_axis(scores, idx, axis=1)  # [T, k]
+    affinity = scores[_rows(idx), idx]  # [T, k]
     renorm = mode == "own_renorm" and spec.norm_topk_prob
     if spec.norm_topk_prob:
-        base = affinity if renorm else np.take_along_axis(scores, routing.idx, axis=1)
+        base = affinity if renorm else scores[_rows(idx), routing.idx]
         affinity = affinity / (base.sum(axis=1, keepdims=True, dtype=F32) + F32(1e-20))
     new = (affinity * F32(spec.scaling)).astype(F32)
     changed = substituted.any(axis=1, keepdims=True) if renorm else substituted
@@ -179,7 +190,7 @@ def _mix(
 
 def top_score_set(bands: HostBands, idx: np.ndarray) -> set[int]:
     """Experts that are top-score for at least one token."""
-    return {int(e) for e in np.unique(idx[bands.top_score])}
+    return set(idx[bands.top_score].tolist())
 
 
 def model_top_k_host(choice: np.ndarray, spec: RouterSpec) -> np.ndarray:
@@ -191,10 +202,10 @@ def model_top_k_host(choice: np.ndarray, spec: RouterSpec) -> np.ndarray:
 
 def top_score_ranked(bands: HostBands, idx: np.ndarray) -> list[int]:
     """Top-score experts, best (highest choice score) first."""
+    top = bands.top_score
+    experts, values = idx[top], bands.choice[_rows(idx), idx][top]
     best: dict[int, float] = {}
-    picked = np.take_along_axis(bands.choice, idx, axis=1)
-    for t, j in zip(*np.nonzero(bands.top_score), strict=True):
-        e, value = int(idx[t, j]), float(picked[t, j])
+    for e, value in zip(experts.tolist(), values.tolist(), strict=True):
         best[e] = max(best.get(e, -np.inf), value)
     return sorted(best, key=lambda e: -best[e])
 
@@ -216,7 +227,7 @@ class LayerPlan:
 
     def eager_pairs(self, expert: int) -> tuple[np.ndarray, np.ndarray]:
         """(positions in k, tokens) of ``expert`` in the eager ``torch.where(mask[e])`` order."""
-        pos, tok = np.nonzero(expert == self.idx.T)  # (k, token) order
+        pos, tok = np.nonzero(np.equal(self.idx.T, expert))  # (k, token) order
         return pos.astype(np.int64), tok.astype(np.int64)
 
     def eager_indices(self) -> tuple[np.ndarray, list[tuple[int, int, int]]]:

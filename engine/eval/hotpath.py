@@ -1,0 +1,246 @@
+"""``python -m engine hotpath``: the decode hot path measured side by side in one run.
+
+Configurations (each loaded once): plain transformers with its eager experts (what the
+engine's op and sync counts are compared with), the engine with every expert resident (LRU,
+cache 1.0), LRU and the whole method (``smoe``) at a cache fraction, each with the eager and
+the grouped expert path. For each:
+
+- **op counts**: torch ops and host syncs per decoded token (``engine.eval.opcount``), one
+  greedy generation counted on this thread;
+- **speed**: decode tokens/s of greedy generations in interleaved rounds (round r runs every
+  configuration once, in a rotated order), the median per configuration, and ratios against
+  the named baselines. Run it with ``--threads 1`` so the configurations share one core alike.
+
+Counts are stable; speeds are ratios from one run, never thresholds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch
+
+from engine.config import LiveOptions, SamplingConfig
+from engine.eval.opcount import OpCounter, PerToken, TokenSpan
+from engine.events import FLUSH_TOKEN_ID, GenerationFinished, StatsSnapshot, TokenReceived
+from engine.options import build_request
+from engine.runtime.generation import stream_generation
+
+PROMPT = "Tell me about the weather in the country in spring."
+PLAIN = "transformers eager"
+
+
+@dataclass(frozen=True)
+class HotpathConfig:
+    """One configuration to measure: a name and how to load it."""
+
+    name: str
+    cache_fraction: float | None = None  # None: plain transformers
+    live: LiveOptions = field(default_factory=LiveOptions)
+    experts: str = "eager"
+
+
+def default_configs(fraction: float, alpha: float) -> list[HotpathConfig]:
+    """Plain transformers, all-resident LRU, LRU and smoe at ``fraction``, both expert paths."""
+    smoe = LiveOptions(policy="smoe", alpha=alpha)
+    configs = [HotpathConfig(PLAIN)]
+    for experts in ("eager", "grouped"):
+        configs += [
+            HotpathConfig(f"lru all-resident {experts}", 1.0, LiveOptions(), experts),
+            HotpathConfig(f"lru {fraction:g} {experts}", fraction, LiveOptions(), experts),
+            HotpathConfig(f"smoe {fraction:g} a{alpha:g} {experts}", fraction, smoe, experts),
+        ]
+    return configs
+
+
+class _PlainOffload:
+    """The offload interface the generation loop needs, for a model with no offloading."""
+
+    def end_step(self, num_tokens: int) -> None:
+        return None
+
+    def stats(self) -> StatsSnapshot:
+        return StatsSnapshot()
+
+
+@dataclass
+class PlainLoaded:
+    """A plain transformers model in the shape ``stream_generation`` takes."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    offload: Any = field(default_factory=_PlainOffload)
+
+
+def load_plain(model_dir: Path, dtype: torch.dtype = torch.float32) -> PlainLoaded:
+    """The model fully in memory, with transformers' eager experts loop."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, experts_implementation="eager", local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return PlainLoaded(model.eval(), tokenizer, torch.device("cpu"))
+
+
+def _request(tokens: int) -> Any:
+    sampling = SamplingConfig(greedy=True, max_new_tokens=tokens, repetition_penalty=1.0)
+    return build_request(PROMPT, sampling, chat=False)
+
+
+def _events(runner: Any, tokens: int) -> Any:
+    if isinstance(runner, PlainLoaded):
+        return stream_generation(runner, _request(tokens), 4096)
+    return runner.generate_stream(_request(tokens))
+
+
+def count_decode(runner: Any, tokens: int) -> PerToken | None:
+    """Ops and syncs per decoded token of one greedy generation (a session or plain model)."""
+    counter = OpCounter()
+    span = TokenSpan(counter)
+    with counter:
+        for event in _events(runner, tokens):
+            if isinstance(event, TokenReceived):
+                span.observe(event.token_id != FLUSH_TOKEN_ID)
+    return span.result()
+
+
+def decode_speed(runner: Any, tokens: int) -> float:
+    """Decode tokens/s of one greedy generation."""
+    for event in _events(runner, tokens):
+        if isinstance(event, GenerationFinished):
+            return event.stats.tokens_per_second
+    return 0.0
+
+
+def interleaved_speeds(runners: dict[str, Any], tokens: int, rounds: int) -> dict[str, list[float]]:
+    """``rounds`` rounds, each running every configuration once in a rotated order."""
+    names = list(runners)
+    speeds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            speeds[name].append(decode_speed(runners[name], tokens))
+    return speeds
+
+
+def ratio(table: dict[str, float], top: str, bottom: str) -> float | None:
+    """``table[top] / table[bottom]`` when both are there."""
+    if top not in table or bottom not in table or not table[bottom]:
+        return None
+    return table[top] / table[bottom]
+
+
+def summarize(
+    counts: dict[str, PerToken | None], speeds: Mapping[str, Sequence[float]]
+) -> dict[str, Any]:
+    """Per configuration: ops, syncs, median tok/s; ops relative to plain transformers."""
+    plain = counts.get(PLAIN)
+    rows = {}
+    for name, count in counts.items():
+        row: dict[str, Any] = {
+            "tokens_per_second": median(speeds[name]) if speeds.get(name) else None
+        }
+        if count is not None:
+            row.update(count.to_dict())
+            if plain is not None:
+                row["ops_vs_plain"] = count.ops / plain.ops
+        rows[name] = row
+    return rows
+
+
+# ---------------------------------------------------------------- command
+
+
+def configure(parser: Any) -> None:
+    """``python -m engine hotpath`` arguments."""
+    parser.add_argument("--model", type=Path, help="model folder (default: the built-in model)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--cache-fraction", type=float, default=0.5, metavar="F")
+    parser.add_argument("--alpha", type=float, default=0.4, metavar="A")
+    parser.add_argument("--tokens", type=int, default=24, metavar="N", help="new tokens per run")
+    parser.add_argument("--rounds", type=int, default=3, metavar="N", help="interleaved rounds")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (use 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _load(config: HotpathConfig, model_dir: Path, device: str) -> Any:
+    from engine.options import EngineOptions, build_load_config
+    from engine.runtime.session import ModelSession
+
+    if config.cache_fraction is None:
+        return load_plain(model_dir)
+    live = config.live
+    options = EngineOptions(
+        model_dir=model_dir,
+        device=device,
+        dtype="float32",
+        cache_fraction=config.cache_fraction,
+        policy=live.policy,
+        alpha=live.alpha,
+        experts=config.experts,
+    )
+    return ModelSession.open(build_load_config(options))
+
+
+def run(args: Any) -> int:
+    """Load every configuration, count, time in interleaved rounds, print the table."""
+    import json
+    import platform
+    from datetime import UTC, datetime
+
+    from engine.errors import InvalidRequestError
+    from engine.options import resolve_model_dir
+
+    if args.tokens < 2 or args.rounds < 1:
+        raise InvalidRequestError("--tokens must be at least 2 and --rounds at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidRequestError(f"--threads must be at least 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model_dir = resolve_model_dir(args.model)
+    configs = default_configs(args.cache_fraction, args.alpha)
+    runners = {c.name: _load(c, model_dir, args.device) for c in configs}
+    counts = {name: count_decode(runner, args.tokens) for name, runner in runners.items()}
+    speeds = interleaved_speeds(runners, args.tokens, args.rounds)
+    rows = summarize(counts, speeds)
+    result = {
+        "command": "python -m engine hotpath",
+        "model": str(model_dir.name),
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or platform.node()}",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "rows": rows,
+    }
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
+
+
+def render(result: dict[str, Any]) -> str:
+    """A markdown table of one hotpath result."""
+    lines = [
+        f"{result['model']} on {result['device']}, {result['threads']} thread(s), "
+        f"{result['machine']}, {result['date']}",
+        "",
+        "| configuration | ops/token | ops vs plain | syncs/token | tok/s (median) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in result["rows"].items():
+        ops = row.get("ops_per_token")
+        rel = row.get("ops_vs_plain")
+        syncs = row.get("syncs_per_token")
+        speed = row.get("tokens_per_second")
+        lines.append(
+            f"| {name} | {_fmt(ops, '.0f')} | {_fmt(rel, '.2f')} | {_fmt(syncs, '.1f')} "
+            f"| {_fmt(speed, '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
