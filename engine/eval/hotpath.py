@@ -16,6 +16,7 @@ Counts are stable; speeds are ratios from one run, never thresholds.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,40 +111,71 @@ def count_decode(runner: Any, tokens: int) -> PerToken | None:
     return span.result()
 
 
-def decode_speed(runner: Any, tokens: int) -> float:
-    """Decode tokens/s of one greedy generation."""
+@dataclass(frozen=True)
+class Speed:
+    """One generation's decode speed: per wall second and per CPU second of this thread.
+
+    The CPU-time figure (``time.thread_time`` between the first and the last token) leaves out
+    time other processes take from a shared machine; with one torch thread all the work runs
+    on this thread, so it is the steadier figure for ratios.
+    """
+
+    wall: float
+    cpu: float
+
+
+def decode_speed(runner: Any, tokens: int) -> Speed:
+    """Decode speed of one greedy generation."""
+    marks: list[float] = []
+    wall = 0.0
     for event in _events(runner, tokens):
+        if isinstance(event, TokenReceived) and event.token_id != FLUSH_TOKEN_ID:
+            marks.append(time.thread_time())
         if isinstance(event, GenerationFinished):
-            return event.stats.tokens_per_second
-    return 0.0
+            wall = event.stats.tokens_per_second
+    spent = marks[-1] - marks[0] if len(marks) > 1 else 0.0
+    return Speed(wall, (len(marks) - 1) / spent if spent > 0 else 0.0)
 
 
-def interleaved_speeds(runners: dict[str, Any], tokens: int, rounds: int) -> dict[str, list[float]]:
+def interleaved_speeds(runners: dict[str, Any], tokens: int, rounds: int) -> dict[str, list[Speed]]:
     """``rounds`` rounds, each running every configuration once in a rotated order."""
     names = list(runners)
-    speeds: dict[str, list[float]] = {name: [] for name in names}
+    speeds: dict[str, list[Speed]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             speeds[name].append(decode_speed(runners[name], tokens))
     return speeds
 
 
-def ratio(table: dict[str, float], top: str, bottom: str) -> float | None:
-    """``table[top] / table[bottom]`` when both are there."""
-    if top not in table or bottom not in table or not table[bottom]:
-        return None
-    return table[top] / table[bottom]
+RATIOS: tuple[tuple[str, str, str], ...] = (
+    ("smoe vs lru (eager)", "smoe {f} a{a} eager", "lru {f} eager"),
+    ("smoe vs lru (grouped)", "smoe {f} a{a} grouped", "lru {f} grouped"),
+    ("lru all-resident vs plain (eager)", "lru all-resident eager", PLAIN),
+    ("lru all-resident vs plain (grouped)", "lru all-resident grouped", PLAIN),
+)
+
+
+def ratios(rows: dict[str, Any], fraction: float, alpha: float) -> dict[str, float | None]:
+    """The aims as CPU-time speed ratios of two configurations measured in the same run."""
+    out: dict[str, float | None] = {}
+    for label, top, bottom in RATIOS:
+        a, b = (rows.get(n.format(f=f"{fraction:g}", a=f"{alpha:g}"), {}) for n in (top, bottom))
+        x, y = a.get("tokens_per_cpu_second"), b.get("tokens_per_cpu_second")
+        out[label] = x / y if x and y else None
+    return out
 
 
 def summarize(
-    counts: dict[str, PerToken | None], speeds: Mapping[str, Sequence[float]]
+    counts: dict[str, PerToken | None], speeds: Mapping[str, Sequence[Speed]]
 ) -> dict[str, Any]:
-    """Per configuration: ops, syncs, median tok/s; ops relative to plain transformers."""
+    """Per configuration: ops, syncs, median tok/s (wall and CPU time); ops vs plain."""
     plain = counts.get(PLAIN)
     rows = {}
     for name, count in counts.items():
+        runs = speeds.get(name) or []
         row: dict[str, Any] = {
-            "tokens_per_second": median(speeds[name]) if speeds.get(name) else None
+            "tokens_per_second": median(s.wall for s in runs) if runs else None,
+            "tokens_per_cpu_second": median(s.cpu for s in runs) if runs else None,
         }
         if count is not None:
             row.update(count.to_dict())
@@ -216,6 +248,7 @@ def run(args: Any) -> int:
         "machine": f"{platform.machine()} {platform.processor() or platform.node()}",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "rows": rows,
+        "ratios": ratios(rows, args.cache_fraction, args.alpha),
     }
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
@@ -227,18 +260,20 @@ def render(result: dict[str, Any]) -> str:
         f"{result['model']} on {result['device']}, {result['threads']} thread(s), "
         f"{result['machine']}, {result['date']}",
         "",
-        "| configuration | ops/token | ops vs plain | syncs/token | tok/s (median) |",
-        "|---|---:|---:|---:|---:|",
+        "| configuration | ops/token | ops vs plain | syncs/token | tok/s wall | tok/s CPU |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in result["rows"].items():
         ops = row.get("ops_per_token")
         rel = row.get("ops_vs_plain")
         syncs = row.get("syncs_per_token")
-        speed = row.get("tokens_per_second")
+        wall, cpu = row.get("tokens_per_second"), row.get("tokens_per_cpu_second")
         lines.append(
             f"| {name} | {_fmt(ops, '.0f')} | {_fmt(rel, '.2f')} | {_fmt(syncs, '.1f')} "
-            f"| {_fmt(speed, '.1f')} |"
+            f"| {_fmt(wall, '.1f')} | {_fmt(cpu, '.1f')} |"
         )
+    lines += ["", "Speed ratios (tokens per CPU second, same run):", ""]
+    lines += [f"- {label}: {_fmt(value, '.2f')}" for label, value in result["ratios"].items()]
     return "\n".join(lines)
 
 

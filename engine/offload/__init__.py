@@ -145,7 +145,9 @@ class OffloadController:
         host = HostRouting.read(scores, idx, weights)
         if self.method is not None:
             host, idx, weights = self.method.on_routing(layer, host, idx, weights)
-        self.cache.policy.record_scores(layer, host.scores.mean(axis=0), self.cache.step)
+        policy = self.cache.policy
+        if getattr(policy, "uses_scores", True):
+            policy.record_scores(layer, host.scores.mean(axis=0), self.cache.step)
         module = self.experts.get(layer)
         if module is not None:
             module.plan = LayerPlan(host.idx, module.num_experts)

@@ -80,6 +80,7 @@ class ExpertCache:
         self._pool_t: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pending_demand: list[torch.cuda.Event] = []
         self._free = list(range(num_slots - 1, -1, -1))  # free slots, lowest on top
+        self._slot_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -125,8 +126,15 @@ class ExpertCache:
 
     def weights(self, key: SlotKey) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) views of a resident expert's slot."""
-        row = self._slots[self._slot_of[key]]
-        return self.shape.gate_up(row), self.shape.down(row)
+        slot = self._slot_of[key]
+        views = self._slot_views.get(slot)
+        if views is not None:
+            return views
+        row = self._slots[slot]
+        views = self.shape.gate_up(row), self.shape.down(row)
+        if views[0]._is_view() and views[1]._is_view():  # a dequantizing shape is not kept
+            self._slot_views[slot] = views
+        return views
 
     def stream(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertWeights]]:
         """Yield the layer's experts (ascending) in protected chunks that fit the pool."""
@@ -314,4 +322,5 @@ class ExpertCache:
         """Wait for copies in flight, then free the slots."""
         self.clear()
         self._pool = self._pool_t = None
+        self._slot_views.clear()
         self._slots = torch.empty(0, dtype=self.shape.dtype, device=self.device)

@@ -54,6 +54,8 @@ def _candidates(resident: Collection[SlotKey], protected: AbstractSet[SlotKey]) 
 class LRUPolicy:
     """Evict the expert used longest ago (keys kept oldest first)."""
 
+    uses_scores = False  # the controller need not compute score means for it
+
     def __init__(self) -> None:
         self._order: OrderedDict[SlotKey, None] = OrderedDict()
 
@@ -84,6 +86,8 @@ class LRUPolicy:
 
 class LFUPolicy:
     """Evict the expert used least often while resident (ties: least recently used)."""
+
+    uses_scores = False
 
     def __init__(self) -> None:
         self._clock = 0

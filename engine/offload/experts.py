@@ -105,10 +105,19 @@ class OffloadedExperts(nn.Module):
     ) -> torch.Tensor:
         assert self.cache is not None
         final = torch.zeros_like(hidden_states)  # [T, H]
+        source = self.cache.stream if self.source is None else self.source
+        single = plan.single_token
+        if single is not None:  # decode: one token, its row and weights are plain views
+            for chunk in source(self.layer, plan.experts):
+                for expert, gate_up, down in chunk:
+                    j = single[expert]
+                    current = self._expert(hidden_states, gate_up, down)  # [1, H]
+                    current = current * _to(top_k_weights[:, j : j + 1], current.device)
+                    final.add_(_to(current, final.device, final.dtype))
+            return final
         packed, spans = plan.eager_indices()
         indices = to_device(packed, hidden_states.device)  # one host-to-device copy
         views = {e: (indices[s : s + n], indices[s + n : s + 2 * n]) for e, s, n in spans}
-        source = self.cache.stream if self.source is None else self.source
         for chunk in source(self.layer, plan.experts):
             for expert, gate_up, down in chunk:
                 token_idx, top_k_pos = views[expert]
@@ -121,7 +130,7 @@ class OffloadedExperts(nn.Module):
         self, current: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
     ) -> torch.Tensor:
         """One expert on its rows, where its weights are (the host for CPU assist)."""
-        current = current.to(gate_up.device)  # [n, H]
+        current = _to(current, gate_up.device)  # [n, H]
         gate, up = nn.functional.linear(current, gate_up).chunk(2, dim=-1)  # [n, I] each
         return nn.functional.linear(self.act_fn(gate) * up, down)  # [n, H]
 
@@ -178,6 +187,15 @@ class OffloadedExperts(nn.Module):
         n = len(tok)
         current = self._expert(hidden[indices[:n]], gate_up, down)  # [n, H] on the host
         proj.index_copy_(0, indices[n:], current.to(proj.device, proj.dtype))
+
+
+def _to(
+    tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``tensor.to(device, dtype)`` without dispatching an op when nothing changes."""
+    if tensor.device == device and (dtype is None or tensor.dtype == dtype):
+        return tensor
+    return tensor.to(device, dtype if dtype is not None else tensor.dtype)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

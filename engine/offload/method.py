@@ -145,11 +145,12 @@ class SmoeMethod:
     ) -> tuple[HostRouting, torch.Tensor, torch.Tensor]:
         """The controller's planner step: substitution and prefetch accounting, on the host."""
         self._tokens[layer] = host.tokens
-        if host.tokens > MAX_DECODE_TOKENS:
+        live, spec = self._live, self.spec
+        if host.tokens > MAX_DECODE_TOKENS or live.policy != "smoe":
             self._prefetched.pop(layer, None)
             return host, idx, weights
-        self._importance[layer] = host.scores.max(axis=0)  # [E]
-        live, spec = self._live, self.spec
+        if live.cpu_assist_on:
+            self._importance[layer] = host.scores.max(axis=0)  # [E]
         pending = self._prefetched.pop(layer, None)
         if spec is None or not (live.substitution_on or pending is not None):
             return host, idx, weights
@@ -285,6 +286,9 @@ class SmoeMethod:
 
     def _source(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertWeights]]:
         """The layer's experts in ascending id: cached ones via the cache, the rest split."""
+        if not self._live.cpu_assist_on:
+            yield from self.cache.stream(layer, experts)  # no cost to measure
+            return
         cpu = self._cpu_experts(layer, experts)
         if not cpu:
             yield from self._timed_stream(layer, list(experts))

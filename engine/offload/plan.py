@@ -223,7 +223,16 @@ class LayerPlan:
     @cached_property
     def experts(self) -> list[int]:
         """The routed experts, ascending (the eager visiting order)."""
-        return [int(e) for e in np.unique(self.idx) if e < self.num_experts]
+        return sorted(e for e in set(self.idx.ravel().tolist()) if e < self.num_experts)
+
+    @cached_property
+    def single_token(self) -> dict[int, int] | None:
+        """For one token routed to distinct experts: expert -> its position in k; else None."""
+        if self.idx.shape[0] != 1:
+            return None
+        row = self.idx[0].tolist()
+        positions = {e: j for j, e in enumerate(row) if e < self.num_experts}
+        return positions if len(positions) == len(row) else None
 
     def eager_pairs(self, expert: int) -> tuple[np.ndarray, np.ndarray]:
         """(positions in k, tokens) of ``expert`` in the eager ``torch.where(mask[e])`` order."""
@@ -236,16 +245,23 @@ class LayerPlan:
         The array is ``[tok_e0, pos_e0, tok_e1, pos_e1, ...]``; each span is ``(expert, start,
         length)`` with the tokens at ``[start, start+length)`` and positions right after.
         """
+        t = self.idx.shape[0]
+        flat = self.idx.T.ravel()  # [k*T] in (k, token) order, the order of torch.where
+        order = np.argsort(flat, kind="stable")  # grouped by expert, (k, token) order kept
+        counts = np.bincount(flat, minlength=self.num_experts + 1)
         parts: list[np.ndarray] = []
         spans: list[tuple[int, int, int]] = []
-        start = 0
-        for expert in self.experts:
-            pos, tok = self.eager_pairs(expert)
-            parts += [tok, pos]
-            spans.append((expert, start, len(tok)))
-            start += 2 * len(tok)
+        start, first = 0, 0
+        for expert in range(len(counts)):
+            n = int(counts[expert])
+            if n and expert < self.num_experts:
+                chosen = order[first : first + n]
+                parts += [chosen % t, chosen // t]
+                spans.append((expert, start, n))
+                start += 2 * n
+            first += n
         packed = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        return packed, spans
+        return packed.astype(np.int64), spans
 
     def grouped_indices(self, slot_of: dict[int, int], num_slots: int) -> GroupedIndices:
         """Pairs sorted by slot (stable), for one grouped matmul over the slot pool."""
