@@ -214,6 +214,10 @@ def _load(config: HotpathConfig, model_dir: Path, device: str) -> Any:
         cache_fraction=config.cache_fraction,
         policy=live.policy,
         alpha=live.alpha,
+        eviction=live.eviction,
+        substitution=live.substitution,
+        prefetch=live.prefetch,
+        cpu_assist=live.cpu_assist,
         experts=config.experts,
     )
     return ModelSession.open(build_load_config(options))

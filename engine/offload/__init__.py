@@ -19,6 +19,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -147,8 +148,15 @@ class OffloadController:
             host, idx, weights = self.method.on_routing(layer, host, idx, weights)
         policy = self.cache.policy
         if getattr(policy, "uses_scores", True):
-            policy.record_scores(layer, host.scores.mean(axis=0), self.cache.step)
+            policy.record_scores(layer, _token_mean(host.scores), self.cache.step)
         module = self.experts.get(layer)
         if module is not None:
             module.plan = LayerPlan(host.idx, module.num_experts)
         return idx, weights
+
+
+def _token_mean(scores: np.ndarray) -> np.ndarray:
+    """[T, E] -> [E] mean over tokens (a decode step's single row as it is)."""
+    if scores.shape[0] == 1:
+        return scores[0]
+    return scores.sum(axis=0, dtype=np.float32) / np.float32(scores.shape[0])

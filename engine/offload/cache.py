@@ -280,7 +280,7 @@ class ExpertCache:
     def _claim_slot(self, key: SlotKey) -> int:
         slot = self._free_slot()
         if slot is None:
-            victim = self.policy.victim(self._slot_of.keys(), self._protected)
+            victim = self._victim()
             slot = self._slot_of.pop(victim)
             self._resident[victim[0]][victim[1]] = False
             self.policy.forget(victim)
@@ -290,6 +290,14 @@ class ExpertCache:
         self._key_of[slot] = key
         self._resident[key[0]][key[1]] = True
         return slot
+
+    def _victim(self) -> SlotKey:
+        """The policy's victim; policies that rank by layer tables get the residency masks."""
+        masked = getattr(self.policy, "victim_in", None)
+        if masked is not None:
+            victim: SlotKey = masked(self._resident, self._protected)
+            return victim
+        return self.policy.victim(self._slot_of.keys(), self._protected)
 
     def _free_slot(self) -> int | None:
         return self._free.pop() if self._free else None

@@ -18,7 +18,7 @@ scaled table is rebuilt lazily when a victim is asked for.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any, Literal
 
@@ -39,9 +39,11 @@ class _LayerWindow:
         self.vectors: deque[np.ndarray] = deque(maxlen=window)  # each [E] fp32
         self.last_step: int | None = None
         self._merged = 0
+        self._mean: np.ndarray | None = None  # cached until the next report
 
     def add(self, scores: Any, step: int) -> None:
         vector = np.asarray(scores, dtype=np.float32).reshape(-1)  # [E]
+        self._mean = None
         if step == self.last_step and self.vectors:
             count = self._merged
             self.vectors[-1] = (self.vectors[-1] * count + vector) / (count + 1)
@@ -51,7 +53,12 @@ class _LayerWindow:
         self.last_step, self._merged = step, 1
 
     def mean(self) -> np.ndarray:
-        return np.stack(list(self.vectors)).mean(axis=0, dtype=np.float32)  # [E]
+        if self._mean is None:
+            total = self.vectors[0].astype(np.float64)
+            for vector in list(self.vectors)[1:]:
+                total = total + vector
+            self._mean = (total / len(self.vectors)).astype(np.float32)  # [E]
+        return self._mean
 
 
 def scale_scores(mean: np.ndarray, scale: ScoreScale) -> np.ndarray:
@@ -107,6 +114,37 @@ class ScoreEviction:
             return value, last_use.get(key, 0), key
 
         return min(candidates, key=rank)
+
+    def victim_in(
+        self, resident: Mapping[int, np.ndarray], protected: AbstractSet[SlotKey]
+    ) -> SlotKey:
+        """``victim`` over per-layer residency masks, vectorised: O(layers) numpy calls.
+
+        Same rule and ties as ``victim``: lowest scaled score, then least recently used, then
+        key order.
+        """
+        layers = sorted(resident)
+        neutral = self._neutral()
+        values = np.stack([self._values(layer, len(resident[layer]), neutral) for layer in layers])
+        free = np.stack([resident[layer] for layer in layers])  # [L, E] resident
+        row_of = {layer: row for row, layer in enumerate(layers)}
+        for layer, expert in protected:
+            if layer in row_of:
+                free[row_of[layer], expert] = False
+        if not free.any():
+            raise RuntimeError("every resident expert is protected; the cache is below its minimum")
+        masked = np.where(free, values, np.inf)
+        tied = np.flatnonzero(masked == masked.min())  # row-major: key order
+        keys = [(layers[i // masked.shape[1]], int(i % masked.shape[1])) for i in tied]
+        return min(keys, key=lambda key: self._last_use.get(key, 0))
+
+    def _values(self, layer: int, experts: int, neutral: float) -> np.ndarray:
+        table = self.scaled_scores(layer)
+        values = np.full(experts, neutral, dtype=np.float64)
+        if table is not None:
+            n = min(experts, len(table))
+            values[:n] = table[:n]
+        return values
 
     def forget(self, key: SlotKey) -> None:
         self._last_use.pop(key, None)
