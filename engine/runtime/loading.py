@@ -596,6 +596,8 @@ def _load(
     progress(0.3, "Reading experts")
     pin = device.type == "cuda"
     store = HostExpertStore(shape, [m.layer for m in plan.moe], plan.num_experts, pin)
+    if store.warning:
+        progress(0.3, store.warning)  # pinning refused: pageable memory, slower copies
     _fill_store(plan, store, progress, cancelled)
     offload = _bind_offload(model, plan, store, num_slots, config)
     progress(1.0, "Loaded")
