@@ -157,7 +157,7 @@ def _projection_inputs(counts: dict[str, Any]) -> projection.Fractions | None:
 
 
 def projections_of(counts: dict[str, Any]) -> dict[str, float]:
-    """Projected lower-bound ms/token per real geometry and link, flat keys for JSON."""
+    """Projected floor on ms/token (1/x: an upper bound on tok/s) per geometry and link."""
     fractions = _projection_inputs(counts)
     if fractions is None:
         return {}
