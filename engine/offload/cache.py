@@ -27,13 +27,14 @@ Mechanism only (which expert leaves is the eviction policy's call):
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 
+from engine.offload.copies import CopyEngine, copies_for
 from engine.offload.eviction import EvictionPolicy, SlotKey
 from engine.offload.stats import OffloadStats
 from engine.offload.store import HostExpertStore
@@ -51,6 +52,7 @@ class ExpertCache:
         device: torch.device,
         policy: EvictionPolicy,
         stats: OffloadStats,
+        copies: CopyEngine | None = None,
     ) -> None:
         self.store = store
         self.shape = store.shape
@@ -68,17 +70,13 @@ class ExpertCache:
         self._resident = {  # per layer [E] bool, kept in step with _slot_of
             layer: np.zeros(store.num_experts, dtype=bool) for layer in store.layers
         }
-        cuda = device.type == "cuda"
-        # demand misses first: a high-priority stream; prefetches on a low-priority one
-        self._copy_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
-        self._prefetch_stream = torch.cuda.Stream(device, priority=0) if cuda else None
-        self._inflight: dict[SlotKey, torch.cuda.Event] = {}  # prefetch copies not yet awaited
-        self.arrival: list[torch.cuda.Event] = []  # the demand copies of the staged layer
-        self._timings: deque[tuple[torch.cuda.Event, torch.cuda.Event, int]] = deque()
-        self._copy_times: deque[float] = deque(maxlen=32)  # measured seconds per expert
+        self.copies = copies if copies is not None else copies_for(device)
+        self._inflight: dict[SlotKey, Any] = {}  # prefetch tickets not yet awaited
+        self.arrival: list[Any] = []  # the copy tickets of the staged chunk's arriving experts
+        self._after: list[Any] = []  # tickets of evicted in-flight prefetches: order after them
         self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pool_t: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._pending_demand: list[torch.cuda.Event] = []
+        self._pending_demand: list[Any] = []
         self._free = list(range(num_slots - 1, -1, -1))  # free slots, lowest on top
         self._slot_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -169,23 +167,35 @@ class ExpertCache:
             raise ValueError(f"{len(keys)} experts cannot be resident in {self.num_slots} slots")
         self._protected.update(keys)
         try:
-            arriving = set(self._start(keys)) | {k for k in keys if k in self._inflight}
-            if self._copy_stream is None:
-                arriving = set()
-            self.arrival = [self._inflight.pop(k) for k in keys if k in self._inflight]
-            self.arrival += self._pending_demand
+            copying = set(self._start(keys)) if keys else set()
+            prefetched = [k for k in keys if k in self._inflight]
+            self.arrival = [self._inflight.pop(k) for k in prefetched] + self._pending_demand
+            arriving = (copying | set(prefetched)) if self.arrival else set()
             yield [e for e in experts if (layer, e) not in arriving], sorted(e for _, e in arriving)
+        except BaseException:
+            self._drop_failed(keys)
+            raise
         finally:
             self._protected.difference_update(keys)
             self.arrival, self._pending_demand = [], []
 
-    def wait(self, events: Sequence[torch.cuda.Event] | None) -> None:
-        """Make the compute stream wait for ``events`` (no-op on CPU or for ``None``)."""
-        if not events or self._copy_stream is None:
-            return
-        compute = torch.cuda.current_stream(self.device)
-        for event in events:
-            compute.wait_event(event)
+    def wait(self, tickets: Sequence[Any] | None) -> None:
+        """Order compute after these copies (no-op for ``None`` or no tickets)."""
+        if tickets:
+            self.copies.wait(tickets)
+
+    def _drop_failed(self, keys: list[SlotKey]) -> None:
+        """After a failed copy: forget these keys' slots (their contents are unknown)."""
+        for key in keys:
+            slot = self._slot_of.pop(key, None)
+            if slot is None:
+                continue
+            self._resident[key[0]][key[1]] = False
+            self.policy.forget(key)
+            self._inflight.pop(key, None)
+            self._key_of[slot] = None
+            self._slot_views.pop(slot, None)
+            self._free.append(slot)
 
     def _start(self, keys: list[SlotKey]) -> list[SlotKey]:
         """Count the uses, start the demand copies; returns the keys being copied now."""
@@ -198,10 +208,15 @@ class ExpertCache:
         return misses
 
     def _ensure(self, keys: list[SlotKey]) -> None:
-        self._start(keys)
-        self.wait(self._pending_demand)
-        self._pending_demand = []
-        self._await_prefetched(keys)
+        try:
+            self._start(keys)
+            self.wait(self._pending_demand)
+            self._await_prefetched(keys)
+        except BaseException:
+            self._drop_failed(keys)
+            raise
+        finally:
+            self._pending_demand = []
 
     def load(self, key: SlotKey) -> None:
         """Copy one expert in without counting a use (prefetch); no-op when resident."""
@@ -211,71 +226,47 @@ class ExpertCache:
     def prefetch(self, keys: Sequence[SlotKey]) -> list[SlotKey]:
         """Start copying non-resident ``keys`` without counting a use; returns those copied.
 
-        On CUDA the copies run on the copy stream and the compute stream waits for one only
-        when a layer first uses it (``_ensure``), so they overlap the compute in between; on
-        CPU they are plain synchronous copies.
+        The copies go to the copy engine's prefetch queue (CUDA: the low-priority stream) and
+        compute waits for one only when a layer first uses it (``_ensure``/``staged``), so
+        they overlap the compute in between; on a CPU device they are plain copies.
         """
         new = [key for key in dict.fromkeys(keys) if key not in self._slot_of]
-        if self._copy_stream is None or not new:
-            if new:
-                self._copy_in(new)
+        if not new:
             return new
-        slots = [self._claim_slot(key) for key in new]
-        done = self._copy_async(self._prefetch_stream, new, slots)
-        for key in new:
-            self._inflight[key] = done
-            self.stats.add(key[0], transfers=1, bytes_moved=self.shape.nbytes)
+        ticket = self._copy_in(new, demand=False)
+        if ticket is not None:
+            for key in new:
+                self._inflight[key] = ticket
         return new
 
     def _await_prefetched(self, keys: list[SlotKey]) -> None:
-        for key in keys:
-            event = self._inflight.pop(key, None)
-            if event is not None:
-                torch.cuda.current_stream(self.device).wait_event(event)
+        tickets = [self._inflight.pop(key) for key in keys if key in self._inflight]
+        self.wait(tickets)
 
-    def _copy_in(self, keys: list[SlotKey], wait: bool = True) -> list[torch.cuda.Event]:
-        """Copy ``keys`` into slots; on CUDA returns the copy's event (awaited if ``wait``)."""
+    def _copy_in(self, keys: list[SlotKey], wait: bool = True, demand: bool = True) -> Any:
+        """Claim slots and copy ``keys`` in; the demand copy's tickets unless ``wait``."""
         slots = [self._claim_slot(key) for key in keys]
         for key in keys:
             self.stats.add(key[0], transfers=1, bytes_moved=self.shape.nbytes)
-        if self._copy_stream is None:
-            for key, slot in zip(keys, slots, strict=True):
-                self._slots[slot].copy_(self.store.row(key))
-            return []
-        events = [self._copy_async(self._copy_stream, keys, slots)]
+        if self._after:  # a victim's prefetch may still be writing its slot
+            self.copies.wait(self._after)
+            self._after = []
+        jobs = [
+            (self._slots[slot], self.store.row(key)) for key, slot in zip(keys, slots, strict=True)
+        ]
+        ticket = self.copies.copy(jobs, demand)
+        if not demand:
+            return ticket
+        tickets = [] if ticket is None else [ticket]
         if wait:
-            self.wait(events)
+            self.wait(tickets)
             return []
-        return events
-
-    def _copy_async(
-        self, stream: torch.cuda.Stream | None, keys: list[SlotKey], slots: list[int]
-    ) -> torch.cuda.Event:
-        """Queue the copies on ``stream`` after the compute stream's work; timed with events."""
-        assert stream is not None
-        stream.wait_stream(torch.cuda.current_stream(self.device))  # victims may be in use
-        start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            start.record(stream)
-            for key, slot in zip(keys, slots, strict=True):
-                self._slots[slot].copy_(self.store.row(key), non_blocking=True)
-            done.record(stream)
-        self._timings.append((start, done, len(keys)))
-        self._harvest_timings()
-        return done
-
-    def _harvest_timings(self) -> None:
-        """Turn finished copies' event pairs into seconds per expert (never waits)."""
-        while self._timings and self._timings[0][1].query():
-            start, done, count = self._timings.popleft()
-            self._copy_times.append(start.elapsed_time(done) / 1e3 / count)
+        return tickets
 
     @property
     def copy_seconds_per_expert(self) -> float | None:
-        """Mean measured copy time of one expert on CUDA; ``None`` before any measurement."""
-        if not self._copy_times:
-            return None
-        return sum(self._copy_times) / len(self._copy_times)
+        """Mean measured copy time of one expert (CUDA events); ``None`` before or on CPU."""
+        return self.copies.seconds_per_expert
 
     def _claim_slot(self, key: SlotKey) -> int:
         slot = self._free_slot()
@@ -284,7 +275,9 @@ class ExpertCache:
             slot = self._slot_of.pop(victim)
             self._resident[victim[0]][victim[1]] = False
             self.policy.forget(victim)
-            self._inflight.pop(victim, None)  # its copy is ordered before any overwrite
+            pending = self._inflight.pop(victim, None)
+            if pending is not None:  # its prefetch copy must land before the slot is rewritten
+                self._after.append(pending)
         self._slot_of[key] = slot
         self.policy.record_load(key)
         self._key_of[slot] = key
@@ -322,9 +315,7 @@ class ExpertCache:
 
     def synchronize(self) -> None:
         """Wait for every copy in flight (before slots or host buffers are reused or freed)."""
-        for stream in (self._copy_stream, self._prefetch_stream):
-            if stream is not None:
-                stream.synchronize()
+        self.copies.synchronize()
 
     def close(self) -> None:
         """Wait for copies in flight, then free the slots."""
