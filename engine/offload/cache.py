@@ -28,6 +28,7 @@ Mechanism only (which expert leaves is the eviction policy's call):
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -79,6 +80,7 @@ class ExpertCache:
         self._pending_demand: list[Any] = []
         self._free = list(range(num_slots - 1, -1, -1))  # free slots, lowest on top
         self._slot_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._assist: ThreadPoolExecutor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -313,12 +315,21 @@ class ExpertCache:
         for key in self._slot_of:
             policy.record_use(key, self.step)
 
+    def assist_pool(self) -> ThreadPoolExecutor:
+        """The one worker thread that computes CPU-assisted experts next to the copies."""
+        if self._assist is None:
+            self._assist = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-assist")
+        return self._assist
+
     def synchronize(self) -> None:
         """Wait for every copy in flight (before slots or host buffers are reused or freed)."""
         self.copies.synchronize()
 
     def close(self) -> None:
-        """Wait for copies in flight, then free the slots."""
+        """Wait for copies and CPU-assist work in flight, then free the slots."""
+        if self._assist is not None:
+            self._assist.shutdown(wait=True)
+            self._assist = None
         self.clear()
         self._pool = self._pool_t = None
         self._slot_views.clear()

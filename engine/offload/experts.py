@@ -40,7 +40,9 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -73,6 +75,7 @@ class OffloadedExperts(nn.Module):
         self.cache: ExpertCache | None = None
         self.source: ExpertSource | None = None
         self.cpu_split: CpuSplit | None = None
+        self.on_cpu_time: Callable[[float], None] | None = None  # CPU-assist cost samples
         self.grouped = False
         self.plan: LayerPlan | None = None  # left by the controller for the next forward
 
@@ -145,6 +148,7 @@ class OffloadedExperts(nn.Module):
         on_cpu = self.cpu_split(layer, plan.experts) if self.cpu_split is not None else set()
         on_device = [e for e in plan.experts if e not in on_cpu]
         proj = hidden_states.new_zeros(t * k, self.hidden_dim)  # [P, H] rows per pair
+        assisted = self._start_cpu(hidden_states, plan, on_cpu)
         for start in range(0, len(on_device), cache.num_slots):  # chunks: prefill streaming
             chunk = on_device[start : start + cache.num_slots]
             with cache.staged(layer, chunk) as (ready, arriving):
@@ -152,8 +156,7 @@ class OffloadedExperts(nn.Module):
                     if experts:
                         cache.wait(event)
                         self._grouped_rows(proj, hidden_states, plan, experts)
-        for expert in sorted(on_cpu):
-            self._cpu_rows(proj, hidden_states, plan, expert)
+        self._finish_cpu(proj, assisted)
         weighted = proj * top_k_weights.reshape(-1, 1)  # [P, H], router dtype
         return _cast(weighted.view(t, k, -1).sum(dim=1), hidden_states.dtype)  # [T, H]
 
@@ -174,19 +177,55 @@ class OffloadedExperts(nn.Module):
         current = grouped_mm(self.act_fn(gate) * up, down_t, offsets)  # [p, H]
         proj.index_copy_(0, pairs, _cast(current, proj.dtype))
 
-    def _cpu_rows(
-        self, proj: torch.Tensor, hidden: torch.Tensor, plan: LayerPlan, expert: int
-    ) -> None:
-        """A CPU-assisted expert's rows, computed from its host copy."""
+    def _start_cpu(
+        self, hidden: torch.Tensor, plan: LayerPlan, experts: set[int]
+    ) -> list[Future[tuple[np.ndarray, torch.Tensor]]]:
+        """Hand the CPU-assisted experts to the assist worker before the device work starts.
+
+        The worker computes while the main thread queues copies and grouped kernels (torch
+        releases the GIL inside ops). On CUDA the hidden state reaches the host through a
+        non-blocking copy whose event the *worker* waits for; the main thread never blocks.
+        """
         assert self.cache is not None
+        if not experts:
+            return []
+        host, ready = _to_host_async(hidden)
+        pool = self.cache.assist_pool()
+        return [pool.submit(self._cpu_expert, host, ready, plan, e) for e in sorted(experts)]
+
+    def _cpu_expert(
+        self, hidden: torch.Tensor, ready: Any, plan: LayerPlan, expert: int
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """(pair ids, rows [n, H]) of one expert from its host copy (on the assist worker)."""
+        assert self.cache is not None
+        if ready is not None:
+            ready.synchronize()
+        start = time.perf_counter()
         pos, tok = plan.eager_pairs(expert)
-        k = plan.idx.shape[1]
         row = self.cache.store.row((self.layer, expert))
         gate_up, down = self.cache.shape.gate_up(row), self.cache.shape.down(row)
-        indices = to_device(np.concatenate([tok, tok * k + pos]), hidden.device)
-        n = len(tok)
-        current = self._expert(hidden[indices[:n]], gate_up, down)  # [n, H] on the host
-        proj.index_copy_(0, indices[n:], current.to(proj.device, proj.dtype))
+        rows = self._expert(hidden[torch.from_numpy(tok)], gate_up, down)  # [n, H] host
+        if self.on_cpu_time is not None:
+            self.on_cpu_time(time.perf_counter() - start)
+        return tok * plan.idx.shape[1] + pos, rows
+
+    def _finish_cpu(
+        self, proj: torch.Tensor, futures: list[Future[tuple[np.ndarray, torch.Tensor]]]
+    ) -> None:
+        for future in futures:
+            pairs, rows = future.result()
+            proj.index_copy_(0, to_device(pairs, proj.device), _to(rows, proj.device, proj.dtype))
+
+
+def _to_host_async(hidden: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``hidden`` on the host: itself on a CPU device, else a pinned non-blocking copy + event."""
+    if hidden.device.type == "cpu":
+        return hidden, None
+    host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+    host.copy_(hidden, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(hidden.device))
+    return host, ready
 
 
 def _to(

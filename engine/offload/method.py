@@ -120,6 +120,7 @@ class SmoeMethod:
         for module in self.controller.experts.values():
             module.source = self._source
             module.cpu_split = self._cpu_experts
+            module.on_cpu_time = self.cost_cpu.add
         decoder = _decoder_layers(model)
         layers = self.controller.moe_layers
         if decoder is None or self.spec is None:

@@ -9,6 +9,7 @@ for bit at a small and a full cache, with LRU and with the whole method at alpha
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -82,3 +83,32 @@ def test_decode_reads_the_device_once_per_layer(checkpoints: dict[str, Path]) ->
             prefill_and_decode(loaded.model, torch.tensor([[steps[1]]]), [])
         assert counter.sync_kinds == {"numpy": info.moe_layers}, (experts, counter.sync_kinds)
         loaded.offload.close()
+
+
+def test_cpu_assist_runs_on_the_worker_thread_next_to_the_grouped_path(
+    checkpoints: dict[str, Path],
+) -> None:
+    """Every miss computed by the assist worker: close to the reference, nothing cached."""
+    import threading
+
+    from engine.offload.cpu_assist import RollingCost
+
+    directory = checkpoints["qwen2_moe"]
+    reference = AutoModelForCausalLM.from_pretrained(
+        directory, experts_implementation="grouped_mm"
+    ).eval()
+    prompt, steps = _tokens(reference.config.vocab_size)
+    expected = prefill_and_decode(reference, prompt, steps)
+    loaded: Any = _load(directory, 0.5, LiveOptions(policy="smoe", alpha=0.0))
+    method = loaded.offload.method
+    method.cost_load, method.cost_cpu = RollingCost(prior=1.0), RollingCost(prior=1e-9)
+    method.cost_load.add = lambda seconds, count=1: None
+    threads: set[str] = set()
+    for module in loaded.offload.experts.values():
+        module.on_cpu_time = lambda seconds: threads.add(threading.current_thread().name)
+    got = prefill_and_decode(loaded.model, prompt, steps)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5)
+    assert loaded.offload.stats().cpu_computed > 0
+    assert threads and all(name.startswith("cpu-assist") for name in threads), threads
+    loaded.offload.close()
