@@ -89,8 +89,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--experts",
         choices=EXPERTS_IMPLEMENTATIONS,
-        default="eager",
-        help="expert compute: eager loop or grouped matmuls (fewer ops)",
+        default="auto",
+        help="expert compute: eager loop, grouped matmuls (fewer ops), auto: grouped on CUDA",
     )
     method = parser.add_argument_group("method")
     method.add_argument("--policy", choices=POLICIES, default="lru")
@@ -118,7 +118,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         substitution=args.substitution,
         prefetch=args.prefetch,
         cpu_assist=args.cpu_assist,
-        experts=getattr(args, "experts", "eager"),
+        experts=getattr(args, "experts", "auto"),
     )
 
 
@@ -264,7 +264,7 @@ def run_generate(args: argparse.Namespace) -> int:
     request = generate_request(args)
     session = open_session(args)
     session.reset_stats()
-    counter = OpCounter() if args.count_ops else None
+    counter = OpCounter(str(session.loaded.device)) if args.count_ops else None
     with counter if counter is not None else nullcontext():
         finished, counts = _consume(session.generate_stream(request), counter, args.json)
     if args.json:

@@ -98,7 +98,7 @@ class CacheConfig:
         return min(total_experts, round(fraction * total_experts))
 
 
-EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = ("eager", "grouped")
+EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "eager", "grouped")
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,9 @@ class LoadConfig:
     live: LiveOptions = field(default_factory=LiveOptions)
     force: bool = False  # load even when the memory estimate says it will not fit
     # how routed experts are computed: the eager loop (exact against transformers' eager
-    # experts) or grouped matmuls over the slot pool (exact against its grouped_mm experts)
-    experts: str = "eager"
+    # experts) or grouped matmuls over the slot pool (exact against its grouped_mm experts);
+    # "auto": grouped on CUDA (few kernels per layer), eager on the CPU (faster there)
+    experts: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))

@@ -44,7 +44,7 @@ class EngineOptions:
     substitution: bool = True
     prefetch: bool = True
     cpu_assist: bool = True
-    experts: str = "eager"
+    experts: str = "auto"
 
 
 def _invalid(error: ValueError) -> InvalidRequestError:

@@ -102,7 +102,7 @@ def _events(runner: Any, tokens: int) -> Any:
 
 def count_decode(runner: Any, tokens: int) -> PerToken | None:
     """Ops and syncs per decoded token of one greedy generation (a session or plain model)."""
-    counter = OpCounter()
+    counter = OpCounter(str(runner.loaded.device if hasattr(runner, "loaded") else runner.device))
     span = TokenSpan(counter)
     with counter:
         for event in _events(runner, tokens):

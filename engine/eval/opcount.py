@@ -14,8 +14,10 @@ waiting for every kernel queued before it:
   ``repeat_interleave`` without ``output_size``, ``equal``, ``_local_scalar_dense``;
 - device-to-host copies (``to``/``_to_copy``/``copy_`` from a non-CPU tensor to the CPU).
 
-On a CPU device the same calls are counted, so a CPU run gives the sync count a GPU run would
-pay (the *decision* to read values on the host is what costs, not the device).
+The counter is told the run's device. On a CUDA run, Python-level reads count for CUDA tensors
+(reading a host tensor that a counted copy brought over is free); on a CPU run they count for
+CPU tensors, so a CPU run gives the count a GPU run would pay: the *decision* to read values on
+the host is what costs. Either way one layer's ``scores.cpu().numpy()`` is one sync.
 
 ``per_token(counts)`` turns counts between the first and the last token of a generation into
 per-decoded-token figures (one decode forward plus one sampling step each).
@@ -108,7 +110,7 @@ class _Function(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         name = getattr(func, "__name__", "")
-        if name not in HOST_READS or self.owner.reading:
+        if name not in HOST_READS or self.owner.reading or not self.owner.counts_read(args):
             return func(*args, **(kwargs or {}))
         self.owner.record_sync(name)
         self.owner.reading = True
@@ -121,7 +123,8 @@ class _Function(TorchFunctionMode):
 class OpCounter:
     """Counts torch ops and host syncs on the thread that enters it."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = torch.device(device).type
         self.ops = 0
         self.sync_kinds: Counter[str] = Counter()
         self.reading = False  # inside a Python-level host read: its inner ops are not syncs
@@ -133,6 +136,11 @@ class OpCounter:
 
     def counts(self) -> OpCounts:
         return OpCounts(self.ops, self.syncs, dict(self.sync_kinds))
+
+    def counts_read(self, args: tuple[Any, ...]) -> bool:
+        """A Python-level read is a sync when its tensor is on the run's device."""
+        tensor = args[0] if args else None
+        return isinstance(tensor, torch.Tensor) and tensor.device.type == self.device
 
     def record_sync(self, kind: str) -> None:
         self.sync_kinds[kind] += 1

@@ -555,7 +555,8 @@ def _bind_offload(
         routers[m.layer] = RoutingWrapper(m.layer, model.get_submodule(m.router_path), plan.family)
     controller = OffloadController(model, store, cache, stats, routers, experts, config.live)
     controller.method = SmoeMethod(controller, model, plan.family, plan.moe[0].top_k)
-    controller.set_grouped(config.experts == "grouped")
+    grouped = config.experts == "grouped" or (config.experts == "auto" and device.type == "cuda")
+    controller.set_grouped(grouped)
     return controller
 
 
