@@ -78,15 +78,17 @@ class PlainLoaded:
     offload: Any = field(default_factory=_PlainOffload)
 
 
-def load_plain(model_dir: Path, dtype: torch.dtype = torch.float32) -> PlainLoaded:
-    """The model fully in memory, with transformers' eager experts loop."""
+def load_plain(
+    model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> PlainLoaded:
+    """The model fully on ``device``, with transformers' eager experts loop."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, experts_implementation="eager", local_files_only=True
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    return PlainLoaded(model.eval(), tokenizer, torch.device("cpu"))
+    return PlainLoaded(model.to(device).eval(), tokenizer, torch.device(device))
 
 
 def _request(tokens: int) -> Any:
@@ -205,7 +207,7 @@ def _load(config: HotpathConfig, model_dir: Path, device: str) -> Any:
     from engine.runtime.session import ModelSession
 
     if config.cache_fraction is None:
-        return load_plain(model_dir)
+        return load_plain(model_dir, device=device)
     live = config.live
     options = EngineOptions(
         model_dir=model_dir,

@@ -74,8 +74,10 @@ def test_grouped_smoe_issues_fewer_ops_than_plain_transformers(counts: dict[str,
 
 def test_generate_count_ops_reports_per_token_counts(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(
-        ["generate", "--prompt", "Hello", "--greedy", "--max-new-tokens", "4", "--count-ops"]
-        + ["--device", "cpu", "--json"]
+        [
+            *("generate", "--prompt", "Hello", "--greedy", "--max-new-tokens", "4"),
+            *("--count-ops", "--device", "cpu", "--json"),
+        ]
     )
     assert code == 0
     data = json.loads(capsys.readouterr().out)
