@@ -29,6 +29,8 @@ pick_python() {
     echo python3
 }
 PY="$(pick_python)"
+"$PY" -c "import torch" 2>/dev/null || {
+    echo "[gpu-check] $PY has no torch: set PYTHON, or run scripts/setup.sh first" >&2; exit 1; }
 has_cuda() { "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 if [ "$DEVICE" = cuda ] && ! has_cuda; then
     echo "[gpu-check] $PY has no CUDA torch; trying scripts/setup.sh test (needs a package index)"

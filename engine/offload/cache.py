@@ -68,8 +68,10 @@ class ExpertCache:
         self._slot_of: dict[SlotKey, int] = {}
         self._key_of: list[SlotKey | None] = [None] * num_slots
         self._protected: set[SlotKey] = set()
-        self._resident = {  # per layer [E] bool, kept in step with _slot_of
-            layer: np.zeros(store.num_experts, dtype=bool) for layer in store.layers
+        self._layers = sorted(store.layers)
+        self._residency = np.zeros((len(self._layers), store.num_experts), dtype=bool)  # [L, E]
+        self._resident = {  # per layer [E] bool row views of _residency, kept with _slot_of
+            layer: self._residency[row] for row, layer in enumerate(self._layers)
         }
         self.copies = copies if copies is not None else copies_for(device)
         self._inflight: dict[SlotKey, Any] = {}  # prefetch tickets not yet awaited
@@ -290,7 +292,7 @@ class ExpertCache:
         """The policy's victim; policies that rank by layer tables get the residency masks."""
         masked = getattr(self.policy, "victim_in", None)
         if masked is not None:
-            victim: SlotKey = masked(self._resident, self._protected)
+            victim: SlotKey = masked(self._layers, self._residency, self._protected)
             return victim
         return self.policy.victim(self._slot_of.keys(), self._protected)
 

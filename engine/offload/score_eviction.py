@@ -18,7 +18,7 @@ scaled table is rebuilt lazily when a victim is asked for.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Literal
 
@@ -87,6 +87,10 @@ class ScoreEviction:
         self._table: dict[int, list[float]] = {}  # layer -> scaled means, rebuilt lazily
         self._last_use: dict[SlotKey, int] = {}
         self._clock = 0
+        self._values: np.ndarray | None = None  # [L, E] scaled scores for victim_in
+        self._value_layers: list[int] = []
+        self._row_of: dict[int, int] = {}
+        self._stale: set[int] = set()  # layers whose row needs rebuilding
 
     def record_use(self, key: SlotKey, step: int) -> None:
         self._clock += 1
@@ -99,6 +103,7 @@ class ScoreEviction:
         """``scores``: [E] mean score of each expert over this step's tokens."""
         self._layers.setdefault(layer, _LayerWindow(self.window)).add(scores, step)
         self._table.pop(layer, None)
+        self._stale.add(layer)
 
     def victim(self, resident: Collection[SlotKey], protected: AbstractSet[SlotKey]) -> SlotKey:
         candidates = [key for key in resident if key not in protected]
@@ -116,35 +121,50 @@ class ScoreEviction:
         return min(candidates, key=rank)
 
     def victim_in(
-        self, resident: Mapping[int, np.ndarray], protected: AbstractSet[SlotKey]
+        self, layers: Sequence[int], resident: np.ndarray, protected: AbstractSet[SlotKey]
     ) -> SlotKey:
-        """``victim`` over per-layer residency masks, vectorised: O(layers) numpy calls.
+        """``victim`` over a residency table ``[L, E]`` (rows: ``layers``), vectorised.
 
         Same rule and ties as ``victim``: lowest scaled score, then least recently used, then
-        key order.
+        key order. The scaled scores live in an ``[L, E]`` table whose rows are rebuilt only
+        for layers that reported since the last victim.
         """
-        layers = sorted(resident)
-        neutral = self._neutral()
-        values = np.stack([self._values(layer, len(resident[layer]), neutral) for layer in layers])
-        free = np.stack([resident[layer] for layer in layers])  # [L, E] resident
-        row_of = {layer: row for row, layer in enumerate(layers)}
+        values = self._value_table(layers, resident.shape[1])
+        free = resident.copy()
+        row_of = self._row_of
         for layer, expert in protected:
-            if layer in row_of:
-                free[row_of[layer], expert] = False
-        if not free.any():
-            raise RuntimeError("every resident expert is protected; the cache is below its minimum")
+            row = row_of.get(layer)
+            if row is not None:
+                free[row, expert] = False
         masked = np.where(free, values, np.inf)
-        tied = np.flatnonzero(masked == masked.min())  # row-major: key order
-        keys = [(layers[i // masked.shape[1]], int(i % masked.shape[1])) for i in tied]
-        return min(keys, key=lambda key: self._last_use.get(key, 0))
+        best = masked.min()
+        if best == np.inf:
+            raise RuntimeError("every resident expert is protected; the cache is below its minimum")
+        tied = np.flatnonzero(masked == best)  # row-major: key order
+        width = masked.shape[1]
+        keys = [(layers[i // width], int(i % width)) for i in tied.tolist()]
+        return keys[0] if len(keys) == 1 else min(keys, key=lambda k: self._last_use.get(k, 0))
 
-    def _values(self, layer: int, experts: int, neutral: float) -> np.ndarray:
-        table = self.scaled_scores(layer)
-        values = np.full(experts, neutral, dtype=np.float64)
-        if table is not None:
-            n = min(experts, len(table))
-            values[:n] = table[:n]
-        return values
+    def _value_table(self, layers: Sequence[int], experts: int) -> np.ndarray:
+        """[L, E] scaled scores (neutral where a layer has none), refreshed where stale."""
+        shape = (len(layers), experts)
+        if self._values is None or self._values.shape != shape or self._value_layers != layers:
+            self._values = np.full(shape, self._neutral(), dtype=np.float64)
+            self._value_layers = list(layers)
+            self._row_of = {layer: row for row, layer in enumerate(layers)}
+            self._stale = set(self._layers)
+        if self.scale == "raw" and self._stale:  # the neutral value moves with every layer
+            self._values[[self._row_of[x] for x in layers if x not in self._layers]] = (
+                self._neutral()
+            )
+        for layer in self._stale:
+            row = self._row_of.get(layer)
+            table = self.scaled_scores(layer)
+            if row is not None and table is not None:
+                n = min(experts, len(table))
+                self._values[row, :n] = table[:n]
+        self._stale.clear()
+        return self._values
 
     def forget(self, key: SlotKey) -> None:
         self._last_use.pop(key, None)

@@ -99,7 +99,9 @@ def test_vectorised_victim_matches_the_reference_rule() -> None:
     rng = np.random.default_rng(0)
     for trial in range(40):
         policy = make_policy(window=3, scale=("relative", "rank", "raw")[trial % 3])
-        masks = {layer: rng.random(6) < 0.6 for layer in (0, 2, 5)}
+        layers = [0, 2, 5]
+        table = rng.random((3, 6)) < 0.6
+        masks = dict(zip(layers, table, strict=True))
         for step in range(4):
             for layer in (0, 2):  # layer 5 never reports: its experts rank as average
                 policy.record_scores(layer, rng.random(6).astype(np.float32), step)
@@ -109,4 +111,4 @@ def test_vectorised_victim_matches_the_reference_rule() -> None:
         if len(resident) < 2:
             continue
         protected = {resident[0]}
-        assert policy.victim_in(masks, protected) == policy.victim(resident, protected)
+        assert policy.victim_in(layers, table, protected) == policy.victim(resident, protected)
