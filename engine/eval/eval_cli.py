@@ -20,7 +20,7 @@ import torch
 
 from engine.config import DEFAULT_CACHE_FRACTION, DEVICES, DTYPES, CacheConfig
 from engine.errors import InvalidRequestError, ModelLoadError
-from engine.eval import bench, bench_report
+from engine.eval import bench, bench_report, hotpath
 from engine.eval.cloze import ClozeSettings
 from engine.eval.fidelity import (
     DEFAULT_WINDOW,
@@ -355,6 +355,11 @@ def _report(args: argparse.Namespace, result: bench.BenchResult) -> list[Path]:
         _relative(json_path, markdown.parent),
     )
     markdown.parent.mkdir(parents=True, exist_ok=True)
+    kept = (
+        hotpath.kept_section(markdown.read_text(encoding="utf-8")) if markdown.is_file() else None
+    )
+    if kept is not None:  # the hotpath command's own section survives a bench rerun
+        text = hotpath.replace_section(text, kept)
     markdown.write_text(text, encoding="utf-8")
     return [json_path, plot_path, markdown]
 
