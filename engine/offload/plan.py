@@ -83,6 +83,8 @@ def classify_host(
 ) -> HostBands:
     """``substitution.classify`` on host arrays (same rule, same fp32 arithmetic)."""
     choice = scores if bias is None else (scores + bias.astype(F32))  # [T, E]
+    if spec.group_score is None and choice.shape[0] <= SMALL_BATCH:
+        return _classify_rows(choice, idx, alpha)
     allowed = _allowed(choice, spec)
     rows = _rows(idx)
     rest = choice.copy() if allowed is None else np.where(allowed, choice, F32(-np.inf))
@@ -94,6 +96,33 @@ def classify_host(
     lower = np.where(finite, best - margin, best)
     top_score = choice[rows, idx] > upper  # [T, k]
     return HostBands(top_score=top_score, candidate=(rest > lower) & finite, choice=choice)
+
+
+SMALL_BATCH = 4  # up to this many tokens, plain Python per row beats numpy's call overhead
+
+
+def _classify_rows(choice: np.ndarray, idx: np.ndarray, alpha: float) -> HostBands:
+    """``classify_host`` without groups, row by row in Python; the band edges in fp32."""
+    a = F32(alpha)
+    top_rows, candidate_rows = [], []
+    for row, chosen in zip(choice.tolist(), idx.tolist(), strict=True):
+        picked = set(chosen)
+        rest = [-np.inf if e in picked else v for e, v in enumerate(row)]
+        best = max(rest)
+        if best == -np.inf:
+            upper = lower = best
+            candidate_rows.append([False] * len(row))
+        else:
+            b = F32(best)
+            margin = a * abs(b)
+            upper, lower = float(b + margin), float(b - margin)
+            candidate_rows.append([v > lower for v in rest])
+        top_rows.append([row[e] > upper for e in chosen])
+    return HostBands(
+        top_score=np.array(top_rows, dtype=bool).reshape(idx.shape),
+        candidate=np.array(candidate_rows, dtype=bool).reshape(choice.shape),
+        choice=choice,
+    )
 
 
 def _rows(idx: np.ndarray) -> np.ndarray:
