@@ -163,6 +163,14 @@ def substitute_host(
         return None
     idx = routing.idx
     bands = bands or classify_host(routing.scores, idx, spec, alpha, bias)
+    if routing.tokens <= SMALL_BATCH:
+        swapped = _assign_rows(bands, idx, resident, batch_set)
+        if swapped is None:
+            return None
+        new_idx, substituted = swapped
+        return HostSubstitution(
+            new_idx, _mix(routing, new_idx, substituted, spec, weight_mode), substituted
+        )
     pool = resident.astype(bool).copy()  # [E]
     if batch_set and routing.tokens > 1:
         pool[idx[bands.top_score]] = True
@@ -174,6 +182,35 @@ def substitute_host(
     new_idx, substituted = _assign(bands.choice, idx, missing_low, candidate, count)
     weights = _mix(routing, new_idx, substituted, spec, weight_mode)
     return HostSubstitution(new_idx, weights, substituted)
+
+
+def _assign_rows(
+    bands: HostBands, idx: np.ndarray, resident: np.ndarray, batch_set: bool
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Algorithm 1's availability and swaps row by row in Python (decode-sized batches)."""
+    rows, top, candidate = idx.tolist(), bands.top_score.tolist(), bands.candidate.tolist()
+    pool = [bool(x) for x in resident.tolist()]
+    if batch_set and len(rows) > 1:  # the batch-wide top-score set C is available too
+        for chosen, flags in zip(rows, top, strict=True):
+            for e, is_top in zip(chosen, flags, strict=True):
+                pool[e] = pool[e] or is_top
+    choice = bands.choice.tolist()
+    new_rows, swapped = [list(r) for r in rows], [[False] * len(r) for r in rows]
+    changed = False
+    for t, chosen in enumerate(rows):
+        missing = [j for j, e in enumerate(chosen) if not top[t][j] and not pool[e]]
+        pool_t = [e for e, ok in enumerate(candidate[t]) if ok and pool[e]]
+        n = min(len(missing), len(pool_t))
+        if n == 0:
+            continue
+        replaced = sorted(missing, key=lambda j: choice[t][chosen[j]])[:n]  # lowest first
+        best = sorted(pool_t, key=lambda e: -choice[t][e])[:n][::-1]  # n-th best first
+        for j, e in zip(replaced, best, strict=True):
+            new_rows[t][j], swapped[t][j] = e, True
+        changed = True
+    if not changed:
+        return None
+    return np.array(new_rows, dtype=np.int64), np.array(swapped, dtype=bool)
 
 
 def _assign(
