@@ -231,7 +231,6 @@ def _load(config: HotpathConfig, model_dir: Path, device: str) -> Any:
 def run(args: Any) -> int:
     """Load every configuration, count, time in interleaved rounds, print the table."""
     import json
-    import platform
     import sys
     from datetime import UTC, datetime
 
@@ -255,7 +254,7 @@ def run(args: Any) -> int:
         "model": str(model_dir.name),
         "device": args.device,
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or platform.node()}",
+        "machine": _machine(args.device),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "rows": rows,
         "ratios": ratios(rows, args.cache_fraction, args.alpha),
@@ -265,6 +264,14 @@ def run(args: Any) -> int:
         argv = "python -m engine " + " ".join(sys.argv[1:] or ["hotpath"])
         write_section(args.markdown, section(result, argv))
     return 0
+
+
+def _machine(device: str) -> str:
+    from engine.eval.bench_report import machine_info
+
+    info = machine_info(device)
+    gpu = f", {info['gpu']}" if "gpu" in info else ""
+    return f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}{gpu}"
 
 
 def render(result: dict[str, Any]) -> str:
