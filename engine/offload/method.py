@@ -4,22 +4,27 @@
 the controller's live options at every call, so alpha and the switches change between two
 tokens without reloading:
 
-- **substitution**: the router wrapper's ``rewrite`` hook runs Algorithm 1
-  (``substitution.substitute``) on the family's full scores and the cache's residency. A
-  substitute that no original choice needed is counted as a substitution, not as a hit.
+- **substitution**: the controller's planner step (``on_routing``) runs Algorithm 1 on the
+  layer's one host copy of its routing (``plan.substitute_host``, equal to the tensor reference
+  ``substitution.substitute``) against the cache's host residency; the final top-k goes back to
+  the device in one small copy. A substitute that no original choice needed is counted as a
+  substitution, not as a hit.
 - **prefetch**: a forward hook on each decoder layer predicts the next MoE layer's scores from
   this layer's output (through the next layer's post-attention norm and router, attention
-  skipped, as the released code does) and copies its predicted top-score experts that are not
-  resident (``cache.load``: a plain copy on CPU, the cache's copy stream on CUDA). Precision,
-  recall and used copies are counted when the next layer routes.
-- **CPU assist**: the experts module's ``source`` hook splits the layer's missing experts
-  between copying and computing from the host copy (Algorithm 2, ``cpu_assist.plan``) with
-  rolling measured costs; CPU-computed experts are not inserted into the cache. Experts are
-  still visited in ascending id, so on a CPU device the sums are the eager ones bit for bit.
+  skipped, as the released code does), reads them to the host once, and copies the predicted
+  top-score experts that are not resident (``cache.prefetch``: the low-priority copy queue on
+  CUDA). Precision, recall and used copies are counted when the next layer routes, from the
+  same bands substitution used (classified once).
+- **CPU assist**: the experts module's ``source`` hook (eager path) or ``cpu_split`` hook
+  (grouped path, computed on the assist worker thread) splits the layer's missing experts
+  between copying and computing from the host copy (Algorithm 2, ``cpu_assist.plan``); the
+  copy cost is the CUDA copy time measured with events once there is one, else a rolling
+  measurement; CPU-computed experts are not inserted into the cache. On the eager path experts
+  are still visited in ascending id, so on a CPU device the sums are the eager ones bit for bit.
 
 All three act only on decode-sized forwards (at most ``MAX_DECODE_TOKENS`` tokens); a prompt's
 prefill runs the model unchanged (the released code substitutes at decode only). With alpha 0
-the rewrite returns the router's own tensors, so the model output is unchanged.
+the router's own tensors are kept, so the model output is unchanged.
 """
 
 from __future__ import annotations
