@@ -33,8 +33,8 @@ PY="$(pick_python)"
     echo "[gpu-check] $PY has no torch: set PYTHON, or run scripts/setup.sh first" >&2; exit 1; }
 has_cuda() { "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 if [ "$DEVICE" = cuda ] && ! has_cuda; then
-    echo "[gpu-check] $PY has no CUDA torch; trying scripts/setup.sh test (needs a package index)"
-    bash scripts/setup.sh test
+    echo "[gpu-check] $PY has no CUDA torch; trying scripts/setup.sh (needs a package index)"
+    bash scripts/setup.sh test,bench
     PY=.venv/bin/python
     has_cuda || { echo "[gpu-check] still no CUDA torch: stop" >&2; exit 1; }
 fi

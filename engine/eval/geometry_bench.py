@@ -275,14 +275,7 @@ def _plain_rows(
         )
         del model
         torch.cuda.empty_cache()
-        budget = int(_checkpoint_bytes(folder) * fraction)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.bfloat16, device_map="auto", max_memory={0: budget, "cpu": "200GiB"}
-        )
-        speed = decode_speed(model, vocab, max(4, args.tokens // 4), args.device, _nothing)
-        rows.append(Row(spec.name, "transformers + accelerate CPU offload", fraction, speed))
-        del model
-        torch.cuda.empty_cache()
+        rows += _accelerate_rows(spec, folder, fraction, args)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
         rows.append(
@@ -294,6 +287,35 @@ def _plain_rows(
             )
         )
     return rows
+
+
+def _accelerate_rows(
+    spec: GeometrySpec, folder: Path, fraction: float, args: argparse.Namespace
+) -> list[Row]:
+    """transformers with accelerate's CPU offload at the cache's share of the weights."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        import accelerate  # noqa: F401  (device_map="auto" needs it)
+    except ImportError:
+        return [
+            Row(
+                spec.name,
+                "transformers + accelerate CPU offload",
+                fraction,
+                0.0,
+                {"skipped": "accelerate is not installed (pip extra: bench)"},
+            )
+        ]
+    budget = int(_checkpoint_bytes(folder) * fraction)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16, device_map="auto", max_memory={0: budget, "cpu": "200GiB"}
+    )
+    vocab = int(spec.config["vocab_size"])
+    speed = decode_speed(model, vocab, max(4, args.tokens // 4), args.device, _nothing)
+    del model
+    torch.cuda.empty_cache()
+    return [Row(spec.name, "transformers + accelerate CPU offload", fraction, speed)]
 
 
 def _nothing() -> None:
