@@ -89,11 +89,14 @@ class CudaCopies:
         stream = self.demand if demand else self.prefetch
         stream.wait_stream(torch.cuda.current_stream(self.device))  # victims may be in use
         start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            start.record(stream)
-            for dst, src in jobs:
-                dst.copy_(src, non_blocking=True)
-            done.record(stream)
+        try:
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                for dst, src in jobs:
+                    dst.copy_(src, non_blocking=True)
+                done.record(stream)
+        except RuntimeError as error:  # a launch failure; faults inside the copy surface later
+            raise ExpertCopyError(f"copying an expert to the GPU failed: {error}") from error
         self._timings.append((start, done, len(jobs)))
         self._harvest()
         return done
