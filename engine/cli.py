@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,15 @@ import torch
 from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 
-from engine.config import DEVICES, DTYPES, EVICTIONS, POLICIES, GenerateRequest, SamplingConfig
+from engine.config import (
+    DEVICES,
+    DTYPES,
+    EVICTIONS,
+    EXPERTS_IMPLEMENTATIONS,
+    POLICIES,
+    GenerateRequest,
+    SamplingConfig,
+)
 from engine.errors import (
     CacheBudgetError,
     EngineError,
@@ -31,8 +40,10 @@ from engine.errors import (
     ModelLoadError,
     SubstitutionUnsupportedError,
 )
-from engine.eval import eval_cli
+from engine.eval import eval_cli, hotpath
+from engine.eval.opcount import OpCounter, PerToken, TokenSpan
 from engine.events import (
+    FLUSH_TOKEN_ID,
     GenerationFinished,
     MemoryEstimate,
     ModelInfo,
@@ -76,6 +87,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--cache-fraction", type=float, metavar="F", help="expert cache as a fraction of experts"
     )
     group.add_argument("--force", action="store_true", help="load even if the estimate refuses")
+    group.add_argument(
+        "--experts",
+        choices=EXPERTS_IMPLEMENTATIONS,
+        default="auto",
+        help="expert compute: eager loop, grouped matmuls (fewer ops), auto: grouped on CUDA",
+    )
     method = parser.add_argument_group("method")
     method.add_argument("--policy", choices=POLICIES, default="lru")
     method.add_argument("--alpha", type=float, default=0.0, metavar="A", help="importance band")
@@ -102,6 +119,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         substitution=args.substitution,
         prefetch=args.prefetch,
         cpu_assist=args.cpu_assist,
+        experts=getattr(args, "experts", "auto"),
     )
 
 
@@ -208,6 +226,11 @@ def configure_generate(parser: argparse.ArgumentParser) -> None:
         "--stop", action="extend", nargs="+", default=[], metavar="S", help="stop strings"
     )
     sampling.add_argument("--seed", type=int, metavar="N", help="for reproducible sampling")
+    parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="count torch ops and host syncs per decoded token (slower; for regressions)",
+    )
     add_model_options(parser)
 
 
@@ -242,18 +265,51 @@ def run_generate(args: argparse.Namespace) -> int:
     request = generate_request(args)
     session = open_session(args)
     session.reset_stats()
-    finished: GenerationFinished | None = None
-    for event in session.generate_stream(request):
-        if isinstance(event, TokenReceived) and not args.json:
-            print(event.text, end="", flush=True)
-        finished = event if isinstance(event, GenerationFinished) else finished
-    assert finished is not None, "the stream ends with GenerationFinished"
+    counter = OpCounter(str(session.loaded.device)) if args.count_ops else None
+    with counter if counter is not None else nullcontext():
+        finished, counts = _consume(session.generate_stream(request), counter, args.json)
     if args.json:
-        print_json(generation_dict(finished))
+        print_json(generation_dict(finished) | _counts_dict(counts, args.count_ops))
     else:
         print()
         print(f"[{finished.reason}] {stats_line(finished.stats)}", file=sys.stderr)
+        if args.count_ops:
+            print(ops_line(counts), file=sys.stderr)
     return 0
+
+
+def _consume(
+    events: Iterable[Any], counter: OpCounter | None, quiet: bool
+) -> tuple[GenerationFinished, PerToken | None]:
+    """Print tokens as they come; the finish event and, when counting, per-token counts."""
+    span = TokenSpan(counter) if counter is not None else None
+    finished: GenerationFinished | None = None
+    for event in events:
+        if isinstance(event, TokenReceived):
+            if span is not None:
+                span.observe(event.token_id != FLUSH_TOKEN_ID)
+            if not quiet:
+                print(event.text, end="", flush=True)
+        finished = event if isinstance(event, GenerationFinished) else finished
+    assert finished is not None, "the stream ends with GenerationFinished"
+    return finished, span.result() if span is not None else None
+
+
+def _counts_dict(counts: PerToken | None, asked: bool) -> dict[str, Any]:
+    if not asked:
+        return {}
+    return {"op_counts": counts.to_dict() if counts is not None else None}
+
+
+def ops_line(counts: PerToken | None) -> str:
+    """One line of per-decoded-token op and sync counts."""
+    if counts is None:
+        return "op counts: fewer than two tokens were generated, nothing to count"
+    kinds = ", ".join(f"{k} {v:.1f}" for k, v in counts.sync_kinds.items()) or "none"
+    return (
+        f"per decoded token ({counts.tokens} tokens): {counts.ops:.0f} torch ops, "
+        f"{counts.syncs:.1f} host syncs ({kinds})"
+    )
 
 
 def generation_dict(finished: GenerationFinished) -> dict[str, Any]:
@@ -350,6 +406,12 @@ COMMANDS: list[Command] = [
         "serve the model over an OpenAI-compatible HTTP API (loopback only by default)",
         serve_cli.configure_serve,
         serve_cli.run_serve,
+    ),
+    Command(
+        "hotpath",
+        "decode ops, host syncs and tok/s of plain transformers, LRU and smoe side by side",
+        hotpath.configure,
+        hotpath.run,
     ),
 ]
 

@@ -98,6 +98,9 @@ class CacheConfig:
         return min(total_experts, round(fraction * total_experts))
 
 
+EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "eager", "grouped")
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """Everything needed to load a model; changing any of it means reloading."""
@@ -109,11 +112,16 @@ class LoadConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     live: LiveOptions = field(default_factory=LiveOptions)
     force: bool = False  # load even when the memory estimate says it will not fit
+    # how routed experts are computed: the eager loop (exact against transformers' eager
+    # experts) or grouped matmuls over the slot pool (exact against its grouped_mm experts);
+    # "auto": grouped on CUDA (few kernels per layer), eager on the CPU (faster there)
+    experts: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("experts", self.experts, EXPERTS_IMPLEMENTATIONS)
         if self.context_length < 16:
             raise ValueError(f"context length must be at least 16; got {self.context_length}")
 

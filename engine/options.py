@@ -44,6 +44,7 @@ class EngineOptions:
     substitution: bool = True
     prefetch: bool = True
     cpu_assist: bool = True
+    experts: str = "auto"
 
 
 def _invalid(error: ValueError) -> InvalidRequestError:
@@ -96,6 +97,7 @@ def build_load_config(options: EngineOptions) -> LoadConfig:
             cache=cache,
             live=live,
             force=options.force,
+            experts=options.experts,
         )
     except ValueError as error:
         raise _invalid(error) from error

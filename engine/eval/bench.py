@@ -82,6 +82,7 @@ class BenchPlan:
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     gen_tokens: int = 32
     timing_runs: int = 3
+    count_ops: bool = False  # one more generation per row, counted (``engine.eval.opcount``)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.policies if p not in POLICIES]
@@ -157,7 +158,7 @@ def _projection_inputs(counts: dict[str, Any]) -> projection.Fractions | None:
 
 
 def projections_of(counts: dict[str, Any]) -> dict[str, float]:
-    """Projected lower-bound ms/token per real geometry and link, flat keys for JSON."""
+    """Projected floor on ms/token (1/x: an upper bound on tok/s) per geometry and link."""
     fractions = _projection_inputs(counts)
     if fractions is None:
         return {}
@@ -207,7 +208,29 @@ def measure_config(
     timing = GenerationTiming(0.0, 0.0, 0, 0)
     if session is not None and plan.prompts and plan.timing_runs > 0:
         timing = time_generation(session, plan.prompts, plan.gen_tokens, plan.timing_runs)
-    return _row_dict(row, timing)
+    data = _row_dict(row, timing)
+    if session is not None and plan.prompts and plan.count_ops:
+        data.update(count_generation_ops(session, plan.prompts[0], plan.gen_tokens))
+    return data
+
+
+def count_generation_ops(session: Any, prompt: str, tokens: int) -> dict[str, Any]:
+    """Ops and host syncs per decoded token of one greedy generation, counted untimed."""
+    from engine.eval.opcount import OpCounter, TokenSpan
+    from engine.events import FLUSH_TOKEN_ID, TokenReceived
+    from engine.options import build_request
+
+    sampling = SamplingConfig(greedy=True, max_new_tokens=tokens, repetition_penalty=1.0)
+    counter = OpCounter(str(session.loaded.device))
+    span = TokenSpan(counter)
+    with counter:
+        for event in session.generate_stream(build_request(prompt, sampling, chat=True)):
+            if isinstance(event, TokenReceived):
+                span.observe(event.token_id != FLUSH_TOKEN_ID)
+    counts = span.result()
+    if counts is None:
+        return {"ops_per_token": None, "syncs_per_token": None}
+    return {"ops_per_token": counts.ops, "syncs_per_token": counts.syncs}
 
 
 def run_bench(

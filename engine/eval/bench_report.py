@@ -412,11 +412,13 @@ def render_markdown(
     parts += [
         f"## Projections (not measurements) at cache {_headline_fraction(result.rows):.0%}",
         "",
-        "Lower-bound tokens/s (perfect overlap) for real model geometries over three PCIe "
-        "links, from this run's measured fractions of expert uses served by the cache, "
-        "substituted, copied (prefetch copies included) and computed on the CPU, with the "
-        "model of `docs/ANCHORS.md` (bf16 experts; `engine/eval/projection.py` states the "
-        "host assumptions).",
+        f"{projection.UPPER_BOUND_LABEL[:1].upper()}{projection.UPPER_BOUND_LABEL[1:]}, with "
+        "perfect overlap, for real model geometries over three PCIe links: from this run's "
+        "measured fractions of expert uses served by the cache, substituted, copied (prefetch "
+        "copies included) and computed on the CPU, plus the engine's measured host time per "
+        "layer, with the model of `docs/ANCHORS.md` (bf16 experts; "
+        "`engine/eval/projection.py` states the formula and the host assumptions). No run "
+        "decodes faster than these figures; real runs are slower.",
         "",
         projection_table(result.rows, alpha),
         "",

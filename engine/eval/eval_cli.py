@@ -20,7 +20,7 @@ import torch
 
 from engine.config import DEFAULT_CACHE_FRACTION, DEVICES, DTYPES, CacheConfig
 from engine.errors import InvalidRequestError, ModelLoadError
-from engine.eval import bench, bench_report
+from engine.eval import bench, bench_report, hotpath
 from engine.eval.cloze import ClozeSettings
 from engine.eval.fidelity import (
     DEFAULT_WINDOW,
@@ -257,6 +257,11 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alphas", type=parse_alphas, metavar="A1,A2")
     parser.add_argument("--timing-runs", type=int, default=3, metavar="N")
     parser.add_argument("--gen-tokens", type=int, default=32, metavar="N")
+    parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="also count torch ops and host syncs per decoded token (one extra generation)",
+    )
     parser.add_argument("--traces", type=Path, metavar="DIR", help="routing traces to replay")
     parser.add_argument("--no-traces", action="store_true", help="skip the trace replay")
     parser.add_argument("--no-curve", action="store_true", help="do not write the slider curve")
@@ -278,6 +283,7 @@ def bench_plan(args: argparse.Namespace) -> bench.BenchPlan:
         else bench.DEFAULT_PROMPTS[: 1 if quick else None],
         gen_tokens=2 if quick else args.gen_tokens,
         timing_runs=1 if quick else args.timing_runs,
+        count_ops=args.count_ops,
     )
 
 
@@ -355,6 +361,11 @@ def _report(args: argparse.Namespace, result: bench.BenchResult) -> list[Path]:
         _relative(json_path, markdown.parent),
     )
     markdown.parent.mkdir(parents=True, exist_ok=True)
+    kept = (
+        hotpath.kept_section(markdown.read_text(encoding="utf-8")) if markdown.is_file() else None
+    )
+    if kept is not None:  # the hotpath command's own section survives a bench rerun
+        text = hotpath.replace_section(text, kept)
     markdown.write_text(text, encoding="utf-8")
     return [json_path, plot_path, markdown]
 

@@ -1,13 +1,20 @@
-"""Lower-bound time per decoded token for real model geometries (``docs/ANCHORS.md``).
+"""Lower bound on time per decoded token - an UPPER bound on tokens/s - for real geometries.
 
 Measured fractions in (hit rate ``h``, substituted fraction ``s`` of the misses, CPU-computed
 fraction ``c`` of the rest), projected seconds out - labelled as projections, never as
-measurements. Batch 1, with L MoE layers, k experts per token, S bytes per expert:
+measurements (``docs/ANCHORS.md``). Batch 1, with L MoE layers, k experts per token, S bytes
+per expert, and the engine's measured host work per layer (``HostCost``: torch ops and host
+syncs per layer from ``--count-ops``, seconds per op measured by ``measure_seconds_per_op``):
 
     T_pcie = (1-h)(1-s)(1-c) * k*L*S / B_pcie
     T_cpu  = (1-h)(1-s) c    * k*L*S / B_dram
-    T_gpu  = (non-expert bytes + k*L*S) / B_vram + launch overhead
-    T_token >= max(T_gpu, T_pcie, T_cpu) with perfect overlap; their sum with none.
+    T_gpu  = (non-expert bytes + k*L*S) / B_vram
+    T_host = L * (ops_per_layer * seconds_per_op + syncs_per_layer * sync_seconds)
+    T_token >= max(T_gpu, T_pcie, T_cpu, T_host) with perfect overlap; their sum with none.
+
+So ``1 / T_token`` is an upper bound on decode tokens/s (``tokens_per_s_upper_bound``): every
+term is a floor on time that the real run can only exceed. ``UPPER_BOUND_LABEL`` is the label
+reports print, kept next to the formula (a test checks both).
 
 Pure functions; the geometry numbers are constants derived below from each model's published
 ``config.json`` (hidden size, expert intermediate size, layers, experts, k, attention shapes,
@@ -16,14 +23,18 @@ vocabulary), and checked against the published total parameter counts.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
+import torch
+
 BF16_BYTES = 2
+UPPER_BOUND_LABEL = "upper bound on tokens/s (projection: max of link, DRAM, VRAM and host time)"
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """The shape of a real MoE model, as far as the lower bound needs it."""
+    """The shape of a real MoE model, as far as the projection needs it."""
 
     name: str
     moe_layers: int
@@ -95,13 +106,57 @@ class Host:
     """The rest of the machine the bound assumes (stated assumptions, not measurements).
 
     DRAM: dual-channel DDR5, ~65 GB/s (ANCHORS.md). VRAM: 504 GB/s, an RTX 4070 Ti class card
-    (vendor specification). Launch overhead: ~3 kernel launches of ~5 us per expert use
-    (ENGINE_NOTES.md: ~1,150 launches cost 6-12 ms).
+    (vendor specification). Host work: ``HostCost``.
     """
 
     dram_bandwidth: float = 65e9
     vram_bandwidth: float = 504e9
-    launch_seconds_per_expert: float = 15e-6
+    host: HostCost | None = None  # None: DEFAULT_HOST_COST
+
+
+@dataclass(frozen=True)
+class HostCost:
+    """The engine's host time per decoder layer and decoded token.
+
+    ``ops_per_layer`` and ``syncs_per_layer`` are counted (``python -m engine hotpath``: ops
+    and syncs per decoded token divided by the model's layers); ``seconds_per_op`` is the
+    host time of one tiny eager op (``measure_seconds_per_op``: dispatch only, no kernel
+    launch, so on a GPU the real cost is higher and the bound stays a bound). ``sync_seconds``
+    is the stated cost of one device round trip.
+    """
+
+    ops_per_layer: float
+    syncs_per_layer: float
+    seconds_per_op: float
+    sync_seconds: float = 10e-6
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative; got {value}")
+
+    def seconds(self, layers: int) -> float:
+        return layers * (
+            self.ops_per_layer * self.seconds_per_op + self.syncs_per_layer * self.sync_seconds
+        )
+
+
+# Measured with `python -m engine hotpath --threads 1` on the built-in model (5 layers),
+# `smoe 0.5 a0.4 grouped`: 643 ops and 10 syncs per decoded token; seconds per op from
+# `measure_seconds_per_op()` on the same machine (x86_64 VM, 2 shared cores, 2026-11-28): 13 us.
+DEFAULT_HOST_COST = HostCost(ops_per_layer=643 / 5, syncs_per_layer=10 / 5, seconds_per_op=13e-6)
+
+
+def measure_seconds_per_op(repeats: int = 5000) -> float:
+    """Host seconds of one eager torch op on a one-element CPU tensor (best of three runs)."""
+    x = torch.zeros(1)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            x.add_(1.0)
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
 
 
 @dataclass(frozen=True)
@@ -149,24 +204,26 @@ def fractions_from_counts(
 
 @dataclass(frozen=True)
 class Projection:
-    """Projected seconds per decoded token (a lower bound, not a measurement)."""
+    """Projected seconds per decoded token: a floor on time, so 1/time bounds tokens/s above."""
 
     geometry: str
     link: str
     pcie_s: float
     cpu_s: float
     gpu_s: float
+    host_s: float = 0.0
 
     @property
     def overlapped_s(self) -> float:
-        return max(self.pcie_s, self.cpu_s, self.gpu_s)
+        return max(self.pcie_s, self.cpu_s, self.gpu_s, self.host_s)
 
     @property
     def serial_s(self) -> float:
-        return self.pcie_s + self.cpu_s + self.gpu_s
+        return self.pcie_s + self.cpu_s + self.gpu_s + self.host_s
 
     @property
-    def tokens_per_s_bound(self) -> float:
+    def tokens_per_s_upper_bound(self) -> float:
+        """``UPPER_BOUND_LABEL``: no run of this geometry decodes faster than this."""
         return 1.0 / self.overlapped_s
 
 
@@ -177,17 +234,18 @@ def project(
     host: Host | None = None,
     bits: float = 16.0,
 ) -> Projection:
-    """The ANCHORS.md lower bound for one geometry over one link."""
+    """The floor on time per token for one geometry over one link (see the module formula)."""
     host = host or Host()
     expert_bytes = geometry.expert_bytes_per_token(bits)  # k * L * S
-    uses = geometry.top_k * geometry.moe_layers
     gpu = (geometry.non_expert_bytes + expert_bytes) / host.vram_bandwidth
+    cost = host.host if host.host is not None else DEFAULT_HOST_COST
     return Projection(
         geometry=geometry.name,
         link=link.name,
         pcie_s=fractions.copied * expert_bytes / link.bandwidth,
         cpu_s=fractions.cpu_computed * expert_bytes / host.dram_bandwidth,
-        gpu_s=gpu + uses * host.launch_seconds_per_expert,
+        gpu_s=gpu,
+        host_s=cost.seconds(geometry.moe_layers),
     )
 
 

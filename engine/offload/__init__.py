@@ -1,7 +1,8 @@
 """The offload mechanism: routed experts in host memory, a device slot cache, wrapped routers.
 
-Read top-down: ``routing`` (full router scores, rewrite hook) -> ``experts`` (runs the chosen
-experts from the cache, eager-exact) -> ``cache`` (global slot pool, copies, protection,
+Read top-down: ``routing`` (full router scores, rewrite hook) -> ``plan`` (the layer's one
+host copy of its routing and every decision made on it) -> ``experts`` (runs the chosen experts
+from the cache: eager-exact, or grouped) -> ``cache`` (global slot pool, copies, protection,
 prefill streaming) -> ``eviction`` (policies) -> ``store`` (lazy safetensors reads) and
 ``stats`` (counters). ``families`` holds per-architecture router facts.
 
@@ -18,6 +19,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +28,7 @@ from engine.events import StatsSnapshot
 from engine.offload.cache import ExpertCache
 from engine.offload.eviction import EvictionPolicy, make_policy
 from engine.offload.experts import OffloadedExperts
+from engine.offload.plan import HostRouting, LayerPlan
 from engine.offload.routing import RoutingWrapper
 from engine.offload.stats import OffloadStats
 from engine.offload.store import HostExpertStore
@@ -60,6 +63,7 @@ class OffloadController:
             module.bind(layer, cache)
         for wrapper in self.routers.values():
             wrapper.listeners.append(self._on_scores)
+            wrapper.planner = self._plan
         self._hook = model.register_forward_pre_hook(self._on_forward)
 
     @property
@@ -127,6 +131,32 @@ class OffloadController:
             self.cache.set_policy(policy)
         self.live = live
 
+    def set_grouped(self, grouped: bool) -> None:
+        """Compute experts with grouped matmuls (True) or the eager-exact loop (False)."""
+        for module in self.experts.values():
+            module.grouped = grouped
+
     def _on_scores(self, layer: int, scores: torch.Tensor) -> None:
         self.last_scores[layer] = scores
-        self.cache.policy.record_scores(layer, scores.mean(dim=0), self.cache.step)  # [E]
+
+    def _plan(
+        self, layer: int, scores: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's one host copy; the method decides on it; the experts get the plan."""
+        host = HostRouting.read(scores, idx, weights)
+        if self.method is not None:
+            host, idx, weights = self.method.on_routing(layer, host, idx, weights)
+        policy = self.cache.policy
+        if getattr(policy, "uses_scores", True):
+            policy.record_scores(layer, _token_mean(host.scores), self.cache.step)
+        module = self.experts.get(layer)
+        if module is not None:
+            module.plan = LayerPlan(host.idx, module.num_experts)
+        return idx, weights
+
+
+def _token_mean(scores: np.ndarray) -> np.ndarray:
+    """[T, E] -> [E] mean over tokens (a decode step's single row as it is)."""
+    if scores.shape[0] == 1:
+        return scores[0]
+    return scores.sum(axis=0, dtype=np.float32) / np.float32(scores.shape[0])

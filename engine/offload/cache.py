@@ -13,18 +13,29 @@ Mechanism only (which expert leaves is the eviction policy's call):
   chunk fits because only the current chunk is protected, so the smallest legal cache is one
   decode step's working set, ``min(E, top_k)`` slots, and nothing can deadlock. Ascending
   order and whole-expert chunks keep the eager accumulation order (see ``experts.py``).
-- **Copies**: on CUDA, misses are copied on a side stream (after the compute stream's queued
-  work, since a victim slot may still be read by it) and the compute stream waits for them;
-  on CPU the copy is a plain ``copy_``. Every copy is counted (count and bytes) per layer.
+- **Copies**: on CUDA, demand misses are copied on a high-priority stream and prefetches on
+  a low-priority one, so a demand miss never queues behind a wrong prefetch; both start after
+  the compute stream's queued work (a victim slot may still be read by it). ``staged`` lets
+  the caller compute the layer's resident experts while its misses copy and wait for the copy
+  event (``arrival``) only before computing them; on CPU the copy is a plain ``copy_``. Every
+  copy is counted (count and bytes) per layer, and copy time on CUDA is measured with events
+  (``copy_seconds_per_expert``) for the CPU-assist cost model.
+- **Residency** is host state (numpy masks, a dict of slots), never read from the device;
+  eviction asks the policy for a victim among the resident keys (a set view, O(1) to pass).
+- **Close** waits for every copy in flight before the slots and host buffers go.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
+import numpy as np
 import torch
 
+from engine.offload.copies import CopyEngine, copies_for
 from engine.offload.eviction import EvictionPolicy, SlotKey
 from engine.offload.stats import OffloadStats
 from engine.offload.store import HostExpertStore
@@ -42,6 +53,7 @@ class ExpertCache:
         device: torch.device,
         policy: EvictionPolicy,
         stats: OffloadStats,
+        copies: CopyEngine | None = None,
     ) -> None:
         self.store = store
         self.shape = store.shape
@@ -56,11 +68,21 @@ class ExpertCache:
         self._slot_of: dict[SlotKey, int] = {}
         self._key_of: list[SlotKey | None] = [None] * num_slots
         self._protected: set[SlotKey] = set()
-        self._resident = {  # per layer [E] bool, kept in step with _slot_of
-            layer: torch.zeros(store.num_experts, dtype=torch.bool) for layer in store.layers
+        self._layers = sorted(store.layers)
+        self._residency = np.zeros((len(self._layers), store.num_experts), dtype=bool)  # [L, E]
+        self._resident = {  # per layer [E] bool row views of _residency, kept with _slot_of
+            layer: self._residency[row] for row, layer in enumerate(self._layers)
         }
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._inflight: dict[SlotKey, torch.cuda.Event] = {}  # prefetch copies not yet awaited
+        self.copies = copies if copies is not None else copies_for(device)
+        self._inflight: dict[SlotKey, Any] = {}  # prefetch tickets not yet awaited
+        self.arrival: list[Any] = []  # the copy tickets of the staged chunk's arriving experts
+        self._after: list[Any] = []  # tickets of evicted in-flight prefetches: order after them
+        self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pool_t: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending_demand: list[Any] = []
+        self._free = list(range(num_slots - 1, -1, -1))  # free slots, lowest on top
+        self._slot_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._assist: ThreadPoolExecutor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -74,12 +96,47 @@ class ExpertCache:
 
     def resident_mask(self, layer: int) -> torch.Tensor:
         """[E] bool on the CPU: which experts of ``layer`` sit in a slot now."""
-        return self._resident[layer].clone()
+        return torch.from_numpy(self._resident[layer].copy())
+
+    def resident_host(self, layer: int) -> np.ndarray:
+        """[E] bool numpy copy of the layer's residency (host state, no device read)."""
+        return self._resident[layer].copy()
+
+    def slot_index(self, key: SlotKey) -> int:
+        return self._slot_of[key]
+
+    def pool_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's weights: ``shape.expert_weights`` of the pool (gate_up [S, 2I, H],
+        down [S, H, I]). Views of the slots are kept (made once); anything else (a quantized
+        shape dequantizing) is rebuilt at every call, since the slots change under it."""
+        if self._pool is not None:
+            return self._pool
+        pool = self.shape.expert_weights(self._slots)
+        if all(part._is_view() for part in pool):
+            self._pool = pool
+        return pool
+
+    def pool_weights_t(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pool_weights`` transposed for ``x @ W``: ([S, H, 2I], [S, I, H]) views, made once."""
+        if self._pool_t is not None:
+            return self._pool_t
+        gate_up, down = self.pool_weights()
+        pool_t = (gate_up.transpose(-2, -1), down.transpose(-2, -1))
+        if self._pool is not None:
+            self._pool_t = pool_t
+        return pool_t
 
     def weights(self, key: SlotKey) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) views of a resident expert's slot."""
-        row = self._slots[self._slot_of[key]]
-        return self.shape.gate_up(row), self.shape.down(row)
+        slot = self._slot_of[key]
+        views = self._slot_views.get(slot)
+        if views is not None:
+            return views
+        row = self._slots[slot]
+        views = self.shape.gate_up(row), self.shape.down(row)
+        if views[0]._is_view() and views[1]._is_view():  # a dequantizing shape is not kept
+            self._slot_views[slot] = views
+        return views
 
     def stream(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertWeights]]:
         """Yield the layer's experts (ascending) in protected chunks that fit the pool."""
@@ -102,16 +159,68 @@ class ExpertCache:
         finally:
             self._protected.difference_update(keys)
 
-    def _ensure(self, keys: list[SlotKey]) -> None:
+    @contextmanager
+    def staged(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[list[int], list[int]]]:
+        """Protect ``experts`` and start their copies; yield (ready now, arriving).
+
+        The arriving ones (demand misses, and prefetches still copying) may be computed only
+        after ``wait(arrival)``. On a CPU device every copy is done before the yield.
+        """
+        keys = [(layer, e) for e in experts]
+        if len(keys) > self.num_slots:
+            raise ValueError(f"{len(keys)} experts cannot be resident in {self.num_slots} slots")
+        self._protected.update(keys)
+        try:
+            copying = set(self._start(keys)) if keys else set()
+            prefetched = [k for k in keys if k in self._inflight]
+            self.arrival = [self._inflight.pop(k) for k in prefetched] + self._pending_demand
+            arriving = (copying | set(prefetched)) if self.arrival else set()
+            yield [e for e in experts if (layer, e) not in arriving], sorted(e for _, e in arriving)
+        except BaseException:
+            self._drop_failed(keys)
+            raise
+        finally:
+            self._protected.difference_update(keys)
+            self.arrival, self._pending_demand = [], []
+
+    def wait(self, tickets: Sequence[Any] | None) -> None:
+        """Order compute after these copies (no-op for ``None`` or no tickets)."""
+        if tickets:
+            self.copies.wait(tickets)
+
+    def _drop_failed(self, keys: list[SlotKey]) -> None:
+        """After a failed copy: forget these keys' slots (their contents are unknown)."""
+        for key in keys:
+            slot = self._slot_of.pop(key, None)
+            if slot is None:
+                continue
+            self._resident[key[0]][key[1]] = False
+            self.policy.forget(key)
+            self._inflight.pop(key, None)
+            self._key_of[slot] = None
+            self._slot_views.pop(slot, None)
+            self._free.append(slot)
+
+    def _start(self, keys: list[SlotKey]) -> list[SlotKey]:
+        """Count the uses, start the demand copies; returns the keys being copied now."""
         misses = [key for key in keys if key not in self._slot_of]
-        layer = keys[0][0] if keys else -1
         if keys:
-            self.stats.add(layer, hits=len(keys) - len(misses), misses=len(misses))
+            self.stats.add(keys[0][0], hits=len(keys) - len(misses), misses=len(misses))
         for key in keys:
             self.policy.record_use(key, self.step)
-        if misses:
-            self._copy_in(misses)
-        self._await_prefetched(keys)
+        self._pending_demand = self._copy_in(misses, wait=False) if misses else []
+        return misses
+
+    def _ensure(self, keys: list[SlotKey]) -> None:
+        try:
+            self._start(keys)
+            self.wait(self._pending_demand)
+            self._await_prefetched(keys)
+        except BaseException:
+            self._drop_failed(keys)
+            raise
+        finally:
+            self._pending_demand = []
 
     def load(self, key: SlotKey) -> None:
         """Copy one expert in without counting a use (prefetch); no-op when resident."""
@@ -121,79 +230,86 @@ class ExpertCache:
     def prefetch(self, keys: Sequence[SlotKey]) -> list[SlotKey]:
         """Start copying non-resident ``keys`` without counting a use; returns those copied.
 
-        On CUDA the copies run on the copy stream and the compute stream waits for one only
-        when a layer first uses it (``_ensure``), so they overlap the compute in between; on
-        CPU they are plain synchronous copies.
+        The copies go to the copy engine's prefetch queue (CUDA: the low-priority stream) and
+        compute waits for one only when a layer first uses it (``_ensure``/``staged``), so
+        they overlap the compute in between; on a CPU device they are plain copies.
         """
         new = [key for key in dict.fromkeys(keys) if key not in self._slot_of]
-        if self._copy_stream is None or not new:
-            if new:
-                self._copy_in(new)
+        if not new:
             return new
-        slots = [self._claim_slot(key) for key in new]
-        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._copy_stream):
-            for key, slot in zip(new, slots, strict=True):
-                self._slots[slot].copy_(self.store.row(key), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._copy_stream)
-        for key in new:
-            self._inflight[key] = done
-            self.stats.add(key[0], transfers=1, bytes_moved=self.shape.nbytes)
+        ticket = self._copy_in(new, demand=False)
+        if ticket is not None:
+            for key in new:
+                self._inflight[key] = ticket
         return new
 
     def _await_prefetched(self, keys: list[SlotKey]) -> None:
-        for key in keys:
-            event = self._inflight.pop(key, None)
-            if event is not None:
-                torch.cuda.current_stream(self.device).wait_event(event)
+        tickets = [self._inflight.pop(key) for key in keys if key in self._inflight]
+        self.wait(tickets)
 
-    def _copy_in(self, keys: list[SlotKey]) -> None:
+    def _copy_in(self, keys: list[SlotKey], wait: bool = True, demand: bool = True) -> Any:
+        """Claim slots and copy ``keys`` in; the demand copy's tickets unless ``wait``."""
         slots = [self._claim_slot(key) for key in keys]
-        if self._copy_stream is None:
-            for key, slot in zip(keys, slots, strict=True):
-                self._slots[slot].copy_(self.store.row(key))
-        else:
-            self._copy_on_side_stream(keys, slots)
         for key in keys:
             self.stats.add(key[0], transfers=1, bytes_moved=self.shape.nbytes)
+        if self._after:  # a victim's prefetch may still be writing its slot
+            self.copies.wait(self._after)
+            self._after = []
+        jobs = [
+            (self._slots[slot], self.store.row(key)) for key, slot in zip(keys, slots, strict=True)
+        ]
+        ticket = self.copies.copy(jobs, demand)
+        if not demand:
+            return ticket
+        tickets = [] if ticket is None else [ticket]
+        if wait:
+            self.wait(tickets)
+            return []
+        return tickets
 
-    def _copy_on_side_stream(self, keys: list[SlotKey], slots: list[int]) -> None:
-        assert self._copy_stream is not None
-        compute = torch.cuda.current_stream(self.device)
-        self._copy_stream.wait_stream(compute)  # victims may still be read by queued kernels
-        with torch.cuda.stream(self._copy_stream):
-            for key, slot in zip(keys, slots, strict=True):
-                self._slots[slot].copy_(self.store.row(key), non_blocking=True)
-        compute.wait_stream(self._copy_stream)
+    @property
+    def copy_seconds_per_expert(self) -> float | None:
+        """Mean measured copy time of one expert (CUDA events); ``None`` before or on CPU."""
+        return self.copies.seconds_per_expert
 
     def _claim_slot(self, key: SlotKey) -> int:
         slot = self._free_slot()
         if slot is None:
-            victim = self.policy.victim(list(self._slot_of), self._protected)
+            victim = self._victim()
             slot = self._slot_of.pop(victim)
             self._resident[victim[0]][victim[1]] = False
             self.policy.forget(victim)
-            self._inflight.pop(victim, None)  # its copy is ordered before any overwrite
+            pending = self._inflight.pop(victim, None)
+            if pending is not None:  # its prefetch copy must land before the slot is rewritten
+                self._after.append(pending)
         self._slot_of[key] = slot
+        self.policy.record_load(key)
         self._key_of[slot] = key
         self._resident[key[0]][key[1]] = True
         return slot
 
+    def _victim(self) -> SlotKey:
+        """The policy's victim; policies that rank by layer tables get the residency masks."""
+        masked = getattr(self.policy, "victim_in", None)
+        if masked is not None:
+            victim: SlotKey = masked(self._layers, self._residency, self._protected)
+            return victim
+        return self.policy.victim(self._slot_of.keys(), self._protected)
+
     def _free_slot(self) -> int | None:
-        if len(self._slot_of) >= self.num_slots:
-            return None
-        return self._key_of.index(None) if None in self._key_of else None
+        return self._free.pop() if self._free else None
 
     def clear(self) -> None:
         """Empty every slot (the memory stays allocated)."""
+        self.synchronize()
         for key in list(self._slot_of):
             self.policy.forget(key)
         self._slot_of.clear()
         for mask in self._resident.values():
-            mask.zero_()
+            mask[:] = False
         self._inflight.clear()
         self._key_of = [None] * self.num_slots
+        self._free = list(range(self.num_slots - 1, -1, -1))
 
     def set_policy(self, policy: EvictionPolicy) -> None:
         """Switch eviction rule; the new policy learns the residents as just used."""
@@ -201,6 +317,22 @@ class ExpertCache:
         for key in self._slot_of:
             policy.record_use(key, self.step)
 
+    def assist_pool(self) -> ThreadPoolExecutor:
+        """The one worker thread that computes CPU-assisted experts next to the copies."""
+        if self._assist is None:
+            self._assist = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-assist")
+        return self._assist
+
+    def synchronize(self) -> None:
+        """Wait for every copy in flight (before slots or host buffers are reused or freed)."""
+        self.copies.synchronize()
+
     def close(self) -> None:
+        """Wait for copies and CPU-assist work in flight, then free the slots."""
+        if self._assist is not None:
+            self._assist.shutdown(wait=True)
+            self._assist = None
         self.clear()
+        self._pool = self._pool_t = None
+        self._slot_views.clear()
         self._slots = torch.empty(0, dtype=self.shape.dtype, device=self.device)

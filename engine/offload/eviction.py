@@ -5,18 +5,20 @@ forward, about each layer's mean router scores (``record_scores``); when it need
 for a ``victim`` among the resident experts that are not protected (the experts of the layer
 being computed). Policies never touch tensors on the device or move data.
 
-LRU is the mixtral-offloading baseline (a use refreshes recency; ties broken by key order).
-LFU counts uses since the expert was last loaded (``forget`` resets it), ties broken by recency.
+LRU is the mixtral-offloading baseline (a use refreshes recency); an expert loaded without a use
+(a prefetch) counts as the least recent. It keeps its keys in recency order, so a victim costs
+O(1) amortised (it skips only protected keys) instead of a scan of every resident slot.
+LFU counts uses since the expert was last loaded (``forget`` resets it), ties broken by recency;
+its victim is a scan (O(resident)).
 The score-windowed policy of the paper lives in ``engine/offload/score_eviction.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Collection
 from collections.abc import Set as AbstractSet
-from typing import Protocol
-
-import torch
+from typing import Any, Protocol
 
 from engine.errors import InvalidRequestError
 
@@ -28,16 +30,21 @@ class EvictionPolicy(Protocol):
 
     def record_use(self, key: SlotKey, step: int) -> None: ...
 
-    def record_scores(self, layer: int, scores: torch.Tensor, step: int) -> None:
-        """``scores``: [E] fp32 mean score of this layer's experts over this step's tokens."""
+    def record_load(self, key: SlotKey) -> None:
+        """``key`` was copied in without a use (a prefetch)."""
         ...
 
-    def victim(self, resident: Sequence[SlotKey], protected: AbstractSet[SlotKey]) -> SlotKey: ...
+    def record_scores(self, layer: int, scores: Any, step: int) -> None:
+        """``scores``: [E] fp32 mean score of this layer's experts over this step's tokens
+        (a host array; a CPU tensor is accepted too)."""
+        ...
+
+    def victim(self, resident: Collection[SlotKey], protected: AbstractSet[SlotKey]) -> SlotKey: ...
 
     def forget(self, key: SlotKey) -> None: ...
 
 
-def _candidates(resident: Sequence[SlotKey], protected: AbstractSet[SlotKey]) -> list[SlotKey]:
+def _candidates(resident: Collection[SlotKey], protected: AbstractSet[SlotKey]) -> list[SlotKey]:
     candidates = [key for key in resident if key not in protected]
     if not candidates:
         raise RuntimeError("every resident expert is protected; the cache is below its minimum")
@@ -45,28 +52,42 @@ def _candidates(resident: Sequence[SlotKey], protected: AbstractSet[SlotKey]) ->
 
 
 class LRUPolicy:
-    """Evict the expert used longest ago."""
+    """Evict the expert used longest ago (keys kept oldest first)."""
+
+    uses_scores = False  # the controller need not compute score means for it
 
     def __init__(self) -> None:
-        self._clock = 0
-        self._last_use: dict[SlotKey, int] = {}
+        self._order: OrderedDict[SlotKey, None] = OrderedDict()
 
     def record_use(self, key: SlotKey, step: int) -> None:
-        self._clock += 1
-        self._last_use[key] = self._clock
+        self._order[key] = None
+        self._order.move_to_end(key)
 
-    def record_scores(self, layer: int, scores: torch.Tensor, step: int) -> None:
+    def record_load(self, key: SlotKey) -> None:
+        if key not in self._order:
+            self._order[key] = None
+            self._order.move_to_end(key, last=False)  # never used: the least recent
+
+    def record_scores(self, layer: int, scores: Any, step: int) -> None:
         return None
 
-    def victim(self, resident: Sequence[SlotKey], protected: AbstractSet[SlotKey]) -> SlotKey:
-        return min(_candidates(resident, protected), key=lambda k: (self._last_use.get(k, 0), k))
+    def victim(self, resident: Collection[SlotKey], protected: AbstractSet[SlotKey]) -> SlotKey:
+        for key in self._order:
+            if key not in protected and key in resident:
+                return key
+        unknown = sorted(k for k in resident if k not in self._order and k not in protected)
+        if unknown:  # resident but never reported: the least recent of all
+            return unknown[0]
+        raise RuntimeError("every resident expert is protected; the cache is below its minimum")
 
     def forget(self, key: SlotKey) -> None:
-        self._last_use.pop(key, None)
+        self._order.pop(key, None)
 
 
 class LFUPolicy:
     """Evict the expert used least often while resident (ties: least recently used)."""
+
+    uses_scores = False
 
     def __init__(self) -> None:
         self._clock = 0
@@ -78,10 +99,13 @@ class LFUPolicy:
         self._count[key] = self._count.get(key, 0) + 1
         self._last_use[key] = self._clock
 
-    def record_scores(self, layer: int, scores: torch.Tensor, step: int) -> None:
+    def record_load(self, key: SlotKey) -> None:
         return None
 
-    def victim(self, resident: Sequence[SlotKey], protected: AbstractSet[SlotKey]) -> SlotKey:
+    def record_scores(self, layer: int, scores: Any, step: int) -> None:
+        return None
+
+    def victim(self, resident: Collection[SlotKey], protected: AbstractSet[SlotKey]) -> SlotKey:
         def rank(key: SlotKey) -> tuple[int, int, SlotKey]:
             return self._count.get(key, 0), self._last_use.get(key, 0), key
 

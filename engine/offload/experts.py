@@ -16,6 +16,23 @@ with more experts than slots) keeps ascending order, so it changes nothing in th
 
 Only classes whose eager ``forward`` is the standard loop are replaced (``is_standard_eager``
 compares the source); any other experts implementation is reported unsupported by the loader.
+
+**Host plan.** The controller leaves each layer a ``LayerPlan`` (``engine.offload.plan``) made
+from the one host copy of the routing, so the module never reads device values: which experts
+run and each one's (token, position) lists come from the host, sent in one host-to-device copy.
+Without a plan (a router the controller did not see) it reads the top-k index once itself.
+
+**Grouped path** (``grouped = True``, the product's decode path): the layer's experts that sit
+in device slots run as two ``grouped_mm`` calls over the whole slot pool (up and down, rows
+sorted by slot on the host, per-slot offsets), the arithmetic of transformers'
+``experts_implementation="grouped_mm"`` (``integrations/moe.py``) op for op: the same row
+products, ``proj * weights`` in the router's dtype, ``view(T, k, H).sum(1)``. It is exact
+against that implementation, as the eager path is against the eager loop. On CUDA the
+experts already resident run while the misses copy (a second grouped call after the demand
+copy's event). The weights come from ``shape.expert_weights(slots)``: views of the whole pool
+``(gate_up [S, 2I, H], down [S, H, I])`` for a full-precision shape; a quantized shape
+dequantizes there. A layer with more experts than slots (prefill) runs in chunks of the pool,
+ascending; rows do not depend on the grouping, so that is exact too.
 """
 
 from __future__ import annotations
@@ -23,17 +40,24 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from engine.offload.cache import ExpertCache, ExpertWeights
+from engine.offload.plan import LayerPlan, to_device
 
 # Where a layer's expert weights come from: default ``cache.stream``; the SMoE method's CPU
 # assist (``engine.offload.method``) supplies host-resident weights for some experts.
 ExpertSource = Callable[[int, Sequence[int]], Iterable[list[ExpertWeights]]]
+# Which of a layer's experts the CPU computes from their host copy (CPU assist); the rest
+# are computed from device slots.
+CpuSplit = Callable[[int, Sequence[int]], set[int]]
 
 
 class OffloadedExperts(nn.Module):
@@ -50,6 +74,10 @@ class OffloadedExperts(nn.Module):
         self.layer = -1
         self.cache: ExpertCache | None = None
         self.source: ExpertSource | None = None
+        self.cpu_split: CpuSplit | None = None
+        self.on_cpu_time: Callable[[float], None] | None = None  # CPU-assist cost samples
+        self.grouped = False
+        self.plan: LayerPlan | None = None  # left by the controller for the next forward
 
     def bind(self, layer: int, cache: ExpertCache) -> None:
         """Attach to the device expert cache as MoE layer ``layer``."""
@@ -61,35 +89,164 @@ class OffloadedExperts(nn.Module):
     ) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError("offloaded experts used before the engine bound them to a cache")
+        plan = self._take_plan(top_k_index)
+        if self.grouped:
+            return self._grouped(hidden_states, plan, top_k_weights)
+        return self._eager(hidden_states, plan, top_k_weights)
+
+    def _take_plan(self, top_k_index: torch.Tensor) -> LayerPlan:
+        plan, self.plan = self.plan, None
+        if plan is None or plan.idx.shape != tuple(top_k_index.shape):
+            host = top_k_index.cpu().numpy().astype(np.int64)  # no controller plan: one sync
+            plan = LayerPlan(host, self.num_experts)
+        return plan
+
+    # ----------------------------------------------------------------- eager (reference)
+
+    def _eager(
+        self, hidden_states: torch.Tensor, plan: LayerPlan, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        assert self.cache is not None
         final = torch.zeros_like(hidden_states)  # [T, H]
-        with torch.no_grad():
-            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
-            mask = mask.permute(2, 1, 0)  # [E + 1, k, T]
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()  # [n, 1]
-        experts = [e for e in hit.flatten().tolist() if e != self.num_experts]  # one host sync
         source = self.cache.stream if self.source is None else self.source
-        for chunk in source(self.layer, experts):
+        single = plan.single_token
+        if single is not None:  # decode: one token, its row and weights are plain views
+            for chunk in source(self.layer, plan.experts):
+                for expert, gate_up, down in chunk:
+                    j = single[expert]
+                    current = self._expert(hidden_states, gate_up, down)  # [1, H]
+                    current = current * _to(top_k_weights[:, j : j + 1], current.device)
+                    final.add_(_to(current, final.device, final.dtype))
+            return final
+        packed, spans = plan.eager_indices()
+        indices = to_device(packed, hidden_states.device)  # one host-to-device copy
+        views = {e: (indices[s : s + n], indices[s + n : s + 2 * n]) for e, s, n in spans}
+        for chunk in source(self.layer, plan.experts):
             for expert, gate_up, down in chunk:
-                self._accumulate(final, hidden_states, mask[expert], top_k_weights, gate_up, down)
+                token_idx, top_k_pos = views[expert]
+                current = self._expert(hidden_states[token_idx], gate_up, down)  # [n, H]
+                current = current * top_k_weights[token_idx, top_k_pos, None].to(current.device)
+                final.index_add_(0, token_idx, current.to(final.device, final.dtype))
         return final
 
-    def _accumulate(
-        self,
-        final: torch.Tensor,
-        hidden_states: torch.Tensor,
-        expert_mask: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        gate_up: torch.Tensor,
-        down: torch.Tensor,
-    ) -> None:
-        top_k_pos, token_idx = torch.where(expert_mask)  # [n], [n] in (k, token) order
-        at = gate_up.device  # the host for a CPU-assisted expert; no-op moves otherwise
-        current = hidden_states[token_idx].to(at)  # [n, H]
+    def _expert(
+        self, current: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    ) -> torch.Tensor:
+        """One expert on its rows, where its weights are (the host for CPU assist)."""
+        current = _to(current, gate_up.device)  # [n, H]
         gate, up = nn.functional.linear(current, gate_up).chunk(2, dim=-1)  # [n, I] each
-        current = self.act_fn(gate) * up
-        current = nn.functional.linear(current, down)  # [n, H]
-        current = current * top_k_weights[token_idx, top_k_pos, None].to(at)  # router's dtype
-        final.index_add_(0, token_idx, current.to(final.device, final.dtype))
+        return nn.functional.linear(self.act_fn(gate) * up, down)  # [n, H]
+
+    # ----------------------------------------------------------------- grouped
+
+    def _grouped(
+        self, hidden_states: torch.Tensor, plan: LayerPlan, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        assert self.cache is not None
+        cache, layer = self.cache, self.layer
+        t, k = plan.idx.shape
+        on_cpu = self.cpu_split(layer, plan.experts) if self.cpu_split is not None else set()
+        on_device = [e for e in plan.experts if e not in on_cpu]
+        proj = hidden_states.new_zeros(t * k, self.hidden_dim)  # [P, H] rows per pair
+        assisted = self._start_cpu(hidden_states, plan, on_cpu)
+        for start in range(0, len(on_device), cache.num_slots):  # chunks: prefill streaming
+            chunk = on_device[start : start + cache.num_slots]
+            with cache.staged(layer, chunk) as (ready, arriving):
+                for experts, event in ((ready, None), (arriving, cache.arrival)):
+                    if experts:
+                        cache.wait(event)
+                        self._grouped_rows(proj, hidden_states, plan, experts)
+        self._finish_cpu(proj, assisted)
+        weighted = proj * top_k_weights.reshape(-1, 1)  # [P, H], router dtype
+        return _cast(weighted.view(t, k, -1).sum(dim=1), hidden_states.dtype)  # [T, H]
+
+    def _grouped_rows(
+        self, proj: torch.Tensor, hidden: torch.Tensor, plan: LayerPlan, experts: list[int]
+    ) -> None:
+        """One grouped up and down matmul over the slot pool for ``experts`` (resident)."""
+        assert self.cache is not None
+        slot_of = {e: self.cache.slot_index((self.layer, e)) for e in experts}
+        grouped = plan.grouped_indices(slot_of, self.cache.num_slots)
+        p = len(grouped.pairs)
+        indices = to_device(grouped.packed(), hidden.device)  # one host-to-device copy
+        pairs, tokens = indices[:p], indices[p : 2 * p]
+        offsets = indices[2 * p :].to(torch.int32)  # [S]
+        gate_up_t, down_t = self.cache.pool_weights_t()  # [S, H, 2I], [S, I, H]
+        current = grouped_mm(hidden[tokens], gate_up_t, offsets)  # [p, 2I]
+        gate, up = current.chunk(2, dim=-1)
+        current = grouped_mm(self.act_fn(gate) * up, down_t, offsets)  # [p, H]
+        proj.index_copy_(0, pairs, _cast(current, proj.dtype))
+
+    def _start_cpu(
+        self, hidden: torch.Tensor, plan: LayerPlan, experts: set[int]
+    ) -> list[Future[tuple[np.ndarray, torch.Tensor]]]:
+        """Hand the CPU-assisted experts to the assist worker before the device work starts.
+
+        The worker computes while the main thread queues copies and grouped kernels (torch
+        releases the GIL inside ops). On CUDA the hidden state reaches the host through a
+        non-blocking copy whose event the *worker* waits for; the main thread never blocks.
+        """
+        assert self.cache is not None
+        if not experts:
+            return []
+        host, ready = _to_host_async(hidden)
+        pool = self.cache.assist_pool()
+        return [pool.submit(self._cpu_expert, host, ready, plan, e) for e in sorted(experts)]
+
+    def _cpu_expert(
+        self, hidden: torch.Tensor, ready: Any, plan: LayerPlan, expert: int
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """(pair ids, rows [n, H]) of one expert from its host copy (on the assist worker)."""
+        assert self.cache is not None
+        if ready is not None:
+            ready.synchronize()
+        start = time.perf_counter()
+        pos, tok = plan.eager_pairs(expert)
+        row = self.cache.store.row((self.layer, expert))
+        gate_up, down = self.cache.shape.gate_up(row), self.cache.shape.down(row)
+        rows = self._expert(hidden[torch.from_numpy(tok)], gate_up, down)  # [n, H] host
+        if self.on_cpu_time is not None:
+            self.on_cpu_time(time.perf_counter() - start)
+        return tok * plan.idx.shape[1] + pos, rows
+
+    def _finish_cpu(
+        self, proj: torch.Tensor, futures: list[Future[tuple[np.ndarray, torch.Tensor]]]
+    ) -> None:
+        for future in futures:
+            pairs, rows = future.result()
+            proj.index_copy_(0, to_device(pairs, proj.device), _to(rows, proj.device, proj.dtype))
+
+
+def _to_host_async(hidden: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``hidden`` on the host: itself on a CPU device, else a pinned non-blocking copy + event."""
+    if hidden.device.type == "cpu":
+        return hidden, None
+    host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+    host.copy_(hidden, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(hidden.device))
+    return host, ready
+
+
+def _to(
+    tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``tensor.to(device, dtype)`` without dispatching an op when nothing changes."""
+    if tensor.device == device and (dtype is None or tensor.dtype == dtype):
+        return tensor
+    return tensor.to(device, dtype if dtype is not None else tensor.dtype)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without dispatching an op when it is already that dtype."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x [p, in] @ weight[g] [in, out]`` per group ``g`` of rows (``offsets``: group ends)."""
+    if hasattr(nn.functional, "grouped_mm"):
+        return nn.functional.grouped_mm(_cast(x, weight.dtype), weight, offs=offsets)
+    return torch._grouped_mm(_cast(x, weight.dtype), weight, offs=offsets)
 
 
 def _normalised_body(source: str) -> str:

@@ -4,22 +4,27 @@
 the controller's live options at every call, so alpha and the switches change between two
 tokens without reloading:
 
-- **substitution**: the router wrapper's ``rewrite`` hook runs Algorithm 1
-  (``substitution.substitute``) on the family's full scores and the cache's residency. A
-  substitute that no original choice needed is counted as a substitution, not as a hit.
+- **substitution**: the controller's planner step (``on_routing``) runs Algorithm 1 on the
+  layer's one host copy of its routing (``plan.substitute_host``, equal to the tensor reference
+  ``substitution.substitute``) against the cache's host residency; the final top-k goes back to
+  the device in one small copy. A substitute that no original choice needed is counted as a
+  substitution, not as a hit.
 - **prefetch**: a forward hook on each decoder layer predicts the next MoE layer's scores from
   this layer's output (through the next layer's post-attention norm and router, attention
-  skipped, as the released code does) and copies its predicted top-score experts that are not
-  resident (``cache.load``: a plain copy on CPU, the cache's copy stream on CUDA). Precision,
-  recall and used copies are counted when the next layer routes.
-- **CPU assist**: the experts module's ``source`` hook splits the layer's missing experts
-  between copying and computing from the host copy (Algorithm 2, ``cpu_assist.plan``) with
-  rolling measured costs; CPU-computed experts are not inserted into the cache. Experts are
-  still visited in ascending id, so on a CPU device the sums are the eager ones bit for bit.
+  skipped, as the released code does), reads them to the host once, and copies the predicted
+  top-score experts that are not resident (``cache.prefetch``: the low-priority copy queue on
+  CUDA). Precision, recall and used copies are counted when the next layer routes, from the
+  same bands substitution used (classified once).
+- **CPU assist**: the experts module's ``source`` hook (eager path) or ``cpu_split`` hook
+  (grouped path, computed on the assist worker thread) splits the layer's missing experts
+  between copying and computing from the host copy (Algorithm 2, ``cpu_assist.plan``); the
+  copy cost is the CUDA copy time measured with events once there is one, else a rolling
+  measurement; CPU-computed experts are not inserted into the cache. On the eager path experts
+  are still visited in ascending id, so on a CPU device the sums are the eager ones bit for bit.
 
 All three act only on decode-sized forwards (at most ``MAX_DECODE_TOKENS`` tokens); a prompt's
 prefill runs the model unchanged (the released code substitutes at decode only). With alpha 0
-the rewrite returns the router's own tensors, so the model output is unchanged.
+the router's own tensors are kept, so the model output is unchanged.
 """
 
 from __future__ import annotations
@@ -29,19 +34,25 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from engine.offload.cache import ExpertWeights
 from engine.offload.cpu_assist import RollingCost, plan
 from engine.offload.families import SIGMOID_GROUPED, SOFTMAX_ALL, SOFTMAX_TOPK, RouterFamily
-from engine.offload.prefetch import (
-    PrefetchAccount,
-    plan_prefetch,
-    predict_scores,
-    top_score_experts,
+from engine.offload.plan import (
+    HostBands,
+    HostRouting,
+    classify_host,
+    model_top_k_host,
+    substitute_host,
+    to_device,
+    top_score_ranked,
+    top_score_set,
 )
-from engine.offload.substitution import DEFAULT_WEIGHT_MODE, RouterSpec, WeightMode, substitute
+from engine.offload.prefetch import PrefetchAccount, predict_scores
+from engine.offload.substitution import DEFAULT_WEIGHT_MODE, RouterSpec, WeightMode
 
 if TYPE_CHECKING:
     from engine.offload import OffloadController
@@ -101,7 +112,8 @@ class SmoeMethod:
         expert_bytes = self.cache.shape.nbytes
         self.cost_load = RollingCost(prior=expert_bytes / PRIOR_COPY_BANDWIDTH)
         self.cost_cpu = RollingCost(prior=expert_bytes / PRIOR_CPU_BANDWIDTH)
-        self._importance: dict[int, torch.Tensor] = {}  # layer -> [E] max score this step
+        self._importance: dict[int, np.ndarray] = {}  # layer -> [E] max score this step
+        self._bias: dict[int, np.ndarray | None] = {}  # layer -> host correction bias
         self._tokens: dict[int, int] = {}  # layer -> tokens in this forward
         self._prefetched: dict[int, _PrefetchState] = {}
         self._hooks: list[Any] = []
@@ -110,10 +122,10 @@ class SmoeMethod:
     # ----------------------------------------------------------------- wiring
 
     def _attach(self, model: nn.Module) -> None:
-        for wrapper in self.controller.routers.values():
-            wrapper.rewrite = self._rewrite
         for module in self.controller.experts.values():
             module.source = self._source
+            module.cpu_split = self._cpu_experts
+            module.on_cpu_time = self.cost_cpu.add
         decoder = _decoder_layers(model)
         layers = self.controller.moe_layers
         if decoder is None or self.spec is None:
@@ -134,42 +146,74 @@ class SmoeMethod:
 
     # ----------------------------------------------------------------- substitution
 
-    def _rewrite(
-        self, layer: int, scores: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = scores.shape[0]
-        self._tokens[layer] = tokens
-        if tokens > MAX_DECODE_TOKENS:
+    def on_routing(
+        self, layer: int, host: HostRouting, idx: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[HostRouting, torch.Tensor, torch.Tensor]:
+        """The controller's planner step: substitution and prefetch accounting, on the host."""
+        self._tokens[layer] = host.tokens
+        live, spec = self._live, self.spec
+        if host.tokens > MAX_DECODE_TOKENS or live.policy != "smoe":
             self._prefetched.pop(layer, None)
-            return idx, weights
-        self._importance[layer] = scores.max(dim=0).values  # [E]
-        live = self._live
-        if live.substitution_on and self.spec is not None:
-            idx, weights = self._substitute(layer, scores, idx, weights, live.alpha)
-        self._account_prefetch(layer, scores, idx)
-        return idx, weights
+            return host, idx, weights
+        if live.cpu_assist_on:
+            self._importance[layer] = host.scores.max(axis=0)  # [E]
+        pending = self._prefetched.pop(layer, None)
+        if spec is None or not (live.substitution_on or pending is not None):
+            return host, idx, weights
+        bands = self._bands(layer, host.scores, host.idx, live.alpha)
+        final = host
+        if live.substitution_on and bands is not None:
+            final, idx, weights = self._substitute(layer, host, idx, weights, bands)
+        if pending is not None:
+            self._account_prefetch(layer, pending, host, bands, final.idx)
+        return final, idx, weights
+
+    def _bands(
+        self, layer: int, scores: np.ndarray, idx: np.ndarray, alpha: float
+    ) -> HostBands | None:
+        if self.spec is None or not self.spec.substitutable:
+            return None
+        return classify_host(scores, idx, self.spec, alpha, self._bias_host(layer))
 
     def _substitute(
-        self, layer: int, scores: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, alpha: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        layer: int,
+        host: HostRouting,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+        bands: HostBands,
+    ) -> tuple[HostRouting, torch.Tensor, torch.Tensor]:
         assert self.spec is not None
-        resident = self.controller.resident_mask(layer)
-        bias = self._router_bias(layer)
-        out = substitute(
-            scores, idx, w, resident, self.spec, alpha, bias=bias, weight_mode=self.weight_mode
+        out = substitute_host(
+            host,
+            self.cache.resident_host(layer),
+            self.spec,
+            self._live.alpha,
+            bias=self._bias_host(layer),
+            weight_mode=self.weight_mode,
+            bands=bands,
         )
-        final = set(out.idx.flatten().tolist())
-        if out.idx is idx or len(final) > self.cache.num_slots:
-            return idx, w  # streamed in chunks, a substitute could be evicted before its use
-        added = final - set(idx.flatten().tolist())
+        if out is None:
+            return host, idx, weights
+        final = {int(e) for e in np.unique(out.idx)}
+        if len(final) > self.cache.num_slots:
+            return host, idx, weights  # streamed in chunks, a substitute could be evicted
+        added = final - {int(e) for e in np.unique(host.idx)}
         # substitutes are resident: the cache will count them as hits; they are substitutions
         self.cache.stats.add(layer, hits=-len(added), substitutions=len(added))
-        return out.idx, out.weights
+        device = idx.device
+        new_idx = to_device(out.idx, device).to(idx.dtype)
+        new_weights = to_device(out.weights, device).to(weights.dtype)
+        return HostRouting(host.scores, out.idx, out.weights), new_idx, new_weights
 
-    def _router_bias(self, layer: int) -> torch.Tensor | None:
-        router = self.controller.routers[layer].router
-        bias = getattr(router, "e_score_correction_bias", None)
-        return bias if isinstance(bias, torch.Tensor) else None
+    def _bias_host(self, layer: int) -> np.ndarray | None:
+        """DeepSeek-V3's correction bias on the host (read once per layer: a parameter)."""
+        if layer not in self._bias:
+            router = self.controller.routers[layer].router
+            bias = getattr(router, "e_score_correction_bias", None)
+            host = bias.detach().float().cpu().numpy() if isinstance(bias, torch.Tensor) else None
+            self._bias[layer] = host
+        return self._bias[layer]
 
     # ----------------------------------------------------------------- prefetch
 
@@ -197,24 +241,45 @@ class SmoeMethod:
             norm=self._norms.get(layer),
             router_bias=router_bias if isinstance(router_bias, torch.Tensor) else None,
         )  # [T, E]
-        resident = self.controller.resident_mask(layer)
-        alpha, bias = self._live.alpha, self._router_bias(layer)
-        issued = plan_prefetch(
-            predicted, resident, self.spec, alpha, bias=bias, limit=self.prefetch_limit
-        )
-        top = _top_score(predicted, self.spec, alpha, bias)
+        scores = predicted.cpu().numpy()  # the prediction's one host sync
+        resident = self.cache.resident_host(layer)
+        ranked = self._top_score_ranked(layer, scores)
+        issued = [e for e in ranked if not resident[e]]
+        if self.prefetch_limit is not None:
+            issued = issued[: self.prefetch_limit]
         self.cache.prefetch([(layer, expert) for expert in issued])
         if issued:
             self.cache.stats.add(layer, prefetched=len(issued))
-        before = set(torch.nonzero(resident).flatten().tolist())
-        self._prefetched[layer] = _PrefetchState(set(issued), top, before)
+        before = set(np.flatnonzero(resident).tolist())
+        self._prefetched[layer] = _PrefetchState(set(issued), set(ranked), before)
 
-    def _account_prefetch(self, layer: int, scores: torch.Tensor, idx: torch.Tensor) -> None:
-        state = self._prefetched.pop(layer, None)
-        if state is None or self.spec is None:
-            return
-        actual = _top_score(scores, self.spec, self._live.alpha, self._router_bias(layer))
-        final = set(idx.flatten().tolist())
+    def _top_score_ranked(self, layer: int, scores: np.ndarray) -> list[int]:
+        """Predicted top-score experts of ``layer``, best first (all selected for PhiMoE)."""
+        assert self.spec is not None
+        bias = self._bias_host(layer)
+        choice = scores if bias is None else scores + bias
+        top_idx = model_top_k_host(choice, self.spec)
+        bands = self._bands(layer, scores, top_idx, self._live.alpha)
+        if bands is not None:
+            return top_score_ranked(bands, top_idx)
+        picked = choice[np.arange(top_idx.shape[0])[:, None], top_idx]
+        order = np.argsort(-picked.reshape(-1), kind="stable")
+        return list(dict.fromkeys(int(e) for e in top_idx.reshape(-1)[order]))
+
+    def _account_prefetch(
+        self,
+        layer: int,
+        state: _PrefetchState,
+        host: HostRouting,
+        bands: HostBands | None,
+        final_idx: np.ndarray,
+    ) -> None:
+        actual = (
+            top_score_set(bands, host.idx)
+            if bands is not None
+            else set(host.idx.reshape(-1).tolist())
+        )
+        final = set(final_idx.reshape(-1).tolist())
         used = state.issued & final
         needed = actual - state.resident_before
         self.cache.stats.add(layer, prefetch_used=len(used))
@@ -227,11 +292,13 @@ class SmoeMethod:
 
     def _source(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertWeights]]:
         """The layer's experts in ascending id: cached ones via the cache, the rest split."""
+        if not self._live.cpu_assist_on:
+            yield from self.cache.stream(layer, experts)  # no cost to measure
+            return
         cpu = self._cpu_experts(layer, experts)
         if not cpu:
             yield from self._timed_stream(layer, list(experts))
             return
-        self.cache.stats.add(layer, misses=len(cpu), cpu_computed=len(cpu))
         pending = sorted(cpu)
         on_device = [e for e in experts if e not in cpu]
         for chunk in self._timed_stream(layer, on_device):
@@ -243,6 +310,7 @@ class SmoeMethod:
             yield from self._on_cpu(layer, expert)
 
     def _cpu_experts(self, layer: int, experts: Sequence[int]) -> set[int]:
+        """Algorithm 2 over the layer's missing experts (counted as CPU-computed misses)."""
         live = self._live
         if not live.cpu_assist_on or self._tokens.get(layer, 0) > MAX_DECODE_TOKENS:
             return set()
@@ -250,8 +318,11 @@ class SmoeMethod:
         importance = self._importance.get(layer)
         if not missing or importance is None:
             return set()
-        scores = importance[missing].tolist()
-        split = plan(missing, scores, self.cost_load.mean, self.cost_cpu.mean)
+        measured = self.cache.copy_seconds_per_expert  # CUDA: copy events; None before/on CPU
+        cost_load = measured if measured is not None else self.cost_load.mean
+        split = plan(missing, importance[missing].tolist(), cost_load, self.cost_cpu.mean)
+        if split.cpu:
+            self.cache.stats.add(layer, misses=len(split.cpu), cpu_computed=len(split.cpu))
         return set(split.cpu)
 
     def _on_cpu(self, layer: int, expert: int) -> Iterator[list[ExpertWeights]]:
@@ -278,15 +349,6 @@ class SmoeMethod:
                 self.cost_load.add(time.perf_counter() - start, misses)
             done += len(chunk)
             yield chunk
-
-
-def _top_score(
-    scores: torch.Tensor, spec: RouterSpec, alpha: float, bias: torch.Tensor | None
-) -> set[int]:
-    from engine.offload.prefetch import model_top_k
-
-    top_idx = model_top_k(scores, spec, bias)
-    return set(top_score_experts(scores, top_idx, spec, alpha, bias).tolist())
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:

@@ -43,12 +43,17 @@ def predict_scores(
 ) -> torch.Tensor:
     """Layer i+1's predicted pre-top-k affinities [T, E] from layer i's output [T, H]."""
     x = hidden if norm is None else norm(hidden)  # [T, H]
-    x = x.reshape(-1, x.shape[-1]).float()
-    bias = None if router_bias is None else router_bias.float()
-    logits = F.linear(x, router_weight.float(), bias)  # [T, E]
+    x = _fp32(x.reshape(-1, x.shape[-1]))
+    bias = None if router_bias is None else _fp32(router_bias)
+    logits = F.linear(x, _fp32(router_weight), bias)  # [T, E]
     if spec.kind == "sparsemixer":
         return logits.softmax(dim=-1)  # ranking only: PhiMoE picks by logits
     return affinities(logits, spec)
+
+
+def _fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor.float()`` without dispatching an op when it is fp32 already."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
 def model_top_k(

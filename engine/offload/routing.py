@@ -9,8 +9,11 @@ recorders transformers attaches to router classes) is untouched. After the route
    (``families.RouterFamily.scores``: for softmax routers the very op the router ranked on);
 2. hands them to every listener ``listener(layer, scores)`` (the controller feeds the eviction
    policy with their per-step mean; tests capture them);
-3. lets ``rewrite(layer, scores, top_idx, top_w) -> (idx, w)`` replace the choice
-   (substitution plugs in here); ``None`` is the identity, so the model runs unchanged.
+3. lets ``rewrite(layer, scores, top_idx, top_w) -> (idx, w)`` replace the choice on the
+   device (a test hook); ``None`` is the identity, so the model runs unchanged;
+4. hands the result to ``planner(layer, scores, top_idx, top_w) -> (idx, w)``, the offload
+   controller: it copies the layer's routing to the host once and decides everything there
+   (substitution included, ``engine.offload.plan``), returning the final choice.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class RoutingWrapper:
         self.router = router
         self.family = family
         self.rewrite: Rewrite | None = None
+        self.planner: Rewrite | None = None
         self.listeners: list[ScoreListener] = []
         self._handle = router.register_forward_hook(self._on_output)
 
@@ -50,9 +54,13 @@ class RoutingWrapper:
         scores = self.family.scores(logits)  # [T, E] fp32
         for listener in self.listeners:
             listener(self.layer, scores)
-        if self.rewrite is None:
+        new_indices, new_weights = indices, weights
+        if self.rewrite is not None:
+            new_indices, new_weights = self.rewrite(self.layer, scores, indices, weights)
+        if self.planner is not None:
+            new_indices, new_weights = self.planner(self.layer, scores, new_indices, new_weights)
+        if new_indices is indices and new_weights is weights:
             return None
-        new_indices, new_weights = self.rewrite(self.layer, scores, indices, weights)
         return (logits, new_weights, new_indices)
 
 

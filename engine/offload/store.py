@@ -1,7 +1,9 @@
 """Routed experts in host memory: lazy safetensors reads into engine-owned buffers.
 
-Each MoE layer gets one host buffer ``[E, numel]`` (pinned when the compute device is CUDA, so
-copies to the device can overlap compute); expert ``e`` of the layer is the row ``[numel]``,
+Each MoE layer gets one host buffer ``[E, numel]``, a view into one exact-size allocation
+(``engine.offload.pinned.HostArena``: page-locked in place when the compute device is CUDA, so
+copies can overlap compute, without the power-of-two rounding of torch's pinned allocator);
+expert ``e`` of the layer is the row ``[numel]``,
 holding the fused ``gate_up`` ``[2I, H]`` then ``down`` ``[H, I]`` - exactly the per-expert
 slices of transformers' fused ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``, so one copy
 moves one expert. Both parts start on an ``ALIGN_ELEMENTS`` boundary so views of the buffer (and
@@ -27,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from engine.errors import ModelLoadError
+from engine.offload.pinned import HostArena, Registrar
 
 ALIGN_ELEMENTS = 128
 REMAP_BYTES = 32 * 2**20  # reopen a file after this much was read: mapped pages count as RSS
@@ -73,6 +76,18 @@ class ExpertShape:
         end = self.down_offset + self.down_numel
         return row[self.down_offset : end].view(self.hidden, self.intermediate)  # [H, I]
 
+    def expert_weights(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched ``gate_up``/``down`` of rows ``[n, numel]``: views ``[n, 2I, H]``, ``[n, H, I]``.
+
+        The grouped experts path reads every slot through this; a quantized shape returns
+        dequantized tensors here instead of views.
+        """
+        n = rows.shape[0]
+        gate_up = rows[:, : self.gate_up_numel].view(n, 2 * self.intermediate, self.hidden)
+        end = self.down_offset + self.down_numel
+        down = rows[:, self.down_offset : end].view(n, self.hidden, self.intermediate)
+        return gate_up, down
+
     def part_view(self, row: torch.Tensor, part: Part) -> torch.Tensor:
         if part == "down":
             return self.down(row)
@@ -98,14 +113,22 @@ class HostExpertStore:
     """All routed experts of a model, one host buffer per MoE layer."""
 
     def __init__(
-        self, shape: ExpertShape, layers: Sequence[int], num_experts: int, pin: bool
+        self,
+        shape: ExpertShape,
+        layers: Sequence[int],
+        num_experts: int,
+        pin: bool,
+        registrar: Registrar | None = None,
     ) -> None:
         self.shape = shape
         self.num_experts = num_experts
-        self.pinned = pin
+        per_layer = num_experts * shape.numel
+        self._arena = HostArena(per_layer * len(layers), shape.dtype, pin, registrar)
+        self.pinned = self._arena.pinned
+        self.warning = self._arena.warning  # why pinning fell back to pageable memory
         self._buffers = {
-            layer: torch.zeros(num_experts, shape.numel, dtype=shape.dtype, pin_memory=pin)
-            for layer in layers
+            layer: self._arena.view(i * per_layer, num_experts, shape.numel)
+            for i, layer in enumerate(layers)
         }  # each [E, numel]
 
     @property
@@ -171,8 +194,10 @@ class HostExpertStore:
         target.copy_(tensor)  # copies out of the mmap and casts to the compute dtype
 
     def close(self) -> None:
-        """Drop the host buffers (the caller drops its references to the store too)."""
+        """Unlock and drop the host memory (the cache has waited for its copies first)."""
         self._buffers.clear()
+        self._arena.close()
+        self.pinned = False
 
 
 def _open(file: Path):  # type: ignore[no-untyped-def]

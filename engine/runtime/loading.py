@@ -555,6 +555,8 @@ def _bind_offload(
         routers[m.layer] = RoutingWrapper(m.layer, model.get_submodule(m.router_path), plan.family)
     controller = OffloadController(model, store, cache, stats, routers, experts, config.live)
     controller.method = SmoeMethod(controller, model, plan.family, plan.moe[0].top_k)
+    grouped = config.experts == "grouped" or (config.experts == "auto" and device.type == "cuda")
+    controller.set_grouped(grouped)
     return controller
 
 
@@ -595,6 +597,8 @@ def _load(
     progress(0.3, "Reading experts")
     pin = device.type == "cuda"
     store = HostExpertStore(shape, [m.layer for m in plan.moe], plan.num_experts, pin)
+    if store.warning:
+        progress(0.3, store.warning)  # pinning refused: pageable memory, slower copies
     _fill_store(plan, store, progress, cancelled)
     offload = _bind_offload(model, plan, store, num_slots, config)
     progress(1.0, "Loaded")

@@ -276,3 +276,15 @@ def test_curve_is_written_where_possible_and_an_unwritable_path_is_skipped(
     assert written == [good]
     assert json.loads(good.read_text(encoding="utf-8"))["model"] == "m"
     assert "could not write the curve" in capsys.readouterr().err
+
+
+def test_bench_count_ops_adds_per_token_counts_to_each_row(
+    checkpoint: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "user"))
+    out = tmp_path / "out"
+    extra = ("--policies", "lru", "--no-traces", "--no-curve", "--count-ops")
+    assert _bench(checkpoint, text_file, out, *extra) == 0
+    rows = json.loads((out / "bench.json").read_text(encoding="utf-8"))["rows"]
+    assert rows and all(r["ops_per_token"] and r["ops_per_token"] > 0 for r in rows)
+    assert all(r["syncs_per_token"] >= 1 for r in rows)  # at least the sampled token

@@ -1,4 +1,4 @@
-"""The lower-bound time model against the figures of ANCHORS.md."""
+"""The projection (a floor on time per token, an upper bound on tokens/s) against ANCHORS.md."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from engine.eval.projection import (
     MIXTRAL_8X7B,
     QWEN3_30B_A3B,
     QWEN15_MOE_A27B,
+    UPPER_BOUND_LABEL,
     Fractions,
     Geometry,
     Host,
+    HostCost,
     Link,
     fractions_from_counts,
     project,
@@ -61,16 +63,32 @@ def test_cpu_share_moves_time_from_link_to_dram() -> None:
     assert with_cpu.pcie_s == pytest.approx(no_cpu.pcie_s / 2)
     assert with_cpu.cpu_s == pytest.approx(no_cpu.pcie_s / 2 * 6.2e9 / 65e9)
     assert with_cpu.overlapped_s < no_cpu.overlapped_s
-    assert with_cpu.serial_s == pytest.approx(with_cpu.pcie_s + with_cpu.cpu_s + with_cpu.gpu_s)
+    assert with_cpu.serial_s == pytest.approx(
+        with_cpu.pcie_s + with_cpu.cpu_s + with_cpu.gpu_s + with_cpu.host_s
+    )
 
 
 def test_all_hits_leave_only_gpu_time() -> None:
-    host = Host(launch_seconds_per_expert=0.0)
+    host = Host(host=HostCost(0.0, 0.0, 0.0))
     result = project(QWEN15_MOE_A27B, LINKS[2], Fractions(hit=1.0), host)
-    assert result.pcie_s == 0 and result.cpu_s == 0
+    assert result.pcie_s == 0 and result.cpu_s == 0 and result.host_s == 0
     gpu_bytes = QWEN15_MOE_A27B.non_expert_bytes + QWEN15_MOE_A27B.expert_bytes_per_token()
     assert result.gpu_s == pytest.approx(gpu_bytes / host.vram_bandwidth)
-    assert result.tokens_per_s_bound == pytest.approx(1 / result.gpu_s)
+    assert result.tokens_per_s_upper_bound == pytest.approx(1 / result.gpu_s)
+
+
+def test_host_time_is_charged_per_layer_and_the_label_says_upper_bound() -> None:
+    """The formula and its label stay together: host time can only lower the tok/s bound."""
+    cost = HostCost(ops_per_layer=130, syncs_per_layer=2, seconds_per_op=8e-6, sync_seconds=1e-5)
+    free = project(QWEN15_MOE_A27B, LINKS[2], Fractions(hit=1.0), Host(host=HostCost(0, 0, 0)))
+    charged = project(QWEN15_MOE_A27B, LINKS[2], Fractions(hit=1.0), Host(host=cost))
+    assert charged.host_s == pytest.approx(24 * (130 * 8e-6 + 2 * 1e-5))  # 24 MoE layers
+    assert charged.overlapped_s == max(charged.gpu_s, charged.host_s)
+    assert charged.tokens_per_s_upper_bound <= free.tokens_per_s_upper_bound
+    assert "upper bound on tokens/s" in UPPER_BOUND_LABEL
+    assert charged.serial_s == pytest.approx(charged.gpu_s + charged.host_s)
+    with pytest.raises(ValueError, match="seconds_per_op"):
+        HostCost(1, 1, -1.0)
 
 
 def test_fractions_from_counts() -> None:

@@ -90,3 +90,25 @@ def test_factory_and_bad_arguments() -> None:
         ScoreEviction(window=0)
     with pytest.raises(ValueError, match="scale"):
         ScoreEviction(scale="log")  # type: ignore[arg-type]
+
+
+def test_vectorised_victim_matches_the_reference_rule() -> None:
+    """``victim_in`` (residency masks, what the cache calls) picks what ``victim`` picks."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        policy = make_policy(window=3, scale=("relative", "rank", "raw")[trial % 3])
+        layers = [0, 2, 5]
+        table = rng.random((3, 6)) < 0.6
+        masks = dict(zip(layers, table, strict=True))
+        for step in range(4):
+            for layer in (0, 2):  # layer 5 never reports: its experts rank as average
+                policy.record_scores(layer, rng.random(6).astype(np.float32), step)
+            for key in [(0, 1), (2, 3), (5, 0), (0, 4)][: step + 1]:
+                policy.record_use(key, step)
+        resident = [(layer, int(e)) for layer, mask in masks.items() for e in np.flatnonzero(mask)]
+        if len(resident) < 2:
+            continue
+        protected = {resident[0]}
+        assert policy.victim_in(layers, table, protected) == policy.victim(resident, protected)

@@ -1,4 +1,8 @@
-"""On a real GPU: pinned host store, copies on the side stream, still bit-identical to eager."""
+"""On a real GPU: pinned host store, copies on side streams, bit-identical to the reference.
+
+The eager path against transformers' eager experts, the grouped path (the CUDA default)
+against its ``grouped_mm`` experts; decode syncs once per MoE layer.
+"""
 
 from __future__ import annotations
 
@@ -28,11 +32,18 @@ def _run(model: Any, prompt: torch.Tensor, steps: list[int]) -> list[torch.Tenso
     return logits
 
 
+REFERENCE = {"eager": "eager", "grouped": "grouped_mm"}
+
+
+@pytest.mark.parametrize("experts", list(REFERENCE))
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_cuda_offload_is_exact_and_pinned(tmp_path: Path, name: str) -> None:
+def test_cuda_offload_is_exact_and_pinned(tmp_path: Path, name: str, experts: str) -> None:
     save_family(name, tmp_path)
     reference = AutoModelForCausalLM.from_pretrained(
-        tmp_path, dtype=torch.bfloat16, device_map="cuda", experts_implementation="eager"
+        tmp_path,
+        dtype=torch.bfloat16,
+        device_map="cuda",
+        experts_implementation=REFERENCE[experts],
     ).eval()
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 200, (1, 9), generator=generator).cuda()
@@ -41,9 +52,8 @@ def test_cuda_offload_is_exact_and_pinned(tmp_path: Path, name: str) -> None:
     info = inspect_model(tmp_path)
     total = info.experts_per_layer * info.moe_layers
     for slots in (minimum_slots(info), total):
-        config = LoadConfig(
-            tmp_path, device="cuda", dtype="bfloat16", cache=CacheConfig(fraction=slots / total)
-        )
+        cache = CacheConfig(fraction=slots / total)
+        config = LoadConfig(tmp_path, device="cuda", dtype="bfloat16", cache=cache, experts=experts)
         loaded = load_model(config)
         assert loaded.offload.store.pinned
         assert all(buffer.is_pinned() for buffer in loaded.offload.store.buffers())
@@ -52,3 +62,21 @@ def test_cuda_offload_is_exact_and_pinned(tmp_path: Path, name: str) -> None:
             assert torch.equal(expected, got), f"{name} slots={slots} step={step}"
         assert loaded.offload.stats().transfers > 0
         loaded.offload.close()
+
+
+def test_cuda_decode_syncs_once_per_moe_layer(tmp_path: Path) -> None:
+    from engine.eval.opcount import OpCounter
+
+    save_family("qwen2_moe", tmp_path)
+    info = inspect_model(tmp_path)
+    config = LoadConfig(tmp_path, device="cuda", dtype="bfloat16", cache=CacheConfig(fraction=0.5))
+    loaded = load_model(config)
+    prompt = torch.randint(0, 200, (1, 5)).cuda()
+    _run(loaded.model, prompt, [3])
+    cache = DynamicCache(config=loaded.model.config)
+    with torch.no_grad():
+        loaded.model(prompt, past_key_values=cache, use_cache=True)
+        with OpCounter("cuda") as counter:
+            loaded.model(torch.tensor([[7]], device="cuda"), past_key_values=cache)
+    assert counter.syncs == info.moe_layers, counter.sync_kinds
+    loaded.offload.close()

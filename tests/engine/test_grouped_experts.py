@@ -1,0 +1,114 @@
+"""The grouped expert path is exact against transformers' ``grouped_mm`` experts, per family.
+
+The engine's grouped path (``--experts grouped``) runs the resident experts of a layer as two
+grouped matmuls over the slot pool. Its reference is transformers running the same model with
+``experts_implementation="grouped_mm"``: prefill and KV-cached decode logits must be equal bit
+for bit at a small and a full cache, with LRU and with the whole method at alpha 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine.config import CacheConfig, LiveOptions, LoadConfig
+from engine.eval.opcount import OpCounter
+from engine.runtime.loading import inspect_model, load_model, minimum_slots
+from tests.helpers.moe_families import EXTRA_FAMILIES, FAMILIES, prefill_and_decode, save_family
+
+ALL = [*FAMILIES, *EXTRA_FAMILIES]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("grouped")
+    for index, name in enumerate(ALL):
+        save_family(name, root / name, seed=30 + index)
+    return {name: root / name for name in ALL}
+
+
+def _tokens(vocab: int) -> tuple[torch.Tensor, list[int]]:
+    generator = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, vocab, (1, 6), generator=generator)
+    return prompt, torch.randint(0, vocab, (4,), generator=generator).tolist()
+
+
+def _load(directory: Path, fraction: float, live: LiveOptions, dtype: str = "float32") -> object:
+    config = LoadConfig(
+        directory, dtype=dtype, cache=CacheConfig(fraction=fraction), live=live, experts="grouped"
+    )  # type: ignore[arg-type]
+    return load_model(config)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grouped_path_equals_transformers_grouped_mm(
+    checkpoints: dict[str, Path], name: str, dtype: str
+) -> None:
+    directory = checkpoints[name]
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    reference = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch_dtype, experts_implementation="grouped_mm"
+    ).eval()
+    prompt, steps = _tokens(reference.config.vocab_size)
+    expected = prefill_and_decode(reference, prompt, steps)
+    info = inspect_model(directory)
+    smallest = minimum_slots(info) / (info.experts_per_layer * info.moe_layers)
+    for fraction, live in [
+        (smallest, LiveOptions()),
+        (1.0, LiveOptions()),
+        (0.5, LiveOptions(policy="smoe", alpha=0.0)),
+    ]:
+        loaded = _load(directory, fraction, live, dtype)
+        got = prefill_and_decode(loaded.model, prompt, steps)  # type: ignore[attr-defined]
+        for step, (want, have) in enumerate(zip(expected, got, strict=True)):
+            assert torch.equal(want, have), f"{name} {dtype} cache={fraction:.2f} step={step}"
+        loaded.offload.close()  # type: ignore[attr-defined]
+
+
+def test_decode_reads_the_device_once_per_layer(checkpoints: dict[str, Path]) -> None:
+    """A decode step syncs once per MoE layer (its routing copy), LRU and grouped or eager."""
+    directory = checkpoints["qwen2_moe"]
+    info = inspect_model(directory)
+    for experts in ("eager", "grouped"):
+        config = LoadConfig(directory, cache=CacheConfig(fraction=0.5), experts=experts)
+        loaded = load_model(config)
+        prompt, steps = _tokens(info.vocab_size)
+        prefill_and_decode(loaded.model, prompt, steps[:1])
+        with OpCounter() as counter:
+            prefill_and_decode(loaded.model, torch.tensor([[steps[1]]]), [])
+        assert counter.sync_kinds == {"numpy": info.moe_layers}, (experts, counter.sync_kinds)
+        loaded.offload.close()
+
+
+def test_cpu_assist_runs_on_the_worker_thread_next_to_the_grouped_path(
+    checkpoints: dict[str, Path],
+) -> None:
+    """Every miss computed by the assist worker: close to the reference, nothing cached."""
+    import threading
+
+    from engine.offload.cpu_assist import RollingCost
+
+    directory = checkpoints["qwen2_moe"]
+    reference = AutoModelForCausalLM.from_pretrained(
+        directory, experts_implementation="grouped_mm"
+    ).eval()
+    prompt, steps = _tokens(reference.config.vocab_size)
+    expected = prefill_and_decode(reference, prompt, steps)
+    loaded: Any = _load(directory, 0.5, LiveOptions(policy="smoe", alpha=0.0))
+    method = loaded.offload.method
+    method.cost_load, method.cost_cpu = RollingCost(prior=1.0), RollingCost(prior=1e-9)
+    method.cost_load.add = lambda seconds, count=1: None
+    threads: set[str] = set()
+    for module in loaded.offload.experts.values():
+        module.on_cpu_time = lambda seconds: threads.add(threading.current_thread().name)
+    got = prefill_and_decode(loaded.model, prompt, steps)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5)
+    assert loaded.offload.stats().cpu_computed > 0
+    assert threads and all(name.startswith("cpu-assist") for name in threads), threads
+    loaded.offload.close()

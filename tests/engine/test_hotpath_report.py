@@ -1,0 +1,55 @@
+"""The hotpath command's section of BENCHMARKS.md: written in place, kept by bench reruns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.eval.hotpath import (
+    SECTION_BEGIN,
+    SECTION_END,
+    kept_section,
+    ratios,
+    render,
+    replace_section,
+    write_section,
+)
+
+RESULT = {
+    "model": "m",
+    "device": "cpu",
+    "threads": 1,
+    "machine": "x",
+    "date": "d",
+    "rows": {
+        "transformers eager": {"ops_per_token": 100.0, "tokens_per_cpu_second": 10.0},
+        "lru 0.5 eager": {"ops_per_token": 90.0, "tokens_per_cpu_second": 8.0},
+        "smoe 0.5 a0.4 eager": {"ops_per_token": 95.0, "tokens_per_cpu_second": 6.0},
+        "lru all-resident eager": {"tokens_per_cpu_second": 11.0},
+    },
+}
+
+
+def test_ratios_are_cpu_time_speed_ratios_of_the_same_run() -> None:
+    got = ratios(RESULT["rows"], 0.5, 0.4)  # type: ignore[arg-type]
+    assert got["smoe vs lru (eager)"] == 6.0 / 8.0
+    assert got["lru all-resident vs plain (eager)"] == 11.0 / 10.0
+    assert got["smoe vs lru (grouped)"] is None  # not measured: said, not invented
+
+
+def test_section_is_appended_then_replaced_and_survives_a_regenerated_report(
+    tmp_path: Path,
+) -> None:
+    result = dict(RESULT, ratios=ratios(RESULT["rows"], 0.5, 0.4))  # type: ignore[arg-type]
+    table = render(result)
+    assert "| smoe 0.5 a0.4 eager | 95 |" in table
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nbench tables\n", encoding="utf-8")
+    write_section(path, f"{SECTION_BEGIN}\nfirst\n{SECTION_END}")
+    write_section(path, f"{SECTION_BEGIN}\nsecond\n{SECTION_END}")
+    text = path.read_text(encoding="utf-8")
+    assert "bench tables" in text and "second" in text and "first" not in text
+    kept = kept_section(text)
+    assert kept is not None
+    regenerated = replace_section("# Benchmarks\n\nnew bench tables\n", kept)
+    assert "new bench tables" in regenerated and "second" in regenerated
+    assert kept_section("no section here") is None
