@@ -13,6 +13,10 @@ cast to the compute dtype) into the buffer; the mmap view is dropped at once and
 closed after its tensors are read, so no second full copy of the experts ever exists. Pages of
 the mapping stay resident (and count in the process RSS) while the file is open, so a file is
 re-opened every ``REMAP_BYTES`` read: the mapped pages in RSS stay under that bound.
+
+Quantized experts (GGUF files) use ``QuantizedExpertShape`` instead: the row holds the raw GGML
+blocks of ``gate``, ``up`` and ``down`` (uint8), so host buffers, device slots and every byte
+count are quantized bytes, and ``gate_up``/``down`` decode on the row's device right before use.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from safetensors import safe_open
 
 from engine.errors import ModelLoadError
+from engine.quant.ggml_blocks import dequantize, packed_nbytes, type_name
 
 ALIGN_ELEMENTS = 128
 REMAP_BYTES = 32 * 2**20  # reopen a file after this much was read: mapped pages count as RSS
@@ -85,6 +90,96 @@ class ExpertShape:
 
 
 @dataclass(frozen=True)
+class QuantizedExpertShape:
+    """Layout of one expert kept as GGML blocks: ``gate [I, H]``, ``up [I, H]``, ``down [H, I]``.
+
+    ``dtype`` is the storage type (uint8) that buffers and slots are allocated in; weights come
+    out of ``gate_up``/``down`` decoded to ``compute_dtype``. Parts start on ``ALIGN_ELEMENTS``
+    byte boundaries.
+    """
+
+    hidden: int
+    intermediate: int
+    compute_dtype: torch.dtype
+    gate_type: int
+    up_type: int
+    down_type: int
+
+    def __post_init__(self) -> None:
+        for qtype, cols in ((self.gate_type, self.hidden), (self.down_type, self.intermediate)):
+            packed_nbytes(qtype, cols)  # raises when a row is not whole blocks
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    @property
+    def gate_nbytes(self) -> int:
+        return packed_nbytes(self.gate_type, self.intermediate * self.hidden)
+
+    @property
+    def up_nbytes(self) -> int:
+        return packed_nbytes(self.up_type, self.intermediate * self.hidden)
+
+    @property
+    def down_nbytes(self) -> int:
+        return packed_nbytes(self.down_type, self.hidden * self.intermediate)
+
+    @property
+    def up_offset(self) -> int:
+        if self.up_type == self.gate_type:  # adjacent: gate and up decode as one tensor
+            return self.gate_nbytes
+        return _align(self.gate_nbytes)
+
+    @property
+    def down_offset(self) -> int:
+        return _align(self.up_offset + self.up_nbytes)
+
+    @property
+    def numel(self) -> int:
+        return self.down_offset + _align(self.down_nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel
+
+    @property
+    def type_names(self) -> str:
+        """``Q4_K/Q4_K/Q6_K``: the block types of gate, up and down."""
+        return "/".join(type_name(t) for t in (self.gate_type, self.up_type, self.down_type))
+
+    def part_view(self, row: torch.Tensor, part: Part) -> torch.Tensor:
+        """The raw bytes of one part in a row (``gate_up`` only when gate and up share a type)."""
+        spans = {
+            "gate": (0, self.gate_nbytes),
+            "up": (self.up_offset, self.up_nbytes),
+            "down": (self.down_offset, self.down_nbytes),
+            "gate_up": (0, self.up_offset + self.up_nbytes),
+        }
+        start, size = spans[part]
+        return row[start : start + size]
+
+    def gate_up(self, row: torch.Tensor) -> torch.Tensor:
+        """Decoded ``[2I, H]`` in ``compute_dtype`` on the row's device."""
+        shape = (2 * self.intermediate, self.hidden)
+        if self.up_type == self.gate_type:
+            fused = self.part_view(row, "gate_up")
+            return dequantize(fused, self.gate_type, shape, self.compute_dtype)
+        half = (self.intermediate, self.hidden)
+        gate = dequantize(self.part_view(row, "gate"), self.gate_type, half, self.compute_dtype)
+        up = dequantize(self.part_view(row, "up"), self.up_type, half, self.compute_dtype)
+        return torch.cat([gate, up])
+
+    def down(self, row: torch.Tensor) -> torch.Tensor:
+        """Decoded ``[H, I]`` in ``compute_dtype`` on the row's device."""
+        shape = (self.hidden, self.intermediate)
+        return dequantize(self.part_view(row, "down"), self.down_type, shape, self.compute_dtype)
+
+
+AnyExpertShape = ExpertShape | QuantizedExpertShape
+
+
+@dataclass(frozen=True)
 class ExpertPart:
     """Where one part of one expert lives in the checkpoint."""
 
@@ -98,7 +193,7 @@ class HostExpertStore:
     """All routed experts of a model, one host buffer per MoE layer."""
 
     def __init__(
-        self, shape: ExpertShape, layers: Sequence[int], num_experts: int, pin: bool
+        self, shape: AnyExpertShape, layers: Sequence[int], num_experts: int, pin: bool
     ) -> None:
         self.shape = shape
         self.num_experts = num_experts

@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as reference
 
 from engine.quant.ggml_blocks import DECODERS, block_geometry, dequantize, packed_nbytes
+from engine.quant.ggml_encode import encode
 
 # byte offsets of the fp16 scale fields in one block, per type
 HALF_FIELDS = {
@@ -74,3 +75,21 @@ def test_packed_size_needs_whole_blocks() -> None:
     assert packed_nbytes(Q.Q4_K, 512) == 2 * 144
     with pytest.raises(ValueError, match="whole Q4_K blocks"):
         packed_nbytes(Q.Q4_K, 100)
+
+
+@pytest.mark.parametrize(
+    ("qtype", "tolerance"),
+    [(Q.Q8_0, 0.01), (Q.Q6_K, 0.03), (Q.Q5_K, 0.06), (Q.Q4_K, 0.12), (Q.Q4_0, 0.15)],
+    ids=lambda v: getattr(v, "name", str(v)),
+)
+def test_encoders_round_trip_within_their_precision(qtype: Q, tolerance: float) -> None:
+    weights = np.random.default_rng(3).standard_normal((4, 512), dtype=np.float32)
+    packed = encode(weights, qtype)
+    assert packed.shape == (4, packed_nbytes(qtype, 512))
+    decoded = reference(packed, qtype)  # llama.cpp's decoding, as gguf ports it
+    error = np.abs(decoded - weights).mean() / np.abs(weights).mean()
+    assert error < tolerance, f"{qtype.name}: relative error {error:.4f}"
+    assert torch.equal(
+        dequantize(torch.from_numpy(packed), qtype, (4, 512), torch.float32),
+        torch.from_numpy(decoded),
+    )
