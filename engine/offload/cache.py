@@ -79,7 +79,8 @@ class ExpertCache:
     def weights(self, key: SlotKey) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) views of a resident expert's slot."""
         row = self._slots[self._slot_of[key]]
-        return self.shape.gate_up(row), self.shape.down(row)
+        shape = self.store.layer_shape(key[0])
+        return shape.gate_up(row), shape.down(row)
 
     def stream(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertWeights]]:
         """Yield the layer's experts (ascending) in protected chunks that fit the pool."""

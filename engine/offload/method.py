@@ -257,7 +257,7 @@ class SmoeMethod:
     def _on_cpu(self, layer: int, expert: int) -> Iterator[list[ExpertWeights]]:
         """One expert computed from its host copy; the caller's compute is timed."""
         row = self.controller.store.row((layer, expert))
-        shape = self.cache.shape
+        shape = self.controller.store.layer_shape(layer)
         start = time.perf_counter()
         yield [(expert, shape.gate_up(row), shape.down(row))]
         self.cost_cpu.add(time.perf_counter() - start)

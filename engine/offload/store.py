@@ -193,11 +193,19 @@ class HostExpertStore:
     """All routed experts of a model, one host buffer per MoE layer."""
 
     def __init__(
-        self, shape: AnyExpertShape, layers: Sequence[int], num_experts: int, pin: bool
+        self,
+        shape: AnyExpertShape,
+        layers: Sequence[int],
+        num_experts: int,
+        pin: bool,
+        layer_shapes: Mapping[int, AnyExpertShape] | None = None,
     ) -> None:
-        self.shape = shape
+        self.shape = shape  # the row layout buffers and slots are allocated for
         self.num_experts = num_experts
         self.pinned = pin
+        self._layer_shapes = dict(layer_shapes or {})
+        for layer_shape in self._layer_shapes.values():
+            assert layer_shape.numel <= shape.numel, "a layer's row must fit the store's row"
         self._buffers = {
             layer: torch.zeros(num_experts, shape.numel, dtype=shape.dtype, pin_memory=pin)
             for layer in layers
@@ -213,6 +221,10 @@ class HostExpertStore:
 
     def buffers(self) -> list[torch.Tensor]:
         return list(self._buffers.values())
+
+    def layer_shape(self, layer: int) -> AnyExpertShape:
+        """How ``layer``'s rows are laid out (GGUF files may mix block types across layers)."""
+        return self._layer_shapes.get(layer, self.shape)
 
     def row(self, key: SlotKey) -> torch.Tensor:
         """Expert ``key``'s flat host row [numel]."""

@@ -422,7 +422,13 @@ def _info(plan: _Plan) -> ModelInfo:
 
 
 def inspect_model(model_dir: Path) -> ModelInfo:
-    """Facts about a model folder from config.json and safetensors headers; no weight is read."""
+    """Facts about a model folder (or GGUF file) from its metadata; no weight is read."""
+    from engine.gguf.reader import is_gguf
+
+    if is_gguf(Path(model_dir)):
+        from engine.runtime.gguf_loading import inspect_gguf
+
+        return inspect_gguf(Path(model_dir))
     return _info(_plan(Path(model_dir)))
 
 
@@ -580,6 +586,12 @@ def _check_cancelled(cancelled: Callable[[], bool]) -> None:
 def _load(
     config: LoadConfig, progress: Callable[[float, str], None], cancelled: Callable[[], bool]
 ) -> LoadedModel:
+    from engine.gguf.reader import is_gguf
+
+    if is_gguf(config.model_dir):
+        from engine.runtime.gguf_loading import load_gguf
+
+        return load_gguf(config, progress, cancelled)
     progress(0.0, "Reading the model folder")
     plan = _plan(config.model_dir)
     info = _info(plan)
@@ -617,7 +629,7 @@ def load_model(
     except (ModelLoadError, CacheBudgetError, CancelledError):
         raise
     except (OSError, ValueError) as error:
-        if not Path(config.model_dir).is_dir():
+        if not Path(config.model_dir).exists():
             raise ModelLoadError(
                 f"the model folder {config.model_dir} disappeared while loading"
             ) from error
