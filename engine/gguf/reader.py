@@ -129,6 +129,11 @@ def _read(file: Path) -> GGUFReader:
     try:
         return GGUFReader(file)
     except (ValueError, IndexError, struct.error, OverflowError, MemoryError) as error:
+        if "GGMLQuantizationType" in str(error):
+            raise ModelLoadError(
+                f"{file.name} has a tensor of an unknown block type ({error}); it may need a "
+                "newer Understudy, or the file is corrupt"
+            ) from error
         raise ModelLoadError(
             f"{file.name} is truncated or corrupt: its metadata or a tensor's data lies past "
             f"the end of the file ({error})"
