@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from engine.gguf.writer import convert
 from tests.helpers.moe_families import save_family
 from tests.helpers.tiny_models import save_tiny_checkpoint
@@ -39,3 +41,40 @@ def save_wide_qwen2_moe(root: Path, file_type: str, split_max_tensors: int = 0) 
     suffix = "-split" if split_max_tensors else ""
     target = root / f"wide-{file_type}{suffix}.gguf"
     return convert(source, target, file_type, split_max_tensors=split_max_tensors)
+
+
+def save_metadata_only_gguf(
+    path: Path,
+    tensors: dict[str, tuple[tuple[int, ...], int]],
+    metadata: dict[str, int | float],
+    arch: str,
+) -> Path:
+    """A GGUF whose tensor table describes ``tensors`` (name -> (row-major shape, block type))
+    and whose data is a sparse hole: a real file layout for estimates, with no bytes written."""
+    import os
+
+    from gguf import GGUFWriter
+
+    from engine.quant.ggml_blocks import packed_nbytes
+
+    writer = GGUFWriter(path, arch)
+    for key, value in metadata.items():
+        if isinstance(value, float):
+            writer.add_float32(f"{arch}.{key}", value)
+        else:
+            writer.add_uint32(f"{arch}.{key}", value)
+    total = 0
+    for name, (shape, qtype) in tensors.items():
+        nbytes = packed_nbytes(qtype, int(np.prod(shape)))
+        byte_shape = (*shape[:-1], nbytes // int(np.prod(shape[:-1])))
+        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+        total += -(-nbytes // writer.data_alignment) * writer.data_alignment
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    assert writer.fout is not None
+    header_end = writer.fout[0].tell()
+    writer.close()
+    data_start = -(-header_end // writer.data_alignment) * writer.data_alignment
+    os.truncate(path, data_start + total)
+    return path
