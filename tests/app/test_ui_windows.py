@@ -38,13 +38,13 @@ def test_models_window_lists_builtin_and_hf_cache_with_engine_details(
 ) -> None:
     snapshot = fake_hf_repo(user_dirs / "hf-cache", "mistralai/Mixtral-8x7B", "r1", 100)
     dialog = open_library(window)
-    qtbot.waitUntil(lambda: cell(dialog, 1, 5) == "2", timeout=5000)
+    qtbot.waitUntil(lambda: cell(dialog, 1, 6) == "2", timeout=5000)
     assert [cell(dialog, r, 0) for r in range(2)] == [
         "understudy-mini-moe",
         "mistralai/Mixtral-8x7B",
     ]
     assert cell(dialog, 1, 1) == "Hugging Face cache"
-    assert cell(dialog, 1, 4) == "8 × 8 layers", "experts per layer from EngineAPI.inspect"
+    assert cell(dialog, 1, 5) == "8 × 8 layers", "experts per layer from EngineAPI.inspect"
     assert snapshot in fake_engine.calls.inspected
 
 
