@@ -21,7 +21,15 @@ import torch
 from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 
-from engine.config import DEVICES, DTYPES, EVICTIONS, POLICIES, GenerateRequest, SamplingConfig
+from engine.config import (
+    DEVICES,
+    DTYPES,
+    EVICTIONS,
+    EXPERT_QUANTS,
+    POLICIES,
+    GenerateRequest,
+    SamplingConfig,
+)
 from engine.errors import (
     CacheBudgetError,
     EngineError,
@@ -65,7 +73,9 @@ class Command:
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model`` plus the device, dtype, context, cache and method options of every command."""
     group = parser.add_argument_group("model and memory")
-    group.add_argument("--model", type=Path, help="model folder (default: the built-in model)")
+    group.add_argument(
+        "--model", type=Path, help="model folder or .gguf file (default: the built-in model)"
+    )
     group.add_argument("--device", choices=DEVICES, default="auto")
     group.add_argument("--dtype", choices=DTYPES, default="auto")
     group.add_argument("--context-length", type=int, default=2048, metavar="N")
@@ -75,6 +85,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--cache-fraction", type=float, metavar="F", help="expert cache as a fraction of experts"
     )
     group.add_argument("--force", action="store_true", help="load even if the estimate refuses")
+    group.add_argument(
+        "--expert-quant",
+        choices=EXPERT_QUANTS,
+        default="none",
+        help="keep a safetensors model's experts as int8 (Q8_0) or int4 (Q4_1) blocks",
+    )
     method = parser.add_argument_group("method")
     method.add_argument("--policy", choices=POLICIES, default="lru")
     method.add_argument("--alpha", type=float, default=0.0, metavar="A", help="importance band")
@@ -95,6 +111,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         cache_fraction=args.cache_fraction,
         context_length=args.context_length,
         force=args.force,
+        expert_quant=args.expert_quant,
         policy=args.policy,
         alpha=args.alpha,
         eviction=args.eviction,

@@ -44,6 +44,7 @@ class EngineOptions:
     substitution: bool = True
     prefetch: bool = True
     cpu_assist: bool = True
+    expert_quant: str = "none"
 
 
 def _invalid(error: ValueError) -> InvalidRequestError:
@@ -62,6 +63,8 @@ def resolve_model_dir(model_dir: Path | None) -> Path:
             )
         return path
     path = Path(model_dir).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
     if not path.is_dir():
         raise ModelLoadError(f"The model folder {path} does not exist.")
     return path
@@ -96,6 +99,7 @@ def build_load_config(options: EngineOptions) -> LoadConfig:
             cache=cache,
             live=live,
             force=options.force,
+            expert_quant=cast(Any, options.expert_quant),
         )
     except ValueError as error:
         raise _invalid(error) from error

@@ -578,6 +578,35 @@ def _fill_store(
     store.fill(plan.parts, on_tensor)
 
 
+def _expert_shape(plan: _Plan, dtype: torch.dtype, scheme: str) -> ExpertShape | Any:
+    if scheme == "none":
+        return ExpertShape(plan.hidden, plan.intermediate, dtype)
+    from engine.runtime.expert_quant import quantized_shape
+
+    try:
+        return quantized_shape(plan.hidden, plan.intermediate, dtype, scheme)
+    except ValueError as error:
+        raise ModelLoadError(f"the experts cannot be quantized to {scheme}: {error}") from error
+
+
+def _fill_quantized(
+    plan: _Plan,
+    store: HostExpertStore,
+    scheme: str,
+    progress: Callable[[float, str], None],
+    cancelled: Callable[[], bool],
+) -> None:
+    from engine.runtime.expert_quant import fill_quantized_store
+
+    def on_layer(done: int, total: int, from_cache: bool) -> None:
+        _check_cancelled(cancelled)
+        verb = "Read quantized experts" if from_cache else f"Quantizing experts to {scheme}"
+        progress(0.3 + 0.65 * done / total, f"{verb} (layer {done}/{total})")
+
+    files = sorted({p.file for parts in plan.parts.values() for p in parts})
+    fill_quantized_store(plan.parts, files, store, scheme, on_layer)
+
+
 def _check_cancelled(cancelled: Callable[[], bool]) -> None:
     if cancelled():
         raise CancelledError("loading was cancelled")
@@ -598,7 +627,7 @@ def _load(
     tokenizer = _load_tokenizer(plan.model_dir, info.vocab_size)
     device = resolve_device(config.device)  # refuses CUDA without a GPU
     dtype = resolve_dtype(config.dtype, device)
-    shape = ExpertShape(plan.hidden, plan.intermediate, dtype)
+    shape = _expert_shape(plan, dtype, config.expert_quant)
     num_slots = cache_slots(config.cache, info, shape.nbytes)
     _check_cancelled(cancelled)
     progress(0.05, "Loading the trunk")
@@ -607,7 +636,10 @@ def _load(
     progress(0.3, "Reading experts")
     pin = device.type == "cuda"
     store = HostExpertStore(shape, [m.layer for m in plan.moe], plan.num_experts, pin)
-    _fill_store(plan, store, progress, cancelled)
+    if config.expert_quant == "none":
+        _fill_store(plan, store, progress, cancelled)
+    else:
+        _fill_quantized(plan, store, config.expert_quant, progress, cancelled)
     offload = _bind_offload(model, plan, store, num_slots, config)
     progress(1.0, "Loaded")
     return LoadedModel(model, tokenizer, info, offload, device, dtype)

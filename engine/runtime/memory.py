@@ -116,6 +116,9 @@ def estimate_memory(
     scale = itemsize / torch.empty((), dtype=checkpoint_dtype(model_config)).element_size()
     expert_scale = 1.0 if info.expert_quant else scale  # quantized experts stay as stored
     expert_bytes = int(info.bytes_per_expert * expert_scale)
+    if config.expert_quant != "none" and not info.expert_quant:
+        expert_bytes = _quantized_expert_bytes(info, model_config, config.expert_quant)
+        expert_scale = expert_bytes / max(1, info.bytes_per_expert)
     total_experts = info.moe_layers * info.experts_per_layer
     slots = config.cache.slots_for(total_experts, expert_bytes)
     estimate = MemoryEstimate(
@@ -128,6 +131,15 @@ def estimate_memory(
         host_free_bytes=None,
     )
     return with_free_memory(estimate, device)
+
+
+def _quantized_expert_bytes(info: ModelInfo, model_config: Any, scheme: str) -> int:
+    """One expert's bytes once quantized at load (``--expert-quant``), row alignment included."""
+    from engine.runtime.expert_quant import quantized_bytes
+
+    itemsize = torch.empty((), dtype=checkpoint_dtype(model_config)).element_size()
+    numel = info.bytes_per_expert // itemsize
+    return quantized_bytes(numel * 2 // 3, scheme) + quantized_bytes(numel // 3, scheme) + 256
 
 
 def with_free_memory(estimate: MemoryEstimate, device: torch.device) -> MemoryEstimate:
