@@ -91,6 +91,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default="none",
         help="keep a safetensors model's experts as int8 (Q8_0) or int4 (Q4_1) blocks",
     )
+    group.add_argument(
+        "--mmap-experts",
+        action="store_true",
+        help="GGUF: read experts from the memory-mapped file (page cache) instead of RAM",
+    )
     method = parser.add_argument_group("method")
     method.add_argument("--policy", choices=POLICIES, default="lru")
     method.add_argument("--alpha", type=float, default=0.0, metavar="A", help="importance band")
@@ -112,6 +117,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         context_length=args.context_length,
         force=args.force,
         expert_quant=args.expert_quant,
+        mmap_experts=args.mmap_experts,
         policy=args.policy,
         alpha=args.alpha,
         eviction=args.eviction,

@@ -45,6 +45,7 @@ class EngineOptions:
     prefetch: bool = True
     cpu_assist: bool = True
     expert_quant: str = "none"
+    mmap_experts: bool = False
 
 
 def _invalid(error: ValueError) -> InvalidRequestError:
@@ -100,6 +101,7 @@ def build_load_config(options: EngineOptions) -> LoadConfig:
             live=live,
             force=options.force,
             expert_quant=cast(Any, options.expert_quant),
+            mmap_experts=options.mmap_experts,
         )
     except ValueError as error:
         raise _invalid(error) from error

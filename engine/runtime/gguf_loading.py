@@ -235,6 +235,27 @@ def new_gguf_store(plan: GgufPlan, dtype: torch.dtype, pin: bool) -> HostExpertS
     return HostExpertStore(plan.slot_shape(dtype), layers, plan.num_experts, pin, shapes)
 
 
+def _experts(
+    plan: GgufPlan,
+    dtype: torch.dtype,
+    device: torch.device,
+    mapped: bool,
+    progress: Callable[[float, str], None],
+    cancelled: Callable[[], bool],
+) -> HostExpertStore:
+    if mapped:
+        return MappedGgufStore(plan, dtype)
+    progress(0.3, "Reading experts")
+    store = new_gguf_store(plan, dtype, pin=device.type == "cuda")
+
+    def on_layer(done: int, total: int) -> None:
+        loading._check_cancelled(cancelled)
+        progress(0.3 + 0.65 * done / total, f"Reading experts (layer {done}/{total})")
+
+    fill_gguf_store(plan, store, on_layer)
+    return store
+
+
 def load_gguf(
     config: LoadConfig,
     progress: Callable[[float, str], None],
@@ -253,14 +274,7 @@ def load_gguf(
     progress(0.05, "Decoding the trunk")
     model = load_gguf_trunk(plan, dtype, device)
     loading._check_cancelled(cancelled)
-    progress(0.3, "Reading experts")
-    store = new_gguf_store(plan, dtype, pin=device.type == "cuda")
-
-    def on_layer(done: int, total: int) -> None:
-        loading._check_cancelled(cancelled)
-        progress(0.3 + 0.65 * done / total, f"Reading experts (layer {done}/{total})")
-
-    fill_gguf_store(plan, store, on_layer)
+    store = _experts(plan, dtype, device, config.mmap_experts, progress, cancelled)
     offload = loading._bind_offload(model, plan, store, num_slots, config)  # type: ignore[arg-type]
     progress(1.0, "Loaded")
     return loading.LoadedModel(model, tokenizer, info, offload, device, dtype)
@@ -295,3 +309,46 @@ def load_gguf_reference(path: Path, dtype: torch.dtype = torch.float32) -> Any:
         model = model_class.from_pretrained(None, config=plan.config, state_dict=state, dtype=dtype)
     model.set_experts_implementation("eager")
     return model.eval()
+
+
+# ---------------------------------------------------------------- the file as the host tier
+
+
+class MappedGgufStore(HostExpertStore):
+    """Experts read from the memory-mapped GGUF file on demand instead of copied into RAM.
+
+    The OS page cache is then the host tier and the disk the last one: nothing is allocated up
+    front, ``row`` assembles an expert's row from the three mapped tensors when the cache
+    copies it in (or the CPU computes it), and pages the OS drops are read again from disk.
+    ``nbytes`` is 0: the store owns no host memory.
+    """
+
+    def __init__(self, plan: GgufPlan, dtype: torch.dtype) -> None:
+        layers = [m.layer for m in plan.moe]
+        super().__init__(
+            plan.slot_shape(dtype), [], plan.num_experts, False, plan.layer_shapes(dtype)
+        )
+        self._mapped_layers = layers
+        self._tensors = {
+            (layer, part): _expert_tensor(plan.source, layer, part).data
+            for layer in layers
+            for part in PARTS
+        }
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self._mapped_layers)
+
+    def row(self, key: tuple[int, int]) -> torch.Tensor:
+        layer, expert = key
+        shape = self.layer_shape(layer)
+        assert isinstance(shape, QuantizedExpertShape), "a GGUF store holds quantized shapes"
+        row = torch.empty(self.shape.numel, dtype=torch.uint8)
+        for part in PARTS:
+            data = np.asarray(self._tensors[(layer, part)][expert]).reshape(-1)
+            shape.part_view(row, part).copy_(torch.from_numpy(data.copy()))  # type: ignore[arg-type]
+        return row
+
+    def close(self) -> None:
+        self._tensors.clear()
+        super().close()

@@ -621,6 +621,11 @@ def _load(
         from engine.runtime.gguf_loading import load_gguf
 
         return load_gguf(config, progress, cancelled)
+    if config.mmap_experts:
+        raise ModelLoadError(
+            "memory-mapped experts are available for GGUF files only; this is a safetensors "
+            "folder (use --expert-quant int4 to shrink its experts instead)"
+        )
     progress(0.0, "Reading the model folder")
     plan = _plan(config.model_dir)
     info = _info(plan)

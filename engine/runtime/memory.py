@@ -126,7 +126,7 @@ def estimate_memory(
         trunk_bytes=int(info.trunk_bytes * scale),
         kv_cache_bytes=kv_elements_per_token(model_config) * config.context_length * itemsize,
         expert_cache_bytes=slots * expert_bytes,
-        host_expert_bytes=int(info.total_expert_bytes * expert_scale),
+        host_expert_bytes=0 if config.mmap_experts else int(info.total_expert_bytes * expert_scale),
         device_free_bytes=None,
         host_free_bytes=None,
     )
@@ -174,7 +174,9 @@ def describe_shortfall(estimate: MemoryEstimate) -> str | None:
     return (
         f"The experts need {_gb(estimate.host_expert_bytes)} of host memory but only "
         f"{_gb(estimate.host_free_bytes or 0)} is free. Close other programs, pick a smaller "
-        "dtype or a smaller model; or force the load anyway."
+        "dtype or a smaller model, or (for a GGUF file) read the experts from the "
+        "memory-mapped file instead (--mmap-experts: the disk becomes the last tier); "
+        "or force the load anyway."
     )
 
 

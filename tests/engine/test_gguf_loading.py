@@ -9,6 +9,7 @@ and KV-cached decode steps. An F32 file must equal the original transformers mod
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.config import CacheConfig, LiveOptions, LoadConfig
+from engine.errors import ModelLoadError
 from engine.runtime.gguf_loading import load_gguf_reference
 from engine.runtime.loading import inspect_model, load_model, minimum_slots
 from engine.runtime.memory import estimate_memory
@@ -134,3 +136,26 @@ def test_estimate_counts_quantized_expert_bytes(root: Path) -> None:
     small = {p: estimate_memory(inspect_model(p), _smallest(p)) for p in (f32, q4)}
     assert small[q4].host_expert_bytes < 0.2 * small[f32].host_expert_bytes
     assert small[q4].trunk_bytes == small[f32].trunk_bytes  # the trunk is decoded to fp32
+
+
+def test_memory_mapped_experts_compute_the_same_and_own_no_ram(root: Path) -> None:
+    path = save_wide_qwen2_moe(root, "Q4_K_M")[0]
+    prompt, steps = _prompt(inspect_model(path).vocab_size)
+    in_ram = load_model(_smallest(path))
+    mapped = load_model(dataclasses.replace(_smallest(path), mmap_experts=True))
+    assert mapped.offload.store.nbytes == 0 and in_ram.offload.store.nbytes > 0
+    _assert_same(
+        prefill_and_decode(in_ram.model, prompt, steps),
+        prefill_and_decode(mapped.model, prompt, steps),
+        "mapped experts",
+    )
+    estimate = estimate_memory(
+        inspect_model(path), dataclasses.replace(_smallest(path), mmap_experts=True)
+    )
+    assert estimate.host_expert_bytes == 0
+
+
+def test_memory_mapped_experts_need_a_gguf_file(root: Path) -> None:
+    save_gguf_family("qwen2_moe", root, "F32")
+    with pytest.raises(ModelLoadError, match="GGUF files only"):
+        load_model(LoadConfig(root / "qwen2_moe-hf", mmap_experts=True))
