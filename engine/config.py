@@ -113,6 +113,7 @@ class LoadConfig:
     force: bool = False  # load even when the memory estimate says it will not fit
     expert_quant: ExpertQuant = "none"  # quantize a safetensors model's routed experts at load
     mmap_experts: bool = False  # GGUF: experts read from the mapped file, not copied into RAM
+    quantized_slots: bool | None = None  # quantized experts in the cache: None = CUDA only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))

@@ -282,6 +282,70 @@ class HostExpertStore:
         self._buffers.clear()
 
 
+class DecodedStore(HostExpertStore):
+    """A quantized store seen through float rows: ``row`` decodes the expert on the host.
+
+    For the CPU device, where the "device" cache is host memory too: slots hold decoded float
+    experts, so an expert is decoded once when the cache takes it in, not at every use, while
+    the store keeps every expert quantized in RAM. ``nbytes`` is the quantized store's.
+    """
+
+    def __init__(self, inner: HostExpertStore, dtype: torch.dtype) -> None:
+        shape = inner.shape
+        super().__init__(
+            ExpertShape(shape.hidden, shape.intermediate, dtype), [], inner.num_experts, False
+        )
+        self.inner = inner
+
+    @property
+    def layers(self) -> list[int]:
+        return self.inner.layers
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+    def row(self, key: SlotKey) -> torch.Tensor:
+        shape = self.shape
+        assert isinstance(shape, ExpertShape), "decoded rows are float rows"
+        source, quantized = self.inner.row(key), self.inner.layer_shape(key[0])
+        row = torch.empty(shape.numel, dtype=shape.dtype)
+        shape.gate_up(row).copy_(quantized.gate_up(source))
+        shape.down(row).copy_(quantized.down(source))
+        return row
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+DECODE_ON_COPY_DEVICES = frozenset({"cpu"})  # slots there hold decoded experts (see DecodedStore)
+
+
+def decodes_on_copy(
+    shape: AnyExpertShape, device: torch.device, quantized_slots: bool | None = None
+) -> bool:
+    """Whether experts of ``shape`` are decoded as the cache on ``device`` takes them in.
+
+    ``quantized_slots`` overrides the per-device default (quantized slots on CUDA, where bytes
+    cross PCIe; decoded slots on the CPU, where decoding at every use would cost compute).
+    """
+    if not isinstance(shape, QuantizedExpertShape):
+        return False
+    if quantized_slots is not None:
+        return not quantized_slots
+    return device.type in DECODE_ON_COPY_DEVICES
+
+
+def slot_bytes(
+    shape: AnyExpertShape, device: torch.device, dtype: torch.dtype, quantized_slots: bool | None
+) -> int:
+    """Bytes of one cache slot for experts of ``shape`` on ``device``."""
+    if decodes_on_copy(shape, device, quantized_slots):
+        return ExpertShape(shape.hidden, shape.intermediate, dtype).nbytes
+    return shape.nbytes
+
+
 def _open(file: Path):  # type: ignore[no-untyped-def]
     try:
         return safe_open(str(file), framework="pt", device="cpu")

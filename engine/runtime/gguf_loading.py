@@ -38,7 +38,13 @@ from engine.events import ModelInfo
 from engine.gguf.config import build_config
 from engine.gguf.reader import GgufModel, GgufTensor, describe_types, open_gguf
 from engine.offload.families import RouterFamily, router_family
-from engine.offload.store import HostExpertStore, QuantizedExpertShape
+from engine.offload.store import (
+    DecodedStore,
+    HostExpertStore,
+    QuantizedExpertShape,
+    decodes_on_copy,
+    slot_bytes,
+)
 from engine.quant.ggml_blocks import dequantize, is_supported, type_name
 from engine.runtime import loading
 from engine.runtime.memory import resolve_device, resolve_dtype
@@ -131,7 +137,7 @@ def plan_gguf(path: Path) -> GgufPlan:
 def gguf_info(plan: GgufPlan) -> ModelInfo:
     """``ModelInfo`` with quantized expert bytes (one slot row) and an fp32 trunk."""
     config = plan.config.get_text_config()
-    slot_bytes = plan.slot_shape(torch.float32).nbytes
+    row_bytes = plan.slot_shape(torch.float32).nbytes
     experts = [t for n, t in plan.source.tensors.items() if "_exps." in n]
     return ModelInfo(
         path=str(plan.source.path),
@@ -142,9 +148,9 @@ def gguf_info(plan: GgufPlan) -> ModelInfo:
         moe_layers=len(plan.moe),
         experts_per_layer=plan.num_experts,
         top_k=plan.moe[0].top_k,
-        bytes_per_expert=slot_bytes,
+        bytes_per_expert=row_bytes,
         trunk_bytes=plan.trunk_numel * 4,
-        total_expert_bytes=slot_bytes * plan.num_experts * len(plan.moe),
+        total_expert_bytes=row_bytes * plan.num_experts * len(plan.moe),
         vocab_size=int(config.vocab_size),
         max_context=int(getattr(config, "max_position_embeddings", 0) or 0),
         router_family=plan.family.name,
@@ -269,12 +275,17 @@ def load_gguf(
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     store_shape = plan.slot_shape(dtype)
-    num_slots = loading.cache_slots(config.cache, info, store_shape.nbytes)
+    slot = slot_bytes(store_shape, device, dtype, config.quantized_slots)
+    num_slots = loading.cache_slots(config.cache, info, slot)
     loading._check_cancelled(cancelled)
     progress(0.05, "Decoding the trunk")
     model = load_gguf_trunk(plan, dtype, device)
     loading._check_cancelled(cancelled)
     store = _experts(plan, dtype, device, config.mmap_experts, progress, cancelled)
+    if decodes_on_copy(
+        store.shape, device, config.quantized_slots
+    ):  # slots are host memory too: decode once, on copy-in
+        store = DecodedStore(store, dtype)
     offload = loading._bind_offload(model, plan, store, num_slots, config)  # type: ignore[arg-type]
     progress(1.0, "Loaded")
     return loading.LoadedModel(model, tokenizer, info, offload, device, dtype)

@@ -65,7 +65,16 @@ from engine.offload.families import ROUTER_ATTRIBUTES, RouterFamily, router_fami
 from engine.offload.method import SmoeMethod
 from engine.offload.routing import RoutingWrapper
 from engine.offload.stats import OffloadStats
-from engine.offload.store import ExpertPart, ExpertShape, HostExpertStore, Part, SlotKey
+from engine.offload.store import (
+    DecodedStore,
+    ExpertPart,
+    ExpertShape,
+    HostExpertStore,
+    Part,
+    SlotKey,
+    decodes_on_copy,
+    slot_bytes,
+)
 from engine.runtime.memory import resolve_device, resolve_dtype
 
 GB = 1e9
@@ -633,7 +642,9 @@ def _load(
     device = resolve_device(config.device)  # refuses CUDA without a GPU
     dtype = resolve_dtype(config.dtype, device)
     shape = _expert_shape(plan, dtype, config.expert_quant)
-    num_slots = cache_slots(config.cache, info, shape.nbytes)
+    num_slots = cache_slots(
+        config.cache, info, slot_bytes(shape, device, dtype, config.quantized_slots)
+    )
     _check_cancelled(cancelled)
     progress(0.05, "Loading the trunk")
     model = _load_trunk(plan, dtype, device)
@@ -645,6 +656,10 @@ def _load(
         _fill_store(plan, store, progress, cancelled)
     else:
         _fill_quantized(plan, store, config.expert_quant, progress, cancelled)
+    if decodes_on_copy(
+        store.shape, device, config.quantized_slots
+    ):  # slots are host memory too: decode once, on copy-in
+        store = DecodedStore(store, dtype)
     offload = _bind_offload(model, plan, store, num_slots, config)
     progress(1.0, "Loaded")
     return LoadedModel(model, tokenizer, info, offload, device, dtype)

@@ -43,7 +43,13 @@ def _config(path: Path, scheme: str) -> LoadConfig:
     info = inspect_model(path)
     fraction = minimum_slots(info) / (info.experts_per_layer * info.moe_layers)
     cache = CacheConfig(fraction=fraction)
-    return LoadConfig(path, dtype="float32", cache=cache, expert_quant=scheme)  # type: ignore[arg-type]
+    return LoadConfig(
+        path,
+        dtype="float32",
+        cache=cache,
+        expert_quant=scheme,
+        quantized_slots=True,  # type: ignore[arg-type]
+    )
 
 
 def _round_trip(weights: torch.Tensor, qtype: int) -> torch.Tensor:

@@ -34,11 +34,17 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("gguf")
 
 
-def _smallest(path: Path, policy: str = "lru", alpha: float = 0.0) -> LoadConfig:
+def _smallest(
+    path: Path, policy: str = "lru", alpha: float = 0.0, quantized_slots: bool = True
+) -> LoadConfig:
+    """The smallest cache; quantized slots (the CUDA layout) unless told otherwise."""
     info = inspect_model(path)
     fraction = minimum_slots(info) / (info.experts_per_layer * info.moe_layers)
     live = LiveOptions(policy=policy, alpha=alpha)  # type: ignore[arg-type]
-    return LoadConfig(path, dtype="float32", cache=CacheConfig(fraction=fraction), live=live)
+    cache = CacheConfig(fraction=fraction)
+    return LoadConfig(
+        path, dtype="float32", cache=cache, live=live, quantized_slots=quantized_slots
+    )
 
 
 def _prompt(vocab: int) -> tuple[torch.Tensor, list[int]]:
@@ -61,6 +67,7 @@ def test_offloaded_quantized_equals_decoded_up_front(root: Path, name: str, file
     expected = prefill_and_decode(reference, prompt, steps)
     loaded = load_model(_smallest(path))
     assert loaded.offload.store.shape.dtype == torch.uint8, "experts must stay as raw blocks"
+    assert loaded.offload.cache.shape.dtype == torch.uint8, "slots hold raw blocks too"
     _assert_same(expected, prefill_and_decode(loaded.model, prompt, steps), f"{name} {file_type}")
     stats = loaded.offload.stats()
     assert stats.misses > 0 and stats.transfers > loaded.offload.cache.num_slots
@@ -100,6 +107,23 @@ def test_k_quants_stay_packed_and_move_fewer_bytes(root: Path) -> None:
     # gate/up Q4_K (4.5 bits), down Q6_K in the "more bits" layer (6.56 bits), vs 32 bits
     assert moved["Q4_K_M"] / moved["F32"] < 0.18, moved
     assert moved["Q8_0"] / moved["F32"] < 0.28, moved
+
+
+@pytest.mark.parametrize("file_type", ["Q8_0", "Q4_K_M"])
+def test_cpu_default_decodes_once_on_copy_and_is_exact(root: Path, file_type: str) -> None:
+    """On the CPU the slots hold decoded experts; the store keeps them quantized in RAM."""
+    path = save_wide_qwen2_moe(root, file_type)[0]
+    reference = load_gguf_reference(path)
+    prompt, steps = _prompt(reference.config.vocab_size)
+    loaded = load_model(dataclasses.replace(_smallest(path), quantized_slots=None))
+    assert loaded.offload.cache.shape.dtype == torch.float32
+    assert loaded.offload.store.inner.shape.dtype == torch.uint8  # type: ignore[attr-defined]
+    assert loaded.offload.store.nbytes < inspect_model(path).total_expert_bytes * 1.01
+    _assert_same(
+        prefill_and_decode(reference, prompt, steps),
+        prefill_and_decode(loaded.model, prompt, steps),
+        f"decoded slots {file_type}",
+    )
 
 
 def test_whole_method_runs_on_quantized_experts(root: Path) -> None:
