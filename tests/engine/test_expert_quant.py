@@ -123,3 +123,24 @@ def test_rows_that_are_not_whole_groups_are_refused(tmp_path: Path) -> None:
     save_tiny_checkpoint(path)  # moe_intermediate_size 16: down rows of 16 weights
     with pytest.raises(ModelLoadError, match="cannot be quantized to int8"):
         load_model(_config(path, "int8"))
+
+
+def test_fidelity_reports_the_quantization_cost_apart_from_substitution(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from engine.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8, encoding="utf-8")
+    out = tmp_path / "rows.json"
+    args = ["fidelity", "--model", str(checkpoint), "--text-file", str(text), "--device", "cpu",
+            "--expert-quant", "int4", "--alpha", "0", "--cache-fraction", "0.5",
+            "--max-tokens", "24", "--window", "12", "--cloze-items", "0",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    quantization, alpha_zero = json.loads(out.read_text(encoding="utf-8"))
+    assert quantization["policy"] == "experts int4 (quantization only)"
+    assert quantization["kl"] > 0, "int4 experts differ from the unquantized model"
+    assert alpha_zero["kl"] == 0.0, "without substitution the quantized model equals itself"
