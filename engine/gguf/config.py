@@ -120,7 +120,8 @@ def build_config(model: GgufModel) -> Any:
     model_type = check_supported(model)
     values = _mixtral(model) if model_type == "mixtral" else _qwen_moe(model, model_type)
     if "vocab_size" not in values:
-        values["vocab_size"] = len(model.metadata.get("tokenizer.ggml.tokens") or [])
+        tokens = model.metadata.get("tokenizer.ggml.tokens")
+        values["vocab_size"] = getattr(tokens, "count", None) or len(tokens or [])
     values["tie_word_embeddings"] = "output.weight" not in model.tensors
     values.update(_token_ids(model))
     values["dtype"] = "float32"

@@ -1,11 +1,11 @@
 """Open a GGUF model (one file, a folder holding one, or a split set) and check it before use.
 
-``gguf``'s ``GGUFReader`` parses the header, metadata and tensor table and memory-maps the data;
-nothing in the file is executed. Around it this module adds what a desktop app needs from files
-found on disk: a fast check of the magic and of header counts (so a damaged or hostile file is
-refused with a sentence, not an exception from deep inside numpy), a check that every tensor's
-bytes lie inside its file, and discovery of split sets (``name-00001-of-00003.gguf``), refusing a
-set with a part missing.
+``engine.gguf.header`` parses the header, metadata and tensor table (fast: vocabulary arrays are
+counted, not built) and the data is memory-mapped with numpy; nothing in the file is executed.
+Around it this module adds what a desktop app needs from files found on disk: typed errors with
+a sentence for a damaged or hostile file, a check that every tensor's bytes lie inside its file
+and are whole blocks of a known type, and discovery of split sets
+(``name-00001-of-00003.gguf``), refusing a set with a part missing.
 
 Shapes are given row-major as torch uses them (GGUF stores ``ne`` fastest-first): an expert
 tensor ``ffn_gate_exps`` is ``(E, I, H)``; ``data`` is its raw bytes, ``uint8 [E, I, bytes]``.
@@ -14,21 +14,16 @@ tensor ``ffn_gate_exps`` is ``(E, I, H)``; ``data`` is its raw bytes, ``uint8 [E
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType
 
 from engine.errors import ModelLoadError
-from engine.quant.ggml_blocks import type_name
+from engine.gguf.header import GgufHeader, GgufHeaderError, read_header
+from engine.quant.ggml_blocks import block_geometry, is_known, type_name
 
-MAGIC = b"GGUF"
-HEADER_BYTES = 24  # magic, version u32, tensor count u64, metadata count u64
-MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # empty name, one dim, type, offset
-MIN_KV_BYTES = 8 + 1 + 4 + 1
 SPLIT = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -104,69 +99,39 @@ def split_parts(first: Path) -> list[Path]:
     return parts
 
 
-def _check_header(file: Path) -> None:
-    size = file.stat().st_size
-    with file.open("rb") as handle:
-        head = handle.read(HEADER_BYTES)
-    if head[:4] != MAGIC:
-        raise ModelLoadError(
-            f"{file.name} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')"
-        )
-    if len(head) < HEADER_BYTES:
-        raise ModelLoadError(f"{file.name} is truncated: it ends inside the GGUF header")
-    version, tensors, entries = struct.unpack("<IQQ", head[4:])
-    if version not in (2, 3):
-        raise ModelLoadError(f"{file.name} is GGUF version {version}; versions 2 and 3 are read")
-    if tensors * MIN_TENSOR_INFO_BYTES + entries * MIN_KV_BYTES > size:
-        raise ModelLoadError(
-            f"{file.name} declares {tensors} tensors and {entries} metadata entries, more than "
-            f"a file of {size} bytes can hold: the header is corrupt"
-        )
-
-
-def _read(file: Path) -> GGUFReader:
-    _check_header(file)
+def _read(file: Path) -> GgufHeader:
     try:
-        return GGUFReader(file)
-    except (ValueError, IndexError, struct.error, OverflowError, MemoryError) as error:
-        if "GGMLQuantizationType" in str(error):
-            raise ModelLoadError(
-                f"{file.name} has a tensor of an unknown block type ({error}); it may need a "
-                "newer Understudy, or the file is corrupt"
-            ) from error
-        raise ModelLoadError(
-            f"{file.name} is truncated or corrupt: its metadata or a tensor's data lies past "
-            f"the end of the file ({error})"
-        ) from error
+        return read_header(file)
+    except GgufHeaderError as error:
+        raise ModelLoadError(f"{file.name} is not a usable GGUF file: {error}") from error
 
 
-def _field_value(field: Any) -> Any:
-    types = list(field.types)
-    if not types:
-        return None
-    if types[0] == GGUFValueType.ARRAY:
-        if len(types) > 1 and types[1] == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    value = field.parts[field.data[0]]
-    if types[0] == GGUFValueType.STRING:
-        return bytes(value).decode("utf-8", "replace")
-    return value.tolist()[0]
-
-
-def _tensors(reader: GGUFReader, file: Path) -> dict[str, GgufTensor]:
-    size = file.stat().st_size
+def _tensors(header: GgufHeader, file: Path) -> dict[str, GgufTensor]:
+    mapped = np.memmap(file, dtype=np.uint8, mode="r")
     found: dict[str, GgufTensor] = {}
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
-        if end > size or tensor.data.nbytes != int(tensor.n_bytes):
+    for info in header.tensors:
+        if not is_known(info.qtype):
             raise ModelLoadError(
-                f"{file.name} is truncated or corrupt: tensor {tensor.name!r} ends at byte {end} "
-                f"of a {size}-byte file"
+                f"{file.name}: tensor {info.name!r} has the unknown block type {info.qtype}; it "
+                "may need a newer Understudy, or the file is corrupt"
             )
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        data = tensor.data.view(np.uint8).reshape(*shape[:-1], -1) if shape else tensor.data
-        found[tensor.name] = GgufTensor(tensor.name, int(tensor.tensor_type), shape, data, file)
+        shape = tuple(reversed(info.dims))  # row-major, as torch
+        numel = int(np.prod(shape)) if shape else 1
+        block, size = block_geometry(info.qtype)
+        if numel % block or (shape and shape[-1] % block):
+            raise ModelLoadError(
+                f"{file.name}: tensor {info.name!r} of shape {list(shape)} is not whole "
+                f"{type_name(info.qtype)} blocks: the file is corrupt"
+            )
+        start = header.data_start + info.offset
+        end = start + numel // block * size
+        if end > header.file_size:
+            raise ModelLoadError(
+                f"{file.name} is truncated or corrupt: tensor {info.name!r} ends at byte {end} "
+                f"of a {header.file_size}-byte file"
+            )
+        data = mapped[start:end].reshape(*shape[:-1], -1) if shape else mapped[start:end]
+        found[info.name] = GgufTensor(info.name, info.qtype, shape, data, file)
     return found
 
 
@@ -185,10 +150,10 @@ def open_gguf(path: Path) -> GgufModel:
     metadata: dict[str, Any] = {}
     tensors: dict[str, GgufTensor] = {}
     for file in files:
-        reader = _read(file)
+        header = _read(file)
         if file == files[0]:
-            metadata = {name: _field_value(field) for name, field in reader.fields.items()}
-        tensors.update(_tensors(reader, file))
+            metadata = header.metadata
+        tensors.update(_tensors(header, file))
     return GgufModel(files[0], files, metadata, tensors)
 
 

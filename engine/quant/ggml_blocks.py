@@ -201,7 +201,16 @@ def type_name(qtype: int) -> str:
 
 
 def is_supported(qtype: int) -> bool:
+    """A block type the engine decodes."""
     return qtype in DECODERS
+
+
+def is_known(qtype: int) -> bool:
+    """A block type ``gguf`` knows the geometry of (decodable or not)."""
+    try:
+        return Q(qtype) in GGML_QUANT_SIZES
+    except ValueError:
+        return False
 
 
 def block_geometry(qtype: int) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
+from transformers import PreTrainedTokenizerFast
 from transformers.modeling_gguf_pytorch_utils import (
     TENSOR_PROCESSORS,
     TensorProcessor,
@@ -167,10 +167,14 @@ def inspect_gguf(path: Path) -> ModelInfo:
 
 
 def load_gguf_tokenizer(source: GgufModel) -> Any:
+    """transformers' GGUF tokenizer, built from its fast metadata reader (``AutoTokenizer``
+    would parse the whole file with ``GGUFReader`` first, minutes for a 150k vocabulary)."""
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(
-            str(source.path.parent), gguf_file=source.path.name, local_files_only=True
-        )
+        architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(source.path))
+        backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
     except Exception as error:  # transformers raises ValueError, KeyError, TypeError here
         raise ModelLoadError(
             f"cannot build the tokenizer from {source.path.name}'s metadata: {error}"

@@ -140,6 +140,11 @@ def test_tokenizer_and_template_come_from_the_metadata(root: Path) -> None:
     path = save_gguf_family("qwen3_moe", root, "Q8_0")
     loaded = load_model(_smallest(path))
     assert loaded.tokenizer.chat_template == CHAT_TEMPLATE
+    assert loaded.tokenizer.eos_token == "<|end|>"
+    assert loaded.tokenizer.eos_token_id == loaded.model.config.eos_token_id
+    assert loaded.tokenizer("<|user|>hi").input_ids[0] == loaded.tokenizer.convert_tokens_to_ids(
+        "<|user|>"
+    ), "special tokens stay whole"
     text = "Hello, how are you today?"
     assert loaded.tokenizer.decode(loaded.tokenizer(text).input_ids) == text
 
