@@ -180,7 +180,8 @@ def describe(info: ModelInfo, estimate: MemoryEstimate) -> str:
     """Human-readable inspect output."""
     return "\n".join(
         [
-            f"{info.name}: {info.architecture} ({info.model_type}), router {info.router_family}",
+            f"{info.name}: {info.architecture} ({info.model_type}), router {info.router_family}"
+            + (f", experts kept as {info.expert_quant}" if info.expert_quant else ""),
             f"layers {info.num_layers} ({info.moe_layers} MoE), experts per layer "
             f"{info.experts_per_layer}, top-{info.top_k}",
             f"bytes per expert {info.bytes_per_expert}, trunk {_gb(info.trunk_bytes)}, "

@@ -170,3 +170,20 @@ def test_missing_file_and_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError):
         inspect_model(tmp_path / "empty")
+
+
+def test_folder_with_two_models_asks_for_one(good: Path, tmp_path: Path) -> None:
+    for name in ("a.gguf", "b.gguf"):
+        shutil.copyfile(good, tmp_path / name)
+    with pytest.raises(ModelLoadError, match="several GGUF models"):
+        inspect_model(tmp_path)
+    assert inspect_model(tmp_path / "a.gguf").moe_layers == 2
+
+
+def test_inspect_command_names_the_block_types(
+    good: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.cli import main
+
+    assert main(["inspect", "--model", str(good), "--device", "cpu"]) == 0
+    assert "experts kept as Q8_0" in capsys.readouterr().out
