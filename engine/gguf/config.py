@@ -11,6 +11,7 @@ is built from them.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from transformers import AutoConfig
@@ -19,6 +20,7 @@ from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.gguf.reader import GgufModel
 
+OLD_EXPERT_LAYOUT = re.compile(r"\.ffn_(gate|up|down)\.\d+\.weight$")
 SUPPORTED = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral"}
 KNOWN_MOE = ("olmoe", "deepseek2", "mixtral", "dbrx", "grok", "granitemoe", "arctic")
 LIMITS = {
@@ -53,6 +55,12 @@ def _check_sizes(model: GgufModel) -> None:
 def check_supported(model: GgufModel) -> str:
     """The transformers model type for this file, or a typed refusal."""
     arch = model.architecture
+    if any(OLD_EXPERT_LAYOUT.search(name) for name in model.tensors):
+        raise UnsupportedModelError(
+            arch,
+            f"{model.path.name} stores each expert as its own tensor (the GGUF layout before "
+            "April 2024); download or convert a newer GGUF of this model",
+        )
     if not has_experts(model):
         raise UnsupportedModelError(
             arch,

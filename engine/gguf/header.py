@@ -12,6 +12,7 @@ torch, transformers or numpy.
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 MAGIC = b"GGUF"
+PER_EXPERT = re.compile(r"\.ffn_(gate|up|down)\.\d+\.weight$")  # the pre-2024 MoE layout
 DEFAULT_ALIGNMENT = 32
 MAX_STRING = 1 << 24  # a metadata string longer than 16 MB means a corrupt file
 MAX_DIMS = 8
@@ -202,7 +204,7 @@ def summarize(path: Path) -> GgufSummary:
         summary.problem = str(error)
         return summary
     for tensor in header.tensors:
-        if "_exps." in tensor.name:
+        if "_exps." in tensor.name or PER_EXPERT.search(tensor.name):
             summary.is_moe = True
             summary.tensor_types[TYPE_NAMES.get(tensor.qtype, f"type {tensor.qtype}")] += 1
     meta = header.metadata

@@ -187,3 +187,19 @@ def test_inspect_command_names_the_block_types(
 
     assert main(["inspect", "--model", str(good), "--device", "cpu"]) == 0
     assert "experts kept as Q8_0" in capsys.readouterr().out
+
+
+def test_old_per_expert_layout_is_named(good: Path, tmp_path: Path) -> None:
+    path = tmp_path / "old-mixtral.gguf"
+    writer = GGUFWriter(path, "llama")
+    writer.add_expert_count(2)
+    for expert in range(2):
+        weights = np.zeros((64, 32), dtype=np.float32)
+        writer.add_tensor(f"blk.0.ffn_gate.{expert}.weight", weights)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match="before April 2024"):
+        inspect_model(path)
+    _still_works(good)
