@@ -21,8 +21,7 @@ from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.gguf.reader import GgufModel
 
 OLD_EXPERT_LAYOUT = re.compile(r"\.ffn_(gate|up|down)\.\d+\.weight$")
-SUPPORTED = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral"}
-KNOWN_MOE = ("olmoe", "deepseek2", "mixtral", "dbrx", "grok", "granitemoe", "arctic")
+SUPPORTED = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral", "olmoe": "olmoe"}
 LIMITS = {
     "block_count": 4096,
     "embedding_length": 1 << 17,
@@ -103,6 +102,17 @@ def _qwen_moe(model: GgufModel, model_type: str) -> dict[str, Any]:
     return values
 
 
+def _olmoe(model: GgufModel) -> dict[str, Any]:
+    values = _mapped(model, "llama")  # llama.cpp writes OLMoE with the llama key set
+    values["num_experts"] = model.arch_value("expert_count")
+    values["num_experts_per_tok"] = model.arch_value("expert_used_count")
+    expert_size = model.arch_value("expert_feed_forward_length")
+    if expert_size:
+        values["intermediate_size"] = expert_size
+    values["norm_topk_prob"] = _renormalise(model, default=False)
+    return values
+
+
 def _mixtral(model: GgufModel) -> dict[str, Any]:
     values = _mapped(model, "llama")
     values["num_local_experts"] = model.arch_value("expert_count")
@@ -126,7 +136,9 @@ def _token_ids(model: GgufModel) -> dict[str, Any]:
 def build_config(model: GgufModel) -> Any:
     """The transformers config of a supported GGUF MoE file (float32, nothing executed)."""
     model_type = check_supported(model)
-    values = _mixtral(model) if model_type == "mixtral" else _qwen_moe(model, model_type)
+    builders = {"mixtral": _mixtral, "olmoe": _olmoe}
+    builder = builders.get(model_type)
+    values = builder(model) if builder else _qwen_moe(model, model_type)
     if "vocab_size" not in values:
         tokens = model.metadata.get("tokenizer.ggml.tokens")
         values["vocab_size"] = getattr(tokens, "count", None) or len(tokens or [])

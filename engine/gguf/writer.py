@@ -40,7 +40,12 @@ from engine.errors import ModelLoadError
 from engine.quant.ggml_encode import encode
 
 Q = GGMLQuantizationType
-ARCHITECTURES = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+ARCHITECTURES = {
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "mixtral": "llama",
+    "olmoe": "olmoe",
+}
 FILE_TYPES = {
     "F32": LlamaFileType.ALL_F32,
     "F16": LlamaFileType.MOSTLY_F16,
@@ -56,6 +61,7 @@ _ARCH_ENUM = {
     "qwen2moe": MODEL_ARCH.QWEN2MOE,
     "qwen3moe": MODEL_ARCH.QWEN3MOE,
     "llama": MODEL_ARCH.LLAMA,
+    "olmoe": MODEL_ARCH.OLMOE,
 }
 
 
@@ -146,6 +152,10 @@ def _add_hparams(writer: GGUFWriter, config: Any, arch: str) -> None:
     writer.add_vocab_size(config.vocab_size)
     if arch == "llama":
         writer.add_expert_count(config.num_local_experts)
+    elif arch == "olmoe":
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_feed_forward_length(config.intermediate_size)
+        writer.add_expert_weights_norm(bool(getattr(config, "norm_topk_prob", False)))
     else:
         writer.add_expert_count(config.num_experts)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)

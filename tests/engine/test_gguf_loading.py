@@ -25,7 +25,7 @@ from tests.helpers.gguf_models import save_gguf_family, save_wide_qwen2_moe
 from tests.helpers.moe_families import prefill_and_decode
 from tests.helpers.tiny_models import CHAT_TEMPLATE
 
-ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral")
+ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
 FILE_TYPES = ("F32", "Q8_0", "Q4_K_M")
 
 
