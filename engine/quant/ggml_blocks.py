@@ -13,6 +13,7 @@ This module decodes only; writing GGUF blocks is ``engine.quant.ggml_encode``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -28,7 +29,9 @@ def _f16(raw: torch.Tensor) -> torch.Tensor:
     return raw.contiguous().view(torch.float16).float()
 
 
+@functools.lru_cache(maxsize=64)
 def _shifts(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Bit shifts as a uint8 tensor on ``device``, made once (no host-to-device copy per use)."""
     return torch.tensor(values, dtype=torch.uint8, device=device)
 
 
@@ -42,7 +45,7 @@ def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
 def _bits(raw: torch.Tensor) -> torch.Tensor:
     """[n, b] bytes -> [n, 8b] bits, bit ``i`` of the little-endian integer at column ``i``."""
     n = raw.shape[0]
-    shift = torch.arange(8, dtype=torch.uint8, device=raw.device).view(1, 1, 8)
+    shift = _shifts(tuple(range(8)), raw.device).view(1, 1, 8)
     return ((raw.reshape(n, -1, 1) >> shift) & 1).reshape(n, -1)
 
 
@@ -108,7 +111,7 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     d = _f16(blocks[:, 108:110])
     dl = (d * _q3_k_scales(scales)).reshape(n, 16, 1)
     shift4 = _shifts((0, 2, 4, 6), blocks.device).view(1, 1, 4, 1)
-    shift8 = torch.arange(8, dtype=torch.uint8, device=blocks.device).view(1, 1, 8, 1)
+    shift8 = _shifts(tuple(range(8)), blocks.device).view(1, 1, 8, 1)
     ql = (qs.reshape(n, -1, 1, 32) >> shift4).reshape(n, 16, 16) & 3
     qh = ((hmask.reshape(n, -1, 1, 32) >> shift8).reshape(n, 16, 16) & 1) ^ 1
     q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).float()
@@ -144,7 +147,7 @@ def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     d, dm = _k_affine(blocks)
     qh, qs = blocks[:, 16:48], blocks[:, 48:]
     ql = _nibbles(qs, 32).reshape(n, -1, 32)
-    shift8 = torch.arange(8, dtype=torch.uint8, device=blocks.device).view(1, 1, 8, 1)
+    shift8 = _shifts(tuple(range(8)), blocks.device).view(1, 1, 8, 1)
     high = ((qh.reshape(n, -1, 1, 32) >> shift8) & 1).reshape(n, -1, 32)
     q = (ql | (high << 4)).float()
     return (d * q - dm).reshape(n, QK_K)
