@@ -21,7 +21,7 @@ count are quantized bytes, and ``gate_up``/``down`` decode on the row's device r
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from engine.errors import ModelLoadError
 from engine.quant.ggml_blocks import dequantize, packed_nbytes, type_name
 
 ALIGN_ELEMENTS = 128
+HOST_DECODED_EXPERTS = 32  # quantized experts kept decoded for CPU assist (host_weights)
 REMAP_BYTES = 32 * 2**20  # reopen a file after this much was read: mapped pages count as RSS
 Part = Literal["gate", "up", "down", "gate_up"]
 SlotKey = tuple[int, int]
@@ -204,6 +205,7 @@ class HostExpertStore:
         self.num_experts = num_experts
         self.pinned = pin
         self._layer_shapes = dict(layer_shapes or {})
+        self._decoded: OrderedDict[SlotKey, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         for layer_shape in self._layer_shapes.values():
             assert layer_shape.numel <= shape.numel, "a layer's row must fit the store's row"
         self._buffers = {
@@ -221,6 +223,25 @@ class HostExpertStore:
 
     def buffers(self) -> list[torch.Tensor]:
         return list(self._buffers.values())
+
+    def host_weights(self, key: SlotKey) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) of an expert in host memory, for the CPU to compute it (CPU assist).
+
+        Full-precision rows give views; quantized rows are decoded once and kept in a small
+        LRU of ``HOST_DECODED_EXPERTS`` experts, so an expert the CPU keeps computing is not
+        decoded at every token.
+        """
+        shape, row = self.layer_shape(key[0]), self.row(key)
+        if not isinstance(shape, QuantizedExpertShape):
+            return shape.gate_up(row), shape.down(row)
+        if key in self._decoded:
+            self._decoded.move_to_end(key)
+            return self._decoded[key]
+        weights = (shape.gate_up(row), shape.down(row))
+        self._decoded[key] = weights
+        while len(self._decoded) > HOST_DECODED_EXPERTS:
+            self._decoded.popitem(last=False)
+        return weights
 
     def layer_shape(self, layer: int) -> AnyExpertShape:
         """How ``layer``'s rows are laid out (GGUF files may mix block types across layers)."""
@@ -280,6 +301,7 @@ class HostExpertStore:
     def close(self) -> None:
         """Drop the host buffers (the caller drops its references to the store too)."""
         self._buffers.clear()
+        self._decoded.clear()
 
 
 class DecodedStore(HostExpertStore):

@@ -188,3 +188,15 @@ def test_memory_mapped_experts_need_a_gguf_file(root: Path) -> None:
     save_gguf_family("qwen2_moe", root, "F32")
     with pytest.raises(ModelLoadError, match="GGUF files only"):
         load_model(LoadConfig(root / "qwen2_moe-hf", mmap_experts=True))
+
+
+def test_cpu_assist_decodes_a_quantized_expert_once(root: Path) -> None:
+    path = save_wide_qwen2_moe(root, "Q4_K_M")[0]
+    store = load_model(_smallest(path)).offload.store
+    first = store.host_weights((0, 1))
+    again = store.host_weights((0, 1))
+    assert first[0] is again[0] and first[1] is again[1], "decoded once, then reused"
+    assert first[0].dtype == torch.float32 and first[0].shape == (2 * 256, 256)
+    for expert in range(store.num_experts):
+        store.host_weights((1, expert))
+    assert len(store._decoded) <= 32  # bounded
