@@ -178,7 +178,8 @@ def _add_tokenizer(writer: GGUFWriter, model_dir: Path) -> None:
     special = {t["id"] for t in raw.get("added_tokens", []) if t.get("special")}
     merges = [m if isinstance(m, str) else " ".join(m) for m in raw["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name for the GPT-2 split regex (ByteLevel's)
+    writer.add_add_bos_token(False)
     writer.add_token_list(tokens)
     writer.add_token_types([TokenType.CONTROL if i in special else TokenType.NORMAL
                             for i in range(len(tokens))])  # fmt: skip
