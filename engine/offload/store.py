@@ -34,7 +34,7 @@ from engine.errors import ModelLoadError
 from engine.quant.ggml_blocks import dequantize, packed_nbytes, type_name
 
 ALIGN_ELEMENTS = 128
-HOST_DECODED_EXPERTS = 32  # quantized experts kept decoded for CPU assist (host_weights)
+HOST_DECODED_BYTES = 1 << 30  # decoded quantized experts kept for CPU assist (host_weights)
 REMAP_BYTES = 32 * 2**20  # reopen a file after this much was read: mapped pages count as RSS
 Part = Literal["gate", "up", "down", "gate_up"]
 SlotKey = tuple[int, int]
@@ -227,9 +227,9 @@ class HostExpertStore:
     def host_weights(self, key: SlotKey) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) of an expert in host memory, for the CPU to compute it (CPU assist).
 
-        Full-precision rows give views; quantized rows are decoded once and kept in a small
-        LRU of ``HOST_DECODED_EXPERTS`` experts, so an expert the CPU keeps computing is not
-        decoded at every token.
+        Full-precision rows give views; quantized rows are decoded once and kept in an LRU of
+        at most ``HOST_DECODED_BYTES`` (at least one expert), so an expert the CPU keeps
+        computing is not decoded at every token.
         """
         shape, row = self.layer_shape(key[0]), self.row(key)
         if not isinstance(shape, QuantizedExpertShape):
@@ -239,7 +239,8 @@ class HostExpertStore:
             return self._decoded[key]
         weights = (shape.gate_up(row), shape.down(row))
         self._decoded[key] = weights
-        while len(self._decoded) > HOST_DECODED_EXPERTS:
+        expert_bytes = sum(w.numel() * w.element_size() for w in weights)
+        while len(self._decoded) > max(1, HOST_DECODED_BYTES // expert_bytes):
             self._decoded.popitem(last=False)
         return weights
 

@@ -190,8 +190,14 @@ def test_memory_mapped_experts_need_a_gguf_file(root: Path) -> None:
         load_model(LoadConfig(root / "qwen2_moe-hf", mmap_experts=True))
 
 
-def test_cpu_assist_decodes_a_quantized_expert_once(root: Path) -> None:
+def test_cpu_assist_decodes_a_quantized_expert_once(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.offload import store as store_module
+
     path = save_wide_qwen2_moe(root, "Q4_K_M")[0]
+    expert_bytes = 3 * 256 * 256 * 4
+    monkeypatch.setattr(store_module, "HOST_DECODED_BYTES", 3 * expert_bytes)
     store = load_model(_smallest(path)).offload.store
     first = store.host_weights((0, 1))
     again = store.host_weights((0, 1))
@@ -199,4 +205,4 @@ def test_cpu_assist_decodes_a_quantized_expert_once(root: Path) -> None:
     assert first[0].dtype == torch.float32 and first[0].shape == (2 * 256, 256)
     for expert in range(store.num_experts):
         store.host_weights((1, expert))
-    assert len(store._decoded) <= 32  # bounded
+    assert len(store._decoded) == 3, "bounded by bytes: three decoded experts fit"
