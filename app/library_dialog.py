@@ -28,7 +28,8 @@ from app.model_library import ModelEntry, all_models, check_model_folder, human_
 from app.tasks import start_task
 from engine.events import ModelInfo
 
-COLUMNS = ("Name", "Source", "Architecture", "Size", "Experts", "Top-k")
+COLUMNS = ("Name", "Source", "Architecture", "Quant", "Size", "Experts", "Top-k")
+EXPERTS, TOP_K = 5, 6
 LOADED_MARK = "● "
 NOT_REMOVABLE = "Only folders you added can be removed from this list."
 
@@ -71,12 +72,14 @@ class LibraryDialog(QDialog):
 
     def _layout(self) -> None:
         add, rescan, load = QPushButton("Add folder…"), QPushButton("Rescan"), QPushButton("Load")
+        add_file = QPushButton("Add GGUF file…")
         add.clicked.connect(self.choose_folder)
+        add_file.clicked.connect(self.choose_file)
         rescan.clicked.connect(self.rescan)
         load.clicked.connect(self._load_selected)
         self.table.itemDoubleClicked.connect(lambda _item: self._load_selected())
         buttons = QHBoxLayout()
-        for button in (add, self.remove_button, rescan):
+        for button in (add, add_file, self.remove_button, rescan):
             buttons.addWidget(button)
         buttons.addStretch(1)
         buttons.addWidget(load)
@@ -89,8 +92,9 @@ class LibraryDialog(QDialog):
         self.entries = all_models(self.added, self.hf_cache)
         self.table.setRowCount(len(self.entries))
         for row, entry in enumerate(self.entries):
-            values = (entry.name, entry.source, entry.architecture, human_bytes(entry.size_bytes))
-            for column, value in enumerate((*values, "…", "…")):
+            size = human_bytes(entry.size_bytes)
+            values = (entry.name, entry.source, entry.architecture, entry.quant, size)
+            for column, value in enumerate((*values, *_pending(entry))):
                 self._set(row, column, value)
             self._mark_if_loaded(row, entry)
         self._selection_changed()
@@ -100,6 +104,8 @@ class LibraryDialog(QDialog):
     async def _inspect_all(self) -> None:
         assert self.bridge is not None, "checked in rescan"
         for row, entry in enumerate(list(self.entries)):
+            if entry.moe is False or entry.problem:
+                continue  # a dense or unreadable GGUF: the row already says so
             try:
                 info = await self.bridge.inspect(entry.path)
             except Exception as error:
@@ -129,12 +135,19 @@ class LibraryDialog(QDialog):
         if row >= self.table.rowCount():
             return
         if info is None:
-            self._set(row, 4, problem)
-            self._set(row, 5, "")
+            self._set(row, EXPERTS, problem)
+            self._set(row, TOP_K, "")
             return
         self._set(row, 2, info.architecture)
-        self._set(row, 4, f"{info.experts_per_layer} × {info.moe_layers} layers")
-        self._set(row, 5, str(info.top_k))
+        self._set(row, EXPERTS, f"{info.experts_per_layer} × {info.moe_layers} layers")
+        self._set(row, TOP_K, str(info.top_k))
+
+    def choose_file(self) -> None:
+        file, _filter = QFileDialog.getOpenFileName(
+            self, "Choose a GGUF model file", "", "GGUF models (*.gguf)"
+        )
+        if file:
+            self.add_folder(Path(file))
 
     def choose_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose a model folder")
@@ -178,3 +191,12 @@ class LibraryDialog(QDialog):
         row = self.table.currentRow()
         if 0 <= row < len(self.entries):
             self.load_requested.emit(str(self.entries[row].path))
+
+
+def _pending(entry: ModelEntry) -> tuple[str, str]:
+    """Experts and top-k cells before inspection: a dense or unreadable GGUF says why."""
+    if entry.problem:
+        return f"cannot read: {entry.problem}", ""
+    if entry.moe is False:
+        return "dense (not MoE): cannot be loaded", ""
+    return "…", "…"

@@ -1,20 +1,29 @@
-"""Finding model folders: added by hand, the app's models folder, the Hugging Face cache.
+"""Finding models: folders added by hand, the app's models folder, the Hugging Face cache, and
+GGUF files in those places and in LM Studio's models folders.
 
 Models are used where they are (never copied): a Hugging Face cache entry is its snapshot
-folder, whose files are symlinks into ``blobs/``. Details such as architecture and experts
-come from ``EngineAPI.inspect``; this module only finds folders and sizes them. No Qt here.
+folder, whose files are symlinks into ``blobs/``; a GGUF entry is the file itself (the first
+part of a split set, sized with all its parts). Details such as experts and top-k come from
+``EngineAPI.inspect``; this module only finds models, sizes them and, for GGUF files, reads the
+header summary (architecture, quant type, MoE or dense) with ``engine.gguf.header``, which
+needs no torch. No Qt here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.gguf.header import summarize
 from engine.paths import builtin_model_dir, user_data_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+SPLIT_GGUF = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 @dataclass(frozen=True)
@@ -23,7 +32,10 @@ class ModelEntry:
     name: str
     source: str  # "built-in", "added", "models folder", "Hugging Face cache"
     size_bytes: int
-    architecture: str  # from config.json, "" when unknown
+    architecture: str  # from config.json (or the GGUF header), "" when unknown
+    quant: str = ""  # GGUF file type such as "Q4_K_M"; "" for safetensors folders
+    moe: bool | None = None  # False: a dense GGUF, which the engine refuses; None: not known yet
+    problem: str = ""  # why a GGUF file could not be read
 
 
 def hf_cache_dir() -> Path:
@@ -41,6 +53,49 @@ def app_models_dir() -> Path:
 
 def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
+
+
+def lmstudio_models_dirs() -> list[Path]:
+    """LM Studio's models folders: ``~/.lmstudio/models`` and the older ``~/.cache/lm-studio``."""
+    home = Path.home()
+    return [home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models"]
+
+
+def _split_parts(path: Path) -> list[Path]:
+    match = SPLIT_GGUF.match(path.name)
+    if match is None:
+        return [path]
+    return sorted(path.parent.glob(f"{glob.escape(match['stem'])}-*-of-{match['count']}.gguf"))
+
+
+def is_gguf_model(path: Path) -> bool:
+    """A ``.gguf`` file that is a model: not a split part after the first, not a projector."""
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return False
+    match = SPLIT_GGUF.match(path.name)
+    return (match is None or match["part"] == "00001") and not path.name.startswith("mmproj")
+
+
+def gguf_entry(path: Path, source: str, name: str | None = None) -> ModelEntry:
+    """A GGUF file's entry from its header: quant type, MoE or dense, every part's size."""
+    summary = summarize(path)
+    size = sum(p.stat().st_size for p in _split_parts(path) if p.is_file())
+    return ModelEntry(
+        path, name or path.stem, source, size, summary.architecture, summary.file_type,
+        None if summary.problem else summary.is_moe, summary.problem,
+    )  # fmt: skip
+
+
+def scan_gguf_files(folder: Path, source: str, depth: int = 3) -> list[ModelEntry]:
+    """GGUF models in ``folder`` and up to ``depth`` levels below (LM Studio: publisher/repo)."""
+    if not folder.is_dir():
+        return []
+    found: list[Path] = []
+    level = [folder]
+    for _ in range(depth + 1):
+        found += [p for d in level for p in d.glob("*.gguf") if is_gguf_model(p)]
+        level = [p for d in level for p in d.iterdir() if p.is_dir() and not p.is_symlink()]
+    return [gguf_entry(p, source) for p in sorted(found)]
 
 
 def folder_size(path: Path) -> int:
@@ -82,26 +137,51 @@ def hf_snapshot(repo_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
+def _gguf_snapshot(repo_dir: Path) -> Path | None:
+    """The newest snapshot of a cache repo that holds GGUF files (GGUF repos have no config)."""
+    snapshots = repo_dir / "snapshots"
+    found = [p for p in snapshots.glob("*") if any(p.glob("*.gguf"))] if snapshots.is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
 def scan_hf_cache(cache: Path | None = None) -> list[ModelEntry]:
-    """Model repos in the Hugging Face cache (``models--org--name`` folders)."""
+    """Model repos in the Hugging Face cache (``models--org--name`` folders), GGUF repos too."""
     cache = cache or hf_cache_dir()
     entries = []
     for repo_dir in sorted(cache.glob("models--*")) if cache.is_dir() else []:
+        name = repo_dir.name.removeprefix("models--").replace("--", "/")
         snapshot = hf_snapshot(repo_dir)
         if snapshot is not None:
-            name = repo_dir.name.removeprefix("models--").replace("--", "/")
             entries.append(entry_for(snapshot, "Hugging Face cache", name))
+        elif (gguf := _gguf_snapshot(repo_dir)) is not None:
+            for entry in scan_gguf_files(gguf, "Hugging Face cache", depth=1):
+                entries.append(dataclasses.replace(entry, name=f"{name}/{entry.path.name}"))
     return entries
 
 
 def scan_models_folder(folder: Path | None = None) -> list[ModelEntry]:
     folder = folder or app_models_dir()
     found = sorted(p for p in folder.iterdir() if is_model_dir(p)) if folder.is_dir() else []
-    return [entry_for(p, "models folder") for p in found]
+    return [entry_for(p, "models folder") for p in found] + scan_gguf_files(folder, "models folder")
+
+
+def scan_lmstudio(folders: list[Path] | None = None) -> list[ModelEntry]:
+    """GGUF models in LM Studio's folders (``publisher/repo/file.gguf``)."""
+    entries: list[ModelEntry] = []
+    for folder in lmstudio_models_dirs() if folders is None else folders:
+        entries += scan_gguf_files(folder, "LM Studio")
+    return entries
 
 
 def check_model_folder(path: Path) -> Path:
-    """Validate a folder the user picked; raise ``ValueError`` with a clear message."""
+    """Validate a folder (or GGUF file) the user picked; ``ValueError`` with a clear message."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        summary = summarize(path)
+        if summary.problem:
+            raise ValueError(f"{path.name} cannot be read as GGUF: {summary.problem}")
+        if not summary.is_moe:
+            raise ValueError(f"{path.name} is a dense model (not MoE); Understudy runs MoE models")
+        return path
     if not path.is_dir():
         raise ValueError(f"{path} is not a folder")
     if not is_model_dir(path):
@@ -118,7 +198,8 @@ def all_models(added: tuple[str, ...] = (), hf_cache: Path | None = None) -> lis
     if is_model_dir(builtin):
         entries.append(entry_for(builtin, "built-in"))
     entries += [entry_for(Path(p), "added") for p in added if is_model_dir(Path(p))]
-    entries += scan_models_folder() + scan_hf_cache(hf_cache)
+    entries += [gguf_entry(Path(p), "added") for p in added if is_gguf_model(Path(p))]
+    entries += scan_models_folder() + scan_hf_cache(hf_cache) + scan_lmstudio()
     seen: set[Path] = set()
     unique = []
     for entry in entries:

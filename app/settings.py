@@ -24,7 +24,9 @@ from engine.errors import InvalidRequestError
 from engine.options import EngineOptions, build_live_options, build_load_config, build_sampling
 
 THEMES: tuple[str, ...] = ("system", "light", "dark")
-RELOAD_FIELDS: frozenset[str] = frozenset({"device", "cache_budget_gb", "context_length"})
+RELOAD_FIELDS: frozenset[str] = frozenset(
+    {"device", "cache_budget_gb", "context_length", "expert_quant"}
+)
 LIVE_FIELDS: frozenset[str] = frozenset({"policy", "alpha", "prefetch", "cpu_assist"})
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -55,6 +57,7 @@ class ModelSettings:
     max_new_tokens: int = 512
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     chat_template: str | None = None  # None: the tokenizer's own template
+    expert_quant: str = "none"  # "int8"/"int4": quantize a safetensors model's experts at load
 
     def __post_init__(self) -> None:
         try:
@@ -107,6 +110,7 @@ def engine_options(model_dir: Path, settings: ModelSettings, force: bool = False
         alpha=settings.alpha,
         prefetch=settings.prefetch,
         cpu_assist=settings.cpu_assist,
+        expert_quant=settings.expert_quant,
     )
 
 

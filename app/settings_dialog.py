@@ -34,7 +34,15 @@ from app.loader import describe_estimate
 from app.settings import RELOAD_FIELDS, ModelSettings, to_load_config
 from app.settings_check import fit_to_model, generation_problem
 from app.tasks import start_task
-from engine.config import ALPHA_MAX, DEVICES, POLICIES, CacheConfig, ChatMessage, GenerateRequest
+from engine.config import (
+    ALPHA_MAX,
+    DEVICES,
+    EXPERT_QUANTS,
+    POLICIES,
+    CacheConfig,
+    ChatMessage,
+    GenerateRequest,
+)
 from engine.events import ModelInfo
 
 RELOAD_MARK = " ⟳"
@@ -92,6 +100,7 @@ class SettingsDialog(QDialog):
         for box in (self.budget, self.context):
             box.valueChanged.connect(self._estimate_timer.start)
         self.device.currentTextChanged.connect(self._estimate_timer.start)
+        self.expert_quant.currentTextChanged.connect(self._estimate_timer.start)
         for box in (self.context, self.max_tokens):
             box.valueChanged.connect(self.check)
 
@@ -108,6 +117,14 @@ class SettingsDialog(QDialog):
     def _make_widgets(self) -> None:
         self.device = QComboBox()
         self.device.addItems(list(DEVICES))
+        self.expert_quant = QComboBox()
+        self.expert_quant.addItems(list(EXPERT_QUANTS))
+        self.expert_quant.setToolTip(
+            "Keep the experts as int8 or int4 blocks in RAM and on the GPU (smaller, faster "
+            "to copy, slightly less exact). GGUF files are already quantized."
+        )
+        if self.info is not None and self.info.expert_quant:
+            self.expert_quant.setEnabled(False)
         self.budget = spin(0.0, 0.5)
         self.budget.setSpecialValueText("default (half of the experts)")
         self.budget.setSuffix(" GB")
@@ -172,6 +189,7 @@ class SettingsDialog(QDialog):
         model = self._form(
             [
                 ("device", "Device", self.device),
+                ("expert_quant", "Quantize experts", self.expert_quant),
                 ("cache_budget_gb", "Expert-cache budget", self.budget),
                 ("", "", self.fit_label),
                 (
@@ -232,6 +250,7 @@ class SettingsDialog(QDialog):
         self.notice.setText(note)
         self.notice.setVisible(bool(note))
         self.device.setCurrentText(s.device)
+        self.expert_quant.setCurrentText(s.expert_quant)
         self.budget.setValue(s.cache_budget_gb or 0.0)
         self.policy.setCurrentText(s.policy)
         self.alpha.setValue(s.alpha)
@@ -260,6 +279,7 @@ class SettingsDialog(QDialog):
         return replace(
             self.original,
             device=self.device.currentText(),
+            expert_quant=self.expert_quant.currentText(),
             cache_budget_gb=self.budget.value() or None,
             policy=self.policy.currentText(),
             alpha=round(self.alpha.value(), 4),

@@ -26,6 +26,7 @@ from engine.config import (
     DEVICES,
     DTYPES,
     EVICTIONS,
+    EXPERT_QUANTS,
     EXPERTS_IMPLEMENTATIONS,
     POLICIES,
     GenerateRequest,
@@ -77,7 +78,9 @@ class Command:
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model`` plus the device, dtype, context, cache and method options of every command."""
     group = parser.add_argument_group("model and memory")
-    group.add_argument("--model", type=Path, help="model folder (default: the built-in model)")
+    group.add_argument(
+        "--model", type=Path, help="model folder or .gguf file (default: the built-in model)"
+    )
     group.add_argument("--device", choices=DEVICES, default="auto")
     group.add_argument("--dtype", choices=DTYPES, default="auto")
     group.add_argument("--context-length", type=int, default=2048, metavar="N")
@@ -92,6 +95,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=EXPERTS_IMPLEMENTATIONS,
         default="auto",
         help="expert compute: eager loop, grouped matmuls (fewer ops), auto: grouped on CUDA",
+    )
+    group.add_argument(
+        "--expert-quant",
+        choices=EXPERT_QUANTS,
+        default="none",
+        help="keep a safetensors model's experts as int8 (Q8_0) or int4 (Q4_1) blocks",
+    )
+    group.add_argument(
+        "--mmap-experts",
+        action="store_true",
+        help="GGUF: read experts from the memory-mapped file (page cache) instead of RAM",
     )
     method = parser.add_argument_group("method")
     method.add_argument("--policy", choices=POLICIES, default="lru")
@@ -113,6 +127,8 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         cache_fraction=args.cache_fraction,
         context_length=args.context_length,
         force=args.force,
+        expert_quant=args.expert_quant,
+        mmap_experts=args.mmap_experts,
         policy=args.policy,
         alpha=args.alpha,
         eviction=args.eviction,
@@ -176,7 +192,8 @@ def describe(info: ModelInfo, estimate: MemoryEstimate) -> str:
     """Human-readable inspect output."""
     return "\n".join(
         [
-            f"{info.name}: {info.architecture} ({info.model_type}), router {info.router_family}",
+            f"{info.name}: {info.architecture} ({info.model_type}), router {info.router_family}"
+            + (f", experts kept as {info.expert_quant}" if info.expert_quant else ""),
             f"layers {info.num_layers} ({info.moe_layers} MoE), experts per layer "
             f"{info.experts_per_layer}, top-{info.top_k}",
             f"bytes per expert {info.bytes_per_expert}, trunk {_gb(info.trunk_bytes)}, "

@@ -15,11 +15,13 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Policy = Literal["lru", "lfu", "smoe"]
 Eviction = Literal["lru", "lfu", "score"]
+ExpertQuant = Literal["none", "int8", "int4"]
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 POLICIES: tuple[str, ...] = ("lru", "lfu", "smoe")
 EVICTIONS: tuple[str, ...] = ("lru", "lfu", "score")
+EXPERT_QUANTS: tuple[str, ...] = ("none", "int8", "int4")
 ALPHA_MAX = 0.6
 DEFAULT_CACHE_FRACTION = 0.5
 
@@ -116,12 +118,16 @@ class LoadConfig:
     # experts) or grouped matmuls over the slot pool (exact against its grouped_mm experts);
     # "auto": grouped on CUDA (few kernels per layer), eager on the CPU (faster there)
     experts: str = "auto"
+    expert_quant: ExpertQuant = "none"  # quantize a safetensors model's routed experts at load
+    mmap_experts: bool = False  # GGUF: experts read from the mapped file, not copied into RAM
+    quantized_slots: bool | None = None  # quantized experts in the cache: None = CUDA only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("experts", self.experts, EXPERTS_IMPLEMENTATIONS)
+        _check_choice("expert quantization", self.expert_quant, EXPERT_QUANTS)
         if self.context_length < 16:
             raise ValueError(f"context length must be at least 16; got {self.context_length}")
 

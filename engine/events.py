@@ -51,6 +51,7 @@ class ModelInfo:
     max_context: int
     router_family: str
     substitution_supported: bool
+    expert_quant: str = ""  # block types the experts are kept in ("Q4_K, Q6_K"); "" = float
 
 
 @dataclass(frozen=True)

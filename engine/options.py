@@ -45,6 +45,8 @@ class EngineOptions:
     prefetch: bool = True
     cpu_assist: bool = True
     experts: str = "auto"
+    expert_quant: str = "none"
+    mmap_experts: bool = False
 
 
 def _invalid(error: ValueError) -> InvalidRequestError:
@@ -63,6 +65,8 @@ def resolve_model_dir(model_dir: Path | None) -> Path:
             )
         return path
     path = Path(model_dir).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
     if not path.is_dir():
         raise ModelLoadError(f"The model folder {path} does not exist.")
     return path
@@ -98,6 +102,8 @@ def build_load_config(options: EngineOptions) -> LoadConfig:
             live=live,
             force=options.force,
             experts=options.experts,
+            expert_quant=cast(Any, options.expert_quant),
+            mmap_experts=options.mmap_experts,
         )
     except ValueError as error:
         raise _invalid(error) from error

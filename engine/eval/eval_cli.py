@@ -29,6 +29,7 @@ from engine.eval.fidelity import (
     RunConfig,
     format_table,
     prepare_text,
+    quantization_row,
     run_fidelity,
     session_loader,
 )
@@ -82,6 +83,13 @@ def read_text_file(path: Path) -> str:
 def load_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
+    from engine.gguf.reader import is_gguf
+
+    if is_gguf(model_dir):
+        from engine.gguf.reader import open_gguf
+        from engine.runtime.gguf_loading import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(open_gguf(model_dir))
     try:
         return AutoTokenizer.from_pretrained(
             model_dir, local_files_only=True, trust_remote_code=False
@@ -224,6 +232,10 @@ def run_fidelity_command(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     rows = run_fidelity(session_loader(base), configs, prepared, on_row=_progress)
+    if base.expert_quant != "none":  # the quantization's own cost, apart from substitution's
+        unquantized = session_loader(replace(base, expert_quant="none"))
+        rows.insert(0, quantization_row(unquantized, session_loader(base), prepared, base))
+        _progress(rows[0])
     if args.json != "-":
         print(format_table(rows))
     if args.json:

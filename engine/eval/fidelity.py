@@ -393,6 +393,25 @@ def evaluate(
     )
 
 
+def quantization_row(
+    unquantized: Loader, quantized: Loader, text: PreparedText, base: LoadConfig
+) -> FidelityRow:
+    """The cost of ``--expert-quant`` itself: the quantized model against the unquantized one,
+    both with every expert resident and no substitution (the other rows compare configurations
+    with the quantized reference, so they measure substitution alone)."""
+    reference_runner = unquantized(RunConfig(1.0, REFERENCE_LIVE, "unquantized"))
+    try:
+        reference = run_reference(reference_runner, text)
+    finally:
+        reference_runner.close()
+    config = RunConfig(1.0, REFERENCE_LIVE, f"experts {base.expert_quant} (quantization only)")
+    runner = quantized(config)
+    try:
+        return evaluate(runner, config, text, reference)
+    finally:
+        runner.close()
+
+
 def run_fidelity(
     loader: Loader,
     configs: Sequence[RunConfig],

@@ -38,7 +38,7 @@ import torch
 from engine.offload.copies import CopyEngine, copies_for
 from engine.offload.eviction import EvictionPolicy, SlotKey
 from engine.offload.stats import OffloadStats
-from engine.offload.store import HostExpertStore
+from engine.offload.store import ExpertShape, HostExpertStore
 
 ExpertWeights = tuple[int, torch.Tensor, torch.Tensor]  # (expert, gate_up [2I, H], down [H, I])
 
@@ -111,6 +111,7 @@ class ExpertCache:
         shape dequantizing) is rebuilt at every call, since the slots change under it."""
         if self._pool is not None:
             return self._pool
+        assert isinstance(self.shape, ExpertShape), "grouped compute needs float slots"
         pool = self.shape.expert_weights(self._slots)
         if all(part._is_view() for part in pool):
             self._pool = pool
@@ -129,11 +130,12 @@ class ExpertCache:
     def weights(self, key: SlotKey) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) views of a resident expert's slot."""
         slot = self._slot_of[key]
-        views = self._slot_views.get(slot)
+        views = self._slot_views.get(slot)  # dropped whenever the slot takes another expert
         if views is not None:
             return views
         row = self._slots[slot]
-        views = self.shape.gate_up(row), self.shape.down(row)
+        shape = self.store.layer_shape(key[0])  # GGUF files may mix block types across layers
+        views = shape.gate_up(row), shape.down(row)
         if views[0]._is_view() and views[1]._is_view():  # a dequantizing shape is not kept
             self._slot_views[slot] = views
         return views

@@ -202,8 +202,7 @@ class OffloadedExperts(nn.Module):
             ready.synchronize()
         start = time.perf_counter()
         pos, tok = plan.eager_pairs(expert)
-        row = self.cache.store.row((self.layer, expert))
-        gate_up, down = self.cache.shape.gate_up(row), self.cache.shape.down(row)
+        gate_up, down = self.cache.store.host_weights((self.layer, expert))
         rows = self._expert(hidden[torch.from_numpy(tok)], gate_up, down)  # [n, H] host
         if self.on_cpu_time is not None:
             self.on_cpu_time(time.perf_counter() - start)

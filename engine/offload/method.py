@@ -327,10 +327,9 @@ class SmoeMethod:
 
     def _on_cpu(self, layer: int, expert: int) -> Iterator[list[ExpertWeights]]:
         """One expert computed from its host copy; the caller's compute is timed."""
-        row = self.controller.store.row((layer, expert))
-        shape = self.cache.shape
-        start = time.perf_counter()
-        yield [(expert, shape.gate_up(row), shape.down(row))]
+        start = time.perf_counter()  # a quantized expert's first decode counts as CPU cost
+        gate_up, down = self.controller.store.host_weights((layer, expert))
+        yield [(expert, gate_up, down)]
         self.cost_cpu.add(time.perf_counter() - start)
 
     def _timed_stream(self, layer: int, experts: list[int]) -> Iterator[list[ExpertWeights]]:

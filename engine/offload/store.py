@@ -15,11 +15,15 @@ cast to the compute dtype) into the buffer; the mmap view is dropped at once and
 closed after its tensors are read, so no second full copy of the experts ever exists. Pages of
 the mapping stay resident (and count in the process RSS) while the file is open, so a file is
 re-opened every ``REMAP_BYTES`` read: the mapped pages in RSS stay under that bound.
+
+Quantized experts (GGUF files) use ``QuantizedExpertShape`` instead: the row holds the raw GGML
+blocks of ``gate``, ``up`` and ``down`` (uint8), so host buffers, device slots and every byte
+count are quantized bytes, and ``gate_up``/``down`` decode on the row's device right before use.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +34,10 @@ from safetensors import safe_open
 
 from engine.errors import ModelLoadError
 from engine.offload.pinned import HostArena, Registrar
+from engine.quant.ggml_blocks import dequantize, packed_nbytes, type_name
 
 ALIGN_ELEMENTS = 128
+HOST_DECODED_BYTES = 1 << 30  # decoded quantized experts kept for CPU assist (host_weights)
 REMAP_BYTES = 32 * 2**20  # reopen a file after this much was read: mapped pages count as RSS
 Part = Literal["gate", "up", "down", "gate_up"]
 SlotKey = tuple[int, int]
@@ -100,6 +106,96 @@ class ExpertShape:
 
 
 @dataclass(frozen=True)
+class QuantizedExpertShape:
+    """Layout of one expert kept as GGML blocks: ``gate [I, H]``, ``up [I, H]``, ``down [H, I]``.
+
+    ``dtype`` is the storage type (uint8) that buffers and slots are allocated in; weights come
+    out of ``gate_up``/``down`` decoded to ``compute_dtype``. Parts start on ``ALIGN_ELEMENTS``
+    byte boundaries.
+    """
+
+    hidden: int
+    intermediate: int
+    compute_dtype: torch.dtype
+    gate_type: int
+    up_type: int
+    down_type: int
+
+    def __post_init__(self) -> None:
+        for qtype, cols in ((self.gate_type, self.hidden), (self.down_type, self.intermediate)):
+            packed_nbytes(qtype, cols)  # raises when a row is not whole blocks
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    @property
+    def gate_nbytes(self) -> int:
+        return packed_nbytes(self.gate_type, self.intermediate * self.hidden)
+
+    @property
+    def up_nbytes(self) -> int:
+        return packed_nbytes(self.up_type, self.intermediate * self.hidden)
+
+    @property
+    def down_nbytes(self) -> int:
+        return packed_nbytes(self.down_type, self.hidden * self.intermediate)
+
+    @property
+    def up_offset(self) -> int:
+        if self.up_type == self.gate_type:  # adjacent: gate and up decode as one tensor
+            return self.gate_nbytes
+        return _align(self.gate_nbytes)
+
+    @property
+    def down_offset(self) -> int:
+        return _align(self.up_offset + self.up_nbytes)
+
+    @property
+    def numel(self) -> int:
+        return self.down_offset + _align(self.down_nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel
+
+    @property
+    def type_names(self) -> str:
+        """``Q4_K/Q4_K/Q6_K``: the block types of gate, up and down."""
+        return "/".join(type_name(t) for t in (self.gate_type, self.up_type, self.down_type))
+
+    def part_view(self, row: torch.Tensor, part: Part) -> torch.Tensor:
+        """The raw bytes of one part in a row (``gate_up`` only when gate and up share a type)."""
+        spans = {
+            "gate": (0, self.gate_nbytes),
+            "up": (self.up_offset, self.up_nbytes),
+            "down": (self.down_offset, self.down_nbytes),
+            "gate_up": (0, self.up_offset + self.up_nbytes),
+        }
+        start, size = spans[part]
+        return row[start : start + size]
+
+    def gate_up(self, row: torch.Tensor) -> torch.Tensor:
+        """Decoded ``[2I, H]`` in ``compute_dtype`` on the row's device."""
+        shape = (2 * self.intermediate, self.hidden)
+        if self.up_type == self.gate_type:
+            fused = self.part_view(row, "gate_up")
+            return dequantize(fused, self.gate_type, shape, self.compute_dtype)
+        half = (self.intermediate, self.hidden)
+        gate = dequantize(self.part_view(row, "gate"), self.gate_type, half, self.compute_dtype)
+        up = dequantize(self.part_view(row, "up"), self.up_type, half, self.compute_dtype)
+        return torch.cat([gate, up])
+
+    def down(self, row: torch.Tensor) -> torch.Tensor:
+        """Decoded ``[H, I]`` in ``compute_dtype`` on the row's device."""
+        shape = (self.hidden, self.intermediate)
+        return dequantize(self.part_view(row, "down"), self.down_type, shape, self.compute_dtype)
+
+
+AnyExpertShape = ExpertShape | QuantizedExpertShape
+
+
+@dataclass(frozen=True)
 class ExpertPart:
     """Where one part of one expert lives in the checkpoint."""
 
@@ -114,14 +210,20 @@ class HostExpertStore:
 
     def __init__(
         self,
-        shape: ExpertShape,
+        shape: AnyExpertShape,
         layers: Sequence[int],
         num_experts: int,
         pin: bool,
+        layer_shapes: Mapping[int, AnyExpertShape] | None = None,
+        *,
         registrar: Registrar | None = None,
     ) -> None:
-        self.shape = shape
+        self.shape = shape  # the row layout buffers and slots are allocated for
         self.num_experts = num_experts
+        self._layer_shapes = dict(layer_shapes or {})
+        self._decoded: OrderedDict[SlotKey, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        for layer_shape in self._layer_shapes.values():
+            assert layer_shape.numel <= shape.numel, "a layer's row must fit the store's row"
         per_layer = num_experts * shape.numel
         self._arena = HostArena(per_layer * len(layers), shape.dtype, pin, registrar)
         self.pinned = self._arena.pinned
@@ -141,6 +243,30 @@ class HostExpertStore:
 
     def buffers(self) -> list[torch.Tensor]:
         return list(self._buffers.values())
+
+    def host_weights(self, key: SlotKey) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) of an expert in host memory, for the CPU to compute it (CPU assist).
+
+        Full-precision rows give views; quantized rows are decoded once and kept in an LRU of
+        at most ``HOST_DECODED_BYTES`` (at least one expert), so an expert the CPU keeps
+        computing is not decoded at every token.
+        """
+        shape, row = self.layer_shape(key[0]), self.row(key)
+        if not isinstance(shape, QuantizedExpertShape):
+            return shape.gate_up(row), shape.down(row)
+        if key in self._decoded:
+            self._decoded.move_to_end(key)
+            return self._decoded[key]
+        weights = (shape.gate_up(row), shape.down(row))
+        self._decoded[key] = weights
+        expert_bytes = sum(w.numel() * w.element_size() for w in weights)
+        while len(self._decoded) > max(1, HOST_DECODED_BYTES // expert_bytes):
+            self._decoded.popitem(last=False)
+        return weights
+
+    def layer_shape(self, layer: int) -> AnyExpertShape:
+        """How ``layer``'s rows are laid out (GGUF files may mix block types across layers)."""
+        return self._layer_shapes.get(layer, self.shape)
 
     def row(self, key: SlotKey) -> torch.Tensor:
         """Expert ``key``'s flat host row [numel]."""
@@ -196,8 +322,73 @@ class HostExpertStore:
     def close(self) -> None:
         """Unlock and drop the host memory (the cache has waited for its copies first)."""
         self._buffers.clear()
+        self._decoded.clear()
         self._arena.close()
         self.pinned = False
+
+
+class DecodedStore(HostExpertStore):
+    """A quantized store seen through float rows: ``row`` decodes the expert on the host.
+
+    For the CPU device, where the "device" cache is host memory too: slots hold decoded float
+    experts, so an expert is decoded once when the cache takes it in, not at every use, while
+    the store keeps every expert quantized in RAM. ``nbytes`` is the quantized store's.
+    """
+
+    def __init__(self, inner: HostExpertStore, dtype: torch.dtype) -> None:
+        shape = inner.shape
+        super().__init__(
+            ExpertShape(shape.hidden, shape.intermediate, dtype), [], inner.num_experts, False
+        )
+        self.inner = inner
+
+    @property
+    def layers(self) -> list[int]:
+        return self.inner.layers
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+    def row(self, key: SlotKey) -> torch.Tensor:
+        shape = self.shape
+        assert isinstance(shape, ExpertShape), "decoded rows are float rows"
+        source, quantized = self.inner.row(key), self.inner.layer_shape(key[0])
+        row = torch.empty(shape.numel, dtype=shape.dtype)
+        shape.gate_up(row).copy_(quantized.gate_up(source))
+        shape.down(row).copy_(quantized.down(source))
+        return row
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+DECODE_ON_COPY_DEVICES = frozenset({"cpu"})  # slots there hold decoded experts (see DecodedStore)
+
+
+def decodes_on_copy(
+    shape: AnyExpertShape, device: torch.device, quantized_slots: bool | None = None
+) -> bool:
+    """Whether experts of ``shape`` are decoded as the cache on ``device`` takes them in.
+
+    ``quantized_slots`` overrides the per-device default (quantized slots on CUDA, where bytes
+    cross PCIe; decoded slots on the CPU, where decoding at every use would cost compute).
+    """
+    if not isinstance(shape, QuantizedExpertShape):
+        return False
+    if quantized_slots is not None:
+        return not quantized_slots
+    return device.type in DECODE_ON_COPY_DEVICES
+
+
+def slot_bytes(
+    shape: AnyExpertShape, device: torch.device, dtype: torch.dtype, quantized_slots: bool | None
+) -> int:
+    """Bytes of one cache slot for experts of ``shape`` on ``device``."""
+    if decodes_on_copy(shape, device, quantized_slots):
+        return ExpertShape(shape.hidden, shape.intermediate, dtype).nbytes
+    return shape.nbytes
 
 
 def _open(file: Path):  # type: ignore[no-untyped-def]

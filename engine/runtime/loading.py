@@ -65,7 +65,16 @@ from engine.offload.families import ROUTER_ATTRIBUTES, RouterFamily, router_fami
 from engine.offload.method import SmoeMethod
 from engine.offload.routing import RoutingWrapper
 from engine.offload.stats import OffloadStats
-from engine.offload.store import ExpertPart, ExpertShape, HostExpertStore, Part, SlotKey
+from engine.offload.store import (
+    DecodedStore,
+    ExpertPart,
+    ExpertShape,
+    HostExpertStore,
+    Part,
+    SlotKey,
+    decodes_on_copy,
+    slot_bytes,
+)
 from engine.runtime.memory import resolve_device, resolve_dtype
 
 GB = 1e9
@@ -422,7 +431,13 @@ def _info(plan: _Plan) -> ModelInfo:
 
 
 def inspect_model(model_dir: Path) -> ModelInfo:
-    """Facts about a model folder from config.json and safetensors headers; no weight is read."""
+    """Facts about a model folder (or GGUF file) from its metadata; no weight is read."""
+    from engine.gguf.reader import is_gguf
+
+    if is_gguf(Path(model_dir)):
+        from engine.runtime.gguf_loading import inspect_gguf
+
+        return inspect_gguf(Path(model_dir))
     return _info(_plan(Path(model_dir)))
 
 
@@ -556,7 +571,9 @@ def _bind_offload(
     controller = OffloadController(model, store, cache, stats, routers, experts, config.live)
     controller.method = SmoeMethod(controller, model, plan.family, plan.moe[0].top_k)
     grouped = config.experts == "grouped" or (config.experts == "auto" and device.type == "cuda")
-    controller.set_grouped(grouped)
+    # quantized slots (GGUF blocks, which may differ per layer) are decoded one expert at a
+    # time by the eager path; the grouped path reads the pool as one float tensor
+    controller.set_grouped(grouped and isinstance(store.shape, ExpertShape))
     return controller
 
 
@@ -574,6 +591,35 @@ def _fill_store(
     store.fill(plan.parts, on_tensor)
 
 
+def _expert_shape(plan: _Plan, dtype: torch.dtype, scheme: str) -> ExpertShape | Any:
+    if scheme == "none":
+        return ExpertShape(plan.hidden, plan.intermediate, dtype)
+    from engine.runtime.expert_quant import quantized_shape
+
+    try:
+        return quantized_shape(plan.hidden, plan.intermediate, dtype, scheme)
+    except ValueError as error:
+        raise ModelLoadError(f"the experts cannot be quantized to {scheme}: {error}") from error
+
+
+def _fill_quantized(
+    plan: _Plan,
+    store: HostExpertStore,
+    scheme: str,
+    progress: Callable[[float, str], None],
+    cancelled: Callable[[], bool],
+) -> None:
+    from engine.runtime.expert_quant import fill_quantized_store
+
+    def on_layer(done: int, total: int, from_cache: bool) -> None:
+        _check_cancelled(cancelled)
+        verb = "Read quantized experts" if from_cache else f"Quantizing experts to {scheme}"
+        progress(0.3 + 0.65 * done / total, f"{verb} (layer {done}/{total})")
+
+    files = sorted({p.file for parts in plan.parts.values() for p in parts})
+    fill_quantized_store(plan.parts, files, store, scheme, on_layer)
+
+
 def _check_cancelled(cancelled: Callable[[], bool]) -> None:
     if cancelled():
         raise CancelledError("loading was cancelled")
@@ -582,14 +628,27 @@ def _check_cancelled(cancelled: Callable[[], bool]) -> None:
 def _load(
     config: LoadConfig, progress: Callable[[float, str], None], cancelled: Callable[[], bool]
 ) -> LoadedModel:
+    from engine.gguf.reader import is_gguf
+
+    if is_gguf(config.model_dir):
+        from engine.runtime.gguf_loading import load_gguf
+
+        return load_gguf(config, progress, cancelled)
+    if config.mmap_experts:
+        raise ModelLoadError(
+            "memory-mapped experts are available for GGUF files only; this is a safetensors "
+            "folder (use --expert-quant int4 to shrink its experts instead)"
+        )
     progress(0.0, "Reading the model folder")
     plan = _plan(config.model_dir)
     info = _info(plan)
     tokenizer = _load_tokenizer(plan.model_dir, info.vocab_size)
     device = resolve_device(config.device)  # refuses CUDA without a GPU
     dtype = resolve_dtype(config.dtype, device)
-    shape = ExpertShape(plan.hidden, plan.intermediate, dtype)
-    num_slots = cache_slots(config.cache, info, shape.nbytes)
+    shape = _expert_shape(plan, dtype, config.expert_quant)
+    num_slots = cache_slots(
+        config.cache, info, slot_bytes(shape, device, dtype, config.quantized_slots)
+    )
     _check_cancelled(cancelled)
     progress(0.05, "Loading the trunk")
     model = _load_trunk(plan, dtype, device)
@@ -599,7 +658,14 @@ def _load(
     store = HostExpertStore(shape, [m.layer for m in plan.moe], plan.num_experts, pin)
     if store.warning:
         progress(0.3, store.warning)  # pinning refused: pageable memory, slower copies
-    _fill_store(plan, store, progress, cancelled)
+    if config.expert_quant == "none":
+        _fill_store(plan, store, progress, cancelled)
+    else:
+        _fill_quantized(plan, store, config.expert_quant, progress, cancelled)
+    if decodes_on_copy(
+        store.shape, device, config.quantized_slots
+    ):  # slots are host memory too: decode once, on copy-in
+        store = DecodedStore(store, dtype)
     offload = _bind_offload(model, plan, store, num_slots, config)
     progress(1.0, "Loaded")
     return LoadedModel(model, tokenizer, info, offload, device, dtype)
@@ -621,7 +687,7 @@ def load_model(
     except (ModelLoadError, CacheBudgetError, CancelledError):
         raise
     except (OSError, ValueError) as error:
-        if not Path(config.model_dir).is_dir():
+        if not Path(config.model_dir).exists():
             raise ModelLoadError(
                 f"the model folder {config.model_dir} disappeared while loading"
             ) from error

@@ -50,7 +50,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def read_model_config(model_dir: Path) -> Any:
-    """The (text) config of a model folder, read from ``config.json`` without remote code."""
+    """The (text) config of a model folder (``config.json``) or GGUF file, without remote code."""
+    from engine.gguf.reader import is_gguf
+
+    if is_gguf(Path(model_dir)):
+        from engine.gguf.config import build_config
+        from engine.gguf.reader import open_gguf
+
+        return build_config(open_gguf(Path(model_dir))).get_text_config()
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as error:
@@ -107,7 +114,11 @@ def estimate_memory(
     dtype = resolve_dtype(config.dtype, device)
     itemsize = torch.empty((), dtype=dtype).element_size()
     scale = itemsize / torch.empty((), dtype=checkpoint_dtype(model_config)).element_size()
-    expert_bytes = int(info.bytes_per_expert * scale)
+    expert_scale = 1.0 if info.expert_quant else scale  # quantized experts stay as stored
+    expert_bytes = int(info.bytes_per_expert * expert_scale)
+    if config.expert_quant != "none" and not info.expert_quant:
+        expert_bytes = _quantized_expert_bytes(info, model_config, config.expert_quant)
+        expert_scale = expert_bytes / max(1, info.bytes_per_expert)
     total_experts = info.moe_layers * info.experts_per_layer
     slots = config.cache.slots_for(total_experts, expert_bytes)
     estimate = MemoryEstimate(
@@ -115,11 +126,20 @@ def estimate_memory(
         trunk_bytes=int(info.trunk_bytes * scale),
         kv_cache_bytes=kv_elements_per_token(model_config) * config.context_length * itemsize,
         expert_cache_bytes=slots * expert_bytes,
-        host_expert_bytes=int(info.total_expert_bytes * scale),
+        host_expert_bytes=0 if config.mmap_experts else int(info.total_expert_bytes * expert_scale),
         device_free_bytes=None,
         host_free_bytes=None,
     )
     return with_free_memory(estimate, device)
+
+
+def _quantized_expert_bytes(info: ModelInfo, model_config: Any, scheme: str) -> int:
+    """One expert's bytes once quantized at load (``--expert-quant``), row alignment included."""
+    from engine.runtime.expert_quant import quantized_bytes
+
+    itemsize = torch.empty((), dtype=checkpoint_dtype(model_config)).element_size()
+    numel = info.bytes_per_expert // itemsize
+    return quantized_bytes(numel * 2 // 3, scheme) + quantized_bytes(numel // 3, scheme) + 256
 
 
 def with_free_memory(estimate: MemoryEstimate, device: torch.device) -> MemoryEstimate:
@@ -154,7 +174,9 @@ def describe_shortfall(estimate: MemoryEstimate) -> str | None:
     return (
         f"The experts need {_gb(estimate.host_expert_bytes)} of host memory but only "
         f"{_gb(estimate.host_free_bytes or 0)} is free. Close other programs, pick a smaller "
-        "dtype or a smaller model; or force the load anyway."
+        "dtype or a smaller model, or (for a GGUF file) read the experts from the "
+        "memory-mapped file instead (--mmap-experts: the disk becomes the last tier); "
+        "or force the load anyway."
     )
 
 

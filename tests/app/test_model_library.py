@@ -12,7 +12,9 @@ from app.model_library import (
     check_model_folder,
     hf_cache_dir,
     human_bytes,
+    scan_gguf_files,
     scan_hf_cache,
+    scan_lmstudio,
     scan_models_folder,
 )
 
@@ -87,3 +89,74 @@ def test_human_bytes() -> None:
         "2.5 GB",
         "unknown",
     ]
+
+
+def write_gguf(path: Path, moe: bool = True, file_type: int = 15, arch: str = "qwen3moe") -> Path:
+    """A small GGUF with a real header: expert tensors when ``moe`` (header scans need no data)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(path, arch)
+    writer.add_file_type(file_type)
+    writer.add_token_list([f"t{i}" for i in range(500)])  # a vocabulary array to skip
+    if moe:
+        writer.add_expert_count(8)
+        writer.add_tensor("blk.0.ffn_up_exps.weight", np.zeros((8, 4, 32), dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_up.weight", np.zeros((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_files_are_listed_with_quant_type_and_dense_marked(user_dirs: Path) -> None:
+    models = user_dirs / "data" / "models"
+    write_gguf(models / "Qwen3-30B-A3B-Q4_K_M.gguf")
+    write_gguf(models / "SmolLM2-Q8_0.gguf", moe=False, file_type=7, arch="llama")
+    write_gguf(models / "mmproj-model-f16.gguf", moe=False)
+    for part in (1, 2):
+        write_gguf(models / "big" / f"Mixtral-Q5_K_M-0000{part}-of-00002.gguf", file_type=17)
+    entries = {e.name: e for e in scan_models_folder(models)}
+    assert set(entries) == {"Qwen3-30B-A3B-Q4_K_M", "SmolLM2-Q8_0", "Mixtral-Q5_K_M-00001-of-00002"}
+    moe = entries["Qwen3-30B-A3B-Q4_K_M"]
+    assert (moe.quant, moe.moe, moe.architecture) == ("Q4_K_M", True, "qwen3moe")
+    assert moe.size_bytes == (models / "Qwen3-30B-A3B-Q4_K_M.gguf").stat().st_size
+    dense = entries["SmolLM2-Q8_0"]
+    assert (dense.quant, dense.moe) == ("Q8_0", False), "dense files are marked, not hidden"
+    split = entries["Mixtral-Q5_K_M-00001-of-00002"]
+    assert split.quant == "Q5_K_M"
+    assert split.size_bytes == sum(p.stat().st_size for p in (models / "big").iterdir())
+
+
+def test_lmstudio_and_hf_cache_gguf_repos_are_found(tmp_path: Path) -> None:
+    lmstudio = tmp_path / "lmstudio"
+    write_gguf(lmstudio / "Qwen" / "Qwen3-30B-A3B-GGUF" / "Qwen3-30B-A3B-Q6_K.gguf", file_type=18)
+    found = scan_lmstudio([lmstudio, tmp_path / "absent"])
+    assert [(e.name, e.source, e.quant) for e in found] == [
+        ("Qwen3-30B-A3B-Q6_K", "LM Studio", "Q6_K")
+    ]
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--unsloth--Qwen3-30B-A3B-GGUF" / "snapshots" / "abc"
+    write_gguf(snapshot / "Qwen3-30B-A3B-Q4_K_M.gguf")
+    entries = scan_hf_cache(cache)
+    assert [e.name for e in entries] == ["unsloth/Qwen3-30B-A3B-GGUF/Qwen3-30B-A3B-Q4_K_M.gguf"]
+    assert entries[0].quant == "Q4_K_M" and entries[0].source == "Hugging Face cache"
+
+
+def test_damaged_gguf_is_listed_with_the_problem(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "models" / "broken.gguf")
+    path.write_bytes(path.read_bytes()[:200])
+    (entry,) = scan_gguf_files(tmp_path / "models", "models folder")
+    assert entry.moe is None and "header" in entry.problem
+    with pytest.raises(ValueError, match="cannot be read as GGUF"):
+        check_model_folder(path)
+
+
+def test_adding_a_gguf_file_checks_it_is_moe(tmp_path: Path) -> None:
+    moe = write_gguf(tmp_path / "moe.gguf")
+    assert check_model_folder(moe) == moe
+    dense = write_gguf(tmp_path / "dense.gguf", moe=False, arch="llama")
+    with pytest.raises(ValueError, match="dense model"):
+        check_model_folder(dense)

@@ -144,3 +144,11 @@ def test_an_unusable_curve_leaves_the_model_exact(
     monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "data"))
     broken = _model_with_curve(tmp_path / "broken", {"default_alpha": "high", "points": []})
     assert SettingsStore(tmp_path / "config").load_model(broken).alpha == 0.0
+
+
+def test_expert_quantization_is_a_per_model_reload_setting(tmp_path: Path) -> None:
+    base = ModelSettings()
+    assert replace(base, expert_quant="int4").needs_reload(base)
+    assert to_load_config(tmp_path, replace(base, expert_quant="int8")).expert_quant == "int8"
+    with pytest.raises(ValueError, match="Expert quantization must be one of"):
+        ModelSettings(expert_quant="int3")

@@ -38,13 +38,13 @@ def test_models_window_lists_builtin_and_hf_cache_with_engine_details(
 ) -> None:
     snapshot = fake_hf_repo(user_dirs / "hf-cache", "mistralai/Mixtral-8x7B", "r1", 100)
     dialog = open_library(window)
-    qtbot.waitUntil(lambda: cell(dialog, 1, 5) == "2", timeout=5000)
+    qtbot.waitUntil(lambda: cell(dialog, 1, 6) == "2", timeout=5000)
     assert [cell(dialog, r, 0) for r in range(2)] == [
         "● understudy-mini-moe (loaded)",
         "mistralai/Mixtral-8x7B",
     ]
     assert cell(dialog, 1, 1) == "Hugging Face cache"
-    assert cell(dialog, 1, 4) == "8 × 8 layers", "experts per layer from EngineAPI.inspect"
+    assert cell(dialog, 1, 5) == "8 × 8 layers", "experts per layer from EngineAPI.inspect"
     assert snapshot in fake_engine.calls.inspected
 
 
@@ -186,3 +186,22 @@ def test_chat_template_override_reaches_the_request(
     window.composer.submit()
     qtbot.waitUntil(lambda: not window.controller.generating, timeout=5000)
     assert fake_engine.calls.requests[-1].chat_template == template
+
+
+def test_models_window_shows_gguf_quant_and_marks_dense_files(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    from tests.app.test_model_library import write_gguf
+
+    models = user_dirs / "data" / "models"
+    write_gguf(models / "Qwen3-30B-A3B-Q4_K_M.gguf")
+    write_gguf(models / "SmolLM2-Q8_0.gguf", moe=False, file_type=7, arch="llama")
+    dialog = open_library(window)
+    names = [cell(dialog, r, 0) for r in range(dialog.table.rowCount())]
+    moe, dense = names.index("Qwen3-30B-A3B-Q4_K_M"), names.index("SmolLM2-Q8_0")
+    assert (cell(dialog, moe, 3), cell(dialog, dense, 3)) == ("Q4_K_M", "Q8_0")
+    assert cell(dialog, dense, 5) == "dense (not MoE): cannot be loaded"
+    qtbot.waitUntil(lambda: cell(dialog, moe, 6) == "2", timeout=5000)  # inspected
+    assert models / "SmolLM2-Q8_0.gguf" not in fake_engine.calls.inspected
+    assert not dialog.add_folder(models / "SmolLM2-Q8_0.gguf")
+    assert "dense model" in dialog.message.text()

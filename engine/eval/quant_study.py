@@ -1,0 +1,214 @@
+"""Quantized experts measured side by side: fidelity, bytes moved, CPU decode speed.
+
+``python -m engine.eval.quant_study --out DIR`` converts the built-in model (or ``--model``) to
+GGUF F32, Q8_0 and Q4_K_M in ``DIR``, then on one machine, in one run:
+
+1. **Scheme choice for --expert-quant**: every expert quantized and decoded up front with
+   round-to-nearest int8 (symmetric) and int4 (asymmetric) at group sizes 32, 64 and 128, and
+   the GGML formats the engine stores (Q8_0, Q5_0, Q4_1, Q4_0); perplexity on the held-out
+   sample and agreement with the unquantized model (mean KL, top-1) - the cost of the
+   quantization itself, with no offloading or substitution involved.
+2. **GGUF files through the engine** at the same cache fraction (policy lru, alpha 0), with
+   quantized slots (the CUDA layout): perplexity, bytes moved per token, misses per token;
+   and Q4_K_M with the cache budget in GB that the F32 model gets (more slots, same bytes).
+3. **CPU decode tok/s** of the fp32 safetensors model vs the F32, Q8_0 and Q4_K_M files
+   (CPU default: experts decoded once as the cache takes them), interleaved rounds, one
+   thread, cache fraction 0.5.
+
+Writes ``quant_study.json`` and prints a Markdown summary. Slow-ish: about a minute per
+configuration of the built-in model on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize as gguf_dequantize
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.config import CacheConfig, LoadConfig
+from engine.gguf.writer import convert
+from engine.paths import builtin_model_dir
+from engine.quant.ggml_encode import encode
+from engine.runtime.loading import load_model
+
+SAMPLE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "heldout_sample.txt"
+WINDOW = 256
+
+
+def _rtn(weights: np.ndarray, bits: int, group: int, symmetric: bool) -> np.ndarray:
+    """Round-to-nearest group-wise quantize-dequantize along the last axis (fp16 scales)."""
+    rows = weights.reshape(-1, group)
+    if symmetric:
+        levels = 2 ** (bits - 1) - 1
+        scale = (np.abs(rows).max(axis=1, keepdims=True) / levels).astype(np.float16)
+        scale = scale.astype(np.float32)
+        q = np.clip(np.rint(rows / np.where(scale == 0, 1, scale)), -levels, levels)
+        return (q * scale).reshape(weights.shape)
+    levels = 2**bits - 1
+    low = rows.min(axis=1, keepdims=True).astype(np.float16).astype(np.float32)
+    scale = ((rows.max(axis=1, keepdims=True) - low) / levels).astype(np.float16)
+    scale = scale.astype(np.float32)
+    q = np.clip(np.rint((rows - low) / np.where(scale == 0, 1, scale)), 0, levels)
+    return (q * scale + low).reshape(weights.shape)
+
+
+def _ggml(weights: np.ndarray, qtype: int) -> np.ndarray:
+    rows = weights.reshape(-1, weights.shape[-1])
+    return gguf_dequantize(encode(rows, qtype), Q(qtype)).reshape(weights.shape)
+
+
+SCHEMES: dict[str, tuple[float, Any]] = {  # name -> (bits per weight, quantize-dequantize)
+    "int8 g32 sym (= Q8_0)": (8.5, lambda w: _ggml(w, Q.Q8_0)),
+    "int8 g128 sym": (8.125, lambda w: _rtn(w, 8, 128, True)),
+    "Q5_0 (5-bit g32 sym)": (5.5, lambda w: _ggml(w, Q.Q5_0)),
+    "int4 g32 asym (= Q4_1)": (5.0, lambda w: _ggml(w, Q.Q4_1)),
+    "int4 g64 asym": (4.5, lambda w: _rtn(w, 4, 64, False)),
+    "int4 g128 asym": (4.25, lambda w: _rtn(w, 4, 128, False)),
+    "Q4_0 (int4 g32 sym)": (4.5, lambda w: _ggml(w, Q.Q4_0)),
+}
+
+
+def _windows(ids: torch.Tensor) -> list[torch.Tensor]:
+    return [ids[:, i : i + WINDOW] for i in range(0, ids.shape[1] - 1, WINDOW)]
+
+
+def _score(model: Any, ids: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+    """Perplexity over non-overlapping windows, and the log-probabilities of each window."""
+    total, count, logprobs = 0.0, 0, []
+    with torch.no_grad():
+        for window in _windows(ids):
+            logits = model(window).logits.float()  # [1, W, V]
+            logp = torch.log_softmax(logits, dim=-1)
+            logprobs.append(logp)
+            target = window[:, 1:]
+            total -= logp[:, :-1].gather(-1, target[..., None]).sum().item()
+            count += target.numel()
+    return math.exp(total / count), logprobs
+
+
+def _agreement(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict[str, float]:
+    kl, top1, n = 0.0, 0, 0
+    for ref, got in zip(reference, other, strict=True):
+        kl += torch.sum(ref.exp() * (ref - got), dim=-1).sum().item()
+        top1 += int((ref.argmax(-1) == got.argmax(-1)).sum().item())
+        n += ref.shape[1]
+    return {"mean_kl": kl / n, "top1_agreement": top1 / n}
+
+
+def scheme_study(model_dir: Path, ids: torch.Tensor) -> list[dict[str, Any]]:
+    """The cost of each quantization scheme alone: experts decoded up front, no offload."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base.set_experts_implementation("eager")
+    ppl, reference = _score(base, ids)
+    rows = [{"scheme": "fp32 (none)", "bits": 32.0, "perplexity": ppl}]
+    originals = {n: p.detach().clone() for n, p in base.named_parameters() if ".experts." in n}
+    for name, (bits, roundtrip) in SCHEMES.items():
+        with torch.no_grad():
+            for param_name, value in originals.items():
+                decoded = roundtrip(value.numpy())
+                base.get_parameter(param_name).copy_(torch.from_numpy(np.asarray(decoded)))
+        ppl, logprobs = _score(base, ids)
+        rows.append({"scheme": name, "bits": bits, "perplexity": ppl,
+                     **_agreement(reference, logprobs)})  # fmt: skip
+        print(f"  {name}: ppl {ppl:.3f}", flush=True)
+    return rows
+
+
+def _engine_run(path: Path, ids: torch.Tensor, cache: CacheConfig) -> dict[str, Any]:
+    """Teacher-forced decode through the engine with quantized slots (the layout on CUDA, so
+    the bytes moved are what would cross PCIe)."""
+    config = LoadConfig(path, device="cpu", dtype="float32", cache=cache, quantized_slots=True)
+    loaded = load_model(config)
+    loaded.offload.reset_stats()
+    tokens = 0
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for window in _windows(ids):  # token by token: the decode access pattern
+            past = None
+            for i in range(window.shape[1] - 1):
+                out = loaded.model(window[:, i : i + 1], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+                total -= logp[window[0, i + 1]].item()
+                count += 1
+                loaded.offload.end_step(1)
+                tokens += 1
+    stats = loaded.offload.stats()
+    loaded.offload.close()
+    return {
+        "perplexity": math.exp(total / count),
+        "bytes_per_token": stats.bytes_moved / tokens,
+        "misses_per_token": stats.misses / tokens,
+        "cache_slots": stats.cache_slots,
+        "cache_bytes": stats.cache_bytes,
+    }
+
+
+def _decode_speed(paths: dict[str, Path], prompt: torch.Tensor, steps: int, rounds: int) -> dict:
+    half = CacheConfig(fraction=0.5)
+    models = {
+        name: load_model(LoadConfig(p, device="cpu", dtype="float32", cache=half))
+        for name, p in paths.items()
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    for _round in range(rounds):
+        for name, loaded in models.items():  # interleaved: each round runs every model once
+            with torch.no_grad():
+                out = loaded.model(prompt, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    out = loaded.model(token, past_key_values=past, use_cache=True)
+                    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                seconds[name].append(time.perf_counter() - start)
+    return {name: steps / float(np.median(times)) for name, times in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model_dir = args.model or builtin_model_dir()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(SAMPLE.read_text(encoding="utf-8"), return_tensors="pt").input_ids
+    ids = ids[:, : args.tokens]
+    print("schemes (experts quantized up front):", flush=True)
+    schemes = scheme_study(model_dir, ids)
+    files = {
+        t: convert(model_dir, args.out / f"model-{t}.gguf", t)[0] for t in ("F32", "Q8_0", "Q4_K_M")
+    }
+    half = CacheConfig(fraction=0.5)
+    engine = {t: _engine_run(p, ids, half) for t, p in files.items()}
+    same_gb = CacheConfig(budget_gb=engine["F32"]["cache_bytes"] / 1e9)
+    engine["Q4_K_M, F32's cache GB"] = _engine_run(files["Q4_K_M"], ids, same_gb)
+    contenders = {"fp32 safetensors": model_dir, **files}
+    speed = _decode_speed(contenders, ids[:, :32], steps=64, rounds=args.rounds)
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="minutes"),
+        "machine": f"{platform.machine()} {platform.processor() or platform.system()}, CPU, torch "
+        f"{torch.__version__}, 1 thread",
+        "model": str(model_dir), "tokens": int(ids.shape[1]),
+        "schemes": schemes, "engine": engine, "decode_tokens_per_second": speed,
+    }  # fmt: skip
+    (args.out / "quant_study.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

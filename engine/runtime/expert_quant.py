@@ -1,0 +1,140 @@
+"""``--expert-quant``: a safetensors model's routed experts quantized at load, cached on disk.
+
+The schemes are GGML block formats, so quantized experts share everything with GGUF files:
+``QuantizedExpertShape`` rows, device decoding (``engine.quant.ggml_blocks``), byte counts.
+``int8`` is Q8_0 (groups of 32 along the input dimension, one fp16 scale, symmetric, written
+by ``gguf``'s encoder exactly as llama.cpp writes it) and ``int4`` is Q4_1 (groups of 32, fp16
+scale and minimum: asymmetric round-to-nearest). Both take any row length that is a multiple of
+32. Why these and not other group sizes: ``docs/QUANTIZED_EXPERTS.md`` has the measurement.
+
+Quantizing reads one layer's experts at full precision at a time (one layer of float experts in
+RAM at most), encodes each expert's ``gate_up`` and ``down`` and fills the quantized store. The
+result is written once to ``<user data>/quantized-experts/<key>.safetensors`` (atomic), keyed by
+the checkpoint files (path, size, mtime), the scheme and the layout, so the next load reads the
+blocks back instead of quantizing again. A cache file that does not match is ignored and
+rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.offload.store import ExpertPart, ExpertShape, HostExpertStore, QuantizedExpertShape
+from engine.paths import user_data_dir
+from engine.quant.ggml_blocks import block_geometry
+from engine.quant.ggml_encode import encode
+
+SCHEMES: dict[str, int] = {"int8": GGMLQuantizationType.Q8_0, "int4": GGMLQuantizationType.Q4_1}
+CACHE_FORMAT = "understudy-expert-quant-1"
+SlotKey = tuple[int, int]
+
+
+def quantized_shape(
+    hidden: int, intermediate: int, dtype: torch.dtype, scheme: str
+) -> QuantizedExpertShape:
+    """The row layout of one expert in ``scheme``; ``ValueError`` when a row is not 32-wide."""
+    qtype = SCHEMES[scheme]
+    return QuantizedExpertShape(hidden, intermediate, dtype, qtype, qtype, qtype)
+
+
+def quantized_bytes(float_numel: int, scheme: str) -> int:
+    """Bytes ``float_numel`` expert weights take in ``scheme`` (before row alignment)."""
+    block, size = block_geometry(SCHEMES[scheme])
+    return -(-float_numel // block) * size
+
+
+def cache_dir() -> Path:
+    return user_data_dir() / "quantized-experts"
+
+
+def cache_key(files: Sequence[Path], scheme: str, shape: QuantizedExpertShape, layers: int) -> str:
+    """Changes whenever a checkpoint file, the scheme or the layout changes."""
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files)]
+    layout = [CACHE_FORMAT, scheme, shape.hidden, shape.intermediate, shape.numel, layers]
+    digest = hashlib.sha256(json.dumps([stats, layout]).encode("utf-8")).hexdigest()
+    return digest[:24]
+
+
+def _read_cache(path: Path, store: HostExpertStore, key: str) -> bool:
+    """Fill ``store`` from a cache file; False (store untouched) when it does not match."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            if (handle.metadata() or {}).get("key") != key:
+                return False
+            tensors = {layer: handle.get_tensor(f"layer.{layer}") for layer in store.layers}
+    except Exception:  # a damaged or foreign cache file is only a cache miss
+        return False
+    if any(t.shape != (store.num_experts, store.shape.numel) for t in tensors.values()):
+        return False
+    for layer, tensor in tensors.items():
+        for expert in range(store.num_experts):
+            store.row((layer, expert)).copy_(tensor[expert])
+    return True
+
+
+def _write_cache(path: Path, store: HostExpertStore, key: str) -> None:
+    tensors = {
+        f"layer.{layer}": torch.stack([store.row((layer, e)) for e in range(store.num_experts)])
+        for layer in store.layers
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(staged), metadata={"key": key, "format": CACHE_FORMAT})
+        os.replace(staged, path)
+    except OSError:
+        staged.unlink(missing_ok=True)  # a full disk costs the cache, not the load
+
+
+def _quantize_layer(
+    layer: int,
+    parts: Mapping[SlotKey, Sequence[ExpertPart]],
+    store: HostExpertStore,
+) -> None:
+    shape = store.shape
+    assert isinstance(shape, QuantizedExpertShape), "a quantized store holds quantized rows"
+    floats = ExpertShape(shape.hidden, shape.intermediate, torch.float32)
+    scratch = HostExpertStore(floats, [layer], store.num_experts, pin=False)
+    scratch.fill({k: v for k, v in parts.items() if k[0] == layer}, lambda done, total: None)
+    for expert in range(store.num_experts):
+        source, target = scratch.row((layer, expert)), store.row((layer, expert))
+        for part, weights in (("gate_up", floats.gate_up(source)), ("down", floats.down(source))):
+            qtype = shape.gate_type if part == "gate_up" else shape.down_type
+            packed = encode(weights.numpy(), qtype).reshape(-1)
+            shape.part_view(target, part).copy_(torch.from_numpy(np.ascontiguousarray(packed)))  # type: ignore[arg-type]
+    scratch.close()
+
+
+def fill_quantized_store(
+    parts: Mapping[SlotKey, Sequence[ExpertPart]],
+    files: Sequence[Path],
+    store: HostExpertStore,
+    scheme: str,
+    on_layer: Callable[[int, int, bool], None],
+) -> bool:
+    """Fill ``store`` with quantized experts, from the cache when it matches; True on a hit.
+
+    ``on_layer(done, total, from_cache)`` is called after each layer (cancellation hook).
+    """
+    shape = store.shape
+    assert isinstance(shape, QuantizedExpertShape), "a quantized store holds quantized rows"
+    key = cache_key(files, scheme, shape, len(store.layers))
+    path = cache_dir() / f"{key}.safetensors"
+    if path.is_file() and _read_cache(path, store, key):
+        on_layer(len(store.layers), len(store.layers), True)
+        return True
+    for done, layer in enumerate(store.layers, start=1):
+        _quantize_layer(layer, parts, store)
+        on_layer(done, len(store.layers), False)
+    _write_cache(path, store, key)
+    return False
