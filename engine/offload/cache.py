@@ -130,13 +130,13 @@ class ExpertCache:
     def weights(self, key: SlotKey) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) views of a resident expert's slot."""
         slot = self._slot_of[key]
-        views = self._slot_views.get(slot)  # dropped whenever the slot takes another expert
+        views = self._slot_views.get(slot)  # float views of a slot fit whatever it holds
         if views is not None:
             return views
         row = self._slots[slot]
         shape = self.store.layer_shape(key[0])  # GGUF files may mix block types across layers
         views = shape.gate_up(row), shape.down(row)
-        if views[0]._is_view() and views[1]._is_view():  # a dequantizing shape is not kept
+        if isinstance(shape, ExpertShape):  # a quantized shape decodes a fresh copy: not kept
             self._slot_views[slot] = views
         return views
 
