@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from app.model_library import human_bytes
+from engine.atomic import write_text_atomic
 from engine.paths import user_data_dir
 
 MATCH_TOLERANCE = 0.026  # half a slider step: a point this close counts as measured here
@@ -131,7 +132,6 @@ def load_curve(
 
 def save_curve(curve: Curve, data_dir: Path | None = None) -> Path:
     path = curve_path(curve.model, data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "model": curve.model,
         "device": curve.device,
@@ -139,8 +139,7 @@ def save_curve(curve: Curve, data_dir: Path | None = None) -> Path:
         "default_alpha": curve.default_alpha,
         "points": [asdict(p) for p in curve.points],
     }
-    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def describe(point: CurvePoint | None) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from app.curves import CurveError, load_curve
+from engine.atomic import write_text_atomic
 from engine.config import LiveOptions, LoadConfig, SamplingConfig
 from engine.errors import InvalidRequestError
 from engine.options import EngineOptions, build_live_options, build_load_config, build_sampling
@@ -172,16 +173,13 @@ def model_key(model_dir: Path | str) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON via a temp file and ``os.replace``; on failure the old file is intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as error:  # NaN or infinity: never written as non-standard JSON
+        raise SettingsSaveError(f"Could not save settings to {path}: {error}") from error
+    try:
+        write_text_atomic(path, text)
     except OSError as error:
-        temp.unlink(missing_ok=True)
         raise SettingsSaveError(_save_message(path, error)) from error
 
 
