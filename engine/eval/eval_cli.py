@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from engine.atomic import write_text_atomic
 from engine.config import DEFAULT_CACHE_FRACTION, DEVICES, DTYPES, CacheConfig
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.eval import bench, bench_report
@@ -209,8 +210,10 @@ def _emit_json(rows: list[dict[str, Any]], target: str) -> None:
         print(text)
         return
     path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n", encoding="utf-8")
+    try:
+        write_text_atomic(path, text + "\n")
+    except OSError as error:
+        raise InvalidRequestError(f"cannot write {path}: {error}") from error
     print(f"wrote {path}", file=sys.stderr)
 
 
@@ -342,7 +345,8 @@ def _report(args: argparse.Namespace, result: bench.BenchResult) -> list[Path]:
     json_path = out / "bench.json"
     if not args.rerender:
         bench_report.write_json(result, json_path)
-    plot_path = bench_report.plot(result.rows, out / "speed_vs_fidelity.png")
+    rows = bench_report.reported_rows(result.rows, bench_report.result_device(result))
+    plot_path = bench_report.plot(rows, out / "speed_vs_fidelity.png")
     markdown = args.markdown or (
         Path("docs/BENCHMARKS.md") if out == DEFAULT_OUT else out / "BENCHMARKS.md"
     )
@@ -354,8 +358,7 @@ def _report(args: argparse.Namespace, result: bench.BenchResult) -> list[Path]:
         _relative(plot_path, markdown.parent),
         _relative(json_path, markdown.parent),
     )
-    markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(text, encoding="utf-8")
+    write_text_atomic(markdown, text)
     return [json_path, plot_path, markdown]
 
 
@@ -363,18 +366,8 @@ def _rerender(args: argparse.Namespace) -> int:
     """Rebuild the plot and markdown from ``<out>/bench.json`` without measuring anything."""
     path = args.out / "bench.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        result = bench.BenchResult(
-            data["rows"],
-            bench.choose_default_alpha(data["rows"]),  # the rule in force, from the measured rows
-            data["model"],
-            data["info"],
-            data["settings"],
-            data.get("trace_replay", []),
-            data["started"],
-            data["seconds"],
-        )
-    except (OSError, json.JSONDecodeError, KeyError) as error:
+        result = bench_report.read_result(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise InvalidRequestError(f"cannot re-render from {path}: {error}") from error
     missing = [key for key in ("machine", "command") if key not in result.settings]
     if missing:
