@@ -18,11 +18,16 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from app.curves import CurveError, load_curve
 from engine.atomic import write_text_atomic
 from engine.config import LiveOptions, LoadConfig, SamplingConfig
 from engine.errors import InvalidRequestError
-from engine.options import EngineOptions, build_live_options, build_load_config, build_sampling
+from engine.options import (
+    EngineOptions,
+    build_live_options,
+    build_load_config,
+    build_sampling,
+    curve_default_alpha,
+)
 
 THEMES: tuple[str, ...] = ("system", "light", "dark")
 RELOAD_FIELDS: frozenset[str] = frozenset({"device", "cache_budget_gb", "context_length"})
@@ -213,13 +218,8 @@ def default_model_settings(model_dir: Path) -> ModelSettings:
     The benchmark picks that alpha from the model's speed/fidelity curve; without a curve (or
     with an unusable one) the model starts exact, at alpha 0.
     """
-    try:
-        curve = load_curve(model_dir.name, model_dir=model_dir)
-    except CurveError:
-        curve = None
-    if curve is None or curve.default_alpha is None:
-        return ModelSettings()
-    return ModelSettings(alpha=curve.default_alpha)
+    alpha = curve_default_alpha(model_dir)  # the engine's rule, shared with the CLI
+    return ModelSettings() if alpha is None else ModelSettings(alpha=alpha)
 
 
 class SettingsStore:
