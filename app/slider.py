@@ -15,7 +15,7 @@ from pathlib import Path
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
 
-from app.curves import Curve, CurveError, describe, load_curve
+from app.curves import Curve, CurveError, axis_labels, curve_source, describe, load_curve
 from app.measure import MeasureCancelled
 from app.tasks import start_task
 from engine.config import ALPHA_MAX
@@ -58,9 +58,11 @@ class ImportanceSlider(QWidget):
 
     def _layout(self) -> None:
         ends = QHBoxLayout()
-        ends.addWidget(QLabel("exact"))
+        low, high = axis_labels(None)
+        self.high_label = QLabel(high)  # the words follow the curve's device (reload_curve)
+        ends.addWidget(QLabel(low))
         ends.addStretch(1)
-        ends.addWidget(QLabel("faster, approximate"))
+        ends.addWidget(self.high_label)
         column = QVBoxLayout()
         column.setContentsMargins(0, 0, 0, 0)
         column.setSpacing(0)
@@ -101,6 +103,7 @@ class ImportanceSlider(QWidget):
                 self.curve = load_curve(self.model_name, model_dir=self.model_dir)
             except CurveError as error:
                 self.curve_error = f"benchmark curve unreadable: {error}"
+        self.high_label.setText(axis_labels(self.curve)[1])
         self._refresh()
 
     def _moved(self, _value: int) -> None:
@@ -117,10 +120,13 @@ class ImportanceSlider(QWidget):
             text = UNSUPPORTED
         elif self.curve_error:
             text = self.curve_error
-        elif between is not None:
-            text = f"≈ {describe(between)} (between measured points)"
+        elif between is not None and self.curve is not None:
+            text = f"≈ {describe(between, self.curve)} (between measured points; "
+            text += f"{curve_source(self.curve)})"
+        elif point is not None and self.curve is not None:
+            text = f"{describe(point, self.curve)} ({curve_source(self.curve)})"
         else:
-            text = describe(point)
+            text = describe(None)
         self.curve_label.setText(text)
         measured = point is not None or between is not None
         self.measure_button.setVisible(bool(self.model_name) and self.supported and not measured)
