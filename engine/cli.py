@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 
+from engine.atomic import write_with
 from engine.config import DEVICES, DTYPES, EVICTIONS, POLICIES, GenerateRequest, SamplingConfig
 from engine.errors import (
     CacheBudgetError,
@@ -443,7 +444,7 @@ def dump_logits(path: Path, result: ScoreResult) -> None:
         "input_ids": torch.tensor(result.input_ids, dtype=torch.long),
     }
     try:
-        save_file(tensors, str(path))
+        write_with(path, lambda temp: save_file(tensors, str(temp)))
     except OSError as error:
         raise InvalidRequestError(f"cannot write {path}: {error}") from error
 
