@@ -320,6 +320,11 @@ def _mark(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+SUMMARY_WORDS = {
+    "+substitution": "substitution (`+substitution`)",
+    DEVICE_INDEPENDENT: "substitution + prefetch (`+prefetch`)",
+    FULL_METHOD: "whole method (`+cpu`, `--policy smoe`)",
+}
 POLICY_WORDS = {
     FULL_METHOD: "the whole method (`+cpu`, i.e. `--policy smoe`)",
     DEVICE_INDEPENDENT: "substitution and prefetch (`+prefetch`: `--policy smoe --no-cpu-assist`)",
@@ -435,6 +440,8 @@ def render_markdown(
         "",
         device_note(device),
         "",
+        readme_table(result),
+        "",
         headline_text(head),
         "",
         best_text(rows, head),
@@ -492,40 +499,43 @@ def device_note(device: str) -> str:
     )
 
 
+SUMMARY_POLICIES = ("+substitution", DEVICE_INDEPENDENT, FULL_METHOD)
+
+
+def _summary_line(name: str, alpha: str, kb: float, ratio: str, row: dict[str, Any]) -> list[str]:
+    figures = [f"{row['hit_rate']:.3f}", f"{row['top1_agreement']:.4f}", f"{row['ppl_delta']:+.2%}"]
+    return [name, alpha, f"{kb / 1e3:.0f}{ratio}", *figures]
+
+
 def readme_table(result: BenchResult) -> str:
-    """The README's headline table: LRU and the headline policy at the default alpha."""
+    """The headline table (README and ``BENCHMARKS.md``): LRU, then the method's reported
+    parts at the default alpha and the headline cache (``+cpu`` only from a GPU run)."""
     device = result_device(result)
-    policy = headline_policy(device)
-    head = headline(reported_rows(result.rows, device), result.default_alpha, policy)
-    if not head:
+    rows = reported_rows(result.rows, device)
+    alpha = result.default_alpha
+    heads = [headline(rows, alpha, policy) for policy in SUMMARY_POLICIES]
+    heads = [head for head in heads if head]
+    if not heads:
         return ""
-    ratio = _f(head["bytes_ratio_vs_lru"], "{:.2f}")
-    lines = [
-        [
-            "LRU (mixtral-offloading)",
-            "0",
-            f"{head['lru_bytes_per_token'] / 1e3:.0f}",
-            f"{head['lru_hit_rate']:.3f}",
-            f"{head['lru_top1_agreement']:.4f}",
-            f"{head['lru_ppl_delta']:+.2%}",
-        ],
-        [
-            POLICY_WORDS.get(policy, f"`{policy}`"),
-            f"{head['alpha']:.1f} (auto default)",
-            f"{head['bytes_per_token'] / 1e3:.0f} ({ratio} x LRU)",
-            f"{head['hit_rate']:.3f}",
-            f"{head['top1_agreement']:.4f}",
-            f"{head['ppl_delta']:+.2%}",
-        ],
-    ]
-    header = [
-        "policy",
-        "alpha",
-        "KB moved per token",
-        "hit rate (incl. substitutions)",
-        "top-1 agreement",
-        "perplexity",
-    ]
+    lru = next(
+        r
+        for r in rows
+        if r["policy"] == "lru" and r["cache_fraction"] == heads[0]["cache_fraction"]
+    )
+    lines = [_summary_line("LRU (mixtral-offloading)", "0", lru["bytes_per_token"], "", lru)]
+    for head in heads:
+        ours = next(
+            r
+            for r in curve_rows(rows, head["policy"], head["cache_fraction"])
+            if r["alpha"] == alpha
+        )
+        ratio = f" ({_f(head['bytes_ratio_vs_lru'], '{:.2f}')} x LRU)"
+        name = SUMMARY_WORDS.get(head["policy"], f"`{head['policy']}`")
+        lines.append(
+            _summary_line(name, f"{alpha:.1f} (auto default)", ours["bytes_per_token"], ratio, ours)
+        )
+    header = ["policy", "alpha", "KB moved per token", "hit rate (incl. substitutions)",
+              "top-1 agreement", "perplexity"]  # fmt: skip
     return _table(header, lines)
 
 
