@@ -56,7 +56,7 @@ def bench_command(model_dir: Path, out_dir: Path, text: Path) -> list[str]:
         "--model",
         str(model_dir),
         "--policies",
-        "+cpu",
+        "+prefetch",  # device-independent bytes (CPU assist's follow timing on a CPU device)
         "--cache-fractions",
         "0.5",
         "--alphas",

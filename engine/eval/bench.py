@@ -263,9 +263,17 @@ def headline_policy(device: str) -> str:
     return FULL_METHOD if device in GPU_DEVICES else DEVICE_INDEPENDENT
 
 
+def measured_policy(rows: Sequence[dict[str, Any]], preferred: str) -> str:
+    """``preferred`` if the run measured it, else the first measured substituting policy
+    (a partial run, e.g. the app's Measure, may hold only one)."""
+    measured = {r["policy"] for r in rows}
+    order = (preferred, DEVICE_INDEPENDENT, FULL_METHOD, "+substitution")
+    return next((p for p in order if p in measured), preferred)
+
+
 def choose_default_alpha(
     rows: Sequence[dict[str, Any]],
-    policy: str = DEVICE_INDEPENDENT,
+    policy: str | None = None,
     cache_fraction: float = HEADLINE_CACHE,
     min_agreement: float = MIN_AGREEMENT,
     max_ppl_delta: float = MAX_PPL_DELTA,
@@ -281,6 +289,7 @@ def choose_default_alpha(
     moves the fewest bytes per token (the smaller alpha on a tie).
     """
     admissible = []
+    policy = measured_policy(rows, policy or DEVICE_INDEPENDENT)
     for row in curve_rows(rows, policy, cache_fraction):
         if row["top1_agreement"] < min_agreement or row["ppl_delta"] > max_ppl_delta:
             break
@@ -317,7 +326,7 @@ def machine_label(machine: dict[str, Any]) -> str:
 
 def curve_document(result: BenchResult, device: str) -> dict[str, Any]:
     """The slider's curve (``app.curves`` format): the headline policy at the headline cache."""
-    policy = headline_policy(device)
+    policy = measured_policy(result.rows, headline_policy(device))
     points = [
         {
             "alpha": r["alpha"],
@@ -339,7 +348,8 @@ def curve_document(result: BenchResult, device: str) -> dict[str, Any]:
         "default_alpha": result.default_alpha,
         "rule": f"fewest bytes per token among the alphas with top-1 agreement >= "
         f"{MIN_AGREEMENT} and perplexity delta <= {MAX_PPL_DELTA:.0%} "
-        f"(policy {DEVICE_INDEPENDENT}, cache {HEADLINE_CACHE:.0%})",
+        f"(policy {measured_policy(result.rows, DEVICE_INDEPENDENT)}, "
+        f"cache {HEADLINE_CACHE:.0%})",
         "ppl_delta_unit": "relative (0.01 = 1% higher perplexity than the unmodified model)",
         "points": points,
     }

@@ -120,6 +120,9 @@ def test_default_alpha_ignores_the_timing_dependent_cpu_assist_rows() -> None:
     # +cpu at 0.4 moves the fewest bytes (a CPU-only run's timing noise) and is in bounds
     noisy = [_row(0.0, 1.0, 0.0, "+cpu"), _row(0.4, 0.99, 0.004, "+cpu", kb=1.0)]
     assert bench.choose_default_alpha(rows + noisy) == 0.2
+    # a partial run that measured only one substituting policy still gets a curve and an alpha
+    assert bench.choose_default_alpha(noisy) == 0.4
+    assert bench.measured_policy(noisy, "+prefetch") == "+cpu"
 
 
 def test_cpu_runs_report_substitution_and_prefetch_gpu_runs_the_whole_method() -> None:
