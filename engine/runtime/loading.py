@@ -67,7 +67,12 @@ from engine.offload.routing import RoutingWrapper
 from engine.offload.stats import OffloadStats
 from engine.offload.store import ExpertPart, ExpertShape, HostExpertStore, Part, SlotKey
 from engine.runtime.memory import resolve_device, resolve_dtype
-from engine.runtime.validation import check_config_sizes, check_trunk_finite, read_config_object
+from engine.runtime.validation import (
+    check_config_sizes,
+    check_side_files,
+    check_trunk_finite,
+    read_config_object,
+)
 
 GB = 1e9
 _SWAP_LOCK = threading.Lock()  # experts classes are swapped module-wide during from_pretrained
@@ -161,6 +166,7 @@ def _read_config(model_dir: Path) -> Any:
             f"{model_dir} has no config.json; is this a Hugging Face model folder?"
         )
     check_config_sizes(read_config_object(model_dir))  # before transformers builds anything
+    check_side_files(model_dir)
     architecture = _architecture_name(model_dir)
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)

@@ -20,9 +20,25 @@ from torch import nn
 from engine.errors import ModelLoadError
 from engine.offload.finite import NonFiniteWeightError, check_finite
 
-__all__ = ["NonFiniteWeightError", "check_config_sizes", "check_trunk_finite", "read_config_object"]
+__all__ = [
+    "NonFiniteWeightError",
+    "check_config_sizes",
+    "check_side_files",
+    "check_trunk_finite",
+    "read_config_object",
+]
 
 MAX_CONFIG_BYTES = 4 << 20  # real configs are a few KB (the largest known: ~200 KB)
+# Side files that are parsed whole into memory (weights are mapped, never parsed like this).
+SIDE_FILE_LIMITS: dict[str, int] = {
+    "tokenizer.json": 256 << 20,  # the largest real ones are ~35 MB
+    "tokenizer_config.json": 32 << 20,  # may embed chat templates
+    "chat_template.jinja": 1 << 20,
+    "chat_template.json": 1 << 20,
+    "generation_config.json": 1 << 20,
+    "special_tokens_map.json": 1 << 20,
+    "model.safetensors.index.json": 64 << 20,
+}
 
 # Upper bounds well above any released model (DeepSeek-V3: hidden 7168, 61 layers, 256
 # experts; Llama-4: vocab 202k; Gemma: vocab 262k), far below what exhausts a desktop.
@@ -67,6 +83,21 @@ def read_config_object(model_dir: Path) -> dict[str, Any]:
             f"config.json in {model_dir} is a JSON {type(data).__name__}, not an object"
         )
     return data
+
+
+def check_side_files(model_dir: Path) -> None:
+    """Refuse side files (tokenizer, templates, index) far larger than any real model's."""
+    for name, limit in SIDE_FILE_LIMITS.items():
+        path = Path(model_dir) / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue  # absent: whoever needs it says so
+        if size > limit:
+            raise ModelLoadError(
+                f"{name} in {model_dir} is {size / 1e6:.0f} MB, more than any real model's "
+                f"(limit {limit / 1e6:.0f} MB); it is not read"
+            )
 
 
 def _sections(config: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:

@@ -133,3 +133,17 @@ def test_generate_with_a_poisoned_expert_fails_with_its_name_not_garbage(
     err = capsys.readouterr().err
     assert code == 2, err
     assert "NaN or infinite" in err and "experts." in err and "Traceback" not in err
+
+
+def test_side_files_far_larger_than_real_ones_are_not_read(
+    copy: Callable[[], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.runtime import validation
+
+    directory = copy()
+    monkeypatch.setitem(validation.SIDE_FILE_LIMITS, "tokenizer.json", 1000)
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json .* it is not read"):
+        inspect_model(directory)
+    (directory / "config.json").write_bytes(b" " * (validation.MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ModelLoadError, match="a model config is a few KB"):
+        inspect_model(directory)
