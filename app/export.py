@@ -9,6 +9,7 @@ from typing import Any
 
 from app import __version__
 from app.conversation import Conversation
+from engine.atomic import write_text_atomic
 
 ROLE_TITLES = {"user": "User", "assistant": "Assistant", "system": "System"}
 
@@ -65,4 +66,4 @@ def export_to(conversation: Conversation, path: Path) -> None:
         text = to_json(conversation)
     else:
         raise ValueError(f"export to .md or .json, not {suffix or 'a file without extension'}")
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)  # an interrupted export never leaves half a file
