@@ -55,6 +55,7 @@ from engine.options import (
     unused_options,
 )
 from engine.runtime.generation import ScoreResult
+from engine.runtime.prompts import MAX_CHARS_PER_TOKEN
 from engine.runtime.session import ModelSession, estimate_for
 from engine.runtime.worker import translate_error
 
@@ -431,9 +432,10 @@ def score_ids(session: ModelSession, text: str, max_tokens: int | None) -> tuple
     """Token ids to score: at most ``max_tokens`` and the context length; and if cut."""
     if max_tokens is not None and max_tokens < 2:
         raise InvalidRequestError(f"--max-tokens must be at least 2; got {max_tokens}")
-    ids = session.encode(text)
-    limit = min(max_tokens or len(ids), session.config.context_length)
-    return ids[:limit], len(ids) > limit
+    limit = min(max_tokens or session.config.context_length, session.config.context_length)
+    read = limit * MAX_CHARS_PER_TOKEN  # no more text than ``limit`` tokens can hold
+    ids = session.encode(text[:read])
+    return ids[:limit], len(ids) > limit or len(text) > read
 
 
 def dump_logits(path: Path, result: ScoreResult) -> None:

@@ -294,3 +294,26 @@ def test_threads_option_sets_torch_threads(capsys, model):
         assert code == 2 and "--threads" in line
     finally:
         torch.set_num_threads(before)
+
+
+def test_score_tokenises_no_more_text_than_the_tokens_it_keeps(
+    capsys, model, tmp_path, monkeypatch
+):
+    from engine.runtime.prompts import MAX_CHARS_PER_TOKEN
+    from engine.runtime.session import ModelSession
+
+    seen: list[int] = []
+    encode = ModelSession.encode
+
+    def counting(self, text):  # type: ignore[no-untyped-def]
+        seen.append(len(text))
+        return encode(self, text)
+
+    monkeypatch.setattr(ModelSession, "encode", counting)
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 400_000, encoding="utf-8")
+    report = run_json(
+        capsys, "score", *model, "--text-file", str(big), "--max-tokens", "10", "--json"
+    )
+    assert report["tokens"] == 10 and report["truncated"]
+    assert seen == [10 * MAX_CHARS_PER_TOKEN]
