@@ -345,11 +345,14 @@ def _command_line() -> str:
 
 
 def _report(args: argparse.Namespace, result: bench.BenchResult) -> list[Path]:
-    """JSON (unless re-rendering from it), plot and markdown of one bench result."""
+    """JSON, plot and markdown of one bench result.
+
+    A re-render rewrites the JSON too: the same measurements, with the default alpha of the
+    rule in force (the only field derived from them).
+    """
     out: Path = args.out
     json_path = out / "bench.json"
-    if not args.rerender:
-        bench_report.write_json(result, json_path)
+    bench_report.write_json(result, json_path)
     rows = bench_report.reported_rows(result.rows, bench_report.result_device(result))
     plot_path = bench_report.plot(rows, out / "speed_vs_fidelity.png")
     markdown = args.markdown or (
