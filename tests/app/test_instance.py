@@ -71,3 +71,16 @@ def test_main_exits_with_a_message_when_the_profile_is_taken(
     finally:
         first.release()
     assert "already running" in capsys.readouterr().err
+
+
+def test_the_lock_of_a_killed_app_is_taken_over(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder.kill()  # a crash: the lock file stays behind
+    holder.communicate(timeout=30)
+    assert SingleInstance(tmp_path).acquire(), "a dead app's lock does not lock you out"
