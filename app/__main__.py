@@ -6,6 +6,9 @@ Options:
                     shown, print one line saying which, and exit (for headless launch checks)
   --require-model   with --smoke-test: exit 1 unless the model actually loaded
   --timeout S       with --smoke-test: give up after S seconds (exit 2; default 180)
+
+One app runs per profile (``app.instance``): a second start brings the first one's window to
+the front, says so and exits with 3.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import sys
 from collections.abc import Sequence
 
 from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication, QMessageBox, QWidget
 
 from app.application import create_application, create_loop
 from app.bridge import EngineBridge, make_engine, real_engine_available
 from app.chat_store import ChatStore
 from app.crash_guard import CrashGuard
 from app.error_reporting import ErrorReporter, setup_logging
+from app.instance import SingleInstance, already_running_message
 from app.main_window import MainWindow
 from app.measure import BenchMeasurer
 from app.settings import SettingsStore
@@ -75,9 +80,38 @@ class SmokeTest:
         self.window.close()
 
 
+EXIT_ALREADY_RUNNING = 3
+
+
+def refuse_second(instance: SingleInstance, quiet: bool) -> int:
+    """Another app holds this profile: bring it forward and say so (a box unless ``quiet``)."""
+    message = already_running_message(instance.data_dir, instance.activate_first())
+    print(message, file=sys.stderr, flush=True)
+    if not quiet:
+        QMessageBox.information(None, "Understudy is already running", message)
+    return EXIT_ALREADY_RUNNING
+
+
+def bring_to_front(window: QWidget) -> None:
+    window.showNormal()
+    window.raise_()
+    window.activateWindow()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     app = create_application([sys.argv[0]])
+    instance = SingleInstance(user_data_dir())
+    if not instance.acquire():
+        return refuse_second(instance, quiet=args.smoke_test)
+    try:
+        return run(app, args, instance)
+    finally:
+        instance.release()
+
+
+def run(app: QApplication, args: argparse.Namespace, instance: SingleInstance) -> int:
+    """The app's life on a profile this process holds."""
     setup_logging()
     loop = create_loop(app)
     engine = build_engine(args.demo)
@@ -91,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     smoke = SmokeTest(window, args.require_model, args.timeout) if args.smoke_test else None
     guard = CrashGuard(user_config_dir())
     window.show()
+    instance.listen(lambda: bring_to_front(window))
     loop.call_soon(window.start, guard, args.smoke_test)
     with loop:
         loop.run_forever()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from PySide6.QtCore import QObject, Signal
 
 from app.bridge import EngineBridge, JobEvents
-from app.chat_store import ChatStore
+from app.chat_store import ChatStore, ChatStoreError
 from app.chat_view import ChatView
 from app.conversation import Conversation, Message, title_from
 from app.tasks import start_task
@@ -146,14 +146,29 @@ class ChatController(QObject):
         """Add a user message and stream the reply. False when nothing was sent."""
         if not self._can_generate():
             return False
-        conversation = self.conversation or self.new_conversation("")
-        if conversation.title == "New chat":
-            conversation.title = title_from(text)
-            self.conversations_changed.emit()
-        message = conversation.append("user", text)
-        self.store.save_message(conversation, message)
+        try:
+            conversation = self.conversation or self.new_conversation("")
+            message = self._append_saved(conversation, text)
+        except ChatStoreError as error:  # the caller puts the typed text back in the box
+            self.error_occurred.emit(str(error))
+            return False
         self._start(message.id)
         return True
+
+    def _append_saved(self, conversation: Conversation, text: str) -> Message:
+        """Append and save a user message; if saving fails, the chat is as it was."""
+        before = (dict(conversation.messages), dict(conversation.selected), conversation.title)
+        if conversation.title == "New chat":
+            conversation.title = title_from(text)
+        message = conversation.append("user", text)
+        try:
+            self.store.save_message(conversation, message)
+        except ChatStoreError:
+            conversation.messages, conversation.selected, conversation.title = before
+            raise
+        if conversation.title != before[2]:
+            self.conversations_changed.emit()
+        return message
 
     def edit(self, message_id: str, text: str) -> bool:
         """Replace a user message by a new branch and answer it; the old branch stays."""
@@ -290,12 +305,15 @@ class ChatController(QObject):
         current = conversation.messages[reply.id]
         note = " ".join(n for n in (current.note, ending_note(finished, options)) if n)
         content = finished.text if finished is not None else current.content
-        if finished is None and not content:
-            conversation.remove(reply.id)  # failed before any text: no branch is left behind
-            self.store.save_conversation(conversation)
-        else:
-            saved = conversation.update(reply.id, content=content, note=note, finished=True)
-            self.store.save_message(conversation, saved)
+        try:
+            if finished is None and not content:
+                conversation.remove(reply.id)  # failed before any text: no branch is left behind
+                self.store.save_conversation(conversation)
+            else:
+                saved = conversation.update(reply.id, content=content, note=note, finished=True)
+                self.store.save_message(conversation, saved)
+        except ChatStoreError as error:  # the reply stays on screen; say it is not saved
+            self.error_occurred.emit(f"{error} The reply is still shown.")
         self._events, self._reply_id = None, None
         self.view.streaming_id = None
         self.view.render_now()

@@ -3,13 +3,19 @@
 File format (``<user_data_dir>/curves/<model-name>.json``)::
 
     {"model": "understudy-mini-moe", "device": "cuda", "measured_at": "2026-11-24T09:00:00",
+     "machine": "NVIDIA GeForce RTX 4070", "policy": "+cpu",
      "points": [{"alpha": 0.0, "tokens_per_second": 41.2, "bytes_per_token": 1.2e8,
                  "top1_agreement": 1.0, "ppl_delta": 0.0}, ...]}
 
 Every point needs ``alpha``; the other fields are optional (``null`` or absent when not
 measured); unknown fields are ignored. ``ppl_delta`` is relative (0.01: perplexity 1% above
 the unmodified model). ``engine.eval.bench`` writes this file; a curve shipped next to the
-built-in model (``understudy_curve.json``) is used until the user measures their own. No Qt.
+built-in model (``understudy_curve.json``) is used until the user measures their own.
+
+The slider's words come from here: ``describe`` gives a point's figures (its speed only from a
+GPU curve: on a CPU-only machine alpha trades bytes copied, not speed), ``curve_source`` says
+which machine and date the figures were measured on (they are not live), ``axis_labels`` names
+what the slider trades on the curve's device. No Qt.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from app.model_library import human_bytes
+from engine.atomic import write_text_atomic
 from engine.paths import user_data_dir
 
 MATCH_TOLERANCE = 0.026  # half a slider step: a point this close counts as measured here
@@ -45,6 +52,12 @@ class Curve:
     device: str = ""
     measured_at: str = ""
     default_alpha: float | None = None  # the benchmark's pick from this curve, if it made one
+    machine: str = ""  # what it was measured on (GPU name, or CPU and cores)
+    policy: str = ""  # the bench policy of the points (``+cpu`` only from a GPU run)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
 
     def at(self, alpha: float) -> CurvePoint | None:
         """The point measured at this alpha (within half a slider step), else None."""
@@ -103,6 +116,8 @@ def parse_curve(data: Any) -> Curve:
         str(data.get("device", "")),
         str(data.get("measured_at", "")),
         _number(data.get("default_alpha"), "default_alpha"),
+        str(data.get("machine", "")),
+        str(data.get("policy", "")),
     )
 
 
@@ -131,24 +146,28 @@ def load_curve(
 
 def save_curve(curve: Curve, data_dir: Path | None = None) -> Path:
     path = curve_path(curve.model, data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "model": curve.model,
         "device": curve.device,
         "measured_at": curve.measured_at,
         "default_alpha": curve.default_alpha,
+        "machine": curve.machine,
+        "policy": curve.policy,
         "points": [asdict(p) for p in curve.points],
     }
-    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2))
 
 
-def describe(point: CurvePoint | None) -> str:
-    """One line for the slider: speed and fidelity at this position."""
+def describe(point: CurvePoint | None, curve: Curve | None = None) -> str:
+    """One line for the slider: the measured figures at this position.
+
+    With the ``curve`` it came from, speed is shown only for a GPU curve (on a CPU-only run,
+    fewer copies are not faster: copying and computing read the same RAM).
+    """
     if point is None:
         return "not measured yet"
     parts = []
-    if point.tokens_per_second is not None:
+    if point.tokens_per_second is not None and (curve is None or curve.on_gpu):
         parts.append(f"{point.tokens_per_second:.1f} tok/s")
     if point.bytes_per_token is not None:
         parts.append(f"{human_bytes(point.bytes_per_token)}/token moved")
@@ -158,3 +177,18 @@ def describe(point: CurvePoint | None) -> str:
         percent = round(point.ppl_delta * 100, 1) + 0.0  # + 0.0: no "-0.0%"
         parts.append(f"perplexity {percent:+.1f}%")
     return ", ".join(parts) if parts else "measured, no figures recorded"
+
+
+def curve_source(curve: Curve) -> str:
+    """Where the slider's figures come from: the benchmark, which machine, which day."""
+    where = curve.machine or (f"device {curve.device}" if curve.device else "")
+    when = curve.measured_at[:10]
+    details = ", ".join(part for part in (where, when) if part)
+    return f"benchmark curve ({details})" if details else "benchmark curve"
+
+
+def axis_labels(curve: Curve | None) -> tuple[str, str]:
+    """The slider's two ends: what moving it trades on the curve's device."""
+    if curve is not None and curve.on_gpu:
+        return "exact", "faster, approximate"
+    return "exact", "fewer expert copies, approximate"

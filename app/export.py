@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from app import __version__
 from app.conversation import Conversation
+from engine.atomic import write_text_atomic
 
 ROLE_TITLES = {"user": "User", "assistant": "Assistant", "system": "System"}
 UNSAFE_IN_NAMES = re.compile(r'[\x00-\x1f<>:"/\\|?*]+')
@@ -80,16 +79,4 @@ def export_to(conversation: Conversation, path: Path) -> None:
         text = to_json(conversation)
     else:
         raise ValueError(f"export to .md or .json, not {suffix or 'a file without extension'}")
-    write_text_atomic(path, text)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder: a failed write leaves no half file."""
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)  # an interrupted export never leaves half a file

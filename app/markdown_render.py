@@ -3,22 +3,60 @@
 Fenced code blocks are cut out first (an unclosed fence while streaming counts as code to the
 end), highlighted with inline styles, and returned with their raw text so the view can offer
 a Copy link per block. Everything else goes through Python-Markdown. No Qt in here.
+
+Messages are untrusted text (a model writes half of them): raw HTML in them is shown as text,
+never passed to the view (``EscapeRawHtml``); links keep only web and mail schemes, so a
+message cannot carry the view's own action links (``copy-msg:``, ``edit:``, ...); images
+become their alt text, so a message cannot make the view load a local file.
 """
 
 from __future__ import annotations
 
 import html
 import re
+import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import markdown
+from markdown.extensions import Extension
+from markdown.treeprocessors import Treeprocessor
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import TextLexer, get_lexer_by_name
 from pygments.util import ClassNotFound
 
 FENCE = re.compile(r"^```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:^```[ \t]*$|\Z)", re.M | re.S)
-MARKDOWN_EXTENSIONS = ["tables", "sane_lists", "nl2br"]
+SAFE_SCHEMES = frozenset({"http", "https", "mailto"})
+
+
+def _safe_href(href: str) -> bool:
+    return urlsplit(href.strip()).scheme.lower() in SAFE_SCHEMES
+
+
+class _SafeLinks(Treeprocessor):
+    """Links to other schemes lose their target; images become their alt text."""
+
+    def run(self, root: ElementTree.Element) -> None:
+        for element in root.iter():
+            if element.tag == "a" and not _safe_href(element.get("href", "")):
+                element.attrib.pop("href", None)
+            elif element.tag == "img":
+                alt = element.get("alt", "")
+                element.tag, element.text = "span", alt
+                element.attrib.clear()
+
+
+class EscapeRawHtml(Extension):
+    """Raw HTML blocks and inline tags are left as text, which the serializer escapes."""
+
+    def extendMarkdown(self, md: markdown.Markdown) -> None:
+        md.preprocessors.deregister("html_block")
+        md.inlinePatterns.deregister("html")
+        md.treeprocessors.register(_SafeLinks(md), "safe_links", 0)
+
+
+MARKDOWN_EXTENSIONS: list[str | Extension] = ["tables", "sane_lists", "nl2br"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +108,8 @@ def code_block_html(block: CodeBlock, anchor: str, palette: Palette) -> str:
 
 
 def markdown_html(text: str) -> str:
-    return markdown.markdown(text, extensions=MARKDOWN_EXTENSIONS, output_format="html")
+    extensions = [*MARKDOWN_EXTENSIONS, EscapeRawHtml()]
+    return markdown.markdown(text, extensions=extensions, output_format="html")
 
 
 def render(text: str, palette: Palette = LIGHT, anchor_prefix: str = "copy-code:") -> Rendered:

@@ -1,8 +1,9 @@
 """The slider's Measure button: runs the engine's benchmark for one model in a child process.
 
-``python -m engine bench`` (or ``understudy --engine bench`` in the frozen bundle) measures the
-full method at the headline cache size for four slider alphas (0, 0.2, 0.4, 0.6: the slider
-interpolates between them) on a short text, and writes the curve where ``app.curves`` reads it.
+``python -m engine bench`` (or ``understudy --engine bench`` in the frozen bundle) measures
+substitution + prefetch at the headline cache size for four slider alphas (0, 0.2, 0.4, 0.6: the
+slider interpolates between them) on a short text, and writes the curve where ``app.curves``
+reads it.
 It runs in a separate process, off the UI thread, so the window stays responsive; its own
 fresh copy of the model is loaded there. The benchmark's one line per measured row becomes
 ``MeasureProgress`` (rows done, elapsed, time left estimated from the rows so far).
@@ -103,7 +104,7 @@ def bench_command(model_dir: Path, out_dir: Path, text: Path) -> list[str]:
         "--model",
         str(model_dir),
         "--policies",
-        "+cpu",
+        "+prefetch",  # device-independent bytes (CPU assist's follow timing on a CPU device)
         "--cache-fractions",
         "0.5",
         "--alphas",

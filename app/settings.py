@@ -18,10 +18,16 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from app.curves import CurveError, load_curve
+from engine.atomic import write_text_atomic
 from engine.config import LiveOptions, LoadConfig, SamplingConfig
 from engine.errors import InvalidRequestError
-from engine.options import EngineOptions, build_live_options, build_load_config, build_sampling
+from engine.options import (
+    EngineOptions,
+    build_live_options,
+    build_load_config,
+    build_sampling,
+    curve_default_alpha,
+)
 
 THEMES: tuple[str, ...] = ("system", "light", "dark")
 RELOAD_FIELDS: frozenset[str] = frozenset(
@@ -176,16 +182,13 @@ def model_key(model_dir: Path | str) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON via a temp file and ``os.replace``; on failure the old file is intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as error:  # NaN or infinity: never written as non-standard JSON
+        raise SettingsSaveError(f"Could not save settings to {path}: {error}") from error
+    try:
+        write_text_atomic(path, text)
     except OSError as error:
-        temp.unlink(missing_ok=True)
         raise SettingsSaveError(_save_message(path, error)) from error
 
 
@@ -219,13 +222,8 @@ def default_model_settings(model_dir: Path) -> ModelSettings:
     The benchmark picks that alpha from the model's speed/fidelity curve; without a curve (or
     with an unusable one) the model starts exact, at alpha 0.
     """
-    try:
-        curve = load_curve(model_dir.name, model_dir=model_dir)
-    except CurveError:
-        curve = None
-    if curve is None or curve.default_alpha is None:
-        return ModelSettings()
-    return ModelSettings(alpha=curve.default_alpha)
+    alpha = curve_default_alpha(model_dir)  # the engine's rule, shared with the CLI
+    return ModelSettings() if alpha is None else ModelSettings(alpha=alpha)
 
 
 class SettingsStore:

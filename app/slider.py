@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.curves import Curve, CurveError, describe, load_curve
+from app.curves import Curve, CurveError, axis_labels, curve_source, describe, load_curve
 from app.measure import MeasureCancelled, MeasureProgress, describe_progress
 from app.tasks import start_task
 from engine.config import ALPHA_MAX
@@ -36,11 +36,6 @@ UNSUPPORTED = "this model's router family does not support substitution: exact o
 
 
 AXIS_GAP = 24  # px between the two end labels at the slider's narrowest
-
-
-def axis_labels() -> tuple[str, str]:
-    """What the slider's two ends trade (left, right); the one place to reword them."""
-    return "exact", "faster, approximate"
 
 
 def alpha_label(alpha: float) -> str:
@@ -82,7 +77,7 @@ class ImportanceSlider(QWidget):
         self._refresh()
 
     def _layout(self) -> None:
-        left, right = axis_labels()
+        left, right = axis_labels(None)  # the words follow the curve's device (reload_curve)
         self.left_end, self.right_end = QLabel(left), QLabel(right)
         ends = QHBoxLayout()
         ends.setSpacing(AXIS_GAP)
@@ -131,6 +126,7 @@ class ImportanceSlider(QWidget):
                 self.curve = load_curve(self.model_name, model_dir=self.model_dir)
             except CurveError as error:
                 self.curve_error = f"benchmark curve unreadable: {error}"
+        self.right_end.setText(axis_labels(self.curve)[1])
         self._refresh()
 
     def _moved(self, _value: int) -> None:
@@ -147,10 +143,13 @@ class ImportanceSlider(QWidget):
             text = UNSUPPORTED
         elif self.curve_error:
             text = self.curve_error
-        elif between is not None:
-            text = f"≈ {describe(between)} (between measured points)"
+        elif between is not None and self.curve is not None:
+            text = f"≈ {describe(between, self.curve)} (between measured points; "
+            text += f"{curve_source(self.curve)})"
+        elif point is not None and self.curve is not None:
+            text = f"{describe(point, self.curve)} ({curve_source(self.curve)})"
         else:
-            text = describe(point)
+            text = describe(None)
         self.curve_label.setText(text)
         measured = point is not None or between is not None
         self.measure_button.setVisible(bool(self.model_name) and self.supported and not measured)

@@ -7,6 +7,7 @@ tokens without reloading are gathered in ``LiveOptions``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,13 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def _check_finite(**values: float | None) -> None:
+    """NaN and infinity pass every ``<``/``>`` check silently: reject them by name first."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name.replace('_', ' ')} must be a finite number; got {value}")
+
+
 @dataclass(frozen=True)
 class LiveOptions:
     """Method switches that may change between two tokens, without reloading.
@@ -49,6 +57,7 @@ class LiveOptions:
     score_window: int = 8
 
     def __post_init__(self) -> None:
+        _check_finite(alpha=self.alpha)
         _check_choice("policy", self.policy, POLICIES)
         if self.eviction is not None:
             _check_choice("eviction", self.eviction, EVICTIONS)
@@ -85,6 +94,7 @@ class CacheConfig:
     fraction: float | None = None
 
     def __post_init__(self) -> None:
+        _check_finite(cache_budget_GB=self.budget_gb, cache_fraction=self.fraction)
         if self.budget_gb is not None and self.fraction is not None:
             raise ValueError("give either a cache budget in GB or a fraction of experts, not both")
         if self.budget_gb is not None and self.budget_gb <= 0:
@@ -149,6 +159,11 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        _check_finite(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+        )
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

@@ -4,16 +4,23 @@
 ``build_load_config`` is the one function that turns them into a validated ``LoadConfig``
 (and ``build_live_options`` the policy/alpha/method switches into ``LiveOptions``). Invalid
 choices become ``InvalidRequestError`` with the config's own message. No torch here.
+
+Defaults are the same everywhere: policy ``smoe`` at the alpha the model's benchmark curve
+chose (``curve_default_alpha``; 0, exact, without a curve). ``unused_options`` names choices
+that would do nothing (``--alpha`` with ``lru``), which the CLI refuses.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from engine.config import (
+    ALPHA_MAX,
     CacheConfig,
     ChatMessage,
     GenerateRequest,
@@ -22,9 +29,12 @@ from engine.config import (
     SamplingConfig,
 )
 from engine.errors import InvalidRequestError, ModelLoadError
-from engine.paths import builtin_model_dir
+from engine.paths import builtin_model_dir, user_data_dir
 
 _SAMPLING_DEFAULTS = SamplingConfig()
+DEFAULT_POLICY = "smoe"
+CURVE_FILE = "understudy_curve.json"  # the shipped curve in a model's folder
+MAX_CURVE_BYTES = 1 << 20  # a curve is a few KB; a bigger file is not read
 
 
 @dataclass(frozen=True)
@@ -38,8 +48,8 @@ class EngineOptions:
     cache_fraction: float | None = None
     context_length: int = 2048
     force: bool = False
-    policy: str = "lru"
-    alpha: float = 0.0
+    policy: str = DEFAULT_POLICY
+    alpha: float | None = None  # None: the model's curve alpha for smoe, else 0
     eviction: str | None = None
     substitution: bool = True
     prefetch: bool = True
@@ -72,12 +82,73 @@ def resolve_model_dir(model_dir: Path | None) -> Path:
     return path
 
 
+def curve_paths(model_dir: Path) -> tuple[Path, Path]:
+    """Where a model's curve is read: the user's measured one, then the one it ships."""
+    return user_data_dir() / "curves" / f"{model_dir.name}.json", model_dir / CURVE_FILE
+
+
+def _curve_alpha(path: Path) -> float | None:
+    try:
+        if path.stat().st_size > MAX_CURVE_BYTES:
+            return None
+        value = json.loads(path.read_text(encoding="utf-8")).get("default_alpha")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and 0.0 <= value <= ALPHA_MAX else None
+
+
+def curve_default_alpha(model_dir: Path) -> float | None:
+    """The alpha the model's benchmark curve chose, or None (no curve, or an unusable one).
+
+    The first curve file that exists decides (the user's own measurement wins over the
+    shipped one); the app's defaults and the CLI's both come from here.
+    """
+    for path in curve_paths(Path(model_dir)):
+        if path.is_file():
+            return _curve_alpha(path)
+    return None
+
+
+def resolved_alpha(options: EngineOptions) -> float:
+    """The alpha in force: the one given, else the curve's for ``smoe``, else 0."""
+    if options.alpha is not None:
+        return options.alpha
+    if options.policy != "smoe":
+        return 0.0
+    return curve_default_alpha(resolve_model_dir(options.model_dir)) or 0.0
+
+
+def unused_options(options: EngineOptions) -> list[str]:
+    """Choices given explicitly that would change nothing, as messages (empty: all used)."""
+    problems = []
+    if options.policy != "smoe":
+        given = [f"--alpha {options.alpha:g}"] if options.alpha is not None else []
+        given += [
+            f"--no-{name.replace('_', '-')}"
+            for name in ("substitution", "prefetch", "cpu_assist")
+            if not getattr(options, name)
+        ]
+        problems += [
+            f"{flag} does nothing with --policy {options.policy} (only smoe substitutes, "
+            "prefetches and computes on the CPU); drop it or use --policy smoe"
+            for flag in given
+        ]
+    elif not options.substitution and options.alpha is not None:
+        problems.append(
+            f"--alpha {options.alpha:g} does nothing with --no-substitution (alpha is the "
+            "substitution threshold); drop one of them"
+        )
+    return problems
+
+
 def build_live_options(options: EngineOptions) -> LiveOptions:
     """Policy, alpha, eviction and the three method switches as ``LiveOptions``."""
     try:
         return LiveOptions(
             policy=cast(Any, options.policy),
-            alpha=options.alpha,
+            alpha=resolved_alpha(options),
             eviction=cast(Any, options.eviction),
             substitution=options.substitution,
             prefetch=options.prefetch,

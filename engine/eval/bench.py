@@ -9,9 +9,12 @@ loaded fresh and goes through the fidelity harness (teacher-forced against the u
 model, with its transfer counters), then through timed greedy generations of the prompts
 (decode tokens/s and time to first token, median of the runs). Counts are turned into
 projected time per token for real model geometries (``engine.eval.projection``): labelled
-projections, never measurements. The default alpha is picked from the measured curve by a
-stated rule (``choose_default_alpha``) and the curve is written where the app's slider
-reads it (``app.curves`` format). Reporting (tables, plot, ``BENCHMARKS.md``) lives in
+projections, never measurements. The default alpha is picked by a stated rule
+(``choose_default_alpha``) from the device-independent rows (``+prefetch``: on a CPU-only
+device "copy" and "compute on the CPU" read the same RAM, so the ``+cpu`` split, and its
+bytes, follow timing noise; its bytes are headline figures only from a GPU run, see
+``headline_policy``). The curve is written, atomically, where the app's slider reads it
+(``app.curves`` format). Reporting (tables, plot, ``BENCHMARKS.md``) lives in
 ``engine.eval.bench_report``.
 """
 
@@ -26,6 +29,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from engine.atomic import write_text_atomic
 from engine.config import LiveOptions, SamplingConfig
 from engine.errors import InvalidRequestError
 from engine.eval import projection
@@ -45,6 +49,8 @@ from engine.events import GenerationFinished
 POLICIES: tuple[str, ...] = ("lru", "lfu", "score", "+substitution", "+prefetch", "+cpu")
 SUBSTITUTING = frozenset({"+substitution", "+prefetch", "+cpu"})
 FULL_METHOD = "+cpu"
+DEVICE_INDEPENDENT = "+prefetch"  # the whole method but CPU assist: bytes do not follow timing
+GPU_DEVICES = frozenset({"cuda"})
 CACHE_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 0.75)
 ALPHAS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4)
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -269,23 +275,44 @@ def run_bench(
     return rows
 
 
+def headline_policy(device: str) -> str:
+    """The policy whose bytes a run on ``device`` may headline.
+
+    CPU assist trades a copy for a CPU computation by measured cost; on a CPU-only device
+    both read the same RAM, so which one runs (and the bytes counted) follows timing noise.
+    Only a GPU run reports the whole method (``+cpu``); elsewhere substitution and prefetch
+    (``+prefetch``), whose counts do not depend on the device.
+    """
+    return FULL_METHOD if device in GPU_DEVICES else DEVICE_INDEPENDENT
+
+
+def measured_policy(rows: Sequence[dict[str, Any]], preferred: str) -> str:
+    """``preferred`` if the run measured it, else the first measured substituting policy
+    (a partial run, e.g. the app's Measure, may hold only one)."""
+    measured = {r["policy"] for r in rows}
+    order = (preferred, DEVICE_INDEPENDENT, FULL_METHOD, "+substitution")
+    return next((p for p in order if p in measured), preferred)
+
+
 def choose_default_alpha(
     rows: Sequence[dict[str, Any]],
-    policy: str = FULL_METHOD,
+    policy: str | None = None,
     cache_fraction: float = HEADLINE_CACHE,
     min_agreement: float = MIN_AGREEMENT,
     max_ppl_delta: float = MAX_PPL_DELTA,
 ) -> float:
-    """The fastest measured alpha whose fidelity stays within both bounds (else 0).
+    """The measured alpha moving the fewest bytes while fidelity stays within both bounds.
 
     The paper's equation 5 is not available to us; this rule is stated instead: among the
-    rows of ``policy`` at ``cache_fraction`` (the nearest measured one), keep the alphas from
+    rows of ``policy`` (by default the device-independent ``+prefetch``, so the choice does
+    not follow timing noise) at ``cache_fraction`` (the nearest measured one), keep the alphas from
     0 upwards while top-1 agreement >= ``min_agreement`` and perplexity <= (1 +
     ``max_ppl_delta``) x the unmodified model's (the first failure ends the admissible range:
     fidelity must not be bought back by luck at a larger alpha); of those, take the one that
     moves the fewest bytes per token (the smaller alpha on a tie).
     """
     admissible = []
+    policy = measured_policy(rows, policy or DEVICE_INDEPENDENT)
     for row in curve_rows(rows, policy, cache_fraction):
         if row["top1_agreement"] < min_agreement or row["ppl_delta"] > max_ppl_delta:
             break
@@ -311,8 +338,18 @@ def curve_rows(
     )
 
 
+def machine_label(machine: dict[str, Any]) -> str:
+    """A short name of what a run was measured on: the GPU, else the CPU and its cores."""
+    if machine.get("gpu"):
+        return str(machine["gpu"])
+    cores = machine.get("cores")
+    cpu = str(machine.get("cpu") or "unknown CPU")
+    return f"{cpu}, {cores} cores" if cores else cpu
+
+
 def curve_document(result: BenchResult, device: str) -> dict[str, Any]:
-    """The slider's curve (``app.curves`` format) for the full method at the headline cache."""
+    """The slider's curve (``app.curves`` format): the headline policy at the headline cache."""
+    policy = measured_policy(result.rows, headline_policy(device))
     points = [
         {
             "alpha": r["alpha"],
@@ -323,29 +360,31 @@ def curve_document(result: BenchResult, device: str) -> dict[str, Any]:
             "kl": r["kl"],
             "hit_rate": r["hit_rate"],
         }
-        for r in curve_rows(result.rows)
+        for r in curve_rows(result.rows, policy)
     ]
     return {
         "model": result.model_name,
         "device": device,
+        "machine": machine_label(result.settings.get("machine", {})),
         "measured_at": result.started,
+        "policy": policy,
         "default_alpha": result.default_alpha,
         "rule": f"fewest bytes per token among the alphas with top-1 agreement >= "
         f"{MIN_AGREEMENT} and perplexity delta <= {MAX_PPL_DELTA:.0%} "
-        f"(policy smoe, cache {HEADLINE_CACHE:.0%})",
+        f"(policy {measured_policy(result.rows, DEVICE_INDEPENDENT)}, "
+        f"cache {HEADLINE_CACHE:.0%})",
         "ppl_delta_unit": "relative (0.01 = 1% higher perplexity than the unmodified model)",
         "points": points,
     }
 
 
 def write_curve(document: dict[str, Any], paths: Sequence[Path]) -> list[Path]:
-    """Write the curve JSON to every writable path (creating folders); returns those written."""
+    """Write the curve JSON atomically to every writable path; returns those written."""
     text = json.dumps(document, indent=2)
     written = []
     for path in paths:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n", encoding="utf-8")
+            write_text_atomic(path, text + "\n")
         except OSError as error:  # e.g. a read-only install folder: the others still count
             print(f"warning: could not write the curve to {path}: {error}", file=sys.stderr)
             continue

@@ -1,8 +1,11 @@
 """Reporting for the benchmark: the machine, the JSON, the plot and ``BENCHMARKS.md``.
 
 Everything here formats numbers that ``engine.eval.bench`` measured; nothing is typed in.
-The plot (matplotlib, Agg backend, no display needed) shows bytes moved per token against
-top-1 agreement over alpha, one curve per policy, one panel per cache size.
+On a run without a GPU the ``+cpu`` rows stay in the JSON but are left out of the tables and
+the plot (``reported_rows``): their bytes follow timing noise there. ``readme_table`` renders
+the README's headline table, and a test checks the README against ``bench.json``. The plot
+(matplotlib, Agg backend, no display needed) shows bytes moved per token against top-1
+agreement over alpha, one curve per policy, one panel per cache size.
 """
 
 from __future__ import annotations
@@ -16,14 +19,19 @@ from typing import Any
 
 import torch
 
+from engine.atomic import write_text_atomic, write_with
 from engine.eval import projection
 from engine.eval.bench import (
+    DEVICE_INDEPENDENT,
     FULL_METHOD,
     HEADLINE_CACHE,
     MAX_PPL_DELTA,
     MIN_AGREEMENT,
     BenchResult,
+    choose_default_alpha,
     curve_rows,
+    headline_policy,
+    machine_label,
 )
 
 HEADLINE_TARGETS = "bytes/token <= 0.5 x LRU, top-1 >= 0.97, ppl delta <= 2%, hit rate > 0.60"
@@ -56,8 +64,37 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
+def result_device(result: BenchResult) -> str:
+    """The device the run measured on, as its JSON records it (``cpu`` when unrecorded)."""
+    return str(result.settings.get("machine", {}).get("device", "cpu"))
+
+
+def reported_rows(rows: Sequence[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """The rows a run on ``device`` may report: ``+cpu`` only from a GPU run."""
+    if headline_policy(device) == FULL_METHOD:
+        return list(rows)
+    return [r for r in rows if r["policy"] != FULL_METHOD]
+
+
+def read_result(path: Path) -> BenchResult:
+    """A bench run back from its JSON, with the default alpha of the rule in force.
+
+    Raises ``OSError``, ``ValueError`` (bad JSON) or ``KeyError`` (a field missing).
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return BenchResult(
+        data["rows"],
+        choose_default_alpha(data["rows"]),  # the rule in force, from the measured rows
+        data["model"],
+        data["info"],
+        data["settings"],
+        data.get("trace_replay", []),
+        data["started"],
+        data["seconds"],
+    )
+
+
 def write_json(result: BenchResult, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "model": result.model_name,
         "info": result.info,
@@ -68,8 +105,7 @@ def write_json(result: BenchResult, path: Path) -> Path:
         "rows": result.rows,
         "trace_replay": result.replay,
     }
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------- plot
@@ -136,9 +172,10 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     axes[1][0].legend(fontsize=7)
     figure.suptitle("Bytes moved per token against fidelity (top) and alpha (bottom)", fontsize=10)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        write_with(path, lambda temp: figure.savefig(temp, dpi=100))
+    finally:
+        plt.close(figure)
     return path
 
 
@@ -223,15 +260,18 @@ def _headline_fraction(rows: Sequence[dict[str, Any]]) -> float:
     return min({r["cache_fraction"] for r in rows}, key=lambda f: abs(f - HEADLINE_CACHE))
 
 
-def headline(rows: Sequence[dict[str, Any]], alpha: float) -> dict[str, Any]:
-    """The issue's targets at the headline cache and the default alpha, with pass/fail."""
+def headline(
+    rows: Sequence[dict[str, Any]], alpha: float, policy: str = FULL_METHOD
+) -> dict[str, Any]:
+    """The issue's targets for ``policy`` at the headline cache and ``alpha``, with pass/fail."""
     fraction = _headline_fraction(rows)
     lru = next((r for r in rows if r["policy"] == "lru" and r["cache_fraction"] == fraction), None)
-    ours = next((r for r in curve_rows(rows, FULL_METHOD, fraction) if r["alpha"] == alpha), None)
+    ours = next((r for r in curve_rows(rows, policy, fraction) if r["alpha"] == alpha), None)
     if lru is None or ours is None:
         return {}
     ratio = ours["bytes_per_token"] / lru["bytes_per_token"] if lru["bytes_per_token"] else None
     return {
+        "policy": policy,
         "cache_fraction": fraction,
         "alpha": alpha,
         "bytes_ratio_vs_lru": ratio,
@@ -241,6 +281,8 @@ def headline(rows: Sequence[dict[str, Any]], alpha: float) -> dict[str, Any]:
         "ppl_delta": ours["ppl_delta"],
         "hit_rate": ours["hit_rate"],
         "lru_hit_rate": lru["hit_rate"],
+        "lru_top1_agreement": lru["top1_agreement"],
+        "lru_ppl_delta": lru["ppl_delta"],
         "pass_bytes": ratio is not None and ratio <= 0.5,
         "pass_top1": ours["top1_agreement"] >= MIN_AGREEMENT,
         "pass_ppl": ours["ppl_delta"] <= MAX_PPL_DELTA,
@@ -278,13 +320,25 @@ def _mark(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+SUMMARY_WORDS = {
+    "+substitution": "substitution (`+substitution`)",
+    DEVICE_INDEPENDENT: "substitution + prefetch (`+prefetch`)",
+    FULL_METHOD: "whole method (`+cpu`, `--policy smoe`)",
+}
+POLICY_WORDS = {
+    FULL_METHOD: "the whole method (`+cpu`, i.e. `--policy smoe`)",
+    DEVICE_INDEPENDENT: "substitution and prefetch (`+prefetch`: `--policy smoe --no-cpu-assist`)",
+}
+
+
 def headline_text(head: dict[str, Any]) -> str:
     if not head:
-        return "The headline needs the `lru` and `+cpu` policies at one cache size."
+        return "The headline needs the `lru` policy and the headline policy at one cache size."
     ratio = head["bytes_ratio_vs_lru"]
+    words = POLICY_WORDS.get(head["policy"], f"`{head['policy']}`")
     lines = [
-        f"At cache {head['cache_fraction']:.0%} of all experts, the whole method (`+cpu`, i.e. "
-        f"`--policy smoe`) at the chosen default alpha {head['alpha']:.1f}:",
+        f"At cache {head['cache_fraction']:.0%} of all experts, {words} at the chosen "
+        f"default alpha {head['alpha']:.1f}:",
         "",
         f"- bytes moved per token: {head['bytes_per_token'] / 1e3:.1f} KB vs LRU "
         f"{head['lru_bytes_per_token'] / 1e3:.1f} KB = "
@@ -366,6 +420,9 @@ def render_markdown(
 ) -> str:
     """The whole ``BENCHMARKS.md``: generated, never edited by hand."""
     alpha = result.default_alpha
+    device = result_device(result)
+    rows = reported_rows(result.rows, device)
+    head = headline(rows, alpha, headline_policy(device))
     parts = [
         "# Benchmarks",
         "",
@@ -381,20 +438,24 @@ def render_markdown(
         "",
         '## Headline (issue 4, "What to aim for")',
         "",
-        headline_text(headline(result.rows, alpha)),
+        device_note(device),
         "",
-        best_text(result.rows, headline(result.rows, alpha)),
+        readme_table(result),
+        "",
+        headline_text(head),
+        "",
+        best_text(rows, head),
         "",
         "## Default alpha",
         "",
         f"Chosen: **{alpha:.1f}**. Rule (the paper's equation 5 is not available to us): of "
-        f"the alphas for the whole method at cache {HEADLINE_CACHE:.0%} whose top-1 agreement "
+        f"the alphas for `{DEVICE_INDEPENDENT}` (substitution and prefetch, whose bytes do not "
+        f"depend on the device) at cache {HEADLINE_CACHE:.0%} whose top-1 agreement "
         f"is >= {MIN_AGREEMENT} and perplexity at most {MAX_PPL_DELTA:.0%} above the "
         "unmodified model (from 0 up to the first alpha that fails), the one that moves the "
-        "fewest bytes per token. The CPU-assist split follows measured costs, so the bytes of "
-        "the `+cpu` rows vary from run to run. The curve is written "
-        "where the app's slider reads it (`<user data>/curves/<model>.json`, and "
-        "`understudy_curve.json` in the built-in model's folder).",
+        "fewest bytes per token. The curve is written where the app's slider reads it "
+        "(`<user data>/curves/<model>.json`, and `understudy_curve.json` in the built-in "
+        "model's folder), with the machine and date it was measured on.",
         "",
         "## All configurations",
         "",
@@ -404,13 +465,13 @@ def render_markdown(
         'the cache; "plain hits" does not. A policy marked `(= x)` is the same configuration '
         "as `x` (measured once).",
         "",
-        main_table(result.rows),
+        main_table(rows),
         "",
     ]
     if plot_path:
         parts += ["## Speed against fidelity", "", f"![speed vs fidelity]({plot_path})", ""]
     parts += [
-        f"## Projections (not measurements) at cache {_headline_fraction(result.rows):.0%}",
+        f"## Projections (not measurements) at cache {_headline_fraction(rows):.0%}",
         "",
         f"{projection.UPPER_BOUND_LABEL[:1].upper()}{projection.UPPER_BOUND_LABEL[1:]}, with "
         "perfect overlap, for real model geometries over three PCIe links: from this run's "
@@ -420,11 +481,73 @@ def render_markdown(
         "`engine/eval/projection.py` states the formula and the host assumptions). No run "
         "decodes faster than these figures; real runs are slower.",
         "",
-        projection_table(result.rows, alpha),
+        projection_table(rows, alpha),
         "",
     ]
     parts += _replay_section(result)
     return "\n".join(parts) + "\n"
+
+
+def device_note(device: str) -> str:
+    """Why the headline policy is what it is on this run's device."""
+    if headline_policy(device) == FULL_METHOD:
+        return f"Measured on a GPU (`{device}`): the headline is the whole method."
+    return (
+        f"Measured without a GPU (device `{device}`). There, copying an expert and computing "
+        "it on the CPU read the same RAM, so CPU assist's split (and the bytes it saves) "
+        "follows timing noise: the headline is substitution and prefetch, whose bytes do not "
+        "depend on the device, and the `+cpu` rows are kept in the JSON but not reported "
+        "here. CPU-assist bytes come from a run on a real GPU only."
+    )
+
+
+SUMMARY_POLICIES = ("+substitution", DEVICE_INDEPENDENT, FULL_METHOD)
+
+
+def _summary_line(name: str, alpha: str, kb: float, ratio: str, row: dict[str, Any]) -> list[str]:
+    figures = [f"{row['hit_rate']:.3f}", f"{row['top1_agreement']:.4f}", f"{row['ppl_delta']:+.2%}"]
+    return [name, alpha, f"{kb / 1e3:.0f}{ratio}", *figures]
+
+
+def readme_table(result: BenchResult) -> str:
+    """The headline table (README and ``BENCHMARKS.md``): LRU, then the method's reported
+    parts at the default alpha and the headline cache (``+cpu`` only from a GPU run)."""
+    device = result_device(result)
+    rows = reported_rows(result.rows, device)
+    alpha = result.default_alpha
+    heads = [headline(rows, alpha, policy) for policy in SUMMARY_POLICIES]
+    heads = [head for head in heads if head]
+    if not heads:
+        return ""
+    lru = next(
+        r
+        for r in rows
+        if r["policy"] == "lru" and r["cache_fraction"] == heads[0]["cache_fraction"]
+    )
+    lines = [_summary_line("LRU (mixtral-offloading)", "0", lru["bytes_per_token"], "", lru)]
+    for head in heads:
+        ours = next(
+            r
+            for r in curve_rows(rows, head["policy"], head["cache_fraction"])
+            if r["alpha"] == alpha
+        )
+        ratio = f" ({_f(head['bytes_ratio_vs_lru'], '{:.2f}')} x LRU)"
+        name = SUMMARY_WORDS.get(head["policy"], f"`{head['policy']}`")
+        lines.append(
+            _summary_line(name, f"{alpha:.1f} (auto default)", ours["bytes_per_token"], ratio, ours)
+        )
+    header = ["policy", "alpha", "KB moved per token", "hit rate (incl. substitutions)",
+              "top-1 agreement", "perplexity"]  # fmt: skip
+    return _table(header, lines)
+
+
+def readme_source(result: BenchResult) -> str:
+    """The line under the README table: command, device, machine and date of the run."""
+    machine = result.settings.get("machine", {})
+    return (
+        f"`{result.settings.get('command', 'python -m engine bench')}`, device "
+        f"`{result_device(result)}`, {machine_label(machine)}, {result.started[:10]}"
+    )
 
 
 def _replay_section(result: BenchResult) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from engine.atomic import write_text_atomic
 from engine.config import DEFAULT_CACHE_FRACTION, DEVICES, DTYPES, CacheConfig
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.eval import bench, bench_report, hotpath
@@ -33,7 +35,12 @@ from engine.eval.fidelity import (
     run_fidelity,
     session_loader,
 )
-from engine.options import EngineOptions, build_live_options, build_load_config
+from engine.options import (
+    EngineOptions,
+    build_live_options,
+    build_load_config,
+    resolved_alpha,
+)
 from engine.paths import builtin_model_dir, user_data_dir
 
 DEFAULT_OUT = Path("docs/benchmarks")
@@ -56,6 +63,8 @@ def parse_alphas(text: str) -> tuple[float, ...]:
         ) from error
     if not values:
         raise argparse.ArgumentTypeError("give at least one alpha")
+    if not all(math.isfinite(value) for value in values):
+        raise argparse.ArgumentTypeError(f"numbers must be finite: {text!r}")
     return values
 
 
@@ -65,10 +74,9 @@ def parse_fractions(text: str) -> tuple[float, ...]:
 
 def read_text_file(path: Path) -> str:
     """Plain text, or the ``text`` fields of a ``.jsonl`` file joined by blank lines."""
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise InvalidRequestError(f"cannot read the text file {path}: {error}") from error
+    from engine.cli import read_bounded
+
+    raw = read_bounded(path, "text file")
     if path.suffix != ".jsonl":
         return raw
     try:
@@ -122,7 +130,6 @@ def _add_text_options(parser: argparse.ArgumentParser, max_tokens: int, cloze_it
         help="cloze items drawn from the text (0: none)",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the cloze items")
-    group.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
 
 
 def _prepare(args: argparse.Namespace, tokenizer: Any, path: Path) -> PreparedText:
@@ -133,13 +140,6 @@ def _prepare(args: argparse.Namespace, tokenizer: Any, path: Path) -> PreparedTe
     )
     text = read_text_file(path)
     return prepare_text(tokenizer, text, args.max_tokens, args.window, settings)
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise InvalidRequestError(f"--threads must be at least 1; got {threads}")
-        torch.set_num_threads(threads)
 
 
 def _progress(row: FidelityRow | dict[str, Any]) -> None:
@@ -164,9 +164,9 @@ def configure_fidelity(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--alpha",
         type=parse_alphas,
-        default=(0.0,),
         metavar="A1,A2,...",
-        help="importance thresholds, one configuration each (default 0)",
+        help="importance thresholds, one configuration each (default: the model's curve "
+        "alpha for smoe, as in the app; 0 without a curve)",
     )
     group.add_argument(
         "--json",
@@ -201,12 +201,14 @@ def fidelity_configs(args: argparse.Namespace) -> tuple[Any, list[RunConfig]]:
     """The base load config and one ``RunConfig`` per alpha for the given policy/cache."""
     from engine import cli
 
-    options = cli.engine_options(argparse.Namespace(**{**vars(args), "alpha": 0.0}))
+    first = args.alpha[0] if args.alpha else None  # the unused-option check sees a given alpha
+    options = cli.engine_options(argparse.Namespace(**{**vars(args), "alpha": first}))
     base = build_load_config(options)
     fraction = _cache_fraction(options, base.model_dir)
+    alphas = args.alpha or (resolved_alpha(options),)
     configs = [
         RunConfig(fraction, build_live_options(replace(options, alpha=alpha)), args.policy)
-        for alpha in args.alpha
+        for alpha in alphas
     ]
     return base, configs
 
@@ -217,13 +219,14 @@ def _emit_json(rows: list[dict[str, Any]], target: str) -> None:
         print(text)
         return
     path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n", encoding="utf-8")
+    try:
+        write_text_atomic(path, text + "\n")
+    except OSError as error:
+        raise InvalidRequestError(f"cannot write {path}: {error}") from error
     print(f"wrote {path}", file=sys.stderr)
 
 
 def run_fidelity_command(args: argparse.Namespace) -> int:
-    _set_threads(args.threads)
     base, configs = fidelity_configs(args)
     prepared = _prepare(args, load_tokenizer(base.model_dir), args.text_file)
     print(
@@ -247,11 +250,13 @@ def run_fidelity_command(args: argparse.Namespace) -> int:
 
 
 def configure_bench(parser: argparse.ArgumentParser) -> None:
+    from engine import cli
+
     group = parser.add_argument_group("model")
     group.add_argument("--model", type=Path, help="model folder (default: the built-in model)")
-    group.add_argument("--device", choices=DEVICES, default="auto")
-    group.add_argument("--dtype", choices=DTYPES, default="auto")
-    group.add_argument("--context-length", type=int, default=2048, metavar="N")
+    group.add_argument("--device", choices=DEVICES, default="auto", help="where the trunk runs")
+    group.add_argument("--dtype", choices=DTYPES, default="auto", help="weight precision")
+    group.add_argument("--context-length", type=int, default=2048, metavar="N", help="tokens")
     group.add_argument("--force", action="store_true", help="load even if the estimate refuses")
     parser.add_argument(
         "--text-file",
@@ -267,8 +272,10 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", type=lambda s: tuple(s.split(",")), metavar="P1,P2")
     parser.add_argument("--cache-fractions", type=parse_fractions, metavar="F1,F2")
     parser.add_argument("--alphas", type=parse_alphas, metavar="A1,A2")
-    parser.add_argument("--timing-runs", type=int, default=3, metavar="N")
-    parser.add_argument("--gen-tokens", type=int, default=32, metavar="N")
+    parser.add_argument("--timing-runs", type=int, default=3, metavar="N", help="timed passes")
+    parser.add_argument(
+        "--gen-tokens", type=int, default=32, metavar="N", help="tokens per timed generation"
+    )
     parser.add_argument(
         "--count-ops",
         action="store_true",
@@ -281,6 +288,7 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         "--rerender", action="store_true", help="rebuild plot and report from <out>/bench.json"
     )
     _add_text_options(parser, max_tokens=1024, cloze_items=16)
+    cli.add_threads_option(parser)
 
 
 def bench_plan(args: argparse.Namespace) -> bench.BenchPlan:
@@ -355,12 +363,16 @@ def _command_line() -> str:
 
 
 def _report(args: argparse.Namespace, result: bench.BenchResult) -> list[Path]:
-    """JSON (unless re-rendering from it), plot and markdown of one bench result."""
+    """JSON, plot and markdown of one bench result.
+
+    A re-render rewrites the JSON too: the same measurements, with the default alpha of the
+    rule in force (the only field derived from them).
+    """
     out: Path = args.out
     json_path = out / "bench.json"
-    if not args.rerender:
-        bench_report.write_json(result, json_path)
-    plot_path = bench_report.plot(result.rows, out / "speed_vs_fidelity.png")
+    bench_report.write_json(result, json_path)
+    rows = bench_report.reported_rows(result.rows, bench_report.result_device(result))
+    plot_path = bench_report.plot(rows, out / "speed_vs_fidelity.png")
     markdown = args.markdown or (
         Path("docs/BENCHMARKS.md") if out == DEFAULT_OUT else out / "BENCHMARKS.md"
     )
@@ -378,7 +390,7 @@ def _report(args: argparse.Namespace, result: bench.BenchResult) -> list[Path]:
     )
     if kept is not None:  # the hotpath command's own section survives a bench rerun
         text = hotpath.replace_section(text, kept)
-    markdown.write_text(text, encoding="utf-8")
+    write_text_atomic(markdown, text)
     return [json_path, plot_path, markdown]
 
 
@@ -386,18 +398,8 @@ def _rerender(args: argparse.Namespace) -> int:
     """Rebuild the plot and markdown from ``<out>/bench.json`` without measuring anything."""
     path = args.out / "bench.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        result = bench.BenchResult(
-            data["rows"],
-            bench.choose_default_alpha(data["rows"]),  # the rule in force, from the measured rows
-            data["model"],
-            data["info"],
-            data["settings"],
-            data.get("trace_replay", []),
-            data["started"],
-            data["seconds"],
-        )
-    except (OSError, json.JSONDecodeError, KeyError) as error:
+        result = bench_report.read_result(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise InvalidRequestError(f"cannot re-render from {path}: {error}") from error
     missing = [key for key in ("machine", "command") if key not in result.settings]
     if missing:
@@ -430,7 +432,6 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     if args.rerender:
         return _rerender(args)
-    _set_threads(args.threads)
     args = _quick_text_args(args)
     plan = bench_plan(args)
     options = EngineOptions(

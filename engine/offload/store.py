@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 from engine.errors import ModelLoadError
+from engine.offload.finite import check_finite
 from engine.offload.pinned import HostArena, Registrar
 from engine.quant.ggml_blocks import dequantize, packed_nbytes, type_name
 
@@ -232,6 +233,8 @@ class HostExpertStore:
             layer: self._arena.view(i * per_layer, num_experts, shape.numel)
             for i, layer in enumerate(layers)
         }  # each [E, numel]
+        self._parts: dict[SlotKey, Sequence[ExpertPart]] = {}
+        self._checked: set[SlotKey] = set()  # experts found finite on their first use
 
     @property
     def layers(self) -> list[int]:
@@ -269,7 +272,15 @@ class HostExpertStore:
         return self._layer_shapes.get(layer, self.shape)
 
     def row(self, key: SlotKey) -> torch.Tensor:
-        """Expert ``key``'s flat host row [numel]."""
+        """Expert ``key``'s flat host row [numel]; checked for NaN/inf the first time it is used."""
+        row = self._row(key)
+        if key not in self._checked:
+            parts = self._parts.get(key, ())
+            check_finite(((p.key, self.shape.part_view(row, p.part)) for p in parts), "expert")
+            self._checked.add(key)
+        return row
+
+    def _row(self, key: SlotKey) -> torch.Tensor:
         layer, expert = key
         return self._buffers[layer][expert]
 
@@ -278,6 +289,7 @@ class HostExpertStore:
     ) -> None:
         """Read every part into its buffer; ``on_tensor(done, total)`` after each tensor."""
         by_file: dict[Path, list[tuple[SlotKey, ExpertPart]]] = defaultdict(list)
+        self._parts.update(parts)
         for key, key_parts in parts.items():
             for part in key_parts:
                 by_file[part.file].append((key, part))
@@ -298,7 +310,7 @@ class HostExpertStore:
         windows: list[list[tuple[SlotKey, ExpertPart]]] = [[]]
         size = 0
         for item in items:
-            part_bytes = self.shape.part_view(self.row(item[0]), item[1].part).nbytes
+            part_bytes = self.shape.part_view(self._row(item[0]), item[1].part).nbytes
             if windows[-1] and size + part_bytes > REMAP_BYTES:
                 windows.append([])
                 size = 0
@@ -307,7 +319,7 @@ class HostExpertStore:
         return windows
 
     def _read_part(self, handle: object, key: SlotKey, part: ExpertPart) -> None:
-        target = self.shape.part_view(self.row(key), part.part)
+        target = self.shape.part_view(self._row(key), part.part)
         try:
             source = handle.get_slice(part.key)  # type: ignore[attr-defined]
             tensor = _checked_read(source, part, tuple(target.shape))

@@ -76,6 +76,12 @@ from engine.offload.store import (
     slot_bytes,
 )
 from engine.runtime.memory import resolve_device, resolve_dtype
+from engine.runtime.validation import (
+    check_config_sizes,
+    check_side_files,
+    check_trunk_finite,
+    read_config_object,
+)
 
 GB = 1e9
 _SWAP_LOCK = threading.Lock()  # experts classes are swapped module-wide during from_pretrained
@@ -168,6 +174,8 @@ def _read_config(model_dir: Path) -> Any:
         raise ModelLoadError(
             f"{model_dir} has no config.json; is this a Hugging Face model folder?"
         )
+    check_config_sizes(read_config_object(model_dir))  # before transformers builds anything
+    check_side_files(model_dir)
     architecture = _architecture_name(model_dir)
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
@@ -652,6 +660,7 @@ def _load(
     _check_cancelled(cancelled)
     progress(0.05, "Loading the trunk")
     model = _load_trunk(plan, dtype, device)
+    check_trunk_finite(model)
     _check_cancelled(cancelled)
     progress(0.3, "Reading experts")
     pin = device.type == "cuda"

@@ -4,16 +4,49 @@ Chat requests go through the tokenizer's own chat template (``apply_chat_templat
 request's override template; raw prompts are tokenised as given. When a chat is too long, the
 oldest turns (never the system message, never the last user message) are dropped until the
 prompt plus ``max_new_tokens`` fits the context length. Nothing here runs the model.
+
+The work a hostile input can cause is bounded: a chat template gets ``TEMPLATE_SECONDS`` to
+render (a trace hook stops it), and text far longer than the context could ever hold is
+refused, or its oldest turns dropped, before it is tokenised (``MAX_CHARS_PER_TOKEN``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from engine.config import ChatMessage, GenerateRequest
 from engine.errors import InvalidRequestError
+
+TEMPLATE_SECONDS = 5.0  # real templates render in milliseconds
+MAX_CHARS_PER_TOKEN = 64  # no tokenizer packs more text than this into one token
+
+
+class TemplateTimeout(Exception):
+    """Raised inside a template that ran past its time."""
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Stop Python code in this thread (a jinja template) after ``seconds`` of running."""
+    deadline = time.monotonic() + seconds
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        if time.monotonic() > deadline:
+            raise TemplateTimeout
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 @dataclass(frozen=True)
@@ -32,9 +65,15 @@ def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], template: str |
         )
     conversation = [{"role": m.role, "content": m.content} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(
-            conversation, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
+        with time_limit(TEMPLATE_SECONDS):
+            text = tokenizer.apply_chat_template(
+                conversation, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
+    except TemplateTimeout as error:
+        raise InvalidRequestError(
+            f"The chat template ran for more than {TEMPLATE_SECONDS:g} s and was stopped: "
+            "it loops far too long for a template; fix or replace it."
+        ) from error
     except Exception as error:  # jinja2 raises its own TemplateError family
         raise InvalidRequestError(f"The chat template failed: {error}") from error
     return str(text)
@@ -46,8 +85,18 @@ def encode_chat(tokenizer: Any, messages: Sequence[ChatMessage], template: str |
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+def _too_long(characters: int, budget: int) -> bool:
+    """True when text this long cannot fit ``budget`` tokens with any tokenizer."""
+    return characters > budget * MAX_CHARS_PER_TOKEN
+
+
+def encode_prompt(tokenizer: Any, prompt: str, budget: int | None = None) -> list[int]:
     """Token ids of a raw prompt, with the tokenizer's usual special tokens (e.g. BOS)."""
+    if budget is not None and _too_long(len(prompt), budget):
+        raise InvalidRequestError(
+            f"The prompt is {len(prompt):,} characters, far more than the {budget} tokens that "
+            "fit the context next to the reply: shorten it or load with a longer context."
+        )
     ids = list(tokenizer(prompt)["input_ids"])
     if not ids:
         raise InvalidRequestError("The prompt produced no tokens.")
@@ -92,6 +141,14 @@ def fit_chat(
     """Encode the chat, dropping oldest turns until it fits ``budget`` tokens."""
     kept = list(messages)
     dropped = 0
+    while _too_long(sum(len(m.content) for m in kept), budget):  # cheap: before any render
+        removed = drop_oldest_turn(kept)
+        if removed == 0:
+            raise InvalidRequestError(
+                "The last message is far longer than the context can hold next to the reply: "
+                "shorten it, lower max new tokens, or load with a longer context."
+            )
+        dropped += removed
     while True:
         ids = encode_chat(tokenizer, kept, template)
         if len(ids) <= budget:
@@ -111,7 +168,7 @@ def prepare_prompt(tokenizer: Any, request: GenerateRequest, context_length: int
     budget = prompt_budget(context_length, request.sampling.max_new_tokens)
     if request.prompt is None:
         return fit_chat(tokenizer, request.messages, request.chat_template, budget)
-    ids = encode_prompt(tokenizer, request.prompt)
+    ids = encode_prompt(tokenizer, request.prompt, budget)
     if len(ids) > budget:
         raise InvalidRequestError(
             f"The prompt is {len(ids)} tokens but only {budget} fit the context next to the "

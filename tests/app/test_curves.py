@@ -66,3 +66,19 @@ def test_small_figures_read_well() -> None:
     assert describe(CurvePoint(0.6, bytes_per_token=11_200, ppl_delta=-0.0001)) == (
         "11.2 KB/token moved, perplexity +0.0%"
     )
+
+
+def test_a_cpu_curve_shows_no_speed_and_says_where_its_figures_come_from() -> None:
+    from app.curves import axis_labels, curve_source
+
+    point = CurvePoint(0.4, 212.0, 336_000, 0.986, 0.001)
+    cpu = Curve("m", (point,), "cpu", "2026-11-28T22:50:00Z", 0.4, "AMD EPYC 7B13, 2 cores")
+    text = describe(point, cpu)
+    assert "tok/s" not in text and "336.0 KB/token moved" in text  # alpha trades copies here
+    assert curve_source(cpu) == "benchmark curve (AMD EPYC 7B13, 2 cores, 2026-11-28)"
+    assert axis_labels(cpu) == ("exact", "fewer expert copies, approximate")
+    gpu = Curve("m", (point,), "cuda", "2026-11-28", machine="RTX 4070")
+    assert describe(point, gpu).startswith("212.0 tok/s") and axis_labels(gpu)[1].startswith(
+        "faster"
+    )
+    assert axis_labels(None)[1] == "fewer expert copies, approximate"  # no curve: no speed claim

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from app.markdown_render import DARK, render
 
 
@@ -22,3 +24,29 @@ def test_an_unclosed_fence_while_streaming_is_still_code() -> None:
 
 def test_dark_palette_changes_code_background() -> None:
     assert DARK.code_background in render("```\nx\n```", DARK).html
+
+
+@pytest.mark.parametrize(
+    ("text", "unwanted"),
+    [
+        ("<script>alert(1)</script> hi", "<script"),
+        ('a <b onmouseover="x">bold</b>', "<b "),
+        ("<div>\nblock\n</div>", "<div"),
+        ('<img src="file:///etc/passwd">', "<img"),
+        ("<table><tr><td>fake ui</td></tr></table>", "<table"),
+    ],
+)
+def test_raw_html_in_a_message_is_shown_as_text(text: str, unwanted: str) -> None:
+    out = render(text).html
+    assert unwanted not in out
+    assert "&lt;" in out  # the tag is visible as text
+
+
+def test_links_keep_web_schemes_only_and_images_become_their_alt_text() -> None:
+    out = render(
+        "[run](edit:42) [copy](copy-msg:1) [web](https://example.org) ![cat](file:///a.png)"
+    ).html
+    assert 'href="https://example.org"' in out
+    assert "edit:" not in out and "copy-msg:" not in out and "file:" not in out
+    assert "cat" in out and "<img" not in out
+    assert "<strong>b</strong>" in render("x < y and **b**").html  # markdown still works

@@ -34,7 +34,17 @@ def test_settings_are_saved_per_model_and_survive_a_new_store(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     "content",
-    ["{not json", '{"alpha": 0.9}', '{"context_length": "long"}', "[1, 2]", '{"prefetch": 1}'],
+    [
+        "{not json",
+        '{"alpha": 0.9}',
+        '{"context_length": "long"}',
+        "[1, 2]",
+        '{"prefetch": 1}',
+        '{"temperature": NaN}',  # non-finite numbers pass every < check unless refused
+        '{"cache_budget_gb": Infinity}',
+        '{"repetition_penalty": Infinity}',
+        '{"alpha": NaN}',
+    ],
 )
 def test_corrupt_settings_give_defaults_a_message_and_keep_the_file(
     tmp_path: Path, content: str

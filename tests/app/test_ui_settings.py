@@ -161,20 +161,28 @@ def test_slider_shows_the_measured_curve_or_offers_to_measure(
     async def measure(model_dir: Path) -> None:
         measured.append(model_dir)
         points = (CurvePoint(0.0, 10.0, None, 1.0, 0.0), CurvePoint(0.3, 13.0, None, 0.98, 0.01))
-        save_curve(Curve(slider.model_name, points))
+        save_curve(Curve(slider.model_name, points, "cuda", "2026-11-28T10:00Z", None, "GPU X"))
 
     slider.measure = measure
     slider.reload_curve()
     slider.start_measure()
     qtbot.waitUntil(lambda: slider.task is None, timeout=5000)
     assert measured == [window.model_dir]
-    assert slider.curve_label.text() == "10.0 tok/s, top-1 agreement 100.0%, perplexity +0.0%"
+    source = "(benchmark curve (GPU X, 2026-11-28))"  # where the figures come from: not live
+    assert slider.curve_label.text() == (
+        f"10.0 tok/s, top-1 agreement 100.0%, perplexity +0.0% {source}"
+    )
+    assert slider.right_end.text() == "faster, approximate"  # a GPU curve trades speed
     slider.slider.setValue(6)
-    assert slider.curve_label.text() == "13.0 tok/s, top-1 agreement 98.0%, perplexity +1.0%"
+    assert (
+        slider.curve_label.text() == f"13.0 tok/s, top-1 agreement 98.0%, perplexity +1.0% {source}"
+    )
     assert not slider.measure_button.isVisibleTo(slider)
     slider.slider.setValue(3)  # 0.15: between the points measured at 0 and 0.3
     assert slider.curve_label.text().startswith("≈ 11.5 tok/s, top-1 agreement 99.0%")
-    assert slider.curve_label.text().endswith("(between measured points)")
+    assert slider.curve_label.text().endswith(
+        "(between measured points; benchmark curve (GPU X, 2026-11-28))"
+    )
     slider.slider.setValue(8)  # 0.40: beyond the measured range
     assert slider.curve_label.text() == "not measured yet"
     assert slider.measure_button.isVisibleTo(slider)

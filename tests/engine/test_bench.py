@@ -86,7 +86,7 @@ def test_same_behaviour_is_measured_once() -> None:
 
 
 def _row(
-    alpha: float, top1: float, ppl_delta: float, policy: str = "+cpu", kb: float | None = None
+    alpha: float, top1: float, ppl_delta: float, policy: str = "+prefetch", kb: float | None = None
 ) -> dict[str, object]:
     return {
         "policy": policy,
@@ -113,6 +113,38 @@ def test_default_alpha_is_the_fastest_alpha_within_both_bounds() -> None:
     rows[1] = _row(0.1, 0.99, 0.05)  # perplexity bound alone fails at 0.1
     assert bench.choose_default_alpha(rows) == 0.0
     assert bench.choose_default_alpha([]) == 0.0
+
+
+def test_default_alpha_ignores_the_timing_dependent_cpu_assist_rows() -> None:
+    rows = [_row(0.0, 1.0, 0.0), _row(0.2, 0.99, 0.004), _row(0.4, 0.96, 0.01)]
+    # +cpu at 0.4 moves the fewest bytes (a CPU-only run's timing noise) and is in bounds
+    noisy = [_row(0.0, 1.0, 0.0, "+cpu"), _row(0.4, 0.99, 0.004, "+cpu", kb=1.0)]
+    assert bench.choose_default_alpha(rows + noisy) == 0.2
+    # a partial run that measured only one substituting policy still gets a curve and an alpha
+    assert bench.choose_default_alpha(noisy) == 0.4
+    assert bench.measured_policy(noisy, "+prefetch") == "+cpu"
+
+
+def test_cpu_runs_report_substitution_and_prefetch_gpu_runs_the_whole_method() -> None:
+    from engine.eval.bench_report import headline, reported_rows
+
+    assert bench.headline_policy("cpu") == "+prefetch"
+    assert bench.headline_policy("cuda") == "+cpu"
+    rows = [
+        {**_row(0.0, 1.0, 0.0, "lru", kb=1000.0), "hit_rate": 0.5},
+        {**_row(0.2, 0.99, 0.0, "+prefetch", kb=600.0), "hit_rate": 0.6},
+        {**_row(0.2, 0.99, 0.0, "+cpu", kb=300.0), "hit_rate": 0.6},
+    ]
+    assert [r["policy"] for r in reported_rows(rows, "cpu")] == ["lru", "+prefetch"]
+    assert len(reported_rows(rows, "cuda")) == 3
+    assert headline(reported_rows(rows, "cpu"), 0.2, "+prefetch")["bytes_ratio_vs_lru"] == 0.6
+    assert headline(reported_rows(rows, "cpu"), 0.2, "+cpu") == {}
+    figures = {"gen_tokens_per_second": 9.0, "kl": 0.0}
+    rows = [{**r, **figures} for r in rows]
+    result = bench.BenchResult(rows, 0.2, "m", {}, {"machine": {"cpu": "X", "cores": 2}})
+    curve = bench.curve_document(result, "cpu")
+    assert curve["policy"] == "+prefetch" and curve["machine"] == "X, 2 cores"
+    assert [p["bytes_per_token"] for p in curve["points"]] == [600.0]
 
 
 def test_projections_grow_with_copies() -> None:
@@ -202,6 +234,8 @@ def test_quick_bench_writes_rows_report_plot_and_curve(
     curve = json.loads((tmp_path / "user" / "curves" / f"{checkpoint.name}.json").read_text())
     assert curve["default_alpha"] == data["default_alpha"]
     assert [p["alpha"] for p in curve["points"]] == [0.0, 0.3]
+    assert curve["policy"] == "+prefetch" and curve["device"] == "cpu" and curve["machine"]
+    assert "| +cpu |" not in report and "without a GPU" in report
     assert not (checkpoint / "understudy_curve.json").exists()  # quick runs leave models alone
     assert "TTFT ms" in report and data["rows"][0]["gen_time_to_first_token_s"] > 0
     (tmp_path / "out" / "BENCHMARKS.md").unlink()

@@ -205,3 +205,115 @@ def test_cuda_without_a_gpu_is_bad_input_not_a_crash(capsys, model, command):
     extra = ["--prompt", "hi"] if command == "generate" else []
     code, line = fail(capsys, command, *model, "--device", "cuda", *extra)
     assert code == 2 and "no usable NVIDIA GPU" in line
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--alpha", "nan"],
+        ["--temperature", "inf"],
+        ["--top-p", "nan"],
+        ["--repetition-penalty=-inf"],
+        ["--cache-gb", "inf"],
+        ["--cache-fraction", "NaN"],
+    ],
+)
+def test_non_finite_numbers_are_refused_with_a_message(capsys, tiny_checkpoint, extra):
+    argv = ["generate", "--model", str(tiny_checkpoint.path), "--prompt", "hi", *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "finite" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        (["--policy", "lru", "--alpha", "0.5"], "--alpha 0.5 does nothing with --policy lru"),
+        (["--policy", "lfu", "--no-prefetch"], "--no-prefetch does nothing"),
+        (["--no-substitution", "--alpha", "0.2"], "--alpha 0.2 does nothing with --no-sub"),
+        (["--greedy", "--seed", "3"], "--seed"),
+        (["--chat-template", "t.jinja"], "without --chat"),
+    ],
+)
+def test_options_that_would_do_nothing_are_errors(capsys, model, extra, flag):
+    code, line = fail(capsys, "generate", *model, "--prompt", "hi", *extra)
+    assert code == 2 and flag in line
+
+
+def test_defaults_are_the_apps_and_help_shows_them():
+    help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()  # type: ignore[union-attr]
+    assert "(default: smoe)" in help_text and "(default: auto)" in help_text
+    assert "benchmark curve" in help_text  # where --alpha's default comes from
+    args = build_parser().parse_args(["generate", "--prompt", "hi"])
+    assert args.policy == "smoe" and args.alpha is None
+
+
+def test_generate_reports_prompt_and_generated_tokens_apart(capsys, model):
+    report = run_json(
+        capsys, "generate", *model, "--prompt", "The quick", "--greedy", "--max-new-tokens", "3",
+        "--json",
+    )  # fmt: skip
+    assert report["generated_tokens"] == len(report["token_ids"]) > 0
+    assert report["prompt_tokens"] > 0
+    assert (
+        main(["generate", *model, "--prompt", "The quick", "--greedy", "--max-new-tokens", "3"])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert f"{report['prompt_tokens']} prompt tokens, {report['generated_tokens']} generated" in err
+    assert "\r" not in err  # progress frames are for terminals only
+
+
+def test_prompt_file_is_read_and_bounded(capsys, model, tmp_path, monkeypatch):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("The quick", encoding="utf-8")
+    argv = ["generate", *model, "--greedy", "--max-new-tokens", "2", "--json"]
+    from_file = run_json(capsys, *argv, "--prompt-file", str(prompt))
+    assert from_file["token_ids"] == run_json(capsys, *argv, "--prompt", "The quick")["token_ids"]
+    monkeypatch.setattr("engine.cli.MAX_INPUT_BYTES", 4)
+    code, line = fail(capsys, *argv, "--prompt-file", str(prompt))
+    assert code == 2 and "limit" in line
+
+
+def test_context_defaults_to_the_models_own_maximum(capsys, model, tiny_checkpoint):
+    report = run_json(capsys, "inspect", *model, "--json")
+    maximum = report["model"]["max_context"]
+    assert maximum == 256 and report["estimate"]["context_length"] == maximum
+    code, line = fail(capsys, "inspect", *model, "--context-length", str(maximum + 1))
+    assert code == 2 and f"maximum of {maximum}" in line
+
+
+def test_threads_option_sets_torch_threads(capsys, model):
+    before = torch.get_num_threads()
+    try:
+        assert main(["inspect", *model, "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+        code, line = fail(capsys, "inspect", *model, "--threads", "0")
+        assert code == 2 and "--threads" in line
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_score_tokenises_no_more_text_than_the_tokens_it_keeps(
+    capsys, model, tmp_path, monkeypatch
+):
+    from engine.runtime.prompts import MAX_CHARS_PER_TOKEN
+    from engine.runtime.session import ModelSession
+
+    seen: list[int] = []
+    encode = ModelSession.encode
+
+    def counting(self, text):  # type: ignore[no-untyped-def]
+        seen.append(len(text))
+        return encode(self, text)
+
+    monkeypatch.setattr(ModelSession, "encode", counting)
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 400_000, encoding="utf-8")
+    report = run_json(
+        capsys, "score", *model, "--text-file", str(big), "--max-tokens", "10", "--json"
+    )
+    assert report["tokens"] == 10 and report["truncated"]
+    assert seen == [10 * MAX_CHARS_PER_TOKEN]

@@ -14,6 +14,7 @@ from engine.options import (
     build_load_config,
     build_request,
     build_sampling,
+    unused_options,
 )
 
 
@@ -79,3 +80,53 @@ def test_requests_raw_and_chat():
         build_request("  ", sampling)
     with pytest.raises(InvalidRequestError, match="no user message"):
         build_request(" ", sampling, chat=True)
+
+
+def test_smoe_without_alpha_runs_at_the_curve_alpha_like_the_app(tmp_path, monkeypatch):
+    from app.settings import default_model_settings
+
+    monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "data"))
+    model = tmp_path / "m"
+    model.mkdir()
+    assert build_live_options(EngineOptions(model_dir=model)).alpha == 0.0  # no curve: exact
+    (model / "understudy_curve.json").write_text('{"default_alpha": 0.3}', encoding="utf-8")
+    live = build_live_options(EngineOptions(model_dir=model))
+    assert live.policy == "smoe" and live.alpha == 0.3
+    assert default_model_settings(model).alpha == live.alpha  # one default everywhere
+    assert build_live_options(EngineOptions(model_dir=model, policy="lru")).alpha == 0.0
+    assert build_live_options(EngineOptions(model_dir=model, alpha=0.1)).alpha == 0.1
+    mine = tmp_path / "data" / "curves" / "m.json"
+    mine.parent.mkdir(parents=True)
+    for text in ('{"default_alpha": NaN}', '{"default_alpha": 5}', "[1]", "not json"):
+        mine.write_text(text, encoding="utf-8")  # the user's own curve decides, unusable: 0
+        assert build_live_options(EngineOptions(model_dir=model)).alpha == 0.0, text
+    mine.write_text('{"default_alpha": 0.2}', encoding="utf-8")
+    assert build_live_options(EngineOptions(model_dir=model)).alpha == 0.2
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (EngineOptions(policy="lru", alpha=0.5), "--alpha 0.5 does nothing with --policy lru"),
+        (EngineOptions(policy="lfu", cpu_assist=False), "--no-cpu-assist does nothing"),
+        (EngineOptions(substitution=False, alpha=0.2), "with --no-substitution"),
+    ],
+)
+def test_choices_that_do_nothing_are_named(options, words):
+    assert any(words in problem for problem in unused_options(options))
+    assert unused_options(EngineOptions(alpha=0.2)) == []
+    assert unused_options(EngineOptions(policy="lru")) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (EngineOptions(alpha=float("nan")), "Alpha must be a finite number"),
+        (EngineOptions(cache_gb=float("inf")), "finite"),
+    ],
+)
+def test_non_finite_choices_are_invalid(tmp_path, options, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        build_load_config(replace(options, model_dir=tmp_path))
+    with pytest.raises(InvalidRequestError, match="finite"):
+        build_sampling(temperature=float("nan"))

@@ -1,0 +1,51 @@
+"""The README's headline figures are the ones ``docs/benchmarks/bench.json`` gives, rendered by
+the same code as ``docs/BENCHMARKS.md``, and the shipped curve comes from the same run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.eval import bench_report
+from engine.eval.bench import headline_policy
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH_JSON = ROOT / "docs" / "benchmarks" / "bench.json"
+SHIPPED_CURVE = ROOT / "resources" / "models" / "understudy-mini-moe" / "understudy_curve.json"
+
+
+@pytest.fixture(scope="module")
+def result() -> bench_report.BenchResult:
+    return bench_report.read_result(BENCH_JSON)
+
+
+def test_the_readme_table_and_its_source_line_come_from_bench_json(
+    result: bench_report.BenchResult,
+) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = bench_report.readme_table(result)
+    assert table and table in readme, f"re-generate the README table:\n{table}"
+    source = bench_report.readme_source(result)
+    assert source in readme, f"the README must name the run: {source}"
+
+
+def test_a_cpu_run_headlines_the_device_independent_rows(
+    result: bench_report.BenchResult,
+) -> None:
+    device = bench_report.result_device(result)
+    policy = headline_policy(device)
+    assert device == "cuda" or policy == "+prefetch"
+    report = (ROOT / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    head = bench_report.headline(
+        bench_report.reported_rows(result.rows, device), result.default_alpha, policy
+    )
+    assert bench_report.headline_text(head) in report
+
+
+def test_the_shipped_curve_is_from_the_same_run(result: bench_report.BenchResult) -> None:
+    curve = json.loads(SHIPPED_CURVE.read_text(encoding="utf-8"))
+    assert curve["measured_at"] == result.started
+    assert curve["default_alpha"] == result.default_alpha
+    assert curve["policy"] == headline_policy(bench_report.result_device(result))
