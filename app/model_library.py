@@ -12,7 +12,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.paths import builtin_model_dir, user_data_dir
+from engine.paths import (
+    BUILTIN_MODEL_NAME,
+    builtin_model_dir,
+    fallback_model_dir,
+    looks_assembled,
+    user_data_dir,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
@@ -96,8 +102,15 @@ def scan_hf_cache(cache: Path | None = None) -> list[ModelEntry]:
 
 def scan_models_folder(folder: Path | None = None) -> list[ModelEntry]:
     folder = folder or app_models_dir()
-    found = sorted(p for p in folder.iterdir() if is_model_dir(p)) if folder.is_dir() else []
+    found = sorted(p for p in folder.iterdir() if _listable(p)) if folder.is_dir() else []
     return [entry_for(p, "models folder") for p in found]
+
+
+def _listable(path: Path) -> bool:
+    """A model folder, but not a half-written (hidden) or unfinished built-in assembly."""
+    if path.name.startswith(".") or not is_model_dir(path):
+        return False
+    return path.name != BUILTIN_MODEL_NAME or looks_assembled(path)
 
 
 def check_model_folder(path: Path) -> Path:
@@ -117,6 +130,8 @@ def all_models(added: tuple[str, ...] = (), hf_cache: Path | None = None) -> lis
     builtin = builtin_model_dir()
     if is_model_dir(builtin):
         entries.append(entry_for(builtin, "built-in"))
+    if looks_assembled(builtin) and is_model_dir(fallback_model_dir()):
+        entries.append(entry_for(fallback_model_dir(), "built-in (small)"))
     entries += [entry_for(Path(p), "added") for p in added if is_model_dir(Path(p))]
     entries += scan_models_folder() + scan_hf_cache(hf_cache)
     seen: set[Path] = set()
