@@ -62,6 +62,11 @@ def test_assembles_once_then_reuses_the_checked_folder(
     second = asm.assemble(out, recipe, tmp_path / "dl", progress=quiet)
     assert not second.built and second.sha256 == first.sha256
     assert fake_source == ["fetch"]
+    (recipe / "README.md").write_text("# a newer card\n")  # documents are refreshed, not hashed
+    (recipe / "understudy_curve.json").write_text("{}")
+    assert not asm.assemble(out, recipe, tmp_path / "dl", progress=quiet).built
+    assert (out / "README.md").read_text() == "# a newer card\n"
+    assert (out / "understudy_curve.json").is_file() and asm.current(out, recipe) is None
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -160,4 +165,5 @@ def test_builtin_model_falls_back_until_assembled(
     assert paths.builtin_model_dir() == paths.assembled_model_dir()
     assert paths.builtin_notice() is None
     stamp = json.loads((paths.assembled_model_dir() / paths.ASSEMBLED_STAMP).read_text())
-    assert set(stamp["files"]) >= {"model.safetensors", "config.json", "README.md"}
+    assert set(stamp["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert "README.md" not in stamp["files"]  # documents are copied, not hashed

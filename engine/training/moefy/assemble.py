@@ -104,15 +104,21 @@ def _build_into(tmp: Path, recipe: Path, downloads: Path, progress: Progress) ->
     progress(f"[5/{STEPS}] writing and hashing the checkpoint")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    for name in COPIED:
-        if (recipe / name).is_file():
-            shutil.copy2(recipe / name, tmp / name)
     files = {
         p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(tmp.iterdir())
         if p.is_file()
     }
+    copy_documents(recipe, tmp)
     return {"recipe_sha256": recipe_sha(recipe), "files": files}
+
+
+def copy_documents(recipe: Path, folder: Path) -> None:
+    """The card and slider curve from the recipe folder (not hashed: a bench re-run or a new
+    card replaces them without invalidating the checkpoint)."""
+    for name in COPIED:
+        if (recipe / name).is_file():
+            write_atomic(folder / name, (recipe / name).read_bytes())
 
 
 def _replace_folder(tmp: Path, folder: Path) -> None:
@@ -139,6 +145,7 @@ def assemble(
     expected = load_learned(recipe).record.get("model_sha256", "")
     why = "a rebuild was asked for" if force else current(folder, recipe)
     if why is None:
+        copy_documents(recipe, folder)
         stamp = json.loads((folder / ASSEMBLED_STAMP).read_text())
         sha = stamp["files"]["model.safetensors"]["sha256"]
         return AssemblyResult(folder, False, sha, sha == expected, time.perf_counter() - t0)
