@@ -78,7 +78,7 @@ def distill(dense: Any, moe: Any, train: torch.Tensor, spec: DistillSpec) -> lis
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 10 == 0 or step == spec.steps - 1:
             recent = sum(losses[-10:]) / len(losses[-10:])
             print(
