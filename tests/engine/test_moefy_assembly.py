@@ -192,3 +192,23 @@ def test_card_reports_every_measurement_and_the_notes(tmp_path: Path, recipe: Pa
     assert "| 10.00 | 11.50 | +15.0% | 0.800 |" in card
     assert "dense 0.500, MoE 0.250" in card and "--reply-tokens 64" in card
     assert "*moe*: Hello there." in card and "## Judgement" in card
+
+
+@pytest.mark.slow
+def test_the_assembled_builtin_model_matches_its_recipe_and_chats() -> None:
+    """On a machine where ``python -m engine.training.moefy assemble`` ran (never fetches)."""
+    folder = paths.assembled_model_dir()
+    if not paths.looks_assembled(folder):
+        pytest.skip(f"the built-in model is not assembled here: {paths.ASSEMBLE_COMMAND}")
+    recipe = paths.builtin_recipe_dir()
+    assert asm.current(folder, recipe) is None
+    stamp = json.loads((folder / paths.ASSEMBLED_STAMP).read_text())
+    expected = load_learned(recipe).record["model_sha256"]
+    assert stamp["files"]["model.safetensors"]["sha256"] == expected
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.training.moefy.measure import reply
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    answer = reply(model, AutoTokenizer.from_pretrained(folder), "Hello, who are you?", 16)
+    assert answer.strip()
