@@ -29,8 +29,8 @@ def _header(record: dict[str, Any]) -> list[str]:
         "# understudy-smollm2-moe",
         "",
         "SmolLM2-135M-Instruct's weights (Hugging Face, Apache-2.0), re-cut as a Mixture of",
-        "Experts by this project's recipe (`engine/training/moefy`). Nothing was retrained: each",
-        "layer's SwiGLU FFN (1536 neurons) is split into a shared expert of the",
+        "Experts by this project's recipe (`engine/training/moefy`). The dense weights are",
+        "kept: each layer's SwiGLU FFN (1536 neurons) is split into a shared expert of the",
         f"{shape['shared']} most used neurons and {shape['experts']} routed experts of",
         f"{shape['expert_size']} neurons (clustered by co-activation on real text), of which a",
         f"trained router picks {shape['top_k']} per token; the shared expert's down-projection",
@@ -52,7 +52,7 @@ def _header(record: dict[str, Any]) -> list[str]:
         f"Calibration: {recipe.get('calibration_tokens', '?')} tokens of the project's training",
         "corpus (Austen, KJV Bible, Python docs, chat), router training",
         f"{recipe.get('router', {}).get('epochs', '?')} epochs per layer; the run took",
-        f"{record.get('recipe_seconds', 0) / 60:.0f} minutes on 2 shared CPU cores (AMD EPYC).",
+        f"{record.get('recipe_seconds', 0) / 60:.0f} minutes on 2 shared CPU cores (Intel Xeon).",
         "",
     ]
 
@@ -70,7 +70,7 @@ def _measure_lines(m: dict[str, Any]) -> list[str]:
     lines = [
         "## Dense vs MoE on held-out text",
         "",
-        f"`{_measure_command(m)}`, CPU (2 shared cores, AMD EPYC), {m['measured_at']}, "
+        f"`{_measure_command(m)}`, CPU (2 shared cores, Intel Xeon), {m['measured_at']}, "
         f"{m['seconds'] / 60:.0f} minutes;",
         "the corpus's held-out split, same tokenizer and text for both, windows of 512 tokens.",
         "",
