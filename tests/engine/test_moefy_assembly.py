@@ -212,3 +212,7 @@ def test_the_assembled_builtin_model_matches_its_recipe_and_chats() -> None:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     answer = reply(model, AutoTokenizer.from_pretrained(folder), "Hello, who are you?", 16)
     assert answer.strip()
+
+
+def test_a_first_run_says_so(tmp_path: Path) -> None:
+    assert asm.stamp_problem(tmp_path / "absent") == "it is not there yet (first run)"

@@ -51,6 +51,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def stamp_problem(folder: Path, full: bool = True) -> str | None:
     """Why ``folder`` is not a complete assembled model (None when it is)."""
+    if not folder.exists():
+        return "it is not there yet (first run)"
     try:
         stamp = json.loads((folder / ASSEMBLED_STAMP).read_text())
         files = stamp["files"]
