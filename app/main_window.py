@@ -65,7 +65,7 @@ from app.slider import ImportanceSlider, Measurer
 from app.telemetry import GpuTelemetry
 from engine.errors import EngineError
 from engine.events import GenerationFinished, ModelInfo, StatsSnapshot
-from engine.paths import builtin_model_dir
+from engine.paths import builtin_model_dir, builtin_notice
 
 log = logging.getLogger(__name__)
 OTHER_MODELS = "other-models"  # the picker's last entry: opens the Models window
@@ -244,6 +244,9 @@ class MainWindow(QMainWindow):
         for warning in (*self.settings_store.warnings, self.chat_store.recovery_message):
             if warning:
                 self.banner.show_message(warning, "warning")
+        notice = builtin_notice()
+        if notice and self.model_dir == builtin_model_dir():
+            self.banner.show_message(notice, "info")
         self._open_latest_chat()
         crashed = crash_guard.start() if crash_guard is not None else False
         last = self.settings_store.load_last_working() if crashed else None

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.gguf.header import summarize
-from engine.paths import builtin_model_dir, user_data_dir
+from engine.paths import (
+    BUILTIN_MODEL_NAME,
+    builtin_model_dir,
+    fallback_model_dir,
+    looks_assembled,
+    user_data_dir,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 SPLIT_GGUF = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -161,7 +167,7 @@ def scan_hf_cache(cache: Path | None = None) -> list[ModelEntry]:
 
 def scan_models_folder(folder: Path | None = None) -> list[ModelEntry]:
     folder = folder or app_models_dir()
-    found = sorted(p for p in folder.iterdir() if is_model_dir(p)) if folder.is_dir() else []
+    found = sorted(p for p in folder.iterdir() if _listable(p)) if folder.is_dir() else []
     return [entry_for(p, "models folder") for p in found] + scan_gguf_files(folder, "models folder")
 
 
@@ -171,6 +177,13 @@ def scan_lmstudio(folders: list[Path] | None = None) -> list[ModelEntry]:
     for folder in lmstudio_models_dirs() if folders is None else folders:
         entries += scan_gguf_files(folder, "LM Studio")
     return entries
+
+
+def _listable(path: Path) -> bool:
+    """A model folder, but not a half-written (hidden) or unfinished built-in assembly."""
+    if path.name.startswith(".") or not is_model_dir(path):
+        return False
+    return path.name != BUILTIN_MODEL_NAME or looks_assembled(path)
 
 
 def check_model_folder(path: Path) -> Path:
@@ -197,6 +210,8 @@ def all_models(added: tuple[str, ...] = (), hf_cache: Path | None = None) -> lis
     builtin = builtin_model_dir()
     if is_model_dir(builtin):
         entries.append(entry_for(builtin, "built-in"))
+    if looks_assembled(builtin) and is_model_dir(fallback_model_dir()):
+        entries.append(entry_for(fallback_model_dir(), "built-in (small)"))
     entries += [entry_for(Path(p), "added") for p in added if is_model_dir(Path(p))]
     entries += [gguf_entry(Path(p), "added") for p in added if is_gguf_model(Path(p))]
     entries += scan_models_folder() + scan_hf_cache(hf_cache) + scan_lmstudio()

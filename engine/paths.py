@@ -1,12 +1,17 @@
 """Where things live on disk: the built-in model and the per-user directories.
 
-The built-in model ships in ``resources/models/`` (inside the source tree, or inside the
-PyInstaller bundle). User data (chats, settings, added models) lives in the platformdirs
-locations so it survives upgrades and uninstall.
+The built-in model is an MoE re-cut from SmolLM2-135M-Instruct. Its recipe's learned parts
+ship in ``resources/models/understudy-smollm2-moe`` (inside the source tree, or inside the
+PyInstaller bundle); the checkpoint is assembled from them on first run into the user data
+folder (``python -m engine.training.moefy assemble``), or bundled already assembled by the
+installers. Until it is assembled, the small model trained from scratch
+(``resources/models/understudy-mini-moe``) stands in. User data (chats, settings, added
+models) lives in the platformdirs locations so it survives upgrades and uninstall.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,7 +19,10 @@ from pathlib import Path
 import platformdirs
 
 APP_NAME = "Understudy"
-BUILTIN_MODEL_NAME = "understudy-mini-moe"
+BUILTIN_MODEL_NAME = "understudy-smollm2-moe"
+FALLBACK_MODEL_NAME = "understudy-mini-moe"
+ASSEMBLED_STAMP = "assembled.json"
+ASSEMBLE_COMMAND = "python -m engine.training.moefy assemble"
 
 
 def resources_dir() -> Path:
@@ -28,12 +36,53 @@ def resources_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "resources"
 
 
+def builtin_recipe_dir() -> Path:
+    """The built-in model's shipped folder: the recipe's learned parts and card (or, in an
+    installer bundle, the assembled model itself)."""
+    return resources_dir() / "models" / BUILTIN_MODEL_NAME
+
+
+def assembled_model_dir() -> Path:
+    """Where the first run assembles the built-in model."""
+    return user_data_dir() / "models" / BUILTIN_MODEL_NAME
+
+
+def fallback_model_dir() -> Path:
+    """The small model used while the built-in one is not assembled."""
+    return resources_dir() / "models" / FALLBACK_MODEL_NAME
+
+
+def looks_assembled(folder: Path) -> bool:
+    """Cheap check (no hashing): the stamp exists and every file it lists has its size.
+
+    The assembly step checks hashes; this keeps a partial or truncated folder from loading.
+    """
+    try:
+        files = json.loads((folder / ASSEMBLED_STAMP).read_text())["files"]
+        return all((folder / n).stat().st_size == meta["size"] for n, meta in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def builtin_model_dir() -> Path:
-    """The model used when no other is chosen."""
+    """The model used when no other is chosen: the assembled MoE, else the small fallback."""
     override = os.environ.get("UNDERSTUDY_BUILTIN_MODEL")
     if override:
         return Path(override)
-    return resources_dir() / "models" / BUILTIN_MODEL_NAME
+    for folder in (builtin_recipe_dir(), assembled_model_dir()):
+        if looks_assembled(folder):
+            return folder
+    return fallback_model_dir()
+
+
+def builtin_notice() -> str | None:
+    """What to tell the user when the built-in model stands in for the assembled one."""
+    if os.environ.get("UNDERSTUDY_BUILTIN_MODEL") or builtin_model_dir() != fallback_model_dir():
+        return None
+    return (
+        "The built-in SmolLM2 MoE is not assembled yet (it needs the network once); using the "
+        f"small test model. To assemble it: .venv/bin/{ASSEMBLE_COMMAND}"
+    )
 
 
 def user_data_dir() -> Path:

@@ -41,7 +41,7 @@ from engine.options import (
     build_load_config,
     resolved_alpha,
 )
-from engine.paths import builtin_model_dir, user_data_dir
+from engine.paths import assembled_model_dir, builtin_model_dir, builtin_recipe_dir, user_data_dir
 
 DEFAULT_OUT = Path("docs/benchmarks")
 DEFAULT_TRACES = Path("../shared/traces")
@@ -352,6 +352,8 @@ def _curve_targets(full_run: bool, model_dir: Path, name: str) -> list[Path]:
     paths = [user_data_dir() / "curves" / f"{name}.json"]
     if full_run and model_dir.resolve() == builtin_model_dir().resolve():
         paths.append(model_dir / CURVE_FILE)
+        if model_dir.resolve() == assembled_model_dir().resolve():
+            paths.append(builtin_recipe_dir() / CURVE_FILE)  # ships with the recipe
     return paths
 
 

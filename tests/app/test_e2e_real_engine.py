@@ -20,10 +20,10 @@ from app.main_window import MainWindow
 from app.settings import ModelSettings, SettingsStore
 from app.telemetry import GpuTelemetry
 from engine.events import GenerationFinished
-from engine.paths import builtin_model_dir
+from engine.paths import fallback_model_dir
 
 REAL_ENGINE = importlib.util.find_spec("engine.runtime.engine") is not None
-BUILTIN_MODEL = builtin_model_dir()  # read before the fixtures point it at a fake folder
+BUILTIN_MODEL = fallback_model_dir()  # the small shipped model: the fast tests' fixture
 needs_engine = pytest.mark.skipif(not REAL_ENGINE, reason="engine.runtime.engine not built yet")
 
 

@@ -160,3 +160,29 @@ def test_adding_a_gguf_file_checks_it_is_moe(tmp_path: Path) -> None:
     dense = write_gguf(tmp_path / "dense.gguf", moe=False, arch="llama")
     with pytest.raises(ValueError, match="dense model"):
         check_model_folder(dense)
+
+
+def test_assembled_builtin_is_listed_with_the_small_model_and_unfinished_ones_are_not(
+    user_dirs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from engine.paths import ASSEMBLED_STAMP, BUILTIN_MODEL_NAME, fallback_model_dir
+
+    models = user_dirs / "data" / "models"
+    assembled = models / BUILTIN_MODEL_NAME
+    assembled.mkdir(parents=True)
+    (assembled / "config.json").write_text('{"model_type": "qwen2_moe"}')
+    (models / f".{BUILTIN_MODEL_NAME}.partial-1").mkdir()
+    (models / f".{BUILTIN_MODEL_NAME}.partial-1" / "config.json").write_text("{}")
+    assert scan_models_folder() == []  # no stamp yet: half-built, never listed
+    stamp = {"files": {"config.json": {"size": (assembled / "config.json").stat().st_size}}}
+    (assembled / ASSEMBLED_STAMP).write_text(json.dumps(stamp))
+    monkeypatch.setenv("UNDERSTUDY_BUILTIN_MODEL", str(assembled))
+    if not (fallback_model_dir() / "config.json").is_file():
+        pytest.skip("the small model is not in resources/models")
+    sources = [(e.name, e.source) for e in all_models((), user_dirs / "hf-cache")]
+    assert sources == [
+        (BUILTIN_MODEL_NAME, "built-in"),
+        ("understudy-mini-moe", "built-in (small)"),
+    ]

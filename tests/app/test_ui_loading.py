@@ -120,3 +120,20 @@ def test_corrupt_settings_and_database_are_reported_in_the_window(
     assert list((user_dirs / "config").glob("prefs.json.corrupt-*"))
     assert list((user_dirs / "data").glob("chats.sqlite3.corrupt-*"))
     assert window.controller.ready, "the app still starts"
+
+
+def test_unassembled_builtin_starts_on_the_small_model_and_says_how_to_assemble(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine, user_dirs: Path, monkeypatch: Any
+) -> None:
+    from tests.app.conftest import write_model_folder
+
+    resources = user_dirs / "resources"
+    small = write_model_folder(resources / "models" / "understudy-mini-moe")
+    monkeypatch.delenv("UNDERSTUDY_BUILTIN_MODEL")
+    monkeypatch.setenv("UNDERSTUDY_RESOURCES", str(resources))
+    window = make_window(start=False)
+    window.start(None)
+    qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
+    assert fake_engine.calls.loads[0].model_dir == small
+    notices = [text for kind, text in window.banner.history if kind == "info"]
+    assert any("python -m engine.training.moefy assemble" in text for text in notices)

@@ -322,3 +322,29 @@ def test_bench_count_ops_adds_per_token_counts_to_each_row(
     rows = json.loads((out / "bench.json").read_text(encoding="utf-8"))["rows"]
     assert rows and all(r["ops_per_token"] and r["ops_per_token"] > 0 for r in rows)
     assert all(r["syncs_per_token"] >= 1 for r in rows)  # at least the sampled token
+
+
+def test_a_full_run_on_the_assembled_builtin_also_writes_the_shipped_curve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.eval.eval_cli import _curve_targets
+    from engine.paths import (
+        ASSEMBLED_STAMP,
+        assembled_model_dir,
+        builtin_recipe_dir,
+        user_data_dir,
+    )
+
+    monkeypatch.delenv("UNDERSTUDY_BUILTIN_MODEL", raising=False)
+    monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("UNDERSTUDY_RESOURCES", str(tmp_path / "resources"))
+    folder = assembled_model_dir()
+    folder.mkdir(parents=True)
+    (folder / ASSEMBLED_STAMP).write_text('{"files": {}}')
+    user_curve = user_data_dir() / "curves" / "m.json"
+    assert _curve_targets(False, folder, "m") == [user_curve]
+    assert _curve_targets(True, folder, "m") == [
+        user_curve,
+        folder / "understudy_curve.json",
+        builtin_recipe_dir() / "understudy_curve.json",
+    ]

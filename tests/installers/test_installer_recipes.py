@@ -414,3 +414,24 @@ def test_entry_passes_the_exit_code_on(
     monkeypatch.setattr(sys, "argv", ["before"])
     assert entry.run(["understudy", "--engine", "x"]) == code
     assert seen == [["understudy", "x"]]
+
+
+def test_spec_bundles_the_assembled_builtin_model_or_says_how_to_skip_it() -> None:
+    functions = spec_functions()
+    assemble = functions["assembled_model"]
+    assert assemble("none") is None
+    assert assemble("/built/model") == "/built/model"
+    calls: list[list[str]] = []
+
+    class FailingRun:
+        @staticmethod
+        def run(command: list[str], **_: Any) -> Any:
+            calls.append(command)
+            return type("Done", (), {"returncode": 1})()
+
+    assemble.__globals__["subprocess"] = FailingRun
+    with pytest.raises(SystemExit, match="UNDERSTUDY_BUNDLE_MODEL=none"):
+        assemble("")
+    assert calls and calls[0][1:4] == ["-m", "engine.training.moefy", "assemble"]
+    keep = functions["keep"]
+    assert keep(("resources/models/understudy-smollm2-moe/model.safetensors", "/src", "DATA"))

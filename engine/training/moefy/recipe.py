@@ -1,0 +1,164 @@
+"""The recipe end to end: dense wheel -> calibration inputs -> partition, routers, refit -> files.
+
+Per layer: neuron contributions on the calibration inputs give the shared expert and the
+balanced co-activation clusters (``partition``); the router is trained against the dense
+layer (``router``); the shared down-projection is refitted. The learned parts go to the
+recipe folder; the checkpoint is then assembled from them exactly as a first run does and its
+hash recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.training.corpus import build_corpus
+from engine.training.moefy import source
+from engine.training.moefy.collect import calibration_streams, ffn_inputs
+from engine.training.moefy.convert import MoeShape, check_dense
+from engine.training.moefy.learned import Learned, save_learned
+from engine.training.moefy.partition import activations, contributions, neuron_order
+from engine.training.moefy.router import (
+    LayerExperts,
+    RouterSpec,
+    layer_errors,
+    refit_shared_down,
+    train_router,
+)
+
+DEFAULT_SHAPE = MoeShape(experts=32, expert_size=32, shared=512, top_k=8)
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """Calibration budget and training settings of one recipe run."""
+
+    shape: MoeShape = field(default_factory=lambda: DEFAULT_SHAPE)
+    tokens_per_domain: int = 4000
+    check_tokens: int = 1500  # calibration tokens kept back for the per-layer error report
+    router: RouterSpec = field(default_factory=lambda: RouterSpec(epochs=3))
+    ridge: float = 1e-3
+    seed: int = 0
+
+
+def split_inputs(x: torch.Tensor, keep: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` shuffled and split into (train, check) with ``keep`` rows in check."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return x[perm[keep:]].float(), x[perm[:keep]].float()
+
+
+def learn_layer(
+    x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor], spec: RecipeSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Order [I], router [E, H], shared down [H, S] and check errors of one layer."""
+    gate, up, down = weights
+    train, check = split_inputs(x, spec.check_tokens, spec.seed)
+    order = neuron_order(contributions(activations(train, gate, up), down), spec.shape, spec.seed)
+    experts = LayerExperts.cut(gate, up, down, order, spec.shape)
+    router = train_router(train, experts, spec.shape, spec.router)
+    before = layer_errors(check, experts, router, spec.shape)
+    shared_down = refit_shared_down(train, experts, router, spec.shape, spec.ridge)
+    after = layer_errors(check, experts.with_shared_down(shared_down), router, spec.shape)
+    errors = {"router": before["router"], "oracle": before["oracle"], "refit": after["router"]}
+    return order, router, shared_down, errors
+
+
+def learn(dense: Any, inputs: list[torch.Tensor], spec: RecipeSpec) -> tuple[Learned, list]:
+    """Every layer's learned parts, and the per-layer error report."""
+    state = dense.state_dict()
+    orders, routers, downs, report = [], [], [], []
+    for layer, x in enumerate(inputs):
+        t0 = time.perf_counter()
+        pre = f"model.layers.{layer}.mlp."
+        weights = tuple(state[pre + f"{n}_proj.weight"] for n in ("gate", "up", "down"))
+        order, router, down, errors = learn_layer(x, weights, spec)  # type: ignore[arg-type]
+        orders.append(order)
+        routers.append(router)
+        downs.append(down)
+        report.append(errors)
+        print(
+            f"layer {layer}: FFN relative error router {errors['router']:.3f} "
+            f"(oracle {errors['oracle']:.3f}), after refit {errors['refit']:.3f}, "
+            f"{time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+    learned = Learned(torch.stack(orders), torch.stack(routers), torch.stack(downs), spec.shape, {})
+    return learned, report
+
+
+def run_recipe(out: Path, cache: Path, spec: RecipeSpec) -> dict[str, Any]:
+    """Fetch, calibrate, learn and write the learned parts into ``out``; returns the record."""
+    t0 = time.perf_counter()
+    gguf = source.extract_gguf(source.fetch_wheel(cache / "pkgs"), cache / "pkgs")
+    dense, tokenizer = source.load_dense(gguf)
+    check_dense(dense.config)
+    build_corpus(cache)
+    streams = calibration_streams(cache / "corpus" / "train", tokenizer, spec.tokens_per_domain)
+    inputs = ffn_inputs(dense, streams)
+    print(f"calibration: {len(inputs[0])} tokens, {time.perf_counter() - t0:.0f} s", flush=True)
+    learned, report = learn(dense, inputs, spec)
+    from engine.training.moefy.assemble import sha256_file
+
+    record = {
+        "source": {
+            "wheel": f"{source.WHEEL_NAME}=={source.WHEEL_VERSION}",
+            "gguf": source.GGUF_MEMBER,
+            "gguf_sha256": sha256_file(gguf),
+        },
+        "recipe": {**asdict(spec), "calibration_tokens": len(inputs[0])},
+        "layer_errors": report,
+        "recipe_seconds": round(time.perf_counter() - t0, 1),
+    }
+    save_learned(
+        out, Learned(learned.orders, learned.routers, learned.shared_downs, spec.shape, record)
+    )
+    return record
+
+
+def record_model_hash(recipe: Path, sha: str) -> None:
+    """Store the assembled checkpoint's hash in the recipe record."""
+    from engine.training.moefy.learned import RECORD, write_atomic
+
+    record = json.loads((recipe / RECORD).read_text())
+    record["model_sha256"] = sha
+    write_atomic(recipe / RECORD, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def run_distill(recipe: Path, cache: Path, spec: Any) -> dict[str, Any]:
+    """Distil the recipe's routers and shared downs; keep the result only if it pays."""
+    from engine.training.moefy.convert import build_moe
+    from engine.training.moefy.distill import distill, learned_tensors, perplexity
+    from engine.training.moefy.learned import load_learned
+
+    learned = load_learned(recipe)
+    gguf = source.extract_gguf(source.fetch_wheel(cache / "pkgs"), cache / "pkgs")
+    dense, tokenizer = source.load_dense(gguf)
+    moe = build_moe(
+        dense, learned.orders, learned.routers, learned.shape, learned.shared_downs.float()
+    )
+    train = torch.cat(
+        list(calibration_streams(cache / "corpus" / "train", tokenizer, 20_000).values())
+    )
+    held = [
+        s[:512] for s in calibration_streams(cache / "corpus" / "heldout", tokenizer, 512).values()
+    ]
+    before = {"dense": perplexity(dense, held), "moe": perplexity(moe, held)}
+    print(f"held-out perplexity before: {before}", flush=True)
+    losses = distill(dense, moe, train, spec)
+    after = perplexity(moe, held)
+    print(f"held-out perplexity after: {after:.2f}", flush=True)
+    report = {
+        "spec": asdict(spec), "ppl_before": before, "ppl_after": after,
+        "kl_first10": sum(losses[:10]) / 10, "kl_last10": sum(losses[-10:]) / 10,
+        "kept": after < before["moe"],
+    }  # fmt: skip
+    if report["kept"]:
+        routers, downs = learned_tensors(moe)
+        record = {**learned.record, "distill": report}
+        save_learned(recipe, Learned(learned.orders, routers, downs, learned.shape, record))
+    return report
