@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 from safetensors import safe_open
+from torch.utils._python_dispatch import _disable_current_modes
 
 from engine.errors import ModelLoadError
 from engine.offload.finite import check_finite
@@ -276,7 +277,11 @@ class HostExpertStore:
         row = self._row(key)
         if key not in self._checked:
             parts = self._parts.get(key, ())
-            check_finite(((p.key, self.shape.part_view(row, p.part)) for p in parts), "expert")
+            # a read of host memory, never a device sync: kept out of torch-function and
+            # dispatch modes so the op/sync counter (engine.eval.opcount) does not count it as
+            # one on a CPU run, where host and device are the same memory
+            with torch._C.DisableTorchFunction(), _disable_current_modes():
+                check_finite(((p.key, self.shape.part_view(row, p.part)) for p in parts), "expert")
             self._checked.add(key)
         return row
 
