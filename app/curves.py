@@ -191,4 +191,4 @@ def axis_labels(curve: Curve | None) -> tuple[str, str]:
     """The slider's two ends: what moving it trades on the curve's device."""
     if curve is not None and curve.on_gpu:
         return "exact", "faster, approximate"
-    return "exact", "fewer expert copies, approximate"
+    return "exact", "fewer copies, approximate"

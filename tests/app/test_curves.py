@@ -76,9 +76,9 @@ def test_a_cpu_curve_shows_no_speed_and_says_where_its_figures_come_from() -> No
     text = describe(point, cpu)
     assert "tok/s" not in text and "336.0 KB/token moved" in text  # alpha trades copies here
     assert curve_source(cpu) == "benchmark curve (AMD EPYC 7B13, 2 cores, 2026-11-28)"
-    assert axis_labels(cpu) == ("exact", "fewer expert copies, approximate")
+    assert axis_labels(cpu) == ("exact", "fewer copies, approximate")
     gpu = Curve("m", (point,), "cuda", "2026-11-28", machine="RTX 4070")
     assert describe(point, gpu).startswith("212.0 tok/s") and axis_labels(gpu)[1].startswith(
         "faster"
     )
-    assert axis_labels(None)[1] == "fewer expert copies, approximate"  # no curve: no speed claim
+    assert axis_labels(None)[1] == "fewer copies, approximate"  # no curve: no speed claim

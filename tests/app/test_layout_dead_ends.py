@@ -14,7 +14,7 @@ from PySide6.QtWidgets import QFileDialog, QLabel
 
 from app.application import qt_arguments
 from app.export import default_export_path, file_name_for
-from app.library_dialog import LibraryDialog
+from app.library_dialog import TOP_K, LibraryDialog
 from app.main_window import MainWindow
 from app.settings_dialog import SettingsDialog
 from tests.app.conftest import write_model_folder
@@ -64,7 +64,7 @@ def test_models_window_marks_the_loaded_model_and_shows_whole_cells(
     qtbot: Any, window: MainWindow, fake_engine: FakeEngine
 ) -> None:
     dialog = open_library(window)
-    qtbot.waitUntil(lambda: dialog.table.item(0, 5).text() == "2", timeout=5000)
+    qtbot.waitUntil(lambda: dialog.table.item(0, TOP_K).text() == "2", timeout=5000)
     first = dialog.table.item(0, 0)
     assert first.text() == "● understudy-mini-moe (loaded)" and first.font().bold()
     metrics = dialog.table.fontMetrics()
