@@ -17,9 +17,9 @@ rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from gguf import GGMLQuantizationType
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from engine.atomic import write_with
 from engine.offload.store import ExpertPart, ExpertShape, HostExpertStore, QuantizedExpertShape
 from engine.paths import user_data_dir
 from engine.quant.ggml_blocks import block_geometry
@@ -87,13 +88,9 @@ def _write_cache(path: Path, store: HostExpertStore, key: str) -> None:
         f"layer.{layer}": torch.stack([store.row((layer, e)) for e in range(store.num_experts)])
         for layer in store.layers
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(staged), metadata={"key": key, "format": CACHE_FORMAT})
-        os.replace(staged, path)
-    except OSError:
-        staged.unlink(missing_ok=True)  # a full disk costs the cache, not the load
+    metadata = {"key": key, "format": CACHE_FORMAT}
+    with contextlib.suppress(OSError):  # a full disk costs the cache, not the load
+        write_with(path, lambda staged: save_file(tensors, str(staged), metadata=metadata))
 
 
 def _quantize_layer(

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.atomic import write_bytes_atomic
 from engine.paths import ASSEMBLED_STAMP, assembled_model_dir, builtin_recipe_dir, user_data_dir
 from engine.training.moefy import source
-from engine.training.moefy.learned import TENSORS, load_learned, write_atomic
+from engine.training.moefy.learned import TENSORS, load_learned
 
 Progress = Callable[[str], None]
 STEPS = 5
@@ -120,7 +121,7 @@ def copy_documents(recipe: Path, folder: Path) -> None:
     card replaces them without invalidating the checkpoint)."""
     for name in COPIED:
         if (recipe / name).is_file():
-            write_atomic(folder / name, (recipe / name).read_bytes())
+            write_bytes_atomic(folder / name, (recipe / name).read_bytes())
 
 
 def _replace_folder(tmp: Path, folder: Path) -> None:
@@ -157,7 +158,7 @@ def assemble(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         stamp = _build_into(tmp, recipe, downloads, progress)
-        write_atomic(tmp / ASSEMBLED_STAMP, (json.dumps(stamp, indent=2) + "\n").encode())
+        write_bytes_atomic(tmp / ASSEMBLED_STAMP, (json.dumps(stamp, indent=2) + "\n").encode())
         _replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.training.moefy.learned import RECORD, write_atomic
+from engine.atomic import write_bytes_atomic
+from engine.training.moefy.learned import RECORD
 from engine.training.moefy.measure import MEASUREMENTS
 
 CARD = "README.md"
@@ -135,5 +136,5 @@ def write_card(recipe: Path) -> Path:
     measured_path = recipe / MEASUREMENTS
     measured = json.loads(measured_path.read_text()) if measured_path.is_file() else None
     path = recipe / CARD
-    write_atomic(path, render_card(record, measured, recipe / NOTES).encode())
+    write_bytes_atomic(path, render_card(record, measured, recipe / NOTES).encode())
     return path

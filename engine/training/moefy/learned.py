@@ -10,7 +10,6 @@ recipe ran, so a rebuilt checkpoint can be compared with it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.atomic import write_bytes_atomic, write_with
 from engine.errors import ModelLoadError
 from engine.training.moefy.convert import MoeShape
 
@@ -36,28 +36,16 @@ class Learned:
     record: dict[str, Any]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_learned(folder: Path, learned: Learned) -> None:
     """Write both files of ``learned`` into ``folder`` (each atomically)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{TENSORS}.{os.getpid()}.tmp"
-    save_file(
-        {
-            "orders": learned.orders.to(torch.int32).contiguous(),
-            "routers": learned.routers.float().contiguous(),
-            "shared_downs": learned.shared_downs.to(torch.float16).contiguous(),
-        },
-        str(tmp),
-    )
-    os.replace(tmp, folder / TENSORS)
+    tensors = {
+        "orders": learned.orders.to(torch.int32).contiguous(),
+        "routers": learned.routers.float().contiguous(),
+        "shared_downs": learned.shared_downs.to(torch.float16).contiguous(),
+    }
+    write_with(folder / TENSORS, lambda temp: save_file(tensors, str(temp)))
     record = {**learned.record, "shape": learned.shape.to_json()}
-    write_atomic(folder / RECORD, (json.dumps(record, indent=2) + "\n").encode())
+    write_bytes_atomic(folder / RECORD, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def load_learned(folder: Path) -> Learned:

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.atomic import write_bytes_atomic
 from engine.eval import cloze
 from engine.training.corpus import DOMAINS, read_jsonl
 from engine.training.moefy import source
 from engine.training.moefy.collect import domain_tokens, windows
-from engine.training.moefy.learned import write_atomic
 
 PROMPTS = (
     "Hello, who are you?",
@@ -161,6 +161,6 @@ def run_measure(args: argparse.Namespace) -> dict[str, Any]:
     result = measure(dense, moe, tokenizer, args.cache / "corpus" / "heldout", args)
     result["measured_at"] = time.strftime("%Y-%m-%d", time.gmtime())
     recipe = args.recipe or builtin_recipe_dir()
-    write_atomic(recipe / MEASUREMENTS, (json.dumps(result, indent=2) + "\n").encode())
+    write_bytes_atomic(recipe / MEASUREMENTS, (json.dumps(result, indent=2) + "\n").encode())
     write_card(recipe)
     return result

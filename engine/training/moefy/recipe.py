@@ -122,11 +122,12 @@ def run_recipe(out: Path, cache: Path, spec: RecipeSpec) -> dict[str, Any]:
 
 def record_model_hash(recipe: Path, sha: str) -> None:
     """Store the assembled checkpoint's hash in the recipe record."""
-    from engine.training.moefy.learned import RECORD, write_atomic
+    from engine.atomic import write_bytes_atomic
+    from engine.training.moefy.learned import RECORD
 
     record = json.loads((recipe / RECORD).read_text())
     record["model_sha256"] = sha
-    write_atomic(recipe / RECORD, (json.dumps(record, indent=2) + "\n").encode())
+    write_bytes_atomic(recipe / RECORD, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def run_distill(recipe: Path, cache: Path, spec: Any) -> dict[str, Any]:
