@@ -17,7 +17,7 @@ import torch
 from engine.cli import main
 from engine.eval import hotpath
 from engine.eval.opcount import OpCounter, OpCounts, per_token
-from engine.options import resolve_model_dir
+from engine.paths import fallback_model_dir
 
 TOKENS = 6
 
@@ -46,7 +46,7 @@ def test_reads_of_host_tensors_do_not_count_on_a_cuda_run() -> None:
 
 @pytest.fixture(scope="module")
 def counts() -> dict[str, object]:
-    model_dir = resolve_model_dir(None)
+    model_dir = fallback_model_dir()  # the small 5-layer model, even once the MoE is assembled
     configs = {c.name: c for c in hotpath.default_configs(0.5, 0.4)}
     wanted = [hotpath.PLAIN, "lru 0.5 eager", "smoe 0.5 a0.4 eager", "smoe 0.5 a0.4 grouped"]
     out = {}
@@ -59,7 +59,7 @@ def counts() -> dict[str, object]:
 
 
 def test_decode_syncs_once_per_layer_and_within_the_aim(counts: dict[str, object]) -> None:
-    layers = 5  # the built-in model
+    layers = 5  # the small model
     lru, smoe = counts["lru 0.5 eager"], counts["smoe 0.5 a0.4 eager"]
     assert lru.syncs == layers + 1, lru.sync_kinds  # type: ignore[attr-defined]
     assert smoe.syncs <= layers + 8, smoe.sync_kinds  # type: ignore[attr-defined]
