@@ -98,6 +98,7 @@ class EngineThread:
                 self._execute(task)
             finally:
                 self.current = None
+                del task  # while waiting for the next, keep nothing of the last (its sink)
 
     def _execute(self, task: Task) -> None:
         try:

@@ -184,9 +184,12 @@ class Routes:
         return finished, stats_delta(generation.before, finished.stats)
 
     def _abandon(self, generation: Generation) -> None:
+        """Cancel the generation if it still runs (its client left); counted when it ends."""
         if not generation.job.done():
             generation.cancel()
-            self.gate.count_cancel()
+            generation.job.future.add_done_callback(
+                lambda _future: self.gate.count_cancel(generation.made_after_cancel)
+            )
 
     async def _stream(
         self, generate: GenerateRequest, reply: out.Reply, include_usage: bool

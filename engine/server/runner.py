@@ -109,6 +109,19 @@ class ServerHandle:
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    def connections(self) -> int:
+        """Client connections open now."""
+        return len(self._server.server_state.connections)
+
+    def tasks(self, timeout: float = 5.0) -> int:
+        """Tasks alive on the server's event loop (connections, handlers), asked on that loop."""
+
+        async def count() -> int:
+            return len(asyncio.all_tasks()) - 1  # not this question's own task
+
+        assert self.loop is not None, "the server runs"
+        return asyncio.run_coroutine_threadsafe(count(), self.loop).result(timeout)
+
     def stop(self, timeout: float = 10.0) -> None:
         self._server.should_exit = True
         if self._thread.is_alive():

@@ -4,7 +4,8 @@
 (the visible queue); the app's own chat, which submits to the same engine thread, runs between
 two server turns. ``Generation`` wraps one engine job: events from the engine thread are handed
 to the server's loop with ``call_soon_threadsafe``; ``cancel`` sets the job's flag, which the
-engine checks between tokens.
+engine checks between tokens. Tokens are counted as they leave the engine, so the tokens made
+after the server saw a client go (the aim: at most one) are counted too and shown in the queue.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from engine.config import GenerateRequest
-from engine.events import Event, GenerationFinished, StatsSnapshot
+from engine.events import FLUSH_TOKEN_ID, Event, GenerationFinished, StatsSnapshot, TokenReceived
 from engine.protocol import EngineAPI, Job
 
 _DONE = object()
@@ -30,6 +31,8 @@ class QueueState:
     waiting: int
     served: int
     cancelled: int
+    after_cancel_total: int  # tokens made after a cancel was asked, over all cancels
+    after_cancel_max: int  # the most after any one cancel (the aim: at most one)
 
 
 class EngineGate:
@@ -38,7 +41,10 @@ class EngineGate:
     def __init__(self, engine: EngineAPI) -> None:
         self.engine = engine
         self._lock = asyncio.Lock()
-        self._counts = {"running": 0, "waiting": 0, "served": 0, "cancelled": 0}
+        self._counts = dict.fromkeys(
+            ("running", "waiting", "served", "cancelled", "after_cancel_total", "after_cancel_max"),
+            0,
+        )
         self._guard = threading.Lock()  # the app reads the counts from the UI thread
 
     def _add(self, name: str, step: int) -> None:
@@ -65,8 +71,12 @@ class EngineGate:
             self._add("served", 1)
             self._lock.release()
 
-    def count_cancel(self) -> None:
-        self._add("cancelled", 1)
+    def count_cancel(self, made_after: int) -> None:
+        """A cancelled generation has ended, ``made_after`` tokens after its cancel."""
+        with self._guard:
+            self._counts["cancelled"] += 1
+            self._counts["after_cancel_total"] += made_after
+            self._counts["after_cancel_max"] = max(self._counts["after_cancel_max"], made_after)
 
 
 class Generation:
@@ -76,10 +86,14 @@ class Generation:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.before = engine.stats()
+        self.made = 0  # tokens out of the engine so far, counted on the engine thread
+        self.made_at_cancel: int | None = None
         self.job: Job[GenerationFinished] = engine.generate(request, self._post)
         self.job.future.add_done_callback(lambda _future: self._post(_DONE))
 
     def _post(self, item: object) -> None:
+        if isinstance(item, TokenReceived) and item.token_id != FLUSH_TOKEN_ID:
+            self.made += 1
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens any more
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
@@ -89,7 +103,13 @@ class Generation:
         self.job.future.result()  # settled by now: raises the engine's error, if any
 
     def cancel(self) -> None:
+        self.made_at_cancel = self.made
         self.job.cancel()
+
+    @property
+    def made_after_cancel(self) -> int:
+        """Tokens the engine made after ``cancel`` (0 when not cancelled)."""
+        return 0 if self.made_at_cancel is None else self.made - self.made_at_cancel
 
 
 def stats_delta(before: StatsSnapshot, after: StatsSnapshot) -> StatsSnapshot:

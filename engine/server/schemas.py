@@ -1,9 +1,10 @@
 """Pydantic models of the OpenAI requests the server accepts, and their translation into the
 engine's ``GenerateRequest``.
 
-Fields the engine cannot honour (``n`` > 1, logprobs, tools, images) are refused with a clear
-message rather than silently ignored; fields that make no difference here (``user``,
-``metadata``) are accepted and ignored, as other OpenAI-compatible servers do. Sampling follows
+Fields the engine cannot honour (``n`` > 1, logprobs, tools, images, a JSON response format,
+logit bias, presence or frequency penalties) are refused with a clear message rather than
+silently ignored; fields that make no difference here (``user``, ``metadata``, ``store``) are
+accepted and ignored, as other OpenAI-compatible servers do. Sampling follows
 OpenAI's meaning: temperature 0 is greedy, and no top-k or repetition penalty is added.
 """
 
@@ -62,10 +63,13 @@ class SamplingFields(Strict):
     top_p: Annotated[Number, Field(gt=0.0, le=1.0)] | None = None
     stop: str | list[str] | None = None
     seed: StrictInt | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=1)] = 1
+    n: Annotated[StrictInt, Field(ge=1)] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     logprobs: Any = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[str, Any] | None = None
     understudy: UnderstudyOptions | None = None
 
     @field_validator("stop")
@@ -84,21 +88,49 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    response_format: Any = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     echo: StrictBool = False
     suffix: str | None = None
+    best_of: StrictInt | None = None
 
 
 def _refuse_unsupported(body: SamplingFields) -> None:
+    """What would change the answer but the engine cannot do: refused, never ignored."""
+    if body.n > 1:
+        raise ApiError(400, f"n is {body.n}: this server makes one choice per request.", "n")
     if body.logprobs not in (None, False, 0):
         raise ApiError(400, "logprobs are not supported by this server.", "logprobs")
-    if isinstance(body, ChatCompletionRequest) and body.tools:
-        raise ApiError(400, "Tools (function calling) are not supported.", "tools")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise ApiError(400, f"{name} is not supported by this server; leave it at 0.", name)
+    if body.logit_bias:
+        raise ApiError(400, "logit_bias is not supported by this server.", "logit_bias")
+    if isinstance(body, ChatCompletionRequest):
+        _refuse_unsupported_chat(body)
     if isinstance(body, CompletionRequest) and (body.echo or body.suffix):
         raise ApiError(400, "echo and suffix are not supported.", "echo")
+    if isinstance(body, CompletionRequest) and (body.best_of or 1) > 1:
+        raise ApiError(400, "best_of above 1 is not supported.", "best_of")
+
+
+def _refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
+    if body.tools or body.functions:
+        raise ApiError(400, "Tools (function calling) are not supported.", "tools")
+    if body.tool_choice not in (None, "none", "auto"):
+        raise ApiError(400, "tool_choice is not supported (no tools).", "tool_choice")
+    kind = body.response_format.get("type") if isinstance(body.response_format, dict) else None
+    if body.response_format is not None and kind != "text":
+        raise ApiError(
+            400,
+            "Only the text response format is supported (no JSON mode or schema).",
+            "response_format",
+        )
 
 
 def _max_tokens(requested: int | None, model: ServedModel, default: int, param: str) -> int:

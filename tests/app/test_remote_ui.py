@@ -249,3 +249,37 @@ def test_server_switch_moves_to_the_next_port_when_one_is_taken(window):
     finally:
         window.remote.server_action.setChecked(False)
         holder.close()
+
+
+def test_no_port_is_opened_and_no_connection_made_until_the_server_is_turned_on(
+    qtbot, window, fake_engine: FakeEngine, monkeypatch
+):
+    import socket
+
+    network = (socket.AF_INET, socket.AF_INET6)
+    calls: list[tuple[str, object]] = []
+    real_bind, real_connect = socket.socket.bind, socket.socket.connect
+
+    def bind(sock: socket.socket, address: Any) -> None:
+        if sock.family in network:
+            calls.append(("bind", address))
+        real_bind(sock, address)
+
+    def connect(sock: socket.socket, address: Any) -> None:
+        if sock.family in network:
+            calls.append(("connect", address))
+        real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "bind", bind)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    send_and_wait(qtbot, window, "offline?")
+    window.show_library()
+    window.panel.update_readings()
+    assert calls == [], "no remote configured and the server off: no network at all"
+    window.remote.server.port = 0
+    window.remote.server_action.setChecked(True)
+    try:
+        assert [kind for kind, _ in calls] == ["bind"]
+        assert calls[0][1][0] == "127.0.0.1", "the switch listens on loopback only"
+    finally:
+        window.remote.server_action.setChecked(False)

@@ -131,6 +131,62 @@ def test_text_completion_and_max_tokens(real_server):
     assert "".join(c.choices[0].text for c in streamed) == greedy.choices[0].text
 
 
+def test_stop_strings_end_the_reply_before_them_streaming_or_not(real_server):
+    handle, _ = real_server
+    client = client_for(handle.url)
+    chat = {"model": TINY_ID, "messages": [{"role": "user", "content": "Tell me a story"}]}
+    free = client.chat.completions.create(**chat, max_tokens=24, temperature=0)
+    text = free.choices[0].message.content or ""
+    assert len(text) >= 6, f"the tiny model wrote too little to cut: {text!r}"
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    expected = text[: text.index(stop)]
+    whole = client.chat.completions.create(
+        **chat, max_tokens=24, temperature=0, stop=["\u2603never", stop]
+    )
+    assert whole.choices[0].message.content == expected
+    assert whole.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(
+        **chat, max_tokens=24, temperature=0, stop=stop, stream=True
+    )
+    chunks = [c for c in streamed if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_max_completion_tokens_limits_the_reply_and_wins_over_max_tokens(real_server):
+    handle, _ = real_server
+    client = client_for(handle.url)
+    chat = {"model": TINY_ID, "messages": [{"role": "user", "content": "Count to ten"}]}
+    longer = client.chat.completions.create(**chat, temperature=0, max_completion_tokens=8)
+    reply = client.chat.completions.create(
+        **chat, temperature=0, max_completion_tokens=3, max_tokens=8
+    )
+    assert reply.usage.completion_tokens == min(3, longer.usage.completion_tokens)
+    if longer.usage.completion_tokens > 3:
+        assert reply.choices[0].finish_reason == "length"
+        assert (longer.choices[0].message.content or "").startswith(
+            reply.choices[0].message.content or ""
+        )
+
+
+def test_text_completion_stream_carries_usage_when_asked(real_server):
+    handle, _ = real_server
+    client = client_for(handle.url)
+    asked = {"model": TINY_ID, "prompt": "The quick brown", "max_tokens": 4, "temperature": 0}
+    chunks = list(
+        client.completions.create(**asked, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert (
+        chunks[-1].usage.completion_tokens
+        == client.completions.create(**asked).usage.completion_tokens
+    )
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(client.completions.create(**asked, stream=True))
+    assert all(c.usage is None for c in plain), "no usage chunk unless asked"
+    assert all(c.object == "text_completion" for c in plain)
+
+
 def test_understudy_extras_apply_to_one_request_only(real_server):
     handle, engine = real_server
     client = client_for(handle.url)
@@ -205,15 +261,20 @@ def test_fifty_concurrent_streams_all_complete_with_their_own_tokens():
 
 def server_tasks(handle) -> int:
     """Tasks alive on the server's event loop (its connections and their handlers)."""
-    import asyncio
-
     time.sleep(0.2)  # let closing connections finish
-    return len(asyncio.all_tasks(handle.loop))
+    return handle.tasks()
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def test_a_disconnected_stream_cancels_its_generation_within_one_token():
-    engine = EchoEngine(token_delay=0.02, repeat=100)
+    engine = EchoEngine(token_delay=0.1, repeat=100)
     with running_server(engine, context_length=4096) as handle:
+        gate = handle.routes.gate
         body = {
             "model": MODEL_ID,
             "messages": [{"role": "user", "content": "a b c d"}],
@@ -223,13 +284,19 @@ def test_a_disconnected_stream_cancels_its_generation_within_one_token():
         with httpx.stream("POST", handle.url + "/chat/completions", json=body) as response:
             lines = response.iter_lines()
             seen = [next(lines) for _ in range(6)]
+        closed = time.monotonic()  # the client has closed its connection
         assert any("content" in line for line in seen)
-        deadline = time.monotonic() + 5
-        while not engine.record.finished and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: gate.state().cancelled == 1)
+        state = gate.state()
         assert engine.record.finished == ["cancelled"]
-        assert engine.record.after_cancel == [0] or engine.record.after_cancel == [1]
-        assert handle.routes.gate.state().cancelled == 1
+        assert state.cancelled == 1 and state.running == 0
+        # counted by the server from when it saw the disconnect: the token being made then
+        assert state.after_cancel_max <= 1, state
+        assert engine.record.after_cancel[0] <= 1, engine.record.after_cancel
+        # and from when the client closed (the server needs a moment to see it)
+        after_close = sum(stamp > closed for stamp in engine.record.token_times)
+        assert after_close <= 2, f"{after_close} tokens after the client closed"
+        assert len(engine.record.token_times) < 20, "the 400-token generation stopped early"
         follow = httpx.post(
             handle.url + "/chat/completions", json={**body, "stream": False, "max_tokens": 3}
         )
@@ -240,6 +307,7 @@ def test_a_disconnected_stream_cancels_its_generation_within_one_token():
 def test_a_disconnected_plain_request_cancels_its_generation():
     engine = EchoEngine(token_delay=0.02, repeat=100)
     with running_server(engine, context_length=4096) as handle:
+        gate = handle.routes.gate
         body = {
             "model": MODEL_ID,
             "messages": [{"role": "user", "content": "a b"}],
@@ -247,10 +315,9 @@ def test_a_disconnected_plain_request_cancels_its_generation():
         }
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(handle.url + "/chat/completions", json=body, timeout=0.3)
-        deadline = time.monotonic() + 5
-        while not engine.record.finished and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: gate.state().cancelled == 1)
         assert engine.record.finished == ["cancelled"]
+        assert gate.state().after_cancel_max <= 1, gate.state()
         assert engine.record.after_cancel[0] <= 1
     engine.shutdown()
 
@@ -358,10 +425,10 @@ def test_a_disconnect_stops_the_real_engine_early(real_server):
         for _ in range(6):
             next(lines)
     before = engine.stats().tokens
-    deadline = time.monotonic() + 30
-    while gate.state().running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert gate.state().running == 0 and gate.state().cancelled == cancelled_before + 1
+    wait_for(lambda: gate.state().cancelled == cancelled_before + 1, timeout=30)
+    state = gate.state()
+    assert state.running == 0 and state.cancelled == cancelled_before + 1
+    assert state.after_cancel_max <= 1, f"the real engine made more than one token: {state}"
     follow = client_for(handle.url).completions.create(model=TINY_ID, prompt="Hi", max_tokens=1)
     assert follow.usage.completion_tokens == 1
     assert engine.stats().tokens - before < 100, "the 1500-token generation stopped early"

@@ -76,6 +76,22 @@ FUZZ: list[tuple[str, object, int]] = [
     ("stream a string", {"model": MODEL_ID, "messages": USER, "stream": "yes"}, 400),
     ("logprobs", {"model": MODEL_ID, "messages": USER, "logprobs": True}, 400),
     ("tools", {"model": MODEL_ID, "messages": USER, "tools": [{"type": "function"}]}, 400),
+    ("functions", {"model": MODEL_ID, "messages": USER, "functions": [{"name": "f"}]}, 400),
+    ("tool_choice required", {"model": MODEL_ID, "messages": USER, "tool_choice": "required"}, 400),
+    (
+        "JSON mode",
+        {"model": MODEL_ID, "messages": USER, "response_format": {"type": "json_object"}},
+        400,
+    ),
+    (
+        "response_format a string",
+        {"model": MODEL_ID, "messages": USER, "response_format": "x"},
+        400,
+    ),
+    ("presence_penalty", {"model": MODEL_ID, "messages": USER, "presence_penalty": 0.5}, 400),
+    ("frequency_penalty", {"model": MODEL_ID, "messages": USER, "frequency_penalty": -1}, 400),
+    ("logit_bias", {"model": MODEL_ID, "messages": USER, "logit_bias": {"50256": -100}}, 400),
+    ("n negative", {"model": MODEL_ID, "messages": USER, "n": -1}, 400),
     ("alpha too high", {"model": MODEL_ID, "messages": USER, "understudy": {"alpha": 5}}, 400),
     (
         "unknown policy",
@@ -139,10 +155,35 @@ def test_malformed_chat_request_gets_openai_error_and_the_server_still_serves(
         {"model": MODEL_ID, "prompt": 5},
         {"model": MODEL_ID, "prompt": "x", "echo": True},
         {"model": MODEL_ID, "prompt": "x", "max_tokens": 10**9},
+        {"model": MODEL_ID, "prompt": "x", "best_of": 3},
+        {"model": MODEL_ID, "prompt": "x", "n": 2},
+        {"model": MODEL_ID, "prompt": "x", "presence_penalty": 1},
     ],
 )
 def test_malformed_completion_request_gets_400(client, body):
     assert_openai_error(post(client, "/v1/completions", body), 400)
+
+
+def test_n_above_one_is_refused_in_words(client):
+    error = assert_openai_error(post(client, "/v1/chat/completions", {**GOOD, "n": 3}), 400)
+    assert error["param"] == "n" and "one choice per request" in error["message"], error
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(client):
+    neutral = {
+        **GOOD,
+        "n": 1,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "response_format": {"type": "text"},
+        "tool_choice": "none",
+        "user": "someone",
+        "store": False,
+    }
+    response = post(client, "/v1/chat/completions", neutral)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "reply hello there"
 
 
 def test_ten_megabyte_body_is_refused_with_413(client):

@@ -31,6 +31,7 @@ class EchoRecord:
     after_cancel: list[int] = field(default_factory=list)  # tokens made once cancel was asked
     live: list[LiveOptions | None] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)  # the finish reasons
+    token_times: list[float] = field(default_factory=list)  # time.monotonic() of every token
 
 
 class EchoEngine:
@@ -50,6 +51,7 @@ class EchoEngine:
     def _run(self) -> None:
         while (item := self._jobs.get()) is not None:
             run_job(*item)
+            del item  # like the real engine, keep nothing of a finished job while waiting
 
     def generate(self, request: GenerateRequest, on_event: EventSink) -> Job[GenerationFinished]:
         job: Job[GenerationFinished] = Job()
@@ -73,6 +75,7 @@ class EchoEngine:
             ids.append(index)
             after_cancel += job.cancel_requested
             self._count()
+            self.record.token_times.append(time.monotonic())
             on_event(TokenReceived(piece, index))
         self.record.after_cancel.append(after_cancel)
         reason = self._reason(job, len(ids), request.sampling.max_new_tokens)
