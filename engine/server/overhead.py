@@ -9,6 +9,9 @@ process on loopback that stamps each token when its SSE chunk is read. Two kinds
   both alike): client-observed decode speed over the engine's, client over engine duration
   from request to last token, the first token at the client minus at the engine, and the
   per-token lag.
+- **CPU** (thread CPU time, which other jobs on the machine hardly change): what the server's
+  thread (event loop: HTTP, JSON, SSE writes) spends per token, as a share of an in-process
+  token's time, and the engine thread's CPU per token while serving over in-process.
 - **Side by side** (paired rounds, noisy on a busy machine): the engine's own decode speed while
   serving over in-process, the client's over in-process, and the first token's extra delay.
 
@@ -51,25 +54,28 @@ class EngineClock:
 
     def __init__(self, engine: EngineAPI) -> None:
         self.engine = engine
-        self.last: tuple[float, list[float], Job[GenerationFinished]] | None = None
+        self.last: tuple[float, list[float], list[float], Job[GenerationFinished]] | None = None
 
     def generate(self, request: GenerateRequest, on_event: EventSink) -> Job[GenerationFinished]:
         stamps: list[float] = []
+        cpu: list[float] = []  # the engine thread's CPU time at each stamp
 
         def sink(event: Event) -> None:
             if isinstance(event, TokenReceived) and event.text:
                 stamps.append(time.perf_counter())
+                cpu.append(time.thread_time())
             on_event(event)
 
         asked = time.perf_counter()
         job = self.engine.generate(request, sink)
-        self.last = (asked, stamps, job)
+        self.last = (asked, stamps, cpu, job)
         return job
 
     def last_trace(self) -> Trace:
         assert self.last is not None, "a generation ran"
-        asked, stamps, job = self.last
-        return Trace(asked, tuple(stamps), len(job.result().token_ids))
+        asked, stamps, cpu, job = self.last
+        tokens = len(job.result().token_ids)
+        return Trace(asked, tuple(stamps), tokens, cpu[-1] - cpu[0] if cpu else 0.0)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -134,9 +140,10 @@ def measure(model_dir: Path, rounds: int, max_tokens: int, device: str) -> list[
             ProcessPoolExecutor(1, mp_context=spawn) as client,
         ):
 
-            def served() -> tuple[Trace, Trace]:
+            def served() -> tuple[Trace, Trace, float]:
+                before = server.loop_cpu_s()
                 (trace,) = client.submit(client_rounds, server.url, body, 1).result()
-                return clock.last_trace(), trace
+                return clock.last_trace(), trace, server.loop_cpu_s() - before
 
             in_process(clock, request)  # warm-up, not counted
             served()
@@ -148,17 +155,22 @@ def measure(model_dir: Path, rounds: int, max_tokens: int, device: str) -> list[
 def one_round(index: int, clock: EngineClock, request: GenerateRequest, served: Any) -> dict:
     """In-process and served back to back, the order alternating between rounds."""
     if index % 2:
-        engine_side, client_side = served()
+        engine_side, client_side, server_cpu_s = served()
         local = in_process(clock, request)
     else:
         local = in_process(clock, request)
-        engine_side, client_side = served()
+        engine_side, client_side, server_cpu_s = served()
     print(
         f"round {index + 1}: in-process {local.decode_per_s:.1f} tok/s, through the server "
         f"{client_side.decode_per_s:.1f} tok/s",
         file=sys.stderr,
     )
-    return {"in_process": local, "server_engine": engine_side, "server_client": client_side}
+    return {
+        "in_process": local,
+        "server_engine": engine_side,
+        "server_client": client_side,
+        "server_thread": Trace(0.0, (), client_side.tokens, server_cpu_s),
+    }
 
 
 def figures(rounds: list[dict[str, Trace]]) -> dict[str, Any]:
@@ -168,7 +180,23 @@ def figures(rounds: list[dict[str, Trace]]) -> dict[str, Any]:
     client_side = [r["server_client"] for r in rounds]
     deliveries = [delivery(e, c) for e, c in zip(engine_side, client_side, strict=True)]
     local_speed = [t.decode_per_s for t in local]
+    server_ms = [
+        r["server_thread"].cpu_s * 1000 / max(1, r["server_thread"].tokens) for r in rounds
+    ]
     return {
+        "cpu": {
+            "server_thread_per_token_ms": spread(server_ms),
+            "server_thread_share_of_token": spread(
+                [ms * speed / 1000 for ms, speed in zip(server_ms, local_speed, strict=True)]
+            ),
+            "engine_thread_per_token_ms": spread([t.cpu_per_piece_ms for t in local]),
+            "engine_thread_serving_over_in_process": spread(
+                ratios(
+                    [t.cpu_per_piece_ms for t in engine_side],
+                    [t.cpu_per_piece_ms for t in local],
+                )
+            ),
+        },
         "tokens": {
             "in_process": spread([t.tokens for t in local]),
             "server": spread([t.tokens for t in client_side]),
@@ -208,8 +236,15 @@ def cell(values: dict[str, float], digits: int = 3, sign: str = "") -> str:
 
 def markdown(data: dict[str, Any]) -> str:
     """The figures as Markdown: median (quartiles; range) over the rounds."""
-    d, s = data["delivery"], data["side_by_side"]
+    d, s, c = data["delivery"], data["side_by_side"], data["cpu"]
     rows = [
+        ("server thread CPU per token (ms)", cell(c["server_thread_per_token_ms"], 3)),
+        ("... as a share of an in-process token's time", cell(c["server_thread_share_of_token"])),
+        ("engine thread CPU per token, in-process (ms)", cell(c["engine_thread_per_token_ms"], 1)),
+        (
+            "engine thread CPU per token, serving / in-process, paired",
+            cell(c["engine_thread_serving_over_in_process"]),
+        ),
         ("client decode speed / engine decode speed, same request", cell(d["speed_ratio"])),
         ("client (sent -> last token) / engine (asked -> last token)", cell(d["whole_ratio"])),
         ("first token at client - at engine (ms)", cell(d["first_token_delta_ms"], 1, "+")),

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 
 import uvicorn
 from starlette.applications import Starlette
@@ -112,6 +113,15 @@ class ServerHandle:
     def connections(self) -> int:
         """Client connections open now."""
         return len(self._server.server_state.connections)
+
+    def loop_cpu_s(self, timeout: float = 5.0) -> float:
+        """CPU time the server's thread (its event loop: HTTP, JSON, SSE) has used so far."""
+
+        async def cpu() -> float:
+            return time.thread_time()
+
+        assert self.loop is not None, "the server runs"
+        return asyncio.run_coroutine_threadsafe(cpu(), self.loop).result(timeout)
 
     def tasks(self, timeout: float = 5.0) -> int:
         """Tasks alive on the server's event loop (connections, handlers), asked on that loop."""

@@ -22,6 +22,7 @@ class Trace:
     asked: float
     stamps: tuple[float, ...]
     tokens: int = 0  # tokens generated, as counted by that side (0: unknown)
+    cpu_s: float = 0.0  # CPU time of the stamping thread from the first to the last stamp
 
     @property
     def first_s(self) -> float:
@@ -37,6 +38,11 @@ class Trace:
     def decode_per_s(self) -> float:
         """Pieces after the first per second of the decode phase."""
         return (len(self.stamps) - 1) / self.span_s if self.span_s > 0 else 0.0
+
+    @property
+    def cpu_per_piece_ms(self) -> float:
+        """CPU time of the stamping thread per piece after the first (the decode phase)."""
+        return self.cpu_s * 1000 / (len(self.stamps) - 1) if len(self.stamps) > 1 else 0.0
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,10 @@ def test_overhead_command_times_both_ends_of_the_same_generation(tiny_checkpoint
     delivery = data["delivery"]
     assert delivery["first_token_delta_ms"]["n"] == 2 and delivery["lag_max_ms"]["min"] >= 0
     assert data["side_by_side"]["engine_speed_ratio"]["median"] > 0
+    cpu = data["cpu"]
+    assert cpu["server_thread_per_token_ms"]["min"] > 0, "the server's thread did some work"
+    assert cpu["engine_thread_per_token_ms"]["min"] > 0, "the engine thread did the decoding"
+    assert 0 < cpu["server_thread_share_of_token"]["median"] < 10, cpu
     assert data["threads"] == 1 and data["device"] == "cpu" and "load_before" in data
     assert "first token at client - at engine (ms)" in capsys.readouterr().out
 

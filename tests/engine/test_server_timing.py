@@ -28,6 +28,7 @@ def test_trace_speed_and_first_token():
     trace = Trace(asked=1.0, stamps=(1.25, 1.5, 1.75, 2.25))
     assert trace.first_s == 0.25 and trace.span_s == 1.0 and trace.decode_per_s == 3.0
     assert Trace(1.0, (1.5,)).decode_per_s == 0.0 and Trace(1.0, ()).first_s == 0.0
+    assert Trace(1.0, (1.0, 2.0, 3.0), cpu_s=0.5).cpu_per_piece_ms == 250.0
 
 
 def test_spread_reports_median_quartiles_and_range():
