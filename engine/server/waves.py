@@ -159,6 +159,7 @@ def run_waves(args: argparse.Namespace) -> dict[str, Any]:
                 results = pool.submit(wave, server.url, model.model_id, prompts, args.max_tokens)
                 done = sum(r["done"] and r["status"] == 200 for r in results.result())
                 rows.append({"wave": index, "completed": done, **asdict(footprint(server))})
+                print(f"wave {index}: {done} of {args.clients} completed", file=sys.stderr)
     finally:
         engine.shutdown()
     return {"waves": rows}
