@@ -209,6 +209,8 @@ def test_live_stats_endpoint(real_server):
     stats = httpx.get(handle.url + "/understudy/stats").json()
     assert stats["model"] == TINY_ID
     assert stats["queue"]["running"] == 0 and stats["queue"]["served"] >= 1
+    assert stats["queue"]["after_cancel_max"] <= 1, stats["queue"]
+    assert stats["queue"]["after_cancel_total"] >= 0
     assert stats["stats"]["tokens"] > 0 and "hit_rate" in stats["stats"]
 
 
