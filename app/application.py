@@ -71,6 +71,24 @@ def create_loop(app: QApplication) -> qasync.QEventLoop:
     return loop
 
 
+def finish_pending_tasks(loop: asyncio.AbstractEventLoop, timeout_s: float = 5.0) -> int:
+    """Cancel the tasks still pending after the window closed and let them unwind.
+
+    Call after ``run_forever`` returned and before the loop closes (``asyncio.run`` does the
+    same). A task left pending (a reply streaming when the user quit) would otherwise be
+    garbage-collected after the loop and its Qt timer are gone: its clean-up then schedules on
+    a deleted ``_SimpleTimer`` (a logged RuntimeError, or a crash at exit). Returns how many
+    tasks were cancelled.
+    """
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        unwound = asyncio.wait(pending, timeout=timeout_s)
+        loop.run_until_complete(unwound)
+    return len(pending)
+
+
 def system_prefers_dark(app: QApplication) -> bool:
     return app.styleHints().colorScheme() == Qt.ColorScheme.Dark
 
