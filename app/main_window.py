@@ -654,6 +654,8 @@ class MainWindow(QMainWindow):
         self.remote.close()
         self.controller.close()
         self.loader.cancel()
+        if self.slider.task is not None:  # a Measure in progress: end its child process
+            self.slider.cancel_measure()
         for dialog in self.dialogs.values():
             dialog.close()
         self.load_dialog.close()

@@ -63,8 +63,8 @@ class ImportanceSlider(QWidget):
         self.curve_label.setWordWrap(True)
         self.measure_button = QPushButton("Measure")
         self.measure_button.setToolTip(
-            "Measure speed and fidelity at four α in a separate process (minutes; on a CPU "
-            "more than ten): progress and time left are shown, Cancel stops it."
+            "Measure speed and fidelity at four α in a separate process (a few minutes on a "
+            "CPU): progress and time left are shown, Cancel stops it."
         )
         self.measure_button.clicked.connect(self.start_measure)
         self.progress = QProgressBar()
