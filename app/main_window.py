@@ -563,6 +563,7 @@ class MainWindow(QMainWindow):
     def stop(self) -> None:
         if self.controller.generating:
             self.controller.stop()
+            self.composer.set_stopping()
         elif self.composer.editing_id is not None:
             self.composer.cancel_edit()
         elif self.loader.busy:
