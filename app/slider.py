@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
@@ -89,7 +89,7 @@ class ImportanceSlider(QWidget):
         column.setSpacing(0)
         column.addWidget(self.slider)
         column.addLayout(ends)
-        self.value_label.setMinimumWidth(self.fontMetrics().horizontalAdvance("α = 0 (exact)"))
+        self._fit_value_label()
         row = QHBoxLayout(self)
         row.setContentsMargins(4, 2, 4, 2)
         title = QLabel("<b>Importance</b>")
@@ -100,6 +100,18 @@ class ImportanceSlider(QWidget):
         row.addWidget(self.curve_label, 3)
         row.addWidget(self.progress)
         row.addWidget(self.measure_button)
+
+    def _fit_value_label(self) -> None:
+        """One width for every value (for the current font): a label that followed its text
+        made the caption beside it re-wrap, and the chat below jump, while dragging."""
+        texts = [alpha_label(alpha) for alpha in (0.0, 0.55, ALPHA_MAX)]
+        widest = max(self.fontMetrics().horizontalAdvance(t) for t in texts)  # the label's font
+        self.value_label.setFixedWidth(widest + 2 * self.value_label.margin() + 4)
+
+    def changeEvent(self, event: QEvent) -> None:
+        if event.type() == QEvent.Type.FontChange:  # Settings changed the font size
+            self._fit_value_label()
+        super().changeEvent(event)
 
     @property
     def alpha(self) -> float:

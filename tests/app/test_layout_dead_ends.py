@@ -264,3 +264,40 @@ def test_the_system_theme_is_followed_when_the_os_switches(
     window.set_theme("light")
     window._system_theme_changed()
     assert window.chat_view.palette_html is markdown_render.LIGHT, "an explicit theme stays"
+
+
+def test_moving_the_slider_does_not_move_the_chat(qtbot: Any, window: MainWindow) -> None:
+    """The value label changed width with its text ("α = 0 (exact)" / "α = 0.40"), the
+    caption beside it wrapped to another number of lines, and the transcript jumped up and
+    down while the user dragged the slider."""
+    window.resize(1280, 800)
+    qtbot.wait(50)
+    slider = window.slider
+    tops, widths = set(), set()
+    for alpha in (0.0, 0.2, 0.4, 0.6):
+        slider.set_alpha(alpha)
+        qtbot.wait(30)
+        tops.add(window.chat_view.mapTo(window, window.chat_view.rect().topLeft()).y())
+        widths.add(slider.value_label.width())
+    assert len(widths) == 1, f"the value label changes width: {widths}"
+    assert len(tops) == 1, f"the transcript moves while the slider moves: {tops}"
+
+
+def test_the_alpha_value_fits_after_the_font_grows(qtbot: Any, window: MainWindow) -> None:
+    from PySide6.QtGui import QFont
+    from PySide6.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    assert isinstance(app, QApplication)
+    before = QFont(app.font())
+    try:
+        bigger = QFont(before)
+        bigger.setPointSize(before.pointSize() + 6)
+        app.setFont(bigger)
+        qtbot.wait(50)
+        label = window.slider.value_label
+        for alpha in (0.0, 0.55):
+            window.slider.set_alpha(alpha)
+            assert shows_whole_text(label), (label.text(), label.width())
+    finally:
+        app.setFont(before)
