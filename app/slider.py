@@ -90,16 +90,21 @@ class ImportanceSlider(QWidget):
         column.addWidget(self.slider)
         column.addLayout(ends)
         self._fit_value_label()
-        row = QHBoxLayout(self)
-        row.setContentsMargins(4, 2, 4, 2)
         title = QLabel("<b>Importance</b>")
         title.setToolTip("How freely experts that miss the GPU cache may be substituted.")
+        row = QHBoxLayout()
         row.addWidget(title)
-        row.addLayout(column, 2)
+        row.addLayout(column, 1)
         row.addWidget(self.value_label)
-        row.addWidget(self.curve_label, 3)
         row.addWidget(self.progress)
         row.addWidget(self.measure_button)
+        # the caption gets a line of its own: beside the slider it was squeezed into a column
+        # (nine lines while measuring) and its minimum width took the chat list's
+        rows = QVBoxLayout(self)
+        rows.setContentsMargins(4, 2, 4, 2)
+        rows.setSpacing(2)
+        rows.addLayout(row)
+        rows.addWidget(self.curve_label)
 
     def _fit_value_label(self) -> None:
         """One width for every value (for the current font): a label that followed its text

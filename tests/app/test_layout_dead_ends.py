@@ -301,3 +301,40 @@ def test_the_alpha_value_fits_after_the_font_grows(qtbot: Any, window: MainWindo
             assert shows_whole_text(label), (label.text(), label.width())
     finally:
         app.setFont(before)
+
+
+def test_measure_progress_neither_squeezes_the_window_nor_wraps_into_a_column(
+    qtbot: Any, window: MainWindow, tmp_path: Path
+) -> None:
+    """The progress line sat in a narrow column beside the slider (nine lines tall) and its
+    minimum width took the chat list's: the search field and chat titles were cut off."""
+    import asyncio
+
+    from app.measure import MeasureProgress
+
+    class WaitingMeasurer:
+        def __init__(self) -> None:
+            self.stop = asyncio.Event()
+
+        async def __call__(self, model_dir: Path) -> None:
+            await self.stop.wait()
+
+        def cancel(self) -> None:
+            self.stop.set()
+
+    window.resize(1280, 800)
+    qtbot.wait(50)
+    sidebar_width, slider_height = window.sidebar.width(), window.slider.height()
+    measurer = WaitingMeasurer()
+    window.slider.measure = measurer
+    window.slider.start_measure()
+    window.slider.show_progress(MeasureProgress(1, 4, 70.0, 20.0))
+    qtbot.wait(100)
+    line = window.slider.curve_label.fontMetrics().lineSpacing()
+    try:
+        assert window.sidebar.width() == sidebar_width, "the chat list lost width"
+        assert window.slider.height() <= slider_height + line, "the slider row grew lines"
+        assert clipped_texts(window) == []
+    finally:
+        measurer.cancel()
+        qtbot.waitUntil(lambda: window.slider.task is None, timeout=5000)
