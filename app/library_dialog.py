@@ -6,6 +6,7 @@ marked; add a folder, remove an added one from the list (its files stay), load.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 from PySide6.QtCore import Signal
@@ -32,6 +33,18 @@ COLUMNS = ("Name", "Source", "Architecture", "Quant", "Size", "Experts", "Top-k"
 EXPERTS, TOP_K = 5, 6
 LOADED_MARK = "● "
 NOT_REMOVABLE = "Only folders you added can be removed from this list."
+
+
+def browse_start(added: Sequence[str], home: Path | None = None) -> Path:
+    """Where the file pickers open: beside the last model added, else Downloads, else home.
+
+    Not the folder the app happened to be started from (a source checkout, or /).
+    """
+    home = home if home is not None else Path.home()
+    for candidate in [*(Path(a).parent for a in reversed(added)), home / "Downloads", home]:
+        if candidate.is_dir():
+            return candidate
+    return home
 
 
 class LibraryDialog(QDialog):
@@ -144,15 +157,20 @@ class LibraryDialog(QDialog):
 
     def choose_file(self) -> None:
         file, _filter = QFileDialog.getOpenFileName(
-            self, "Choose a GGUF model file", "", "GGUF models (*.gguf)"
+            self, "Choose a GGUF model file", self._browse_start(), "GGUF models (*.gguf)"
         )
         if file:
             self.add_folder(Path(file))
 
     def choose_folder(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Choose a model folder")
+        start = self._browse_start()
+        folder = QFileDialog.getExistingDirectory(self, "Choose a model folder", start)
         if folder:
             self.add_folder(Path(folder))
+
+    def _browse_start(self) -> str:
+        added = [str(e.path) for e in self.entries if e.source == "added"]  # not the built-in
+        return str(browse_start(added))
 
     def add_folder(self, folder: Path) -> bool:
         try:

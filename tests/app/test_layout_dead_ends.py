@@ -338,3 +338,33 @@ def test_measure_progress_neither_squeezes_the_window_nor_wraps_into_a_column(
     finally:
         measurer.cancel()
         qtbot.waitUntil(lambda: window.slider.task is None, timeout=5000)
+
+
+def test_the_model_pickers_open_beside_the_last_model_or_in_downloads(
+    tmp_path: Path, qtbot: Any, window: MainWindow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They opened in the folder the app was started from (a checkout, or /)."""
+    from app.library_dialog import browse_start
+
+    home = tmp_path / "home"
+    (home / "Downloads").mkdir(parents=True)
+    assert browse_start((), home) == home / "Downloads"
+    models = tmp_path / "models"
+    (models / "a-moe").mkdir(parents=True)
+    assert browse_start((str(models / "a-moe"),), home) == models
+    assert browse_start((), tmp_path / "nobody") == tmp_path / "nobody"
+    monkeypatch.setenv("HOME", str(home))
+    opened: list[str] = []
+
+    def fake_open(parent: Any, title: str, start: str = "", filters: str = "") -> tuple[str, str]:
+        opened.append(start)
+        return "", ""
+
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", fake_open)
+    monkeypatch.setattr(
+        QFileDialog, "getExistingDirectory", lambda parent, title, start="": opened.append(start)
+    )
+    dialog = open_library(window)
+    dialog.choose_file()
+    dialog.choose_folder()
+    assert opened == [str(home / "Downloads")] * 2
