@@ -134,14 +134,20 @@ class LibraryDialog(QDialog):
     def is_loaded(self, entry: ModelEntry) -> bool:
         return self.loaded is not None and entry.path.resolve() == self.loaded
 
+    def set_loaded(self, loaded: Path | None) -> None:
+        """Another model was loaded (or none is) while the window is open: move the mark."""
+        self.loaded = loaded.resolve() if loaded is not None else None
+        for row, entry in enumerate(self.entries):
+            self._mark_if_loaded(row, entry)
+        self._selection_changed()
+
     def _mark_if_loaded(self, row: int, entry: ModelEntry) -> None:
-        if not self.is_loaded(entry):
-            return
         item = self.table.item(row, 0)
         assert item is not None, "rescan fills every cell"
-        item.setText(LOADED_MARK + entry.name + " (loaded)")
+        loaded = self.is_loaded(entry)
+        item.setText(LOADED_MARK + entry.name + " (loaded)" if loaded else entry.name)
         font = QFont(item.font())
-        font.setBold(True)
+        font.setBold(loaded)
         item.setFont(font)
 
     def _set_row(self, row: int, info: ModelInfo | None, problem: str) -> None:

@@ -331,6 +331,9 @@ class MainWindow(QMainWindow):
         """Header label, window title and panel for the model the engine holds now."""
         self.model_label.setText("")  # the picker says which model, or "No model loaded"
         self.fill_model_picker()
+        library = self.dialogs.get("library")
+        if isinstance(library, LibraryDialog):  # an open Models window marks it too
+            library.set_loaded(self.working[0] if self.working and info is not None else None)
         self._update_title()
         self.panel.update_readings()
 

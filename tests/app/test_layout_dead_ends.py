@@ -368,3 +368,17 @@ def test_the_model_pickers_open_beside_the_last_model_or_in_downloads(
     dialog.choose_file()
     dialog.choose_folder()
     assert opened == [str(home / "Downloads")] * 2
+
+
+def test_an_open_models_window_moves_its_loaded_mark_to_the_model_just_loaded(
+    qtbot: Any, window: MainWindow, user_dirs: Path
+) -> None:
+    other = write_model_folder(user_dirs / "models" / "other-moe")
+    window._folder_added(str(other))
+    library = open_library(window)
+    names = [library.table.item(r, 0).text() for r in range(library.table.rowCount())]  # type: ignore[union-attr]
+    assert any("understudy-mini-moe (loaded)" in n for n in names), names
+    window.switch_model(str(other))
+    qtbot.waitUntil(lambda: window.controller.ready and not window.loader.busy, timeout=5000)
+    names = [library.table.item(r, 0).text() for r in range(library.table.rowCount())]  # type: ignore[union-attr]
+    assert [n for n in names if "(loaded)" in n] == ["● other-moe (loaded)"], names
