@@ -382,3 +382,16 @@ def test_an_open_models_window_moves_its_loaded_mark_to_the_model_just_loaded(
     qtbot.waitUntil(lambda: window.controller.ready and not window.loader.busy, timeout=5000)
     names = [library.table.item(r, 0).text() for r in range(library.table.rowCount())]  # type: ignore[union-attr]
     assert [n for n in names if "(loaded)" in n] == ["● other-moe (loaded)"], names
+
+
+def test_the_remote_engine_dialog_shows_its_whole_key_hint(qtbot: Any) -> None:
+    from app.remote_dialog import RemoteDialog
+
+    dialog = RemoteDialog()
+    qtbot.addWidget(dialog)
+    dialog.show()
+    qtbot.wait(50)
+    key = dialog.key
+    margins = key.textMargins().left() + key.textMargins().right() + 12  # frame and padding
+    needed = key.fontMetrics().horizontalAdvance(key.placeholderText()) + margins
+    assert key.width() >= needed, f"'{key.placeholderText()}' is cut: {key.width()} < {needed}"
