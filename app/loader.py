@@ -121,8 +121,9 @@ class ModelLoader(QObject):
         run = self._run(model_dir, settings, force, self.run_id)
         self.task = start_task(self, run, self.bridge.loop)
 
-    def cancel(self) -> None:
-        """Stop waiting now: the engine is asked to stop, ``cancelled`` is emitted at once."""
+    def cancel(self, notify: bool = True) -> None:
+        """Stop waiting now: the engine is asked to stop, ``cancelled`` is emitted at once
+        (unless ``notify`` is False: the window is closing)."""
         if not self.busy:
             return
         if self.events is not None and self.events.job is not None:
@@ -133,7 +134,8 @@ class ModelLoader(QObject):
             self.task.add_done_callback(self._abandoned.discard)
         self.task = None
         self.events = None
-        self.cancelled.emit()
+        if notify:
+            self.cancelled.emit()
 
     def _current(self, run_id: int) -> bool:
         return run_id == self.run_id

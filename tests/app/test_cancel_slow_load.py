@@ -100,3 +100,21 @@ def test_cancel_while_inspecting_keeps_the_loaded_model(
     qtbot.wait(300)
     assert len(fake_engine.calls.loads) == loads, "the cancelled run never asked for a load"
     assert fake_engine.loaded is not None and fake_engine.loaded.name == "understudy-mini-moe"
+
+
+def test_cancelling_the_reload_of_the_previous_model_says_no_model_is_loaded(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    """A failed load had unloaded the working model and its reload was cancelled while being
+    inspected: the window asserted that the working model was still loaded."""
+    from engine.errors import EngineOutOfMemoryError
+
+    other = write_model_folder(user_dirs / "models" / "too-big-moe")
+    fake_engine.fail_load = EngineOutOfMemoryError("CUDA ran out of memory")
+    window.loader.failed.connect(lambda _message: window.loader.cancel())  # after the reload
+    window.switch_model(str(other))
+    qtbot.waitUntil(
+        lambda: not window.loader.busy and "cancelled" in window.banner.text, timeout=5000
+    )
+    assert window.model_info is None and not window.controller.ready
+    assert window.windowTitle().endswith("no model")
