@@ -395,3 +395,19 @@ def test_the_remote_engine_dialog_shows_its_whole_key_hint(qtbot: Any) -> None:
     margins = key.textMargins().left() + key.textMargins().right() + 12  # frame and padding
     needed = key.fontMetrics().horizontalAdvance(key.placeholderText()) + margins
     assert key.width() >= needed, f"'{key.placeholderText()}' is cut: {key.width()} < {needed}"
+
+
+def test_switching_the_server_off_takes_back_the_serving_line(window: MainWindow) -> None:
+    """ "Serving … on http://127.0.0.1:8080/v1" stayed in the banner after the switch went off."""
+    switch = window.remote.server
+    switch.port = 0
+    window.remote.server_action.setChecked(True)
+    assert window.banner.text.startswith("Serving ")
+    window.remote.server_action.setChecked(False)
+    assert not switch.on
+    assert "Serving" not in window.banner.text
+    window.banner.show_message("Something else to say.", "info")
+    window.remote.server_action.setChecked(True)
+    window.banner.show_message("Something else to say.", "info")
+    window.remote.server_action.setChecked(False)
+    assert window.banner.text == "Something else to say.", "another message is left alone"
