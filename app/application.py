@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import Sequence
 
 import qasync
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QColor, QFont, QIcon, QPalette
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QWidget
 
 from app import markdown_render
 from app.markdown_render import Palette
@@ -69,6 +70,25 @@ def create_loop(app: QApplication) -> qasync.QEventLoop:
     loop = qasync.QEventLoop(app)
     asyncio.set_event_loop(loop)
     return loop
+
+
+def close_on_terminate(window: QWidget) -> QTimer:
+    """SIGTERM (logging out, shutting down, ``kill``) closes the window as Ctrl+Q does.
+
+    Without it Python died at once: the partial reply was not marked and the next start asked
+    the crash-recovery question. Python runs a signal handler only between bytecodes, and Qt's
+    loop may run none for a while, so a quarter-second timer gives it the chance. Returns the
+    timer (it lives as long as ``window``).
+    """
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: QTimer.singleShot(0, window.close))
+    ticker = QTimer(window)
+    ticker.timeout.connect(_nothing)
+    ticker.start(250)
+    return ticker
+
+
+def _nothing() -> None:
+    return None
 
 
 def finish_pending_tasks(loop: asyncio.AbstractEventLoop, timeout_s: float = 5.0) -> int:

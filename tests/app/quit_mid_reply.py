@@ -1,12 +1,14 @@
 """Run the app (``python -m app --demo``), send a message and quit while the reply streams.
 
 Used by ``test_quit_mid_reply`` in a child process: ``python tests/app/quit_mid_reply.py
-SECONDS``. It replaces the smoke test's ready handler; the rest is the app's own start and
-exit path.
+SECONDS [sigterm]`` (``sigterm``: the process is sent SIGTERM instead of closing the window).
+It replaces the smoke test's ready handler; the rest is the app's own start and exit path.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from PySide6.QtCore import QTimer
@@ -30,7 +32,10 @@ class QuitMidReply:
 
     def quit(self) -> None:
         print(f"QUIT generating={self.window.controller.generating}", flush=True)
-        self.window.close()
+        if sys.argv[2:] == ["sigterm"]:
+            os.kill(os.getpid(), signal.SIGTERM)  # as logging out or ``kill`` does
+        else:
+            self.window.close()
 
 
 if __name__ == "__main__":
