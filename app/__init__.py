@@ -5,3 +5,7 @@ real engine lazily in ``app.bridge``.
 """
 
 __version__ = "0.1.0"
+
+from app.qt_fixes import repair_signal_emit
+
+repair_signal_emit()  # before any signal is emitted (see app.qt_fixes)

@@ -20,7 +20,12 @@ from collections.abc import Sequence
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication, QMessageBox, QWidget
 
-from app.application import create_application, create_loop
+from app.application import (
+    close_on_terminate,
+    create_application,
+    create_loop,
+    finish_pending_tasks,
+)
 from app.bridge import EngineBridge, make_engine, real_engine_available
 from app.chat_store import ChatStore
 from app.crash_guard import CrashGuard
@@ -125,10 +130,12 @@ def run(app: QApplication, args: argparse.Namespace, instance: SingleInstance) -
     smoke = SmokeTest(window, args.require_model, args.timeout) if args.smoke_test else None
     guard = CrashGuard(user_config_dir())
     window.show()
+    close_on_terminate(window)
     instance.listen(lambda: bring_to_front(window))
     loop.call_soon(window.start, guard, args.smoke_test)
     with loop:
         loop.run_forever()
+        finish_pending_tasks(loop)
     guard.stop()
     engine.shutdown()
     chat_store.close()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import Sequence
 
 import qasync
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QColor, QFont, QIcon, QPalette
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QWidget
 
 from app import markdown_render
 from app.markdown_render import Palette
@@ -69,6 +70,43 @@ def create_loop(app: QApplication) -> qasync.QEventLoop:
     loop = qasync.QEventLoop(app)
     asyncio.set_event_loop(loop)
     return loop
+
+
+def close_on_terminate(window: QWidget) -> QTimer:
+    """SIGTERM (logging out, shutting down, ``kill``) closes the window as Ctrl+Q does.
+
+    Without it Python died at once: the partial reply was not marked and the next start asked
+    the crash-recovery question. Python runs a signal handler only between bytecodes, and Qt's
+    loop may run none for a while, so a quarter-second timer gives it the chance. Returns the
+    timer (it lives as long as ``window``).
+    """
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: QTimer.singleShot(0, window.close))
+    ticker = QTimer(window)
+    ticker.timeout.connect(_nothing)
+    ticker.start(250)
+    return ticker
+
+
+def _nothing() -> None:
+    return None
+
+
+def finish_pending_tasks(loop: asyncio.AbstractEventLoop, timeout_s: float = 5.0) -> int:
+    """Cancel the tasks still pending after the window closed and let them unwind.
+
+    Call after ``run_forever`` returned and before the loop closes (``asyncio.run`` does the
+    same). A task left pending (a reply streaming when the user quit) would otherwise be
+    garbage-collected after the loop and its Qt timer are gone: its clean-up then schedules on
+    a deleted ``_SimpleTimer`` (a logged RuntimeError, or a crash at exit). Returns how many
+    tasks were cancelled.
+    """
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        unwound = asyncio.wait(pending, timeout=timeout_s)
+        loop.run_until_complete(unwound)
+    return len(pending)
 
 
 def system_prefers_dark(app: QApplication) -> bool:

@@ -217,6 +217,8 @@ class ChatController(QObject):
     def stop(self) -> None:
         if self._events is not None and self._events.job is not None:
             self._events.job.cancel()
+            self.view.stopping = True
+            self.view.render_now()
 
     def close(self) -> None:
         """The window is closing: stop, and commit the partial reply now, marked."""
@@ -244,7 +246,7 @@ class ChatController(QObject):
         reply = conversation.add_child(parent_id, "assistant", "", finished=False)
         self._reply_id, self._saved_at = reply.id, 0.0
         self.view.failure = ""
-        self.view.streaming_id = reply.id
+        self.view.streaming_id, self.view.stopping = reply.id, False
         self.view.render_now()
         self.timing = StreamTiming(started=time.perf_counter())
         self.generation_started.emit()

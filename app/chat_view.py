@@ -58,6 +58,7 @@ class ChatView(QTextBrowser):
         self.conversation: Conversation | None = None
         self.palette_html: Palette = markdown_render.LIGHT
         self.streaming_id: str | None = None
+        self.stopping = False  # Stop was asked for; the streaming reply ends at the next token
         self.failure = ""  # the last reply's error, shown under the chat until the next one
         self.render_count = 0
         self._cache: dict[str, tuple[str, str, tuple[CodeBlock, ...]]] = {}
@@ -180,7 +181,8 @@ class ChatView(QTextBrowser):
                 links.append(f'<a href="regen:{message.id}" style="color: {muted};">Regenerate</a>')
         label = f"<b>{ROLE_LABELS[message.role]}</b>"
         if message.id == self.streaming_id:
-            label += f' <span style="color: {muted};">writing…</span>'
+            state = "stopping…" if self.stopping else "writing…"
+            label += f' <span style="color: {muted};">{state}</span>'
         actions = f'<span style="font-size: small;">{" &nbsp;·&nbsp; ".join(links)}</span>'
         return (
             f'<p style="margin: 22px 0 6px 0;">{label}{self._branch_html(message)}'

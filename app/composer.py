@@ -101,7 +101,14 @@ class Composer(QWidget):
     def set_generating(self, generating: bool) -> None:
         self.send_button.setEnabled(not generating)
         self.stop_button.setEnabled(generating)
+        self.stop_button.setText("Stop")
         self.regenerate_button.setEnabled(not generating)
+
+    def set_stopping(self) -> None:
+        """Stop was asked for; the engine stops after the token it is computing (seconds on a
+        slow CPU), so say so instead of leaving Stop clickable and nothing changing."""
+        self.stop_button.setEnabled(False)
+        self.stop_button.setText("Stopping…")
 
     def begin_edit(self, message_id: str, text: str) -> None:
         self.editing_id = message_id

@@ -233,7 +233,9 @@ class DemoEngine:
             self.loaded = None
 
     def shutdown(self) -> None:
+        """Finish the queued jobs and end the thread (so no event is posted during exit)."""
         self._jobs.put(None)
+        self._thread.join(5)
 
 
 def render_template(request: GenerateRequest) -> str:

@@ -6,6 +6,7 @@ marked; add a folder, remove an added one from the list (its files stay), load.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 from PySide6.QtCore import Signal
@@ -32,6 +33,18 @@ COLUMNS = ("Name", "Source", "Architecture", "Quant", "Size", "Experts", "Top-k"
 EXPERTS, TOP_K = 5, 6
 LOADED_MARK = "● "
 NOT_REMOVABLE = "Only folders you added can be removed from this list."
+
+
+def browse_start(added: Sequence[str], home: Path | None = None) -> Path:
+    """Where the file pickers open: beside the last model added, else Downloads, else home.
+
+    Not the folder the app happened to be started from (a source checkout, or /).
+    """
+    home = home if home is not None else Path.home()
+    for candidate in [*(Path(a).parent for a in reversed(added)), home / "Downloads", home]:
+        if candidate.is_dir():
+            return candidate
+    return home
 
 
 class LibraryDialog(QDialog):
@@ -121,14 +134,20 @@ class LibraryDialog(QDialog):
     def is_loaded(self, entry: ModelEntry) -> bool:
         return self.loaded is not None and entry.path.resolve() == self.loaded
 
+    def set_loaded(self, loaded: Path | None) -> None:
+        """Another model was loaded (or none is) while the window is open: move the mark."""
+        self.loaded = loaded.resolve() if loaded is not None else None
+        for row, entry in enumerate(self.entries):
+            self._mark_if_loaded(row, entry)
+        self._selection_changed()
+
     def _mark_if_loaded(self, row: int, entry: ModelEntry) -> None:
-        if not self.is_loaded(entry):
-            return
         item = self.table.item(row, 0)
         assert item is not None, "rescan fills every cell"
-        item.setText(LOADED_MARK + entry.name + " (loaded)")
+        loaded = self.is_loaded(entry)
+        item.setText(LOADED_MARK + entry.name + " (loaded)" if loaded else entry.name)
         font = QFont(item.font())
-        font.setBold(True)
+        font.setBold(loaded)
         item.setFont(font)
 
     def _set_row(self, row: int, info: ModelInfo | None, problem: str) -> None:
@@ -144,15 +163,20 @@ class LibraryDialog(QDialog):
 
     def choose_file(self) -> None:
         file, _filter = QFileDialog.getOpenFileName(
-            self, "Choose a GGUF model file", "", "GGUF models (*.gguf)"
+            self, "Choose a GGUF model file", self._browse_start(), "GGUF models (*.gguf)"
         )
         if file:
             self.add_folder(Path(file))
 
     def choose_folder(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Choose a model folder")
+        start = self._browse_start()
+        folder = QFileDialog.getExistingDirectory(self, "Choose a model folder", start)
         if folder:
             self.add_folder(Path(folder))
+
+    def _browse_start(self) -> str:
+        added = [str(e.path) for e in self.entries if e.source == "added"]  # not the built-in
+        return str(browse_start(added))
 
     def add_folder(self, folder: Path) -> bool:
         try:

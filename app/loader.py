@@ -7,6 +7,12 @@ generate with (a context past its maximum, no room for the prompt) are lowered f
 ``settings_adjusted`` says how. A load whose estimate does not fit stops at
 ``needs_confirmation`` until the user chooses "Load anyway" (``force=True``). Errors become a
 message that says what to change.
+
+Cancel answers at once: ``cancelled`` is emitted when the user asks, not when the engine
+stops. The engine checks its cancel flag only between stages and tensors (a transformers
+trunk load cannot be interrupted), so the cancelled run is abandoned rather than awaited: it
+emits nothing more, and if its load completes anyway its model is unloaded (a load started
+since, such as reloading the previous model, replaces it on the engine thread instead).
 """
 
 from __future__ import annotations
@@ -99,43 +105,83 @@ class ModelLoader(QObject):
         # settings -> LoadConfig; a remote engine swaps in one that needs no model folder
         self.make_config: Callable[[Path, ModelSettings, bool], LoadConfig] = to_load_config
         self.unloaded_previous = False  # the engine dropped its model for this load
+        self.run_id = 0  # the current run; a cancelled or replaced run has an older one
+        self._abandoned: set[asyncio.Task[None]] = set()
 
     @property
     def busy(self) -> bool:
+        """A load runs that the user still waits for (an abandoned one does not count)."""
         return self.task is not None and not self.task.done()
 
     def start(self, model_dir: Path, settings: ModelSettings, force: bool = False) -> None:
         self.model_dir, self.settings = model_dir, settings
         self.unloaded_previous = False
-        self.task = start_task(self, self._run(model_dir, settings, force), self.bridge.loop)
+        self.run_id += 1
+        self.events = None
+        run = self._run(model_dir, settings, force, self.run_id)
+        self.task = start_task(self, run, self.bridge.loop)
 
-    def cancel(self) -> None:
+    def cancel(self, notify: bool = True) -> None:
+        """Stop waiting now: the engine is asked to stop, ``cancelled`` is emitted at once
+        (unless ``notify`` is False: the window is closing)."""
+        if not self.busy:
+            return
         if self.events is not None and self.events.job is not None:
             self.events.job.cancel()
-
-    async def _run(self, model_dir: Path, settings: ModelSettings, force: bool) -> None:
-        try:
-            if self.make_config is to_load_config:  # a local folder: check it before unloading
-                info = await self.bridge.inspect(model_dir)  # a broken folder fails here
-                settings = self._fitted(settings, info)
-            config = self.make_config(model_dir, settings, force)
-            estimate = await self.bridge.estimate(config)
-            self.estimated.emit(estimate)
-            if not estimate.fits and not force:
-                self.needs_confirmation.emit(estimate)
-                return
-            self.unloaded_previous = True  # the engine unloads before loading
-            await self._load(self.bridge.load(config))
-        except CancelledError:
+        self.run_id += 1  # the running one is abandoned: it reports nothing more
+        if self.task is not None:  # kept referenced until it ends (the loop holds tasks weakly)
+            self._abandoned.add(self.task)
+            self.task.add_done_callback(self._abandoned.discard)
+        self.task = None
+        self.events = None
+        if notify:
             self.cancelled.emit()
+
+    def _current(self, run_id: int) -> bool:
+        return run_id == self.run_id
+
+    async def _run(self, model_dir: Path, settings: ModelSettings, force: bool, run: int) -> None:
+        try:
+            await self._stages(model_dir, settings, force, run)
+        except CancelledError:
+            if self._current(run):
+                self.cancelled.emit()
         except InsufficientMemoryError as error:
             log.info("load refused: %s", error)
-            self.failed.emit(advice_for(error, settings))
+            if self._current(run):
+                self.failed.emit(advice_for(error, settings))
         except Exception as error:
             log.exception("loading %s failed", model_dir)
-            self.failed.emit(advice_for(error, settings))
+            if self._current(run):
+                self.failed.emit(advice_for(error, settings))
         finally:
-            self.events = None
+            if self._current(run):
+                self.events = None
+
+    async def _stages(
+        self, model_dir: Path, settings: ModelSettings, force: bool, run: int
+    ) -> None:
+        """Inspect, estimate, load; an abandoned run stops before the engine unloads anything."""
+        if self.make_config is to_load_config:  # a local folder: check it before unloading
+            info = await self.bridge.inspect(model_dir)  # a broken folder fails here
+            if not self._current(run):
+                return
+            settings = self._fitted(settings, info)
+        config = self.make_config(model_dir, settings, force)
+        estimate = await self.bridge.estimate(config)
+        if not self._current(run):
+            return
+        self.estimated.emit(estimate)
+        if not estimate.fits and not force:
+            self.needs_confirmation.emit(estimate)
+            return
+        self.unloaded_previous = True  # the engine unloads before loading
+        events = self.events = self.bridge.load(config)
+        loaded = await self._load(events, run)
+        if loaded is not None and self._current(run):
+            self.loaded.emit(loaded)
+        elif loaded is not None and self.run_id == run + 1 and not self.busy:
+            await self.bridge.unload()  # cancelled, yet it loaded, and nothing replaced it
 
     def _fitted(self, settings: ModelSettings, info: ModelInfo) -> ModelSettings:
         fitted, note = fit_to_model(settings, info.max_context)
@@ -144,15 +190,14 @@ class ModelLoader(QObject):
             self.settings_adjusted.emit(fitted, note)
         return fitted
 
-    async def _load(self, events: JobEvents) -> None:
-        self.events = events
+    async def _load(self, events: JobEvents, run: int) -> ModelInfo | None:
+        """Follow the load's events (progress only while it is the current run)."""
         info: ModelInfo | None = None
         async for event in events:
-            if isinstance(event, LoadProgressed):
+            if isinstance(event, LoadProgressed) and self._current(run):
                 self.progressed.emit(event.fraction, event.message)
             elif isinstance(event, LoadFinished):
                 info = event.info
         if info is None and events.job is not None:
             info = events.job.future.result()  # the job's result, if no LoadFinished came
-        if info is not None:
-            self.loaded.emit(info)
+        return info

@@ -331,6 +331,9 @@ class MainWindow(QMainWindow):
         """Header label, window title and panel for the model the engine holds now."""
         self.model_label.setText("")  # the picker says which model, or "No model loaded"
         self.fill_model_picker()
+        library = self.dialogs.get("library")
+        if isinstance(library, LibraryDialog):  # an open Models window marks it too
+            library.set_loaded(self.working[0] if self.working and info is not None else None)
         self._update_title()
         self.panel.update_readings()
 
@@ -366,7 +369,7 @@ class MainWindow(QMainWindow):
 
     def _load_failed(self, message: str) -> None:
         failed = self.model_dir.name
-        if self.working is not None and not self.loader.unloaded_previous:
+        if self._still_loaded():
             self._keep_working(f"{failed} was not loaded: {message}")
         elif self.working is not None and not self.restoring:
             self._restore_working(f"{failed} could not be loaded: {message}")
@@ -374,6 +377,11 @@ class MainWindow(QMainWindow):
             self._no_model(f"{failed} could not be loaded.")
             self.banner.show_message(message, "error", (("Settings…", self.show_settings),))
         self._report_ready(message)
+
+    def _still_loaded(self) -> bool:
+        """The engine still holds the working model: the load stopped before unloading it
+        (not so while the working model is being loaded again after a failure)."""
+        return self.model_info is not None and not self.loader.unloaded_previous
 
     def _keep_working(self, why: str) -> None:
         """A load stopped before the engine let go of its model: keep using that one."""
@@ -418,7 +426,7 @@ class MainWindow(QMainWindow):
             self._no_model(f"{self.model_dir.name} does not fit with these settings.")
 
     def _load_cancelled(self) -> None:
-        if self.working is not None and not self.loader.unloaded_previous:
+        if self._still_loaded():
             self._keep_working("Loading was cancelled.")
         elif self.working is not None and not self.restoring:
             self._restore_working("Loading was cancelled.")
@@ -563,6 +571,7 @@ class MainWindow(QMainWindow):
     def stop(self) -> None:
         if self.controller.generating:
             self.controller.stop()
+            self.composer.set_stopping()
         elif self.composer.editing_id is not None:
             self.composer.cancel_edit()
         elif self.loader.busy:
@@ -653,7 +662,9 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:
         self.remote.close()
         self.controller.close()
-        self.loader.cancel()
+        self.loader.cancel(notify=False)  # closing: no "cancelled" message, nothing reloads
+        if self.slider.task is not None:  # a Measure in progress: end its child process
+            self.slider.cancel_measure()
         for dialog in self.dialogs.values():
             dialog.close()
         self.load_dialog.close()

@@ -3,16 +3,21 @@
 ``python -m engine bench`` (or ``understudy --engine bench`` in the frozen bundle) measures
 substitution + prefetch at the headline cache size for four slider alphas (0, 0.2, 0.4, 0.6: the
 slider interpolates between them) on a short text, and writes the curve where ``app.curves``
-reads it.
+reads it. Only what the curve holds is measured: the teacher-forced pass (fidelity, bytes, and
+decode speed); no cloze items and no timed chat generations, which took nine tenths of the
+time and feed nothing the slider shows (a default Measure of the SmolLM2 MoE on 2 shared CPU
+cores: about 3 minutes instead of over 20).
 It runs in a separate process, off the UI thread, so the window stays responsive; its own
-fresh copy of the model is loaded there. The benchmark's one line per measured row becomes
-``MeasureProgress`` (rows done, elapsed, time left estimated from the rows so far).
+fresh copy of the model is loaded there. The benchmark's lines become ``MeasureProgress``:
+rows done, elapsed, and the time left at the pace of the rows since the reference pass (the
+reference is cheaper than a row, so counting it would make the first estimate too short).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -28,6 +33,7 @@ SLIDER_ALPHAS = "0,0.2,0.4,0.6"
 MAX_TOKENS = "128"
 TEXT_NAME = "heldout_sample.txt"
 ROW_LINE = re.compile(r"\balpha \d")
+REFERENCE_LINE = re.compile(r"^bench: reference pass done")
 Runner = Callable[[list[str]], subprocess.CompletedProcess[str]]
 
 
@@ -38,6 +44,7 @@ class MeasureProgress:
     done: int
     total: int
     elapsed_s: float
+    rows_started_s: float | None = None  # when the reference pass ended (rows began)
 
     @property
     def fraction(self) -> float:
@@ -48,7 +55,8 @@ class MeasureProgress:
         """Time left at the pace of the rows so far; None before the first row."""
         if self.done == 0:
             return None
-        return max(0.0, self.elapsed_s / self.done * (self.total - self.done))
+        rows_s = self.elapsed_s - (self.rows_started_s or 0.0)
+        return max(0.0, rows_s / self.done * (self.total - self.done))
 
 
 def minutes(seconds: float) -> str:
@@ -97,6 +105,16 @@ def evaluation_text() -> Path:
     raise MeasureError(f"No evaluation text is installed (looked for {TEXT_NAME}).")
 
 
+def bench_threads(cores: int | None = None) -> int:
+    """Torch threads for the benchmark: half the cores, at least one.
+
+    The app (and its loaded model) keeps the other half. On a busy machine more threads than
+    free cores make every op wait for a descheduled sibling thread: on 2 shared cores the
+    default two threads ran a 128-token pass ten times slower than one thread.
+    """
+    return max(1, (cores if cores is not None else os.cpu_count() or 1) // 2)
+
+
 def bench_command(model_dir: Path, out_dir: Path, text: Path) -> list[str]:
     return [
         *engine_command(),
@@ -110,13 +128,11 @@ def bench_command(model_dir: Path, out_dir: Path, text: Path) -> list[str]:
         "--alphas",
         SLIDER_ALPHAS,
         "--timing-runs",
-        "1",
+        "0",  # the curve's speed is the teacher-forced decode's; chat timings cost minutes
         "--max-tokens",
         MAX_TOKENS,
         "--cloze-items",
-        "4",
-        "--gen-tokens",
-        "16",
+        "0",  # cloze accuracy is not on the curve, and cost four fifths of the time
         "--no-traces",
         "--text-file",
         str(text),
@@ -124,6 +140,8 @@ def bench_command(model_dir: Path, out_dir: Path, text: Path) -> list[str]:
         str(out_dir),
         "--markdown",
         str(out_dir / "BENCHMARKS.md"),
+        "--threads",
+        str(bench_threads()),
     ]
 
 
@@ -147,6 +165,7 @@ class BenchMeasurer:
         self.on_progress: Callable[[MeasureProgress], None] | None = None  # on the UI loop
         self.total = len(SLIDER_ALPHAS.split(","))
         self._done, self._started = 0, 0.0
+        self._rows_started: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _run_process(self, command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -166,9 +185,12 @@ class BenchMeasurer:
         if ROW_LINE.search(line):
             self._done += 1
             self._report()
+        elif REFERENCE_LINE.search(line):
+            self._rows_started = time.monotonic() - self._started
 
     def progress(self) -> MeasureProgress:
-        return MeasureProgress(self._done, self.total, time.monotonic() - self._started)
+        elapsed = time.monotonic() - self._started
+        return MeasureProgress(self._done, self.total, elapsed, self._rows_started)
 
     def _report(self) -> None:
         if self.on_progress is not None and self._loop is not None:
@@ -183,11 +205,15 @@ class BenchMeasurer:
     async def __call__(self, model_dir: Path) -> None:
         command = bench_command(model_dir, self.out_root / model_dir.name, evaluation_text())
         self.cancelled = False
-        self._done, self._started = 0, time.monotonic()
+        self._done, self._started, self._rows_started = 0, time.monotonic(), None
         loop = self._loop = asyncio.get_running_loop()
         self._report()
         with ThreadPoolExecutor(1, thread_name_prefix="measure") as pool:
-            result = await loop.run_in_executor(pool, self.run, command)
+            try:
+                result = await loop.run_in_executor(pool, self.run, command)
+            except asyncio.CancelledError:  # the window closed: end the child, then unwind
+                self.cancel()
+                raise
         if self.cancelled:
             raise MeasureCancelled("measuring was cancelled")
         if result.returncode != 0:

@@ -40,6 +40,9 @@ class RemoteDialog(QDialog):
         self.problem = QLabel()
         self.problem.setWordWrap(True)
         self._layout()
+        # wide enough for the key field's hint and a typical URL (it was cut off at 320 px)
+        hint = self.key.fontMetrics().horizontalAdvance(self.key.placeholderText())
+        self.setMinimumWidth(hint + self.fontMetrics().horizontalAdvance("Base URL") + 100)
 
     def _layout(self) -> None:
         form = QFormLayout()

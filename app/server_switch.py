@@ -35,6 +35,7 @@ class ServerSwitch(QObject):
         super().__init__(window)
         self.window, self.port = window, port
         self.handle: ServerHandle | None = None
+        self.announced = ""  # the banner line saying what is served, while it is true
         self.label = QLabel()
         self.label.setTextInteractionFlags(self.label.textInteractionFlags().TextSelectableByMouse)
         window.statusBar().addPermanentWidget(self.label)
@@ -80,9 +81,8 @@ class ServerSwitch(QObject):
         self.label.show()
         self.timer.start(REFRESH_MS)
         self.refresh()
-        self.window.banner.show_message(
-            f"Serving {model.model_id} on {self.handle.url} (this computer only).", "info"
-        )
+        self.announced = f"Serving {model.model_id} on {self.handle.url} (this computer only)."
+        self.window.banner.show_message(self.announced, "info")
         self.changed.emit(True)
 
     def _listen(self, model: ServedModel) -> ServerHandle:
@@ -107,6 +107,9 @@ class ServerSwitch(QObject):
             handle.stop()
         self.timer.stop()
         self.label.hide()
+        if self.announced and self.window.banner.text == self.announced:
+            self.window.banner.dismiss()  # it no longer serves: the line would mislead
+        self.announced = ""
         self.changed.emit(False)
 
     def restart(self) -> None:

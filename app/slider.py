@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
@@ -63,8 +63,8 @@ class ImportanceSlider(QWidget):
         self.curve_label.setWordWrap(True)
         self.measure_button = QPushButton("Measure")
         self.measure_button.setToolTip(
-            "Measure speed and fidelity at four α in a separate process (minutes; on a CPU "
-            "more than ten): progress and time left are shown, Cancel stops it."
+            "Measure speed and fidelity at four α in a separate process (a few minutes on a "
+            "CPU): progress and time left are shown, Cancel stops it."
         )
         self.measure_button.clicked.connect(self.start_measure)
         self.progress = QProgressBar()
@@ -89,17 +89,34 @@ class ImportanceSlider(QWidget):
         column.setSpacing(0)
         column.addWidget(self.slider)
         column.addLayout(ends)
-        self.value_label.setMinimumWidth(self.fontMetrics().horizontalAdvance("α = 0 (exact)"))
-        row = QHBoxLayout(self)
-        row.setContentsMargins(4, 2, 4, 2)
+        self._fit_value_label()
         title = QLabel("<b>Importance</b>")
         title.setToolTip("How freely experts that miss the GPU cache may be substituted.")
+        row = QHBoxLayout()
         row.addWidget(title)
-        row.addLayout(column, 2)
+        row.addLayout(column, 1)
         row.addWidget(self.value_label)
-        row.addWidget(self.curve_label, 3)
         row.addWidget(self.progress)
         row.addWidget(self.measure_button)
+        # the caption gets a line of its own: beside the slider it was squeezed into a column
+        # (nine lines while measuring) and its minimum width took the chat list's
+        rows = QVBoxLayout(self)
+        rows.setContentsMargins(4, 2, 4, 2)
+        rows.setSpacing(2)
+        rows.addLayout(row)
+        rows.addWidget(self.curve_label)
+
+    def _fit_value_label(self) -> None:
+        """One width for every value (for the current font): a label that followed its text
+        made the caption beside it re-wrap, and the chat below jump, while dragging."""
+        texts = [alpha_label(alpha) for alpha in (0.0, 0.55, ALPHA_MAX)]
+        widest = max(self.fontMetrics().horizontalAdvance(t) for t in texts)  # the label's font
+        self.value_label.setFixedWidth(widest + 2 * self.value_label.margin() + 4)
+
+    def changeEvent(self, event: QEvent) -> None:
+        if event.type() == QEvent.Type.FontChange:  # Settings changed the font size
+            self._fit_value_label()
+        super().changeEvent(event)
 
     @property
     def alpha(self) -> float:

@@ -244,13 +244,20 @@ def run_bench(
     plan: BenchPlan,
     text: PreparedText,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_reference: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The reference, then every planned configuration (duplicates measured once)."""
+    """The reference, then every planned configuration (duplicates measured once).
+
+    ``on_reference`` is told when the reference pass is done (progress: the rows that follow
+    all cost about the same, the reference does not).
+    """
     reference_runner = loader(RunConfig(1.0, REFERENCE_LIVE, "reference"))
     try:
         reference = run_reference(reference_runner, text)
     finally:
         reference_runner.close()
+    if on_reference is not None:
+        on_reference()
     measured: dict[tuple[Any, ...], dict[str, Any]] = {}
     rows = []
     for config in plan.configs():

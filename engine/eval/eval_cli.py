@@ -153,6 +153,10 @@ def _progress(row: FidelityRow | dict[str, Any]) -> None:
     )
 
 
+def _reference_done() -> None:
+    print("bench: reference pass done", file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------- fidelity
 
 
@@ -452,7 +456,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
         f"bench: {len(plan.configs())} rows on {prepared.token_ids.shape[0]} tokens",
         file=sys.stderr,
     )
-    rows = bench.run_bench(session_loader(base), plan, prepared, on_row=_progress)
+    rows = bench.run_bench(
+        session_loader(base), plan, prepared, on_row=_progress, on_reference=_reference_done
+    )
     auto_cuda = args.device == "auto" and torch.cuda.is_available()
     device = "cuda" if args.device == "cuda" or auto_cuda else "cpu"
     settings = {

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 
 from engine.config import GenerateRequest, LiveOptions, LoadConfig
-from engine.errors import InvalidRequestError, SubstitutionUnsupportedError
+from engine.errors import CancelledError, InvalidRequestError, SubstitutionUnsupportedError
 from engine.events import (
     EngineFailed,
     GenerationFinished,
@@ -153,6 +153,8 @@ class Engine:
         return self._session
 
     def _load(self, config: LoadConfig, on_event: EventSink, job: Job[ModelInfo]) -> ModelInfo:
+        if job.cancel_requested:  # cancelled while queued: the loaded model stays
+            raise CancelledError("loading was cancelled before it started")
         self._close_session()
         self._pending.set_live(None)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from app.demo_engine import DemoEngine
 from engine.config import GenerateRequest, LiveOptions, LoadConfig
-from engine.errors import ModelLoadError, SubstitutionUnsupportedError
+from engine.errors import CancelledError, ModelLoadError, SubstitutionUnsupportedError
 from engine.events import ModelInfo
 from engine.protocol import EventSink, Job
 
@@ -38,10 +38,16 @@ class FakeEngine(DemoEngine):
         self.substitution_supported = True
         self.max_context = 4096
         self.broken: dict[Path, str] = {}  # folder -> the error its inspect raises
+        # a slow trunk load: the old model is unloaded, then the load waits for this gate
+        # without looking at its cancel flag (as transformers' from_pretrained does)
+        self.trunk_gate: threading.Event | None = None
+        self.finish_despite_cancel = False  # the gate opened after the last cancel check
         self.release.set()
 
     def load(self, config: LoadConfig, on_event: EventSink) -> Job[ModelInfo]:
         self.calls.loads.append(config)
+        if self.trunk_gate is not None:
+            return self._submit(lambda job: self._slow_trunk_load(job, config, on_event))
         if self.fail_load is None:
             return super().load(config, on_event)
         error = self.fail_load
@@ -52,6 +58,17 @@ class FakeEngine(DemoEngine):
             raise error
 
         return self._submit(failing)
+
+    def _slow_trunk_load(self, job: Job[Any], config: LoadConfig, on_event: EventSink) -> Any:
+        gate = self.trunk_gate
+        assert gate is not None, "set before the load was submitted"
+        self.trunk_gate = None  # one slow load; the next (a reload) is quick
+        self._unload()
+        on_event_progress(on_event)
+        gate.wait(10)
+        if job.cancel_requested and not self.finish_despite_cancel:
+            raise CancelledError("loading was cancelled")
+        return self._load(Job(), config, on_event)
 
     def inspect(self, model_dir: Path) -> Job[ModelInfo]:
         self.calls.inspected.append(Path(model_dir))

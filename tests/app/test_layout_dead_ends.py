@@ -264,3 +264,150 @@ def test_the_system_theme_is_followed_when_the_os_switches(
     window.set_theme("light")
     window._system_theme_changed()
     assert window.chat_view.palette_html is markdown_render.LIGHT, "an explicit theme stays"
+
+
+def test_moving_the_slider_does_not_move_the_chat(qtbot: Any, window: MainWindow) -> None:
+    """The value label changed width with its text ("α = 0 (exact)" / "α = 0.40"), the
+    caption beside it wrapped to another number of lines, and the transcript jumped up and
+    down while the user dragged the slider."""
+    window.resize(1280, 800)
+    qtbot.wait(50)
+    slider = window.slider
+    tops, widths = set(), set()
+    for alpha in (0.0, 0.2, 0.4, 0.6):
+        slider.set_alpha(alpha)
+        qtbot.wait(30)
+        tops.add(window.chat_view.mapTo(window, window.chat_view.rect().topLeft()).y())
+        widths.add(slider.value_label.width())
+    assert len(widths) == 1, f"the value label changes width: {widths}"
+    assert len(tops) == 1, f"the transcript moves while the slider moves: {tops}"
+
+
+def test_the_alpha_value_fits_after_the_font_grows(qtbot: Any, window: MainWindow) -> None:
+    from PySide6.QtGui import QFont
+    from PySide6.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    assert isinstance(app, QApplication)
+    before = QFont(app.font())
+    try:
+        bigger = QFont(before)
+        bigger.setPointSize(before.pointSize() + 6)
+        app.setFont(bigger)
+        qtbot.wait(50)
+        label = window.slider.value_label
+        for alpha in (0.0, 0.55):
+            window.slider.set_alpha(alpha)
+            assert shows_whole_text(label), (label.text(), label.width())
+    finally:
+        app.setFont(before)
+
+
+def test_measure_progress_neither_squeezes_the_window_nor_wraps_into_a_column(
+    qtbot: Any, window: MainWindow, tmp_path: Path
+) -> None:
+    """The progress line sat in a narrow column beside the slider (nine lines tall) and its
+    minimum width took the chat list's: the search field and chat titles were cut off."""
+    import asyncio
+
+    from app.measure import MeasureProgress
+
+    class WaitingMeasurer:
+        def __init__(self) -> None:
+            self.stop = asyncio.Event()
+
+        async def __call__(self, model_dir: Path) -> None:
+            await self.stop.wait()
+
+        def cancel(self) -> None:
+            self.stop.set()
+
+    window.resize(1280, 800)
+    qtbot.wait(50)
+    sidebar_width, slider_height = window.sidebar.width(), window.slider.height()
+    measurer = WaitingMeasurer()
+    window.slider.measure = measurer
+    window.slider.start_measure()
+    window.slider.show_progress(MeasureProgress(1, 4, 70.0, 20.0))
+    qtbot.wait(100)
+    line = window.slider.curve_label.fontMetrics().lineSpacing()
+    try:
+        assert window.sidebar.width() == sidebar_width, "the chat list lost width"
+        assert window.slider.height() <= slider_height + line, "the slider row grew lines"
+        assert clipped_texts(window) == []
+    finally:
+        measurer.cancel()
+        qtbot.waitUntil(lambda: window.slider.task is None, timeout=5000)
+
+
+def test_the_model_pickers_open_beside_the_last_model_or_in_downloads(
+    tmp_path: Path, qtbot: Any, window: MainWindow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They opened in the folder the app was started from (a checkout, or /)."""
+    from app.library_dialog import browse_start
+
+    home = tmp_path / "home"
+    (home / "Downloads").mkdir(parents=True)
+    assert browse_start((), home) == home / "Downloads"
+    models = tmp_path / "models"
+    (models / "a-moe").mkdir(parents=True)
+    assert browse_start((str(models / "a-moe"),), home) == models
+    assert browse_start((), tmp_path / "nobody") == tmp_path / "nobody"
+    monkeypatch.setenv("HOME", str(home))
+    opened: list[str] = []
+
+    def fake_open(parent: Any, title: str, start: str = "", filters: str = "") -> tuple[str, str]:
+        opened.append(start)
+        return "", ""
+
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", fake_open)
+    monkeypatch.setattr(
+        QFileDialog, "getExistingDirectory", lambda parent, title, start="": opened.append(start)
+    )
+    dialog = open_library(window)
+    dialog.choose_file()
+    dialog.choose_folder()
+    assert opened == [str(home / "Downloads")] * 2
+
+
+def test_an_open_models_window_moves_its_loaded_mark_to_the_model_just_loaded(
+    qtbot: Any, window: MainWindow, user_dirs: Path
+) -> None:
+    other = write_model_folder(user_dirs / "models" / "other-moe")
+    window._folder_added(str(other))
+    library = open_library(window)
+    names = [library.table.item(r, 0).text() for r in range(library.table.rowCount())]  # type: ignore[union-attr]
+    assert any("understudy-mini-moe (loaded)" in n for n in names), names
+    window.switch_model(str(other))
+    qtbot.waitUntil(lambda: window.controller.ready and not window.loader.busy, timeout=5000)
+    names = [library.table.item(r, 0).text() for r in range(library.table.rowCount())]  # type: ignore[union-attr]
+    assert [n for n in names if "(loaded)" in n] == ["● other-moe (loaded)"], names
+
+
+def test_the_remote_engine_dialog_shows_its_whole_key_hint(qtbot: Any) -> None:
+    from app.remote_dialog import RemoteDialog
+
+    dialog = RemoteDialog()
+    qtbot.addWidget(dialog)
+    dialog.show()
+    qtbot.wait(50)
+    key = dialog.key
+    margins = key.textMargins().left() + key.textMargins().right() + 12  # frame and padding
+    needed = key.fontMetrics().horizontalAdvance(key.placeholderText()) + margins
+    assert key.width() >= needed, f"'{key.placeholderText()}' is cut: {key.width()} < {needed}"
+
+
+def test_switching_the_server_off_takes_back_the_serving_line(window: MainWindow) -> None:
+    """ "Serving … on http://127.0.0.1:8080/v1" stayed in the banner after the switch went off."""
+    switch = window.remote.server
+    switch.port = 0
+    window.remote.server_action.setChecked(True)
+    assert window.banner.text.startswith("Serving ")
+    window.remote.server_action.setChecked(False)
+    assert not switch.on
+    assert "Serving" not in window.banner.text
+    window.banner.show_message("Something else to say.", "info")
+    window.remote.server_action.setChecked(True)
+    window.banner.show_message("Something else to say.", "info")
+    window.remote.server_action.setChecked(False)
+    assert window.banner.text == "Something else to say.", "another message is left alone"

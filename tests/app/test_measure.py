@@ -135,3 +135,60 @@ def test_the_slider_shows_progress_from_the_benchmark_output(
     release.set()
     qtbot.waitUntil(lambda: slider.task is None, timeout=5000)
     assert not slider.progress.isVisibleTo(slider)
+
+
+def test_bench_command_measures_only_what_the_curve_holds(tmp_path: Path) -> None:
+    """No cloze items and no timed chat generations: they were nine tenths of the time."""
+    command = bench_command(tmp_path / "m", tmp_path / "out", tmp_path / "t.txt")
+    assert command[command.index("--cloze-items") + 1] == "0"
+    assert command[command.index("--timing-runs") + 1] == "0"
+    assert "--gen-tokens" not in command, "no timed generation, so no tokens for one"
+
+
+def test_time_left_follows_the_rows_after_the_cheaper_reference_pass() -> None:
+    from app.measure import MeasureProgress
+
+    # reference pass 14 s, then one row of 36 s: three rows of 36 s are left
+    progress = MeasureProgress(1, 4, elapsed_s=50.0, rows_started_s=14.0)
+    assert progress.remaining_s == pytest.approx(108.0)
+    counted_from_start = MeasureProgress(1, 4, elapsed_s=50.0)
+    assert counted_from_start.remaining_s == pytest.approx(150.0), "the old, too long estimate"
+
+
+def test_the_reference_line_starts_the_row_clock(tmp_path: Path) -> None:
+    measurer = BenchMeasurer(tmp_path)
+    measurer.line_received("bench: 4 rows on 128 tokens\n")
+    assert measurer.progress().rows_started_s is None
+    measurer.line_received("bench: reference pass done\n")
+    started = measurer.progress().rows_started_s
+    assert started is not None and started >= 0.0
+    measurer.line_received("  +prefetch cache 0.50 alpha 0.00: top-1 1.0000, hits 0.5\n")
+    assert measurer.progress().done == 1
+
+
+def test_closing_the_window_while_measuring_ends_the_benchmark_process(
+    qtbot: Any,
+    aloop: asyncio.AbstractEventLoop,
+    make_window: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    import app.measure as measure
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr(measure, "bench_command", lambda *args: sleeper)
+    window = make_window()
+    measurer = BenchMeasurer(tmp_path)
+    window.slider.measure = measurer
+    window.slider.model_dir = tmp_path / "m"
+    window.slider.start_measure()
+    qtbot.waitUntil(lambda: measurer.process is not None, timeout=5000)
+    process = measurer.process
+    assert process is not None
+    started = time.monotonic()
+    window.close()
+    qtbot.waitUntil(lambda: process.poll() is not None, timeout=3000)
+    assert time.monotonic() - started < 3.0, "the child must not outlive the window by minutes"
+    qtbot.waitUntil(lambda: window.slider.task is None, timeout=5000)

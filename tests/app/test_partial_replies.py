@@ -103,3 +103,23 @@ def test_a_failed_generation_leaves_no_branch_and_retry_answers(
     assert [m.role for m in path] == ["user", "assistant"] and path[-1].content
     assert len(conversation.siblings(path[-1].id)) == 1
     assert "Generation failed" not in window.chat_view.toPlainText()
+
+
+def test_stop_says_stopping_until_the_engine_ends_the_reply(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine
+) -> None:
+    """On a slow CPU the engine stops after the token it computes (seconds): the Stop button
+    and the reply say so at once instead of looking as if the click did nothing."""
+    fake_engine.replies = iter([LONG])
+    fake_engine.token_delay = 0.3  # a slow token: the stop lands within it
+    window.composer.text.setPlainText("tell me a long story")
+    window.composer.submit()
+    qtbot.waitUntil(lambda: window.controller.timing.tokens >= 1, timeout=5000)
+    window.stop()
+    button = window.composer.stop_button
+    assert button.text() == "Stopping…" and not button.isEnabled()
+    assert "stopping…" in window.chat_view.toPlainText()
+    assert "writing…" not in window.chat_view.toPlainText()
+    qtbot.waitUntil(lambda: not window.controller.generating, timeout=5000)
+    assert button.text() == "Stop" and not button.isEnabled()
+    assert "stopping…" not in window.chat_view.toPlainText()

@@ -245,3 +245,23 @@ def test_live_options_on_the_real_offload_controller(engine, tiny_checkpoint):
         GenerateRequest(prompt="The quick", sampling=GREEDY), lambda e: None
     ).result(TIMEOUT)
     assert done.token_ids and engine.stats().tokens > 0
+
+
+def test_a_load_cancelled_while_queued_keeps_the_loaded_model(tiny_checkpoint):
+    """The app's Cancel can land before the engine thread starts the load: then nothing is
+    unloaded (the model the user has stays usable)."""
+    opener, _loaded = stand_in_opener(tiny_checkpoint)
+    engine = Engine(open_session=opener)
+    try:
+        engine.load(config_for(tiny_checkpoint), lambda e: None).result(TIMEOUT)
+        gate = threading.Event()
+        engine._thread.submit(lambda: gate.wait(TIMEOUT), "holding the thread")
+        queued = engine.load(config_for(tiny_checkpoint), lambda e: None)
+        queued.cancel()
+        gate.set()
+        with pytest.raises(CancelledError, match="before it started"):
+            queued.result(TIMEOUT)
+        done = engine.generate(GenerateRequest(prompt="hi", sampling=GREEDY), lambda e: None)
+        assert isinstance(done.result(TIMEOUT), GenerationFinished), "the first model still runs"
+    finally:
+        engine.shutdown()
