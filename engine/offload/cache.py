@@ -210,6 +210,7 @@ class ExpertCache:
             self.stats.add(keys[0][0], hits=len(keys) - len(misses), misses=len(misses))
         for key in keys:
             self.policy.record_use(key, self.step)
+        self.store.read_ahead(misses)  # a mapped file: every miss's disk read starts now
         self._pending_demand = self._copy_in(misses, wait=False) if misses else []
         return misses
 
@@ -239,6 +240,7 @@ class ExpertCache:
         new = [key for key in dict.fromkeys(keys) if key not in self._slot_of]
         if not new:
             return new
+        self.store.read_ahead(new)
         ticket = self._copy_in(new, demand=False)
         if ticket is not None:
             for key in new:

@@ -268,6 +268,9 @@ class HostExpertStore:
             self._decoded.popitem(last=False)
         return weights
 
+    def read_ahead(self, keys: Sequence[SlotKey]) -> None:
+        """Start reading ``keys`` ahead of their ``row`` calls; rows in RAM need nothing."""
+
     def layer_shape(self, layer: int) -> AnyExpertShape:
         """How ``layer``'s rows are laid out (GGUF files may mix block types across layers)."""
         return self._layer_shapes.get(layer, self.shape)
@@ -375,6 +378,9 @@ class DecodedStore(HostExpertStore):
         shape.gate_up(row).copy_(quantized.gate_up(source))
         shape.down(row).copy_(quantized.down(source))
         return row
+
+    def read_ahead(self, keys: Sequence[SlotKey]) -> None:
+        self.inner.read_ahead(keys)
 
     def close(self) -> None:
         self.inner.close()

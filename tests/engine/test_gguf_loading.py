@@ -17,7 +17,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.config import CacheConfig, LiveOptions, LoadConfig
-from engine.errors import ModelLoadError
 from engine.runtime.gguf_loading import load_gguf_reference
 from engine.runtime.loading import inspect_model, load_model, minimum_slots
 from engine.runtime.memory import estimate_memory
@@ -182,12 +181,6 @@ def test_memory_mapped_experts_compute_the_same_and_own_no_ram(root: Path) -> No
         inspect_model(path), dataclasses.replace(_smallest(path), mmap_experts=True)
     )
     assert estimate.host_expert_bytes == 0
-
-
-def test_memory_mapped_experts_need_a_gguf_file(root: Path) -> None:
-    save_gguf_family("qwen2_moe", root, "F32")
-    with pytest.raises(ModelLoadError, match="GGUF files only"):
-        load_model(LoadConfig(root / "qwen2_moe-hf", mmap_experts=True))
 
 
 def test_cpu_assist_decodes_a_quantized_expert_once(
