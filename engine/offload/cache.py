@@ -254,13 +254,15 @@ class ExpertCache:
     def _copy_in(self, keys: list[SlotKey], wait: bool = True, demand: bool = True) -> Any:
         """Claim slots and copy ``keys`` in; the demand copy's tickets unless ``wait``."""
         slots = [self._claim_slot(key) for key in keys]
-        for key in keys:
-            self.stats.add(key[0], transfers=1, bytes_moved=self.shape.nbytes)
+        sizes = [self.store.layer_shape(key[0]).numel for key in keys]  # the layer's own row
+        for key, size in zip(keys, sizes, strict=True):
+            self.stats.add(key[0], transfers=1, bytes_moved=size * self._slots.element_size())
         if self._after:  # a victim's prefetch may still be writing its slot
             self.copies.wait(self._after)
             self._after = []
         jobs = [
-            (self._slots[slot], self.store.row(key)) for key, slot in zip(keys, slots, strict=True)
+            (self._slots[slot, :size], self.store.row(key)[:size])
+            for key, slot, size in zip(keys, slots, sizes, strict=True)
         ]
         ticket = self.copies.copy(jobs, demand)
         if not demand:
