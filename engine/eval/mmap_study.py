@@ -44,7 +44,7 @@ import torch
 from engine.atomic import write_text_atomic
 from engine.config import CacheConfig, LiveOptions, LoadConfig
 from engine.offload.mapped import MappedExpertStore
-from engine.offload.store import DecodedStore, SlotKey
+from engine.offload.store import DecodedStore, HostExpertStore, SlotKey
 from engine.paths import builtin_model_dir
 from engine.runtime.loading import LoadedModel, load_model
 
@@ -100,17 +100,37 @@ class Setup:
     name: str
     loaded: LoadedModel
     limit: PageCacheLimit | None = None
+    read_seconds: float = 0.0  # time inside the host store's row reads (file reads when mapped)
+    reads: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     disk_bytes: list[int] = field(default_factory=list)
     major_faults: list[int] = field(default_factory=list)
 
 
-def _mapped_store(loaded: LoadedModel) -> MappedExpertStore:
+def _host_store(loaded: LoadedModel) -> HostExpertStore:
     store = loaded.offload.store
-    if isinstance(store, DecodedStore):
-        store = store.inner
+    return store.inner if isinstance(store, DecodedStore) else store
+
+
+def _mapped_store(loaded: LoadedModel) -> MappedExpertStore:
+    store = _host_store(loaded)
     assert isinstance(store, MappedExpertStore), "mapped set-ups load with mmap_experts"
     return store
+
+
+def _time_reads(setup: Setup) -> None:
+    """Add the time of every host row read (a page fault's wait included) to the set-up."""
+    store = _host_store(setup.loaded)
+    read = store.row
+
+    def row(key: SlotKey) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return read(key)
+        finally:
+            setup.read_seconds += time.perf_counter() - start
+
+    store.row = row  # type: ignore[method-assign]
 
 
 def _own_copy(path: Path, folder: Path) -> Path:
@@ -141,12 +161,17 @@ def _setup(name: str, path: Path, cache: float, page_cache: float) -> Setup:
     )  # fmt: skip
     loaded = load_model(config)
     if not name.startswith("mapped, half"):
-        return Setup(name, loaded)
+        return _timed(Setup(name, loaded))
     store = _mapped_store(loaded)
     store.read_ahead_on = name.endswith("read-ahead")
     every = [(layer, e) for layer in store.layers for e in range(store.num_experts)]
     total = sum(r.pages()[1] for key in every for r in store.ranges(key))
-    return Setup(name, loaded, PageCacheLimit(store, int(total * page_cache)))
+    return _timed(Setup(name, loaded, PageCacheLimit(store, int(total * page_cache))))
+
+
+def _timed(setup: Setup) -> Setup:
+    _time_reads(setup)
+    return setup
 
 
 def _disk_read_bytes() -> int:
@@ -160,10 +185,12 @@ def _timed_decode(setup: Setup, prompt: torch.Tensor, steps: int) -> None:
     model, limit = setup.loaded.model, setup.limit
     if limit is not None:
         limit.restore()
-    elapsed, disk, faults = 0.0, _disk_read_bytes(), resource.getrusage(resource.RUSAGE_SELF)
     with torch.no_grad():
         out = model(prompt, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    elapsed, disk, faults = 0.0, _disk_read_bytes(), resource.getrusage(resource.RUSAGE_SELF)
+    setup.read_seconds = 0.0
+    with torch.no_grad():
         for _ in range(steps):
             if limit is not None:
                 limit.settle()
@@ -172,6 +199,7 @@ def _timed_decode(setup: Setup, prompt: torch.Tensor, steps: int) -> None:
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             elapsed += time.perf_counter() - start
     setup.seconds.append(elapsed)
+    setup.reads.append(setup.read_seconds)
     setup.disk_bytes.append(_disk_read_bytes() - disk)
     after = resource.getrusage(resource.RUSAGE_SELF)
     setup.major_faults.append(after.ru_majflt - faults.ru_majflt)
@@ -209,6 +237,7 @@ def _summary(setup: Setup, steps: int) -> dict[str, Any]:
     stats = setup.loaded.offload.stats()
     return {
         "tokens_per_second": steps / float(np.median(setup.seconds)),
+        "expert_read_ms_per_token": 1000 * float(np.median(setup.reads)) / steps,
         "disk_read_bytes_per_token": float(np.median(setup.disk_bytes)) / steps,
         "major_faults_per_token": float(np.median(setup.major_faults)) / steps,
         "misses": stats.misses,
@@ -223,6 +252,7 @@ def _ratios(results: dict[str, dict[str, Any]]) -> Iterable[str]:
             speed = row["tokens_per_second"]
             yield (
                 f"| {source} | {name} | {speed:.2f} | {speed / base:.2f} | "
+                f"{row['expert_read_ms_per_token']:.2f} | "
                 f"{row['disk_read_bytes_per_token'] / 1e3:.1f} | "
                 f"{row['major_faults_per_token']:.1f} |"
             )
@@ -263,8 +293,11 @@ def main() -> None:
         "results": results,
     }  # fmt: skip
     write_text_atomic(args.out / "mmap_study.json", json.dumps(record, indent=2))
-    print("| model | set-up | tok/s | vs in RAM | disk KB/token | major faults/token |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | set-up | tok/s | vs in RAM | expert reads ms/token | disk KB/token "
+        "| major faults/token |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for line in _ratios(results):
         print(line)
 

@@ -260,10 +260,12 @@ class ExpertCache:
         if self._after:  # a victim's prefetch may still be writing its slot
             self.copies.wait(self._after)
             self._after = []
-        jobs = [
-            (self._slots[slot, :size], self.store.row(key)[:size])
-            for key, slot, size in zip(keys, slots, sizes, strict=True)
-        ]
+        jobs = []
+        for key, slot, size in zip(keys, slots, sizes, strict=True):
+            target = self._slots[slot, :size]
+            source = self.store.row_into(key, target)  # a decoding store writes the slot itself
+            if source is not None:
+                jobs.append((target, source[:size]))
         ticket = self.copies.copy(jobs, demand)
         if not demand:
             return ticket

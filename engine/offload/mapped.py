@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,16 @@ def mapped_range(view: np.ndarray) -> MappedRange:
     assert view.flags.c_contiguous, "an expert part is a contiguous byte range"
     base = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
     return MappedRange(mapping, str(filename), int(view.ctypes.data - base), int(view.nbytes))
+
+
+def mapped_tensor(view: np.ndarray) -> torch.Tensor:
+    """A uint8 tensor over ``view``'s mapped bytes, without copying them (read it, never write).
+
+    torch warns that the buffer is read-only; the stores only copy out of it.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(view.reshape(-1))
 
 
 def will_need(ranges: Iterable[MappedRange]) -> int:
@@ -235,8 +246,7 @@ class MappedSafetensorsStore(MappedExpertStore):
         row = torch.empty(shape.numel, dtype=shape.dtype)
         for part, dtype, data in self._views[key]:
             target = shape.part_view(row, part)
-            source = torch.from_numpy(np.array(data, copy=True)).view(dtype)
-            target.copy_(source.view(target.shape))
+            target.copy_(mapped_tensor(data).view(dtype).view(target.shape))  # one copy, cast
         return row
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ from engine.events import ModelInfo
 from engine.gguf.config import build_config
 from engine.gguf.reader import GgufModel, GgufTensor, describe_types, open_gguf
 from engine.offload.families import RouterFamily, router_family
-from engine.offload.mapped import MappedExpertStore, MappedRange, mapped_range
+from engine.offload.mapped import MappedExpertStore, MappedRange, mapped_range, mapped_tensor
 from engine.offload.store import (
     DecodedStore,
     HostExpertStore,
@@ -361,8 +361,8 @@ class MappedGgufStore(MappedExpertStore):
         assert isinstance(shape, QuantizedExpertShape), "a GGUF store holds quantized shapes"
         row = torch.empty(self.shape.numel, dtype=torch.uint8)
         for part in PARTS:
-            data = np.asarray(self._tensors[(layer, part)][expert]).reshape(-1)
-            shape.part_view(row, part).copy_(torch.from_numpy(data.copy()))  # type: ignore[arg-type]
+            source = mapped_tensor(self._tensors[(layer, part)][expert])
+            shape.part_view(row, part).copy_(source)  # type: ignore[arg-type]
         return row
 
     def close(self) -> None:
