@@ -63,13 +63,7 @@ class PageCacheLimit:
         self.budget = budget
         self._recent: OrderedDict[SlotKey, int] = OrderedDict()  # key -> page bytes
         self.dropped = 0
-        read = store.row
-
-        def row(key: SlotKey) -> torch.Tensor:
-            self._touch(key)
-            return read(key)
-
-        store.row = row  # type: ignore[method-assign]
+        _around_reads(store, self._touch, lambda: None)
 
     def _touch(self, key: SlotKey) -> None:
         if key not in self._recent:
@@ -118,19 +112,39 @@ def _mapped_store(loaded: LoadedModel) -> MappedExpertStore:
     return store
 
 
+def _around_reads(
+    store: HostExpertStore, before: Callable[[SlotKey], None], after: Callable[[], None]
+) -> None:
+    """Call ``before(key)`` and ``after()`` around every read of an expert from ``store``.
+
+    Reads are ``row`` calls, and on a mapped store ``row_into`` too (a CPU slot filled straight
+    from the mapping); an in-RAM store's ``row_into`` goes through ``row``, counted once.
+    """
+    names = ("row", "row_into") if isinstance(store, MappedExpertStore) else ("row",)
+    for name in names:
+        read = getattr(store, name)
+
+        def wrapped(key: SlotKey, *rest: Any, _read: Any = read) -> Any:
+            before(key)
+            try:
+                return _read(key, *rest)
+            finally:
+                after()
+
+        setattr(store, name, wrapped)
+
+
 def _time_reads(setup: Setup) -> None:
-    """Add the time of every host row read (a page fault's wait included) to the set-up."""
-    store = _host_store(setup.loaded)
-    read = store.row
+    """Add the time of every expert read (a page fault's wait included) to the set-up."""
+    started: list[float] = []
 
-    def row(key: SlotKey) -> torch.Tensor:
-        start = time.perf_counter()
-        try:
-            return read(key)
-        finally:
-            setup.read_seconds += time.perf_counter() - start
+    def before(_key: SlotKey) -> None:
+        started.append(time.perf_counter())
 
-    store.row = row  # type: ignore[method-assign]
+    def after() -> None:
+        setup.read_seconds += time.perf_counter() - started.pop()
+
+    _around_reads(_host_store(setup.loaded), before, after)
 
 
 def _own_copy(path: Path, folder: Path) -> Path:

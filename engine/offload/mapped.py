@@ -147,6 +147,29 @@ class MappedExpertStore(HostExpertStore):
         """Make the next read of ``keys`` go to the disk (page-cache measurements only)."""
         drop(r for key in keys for r in self.ranges(key))
 
+    def row(self, key: SlotKey) -> torch.Tensor:
+        row = torch.empty(self.shape.numel, dtype=self.shape.dtype)
+        self._fill(key, row)
+        self._check_first_use(key, row)
+        return row
+
+    def row_into(self, key: SlotKey, out: torch.Tensor) -> torch.Tensor | None:
+        """A slot in host memory (CPU device) is filled straight from the mapping: one copy."""
+        if out.device.type != "cpu" or out.shape != (self.shape.numel,):
+            return self.row(key)
+        if out.dtype != self.shape.dtype:
+            return self.row(key)
+        self._fill(key, out)
+        self._check_first_use(key, out)
+        return None
+
+    def _row(self, key: SlotKey) -> torch.Tensor:
+        return self.row(key)
+
+    def _fill(self, key: SlotKey, row: torch.Tensor) -> None:
+        """Copy expert ``key`` out of the mapping into ``row`` (laid out by ``shape``)."""
+        raise NotImplementedError
+
 
 # ---------------------------------------------------------------- safetensors files
 
@@ -241,13 +264,11 @@ class MappedSafetensorsStore(MappedExpertStore):
     def ranges(self, key: SlotKey) -> list[MappedRange]:
         return [mapped_range(data) for _, _, data in self._views[key]]
 
-    def _row(self, key: SlotKey) -> torch.Tensor:
+    def _fill(self, key: SlotKey, row: torch.Tensor) -> None:
         shape = self.shape
-        row = torch.empty(shape.numel, dtype=shape.dtype)
         for part, dtype, data in self._views[key]:
             target = shape.part_view(row, part)
             target.copy_(mapped_tensor(data).view(dtype).view(target.shape))  # one copy, cast
-        return row
 
     def close(self) -> None:
         self._views.clear()

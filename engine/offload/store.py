@@ -298,15 +298,19 @@ class HostExpertStore:
     def row(self, key: SlotKey) -> torch.Tensor:
         """Expert ``key``'s flat host row [numel]; checked for NaN/inf the first time it is used."""
         row = self._row(key)
-        if key not in self._checked:
-            parts = self._parts.get(key, ())
-            # a read of host memory, never a device sync: kept out of torch-function and
-            # dispatch modes so the op/sync counter (engine.eval.opcount) does not count it as
-            # one on a CPU run, where host and device are the same memory
-            with torch._C.DisableTorchFunction(), _disable_current_modes():
-                check_finite(((p.key, self.shape.part_view(row, p.part)) for p in parts), "expert")
-            self._checked.add(key)
+        self._check_first_use(key, row)
         return row
+
+    def _check_first_use(self, key: SlotKey, row: torch.Tensor) -> None:
+        if key in self._checked:
+            return
+        parts = self._parts.get(key, ())
+        # a read of host memory, never a device sync: kept out of torch-function and
+        # dispatch modes so the op/sync counter (engine.eval.opcount) does not count it as
+        # one on a CPU run, where host and device are the same memory
+        with torch._C.DisableTorchFunction(), _disable_current_modes():
+            check_finite(((p.key, self.shape.part_view(row, p.part)) for p in parts), "expert")
+        self._checked.add(key)
 
     def _row(self, key: SlotKey) -> torch.Tensor:
         layer, expert = key

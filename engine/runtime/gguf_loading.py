@@ -355,15 +355,13 @@ class MappedGgufStore(MappedExpertStore):
         layer, expert = key
         return [mapped_range(self._tensors[(layer, part)][expert]) for part in PARTS]
 
-    def _row(self, key: tuple[int, int]) -> torch.Tensor:
+    def _fill(self, key: tuple[int, int], row: torch.Tensor) -> None:
         layer, expert = key
         shape = self.layer_shape(layer)
         assert isinstance(shape, QuantizedExpertShape), "a GGUF store holds quantized shapes"
-        row = torch.empty(self.shape.numel, dtype=torch.uint8)
         for part in PARTS:
             source = mapped_tensor(self._tensors[(layer, part)][expert])
             shape.part_view(row, part).copy_(source)  # type: ignore[arg-type]
-        return row
 
     def close(self) -> None:
         self._tensors.clear()
