@@ -152,7 +152,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--mmap-experts",
         action="store_true",
-        help="GGUF: read experts from the memory-mapped file (page cache) instead of RAM",
+        help="read experts from the memory-mapped model file (page cache) instead of RAM",
     )
     add_threads_option(group)
     method = parser.add_argument_group("method")

@@ -129,7 +129,7 @@ class LoadConfig:
     # "auto": grouped on CUDA (few kernels per layer), eager on the CPU (faster there)
     experts: str = "auto"
     expert_quant: ExpertQuant = "none"  # quantize a safetensors model's routed experts at load
-    mmap_experts: bool = False  # GGUF: experts read from the mapped file, not copied into RAM
+    mmap_experts: bool = False  # experts read from the mapped model file, not copied into RAM
     quantized_slots: bool | None = None  # quantized experts in the cache: None = CUDA only
 
     def __post_init__(self) -> None:

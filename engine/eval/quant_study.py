@@ -11,9 +11,13 @@ GGUF F32, Q8_0 and Q4_K_M in ``DIR``, then on one machine, in one run:
 2. **GGUF files through the engine** at the same cache fraction (policy lru, alpha 0), with
    quantized slots (the CUDA layout): perplexity, bytes moved per token, misses per token;
    and Q4_K_M with the cache budget in GB that the F32 model gets (more slots, same bytes).
-3. **CPU decode tok/s** of the fp32 safetensors model vs the F32, Q8_0 and Q4_K_M files
-   (CPU default: experts decoded once as the cache takes them), interleaved rounds, one
-   thread, cache fraction 0.5.
+3. **CPU decode tok/s** of the fp32 safetensors model vs the F32, Q8_0 and Q4_K_M files and
+   the safetensors model with ``--expert-quant int8`` (CPU default: experts decoded once, into
+   the slot, as the cache takes them), interleaved rounds, one thread, cache fraction 0.5.
+4. **The whole method's alpha curve on the Q4_K_M file** (policy smoe: substitution, prefetch,
+   CPU assist) at the bench's alphas, cache 0.5, quantized slots: perplexity and its change
+   against fp32, top-1 agreement with the same file at alpha 0 (the cost of substitution) and
+   with fp32, bytes moved per token and their ratio to fp32's (lru).
 
 Writes ``quant_study.json`` and prints a Markdown summary. Slow-ish: about a minute per
 configuration of the built-in model on a shared CPU.
@@ -26,6 +30,7 @@ import json
 import math
 import platform
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +41,9 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.config import CacheConfig, LoadConfig
+from engine.atomic import write_text_atomic
+from engine.config import CacheConfig, LiveOptions, LoadConfig
+from engine.eval.bench import ALPHAS
 from engine.gguf.writer import convert
 from engine.paths import builtin_model_dir
 from engine.quant.ggml_encode import encode
@@ -125,14 +132,19 @@ def scheme_study(model_dir: Path, ids: torch.Tensor) -> list[dict[str, Any]]:
     return rows
 
 
-def _engine_run(path: Path, ids: torch.Tensor, cache: CacheConfig) -> dict[str, Any]:
+def _engine_run(
+    path: Path, ids: torch.Tensor, cache: CacheConfig, live: LiveOptions | None = None
+) -> dict[str, Any]:
     """Teacher-forced decode through the engine with quantized slots (the layout on CUDA, so
-    the bytes moved are what would cross PCIe)."""
-    config = LoadConfig(path, device="cpu", dtype="float32", cache=cache, quantized_slots=True)
+    the bytes moved are what would cross PCIe); ``predictions`` holds each step's argmax."""
+    config = LoadConfig(
+        path, device="cpu", dtype="float32", cache=cache, quantized_slots=True,
+        live=live or LiveOptions(),
+    )  # fmt: skip
     loaded = load_model(config)
     loaded.offload.reset_stats()
     tokens = 0
-    total, count = 0.0, 0
+    total, count, predictions = 0.0, 0, []
     with torch.no_grad():
         for window in _windows(ids):  # token by token: the decode access pattern
             past = None
@@ -141,10 +153,13 @@ def _engine_run(path: Path, ids: torch.Tensor, cache: CacheConfig) -> dict[str, 
                 past = out.past_key_values
                 logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
                 total -= logp[window[0, i + 1]].item()
+                predictions.append(int(logp.argmax()))
                 count += 1
                 loaded.offload.end_step(1)
                 tokens += 1
     stats = loaded.offload.stats()
+    store = loaded.offload.store
+    layers = {str(layer): _layer_row(store.layer_shape(layer)) for layer in store.layers}
     loaded.offload.close()
     return {
         "perplexity": math.exp(total / count),
@@ -152,27 +167,88 @@ def _engine_run(path: Path, ids: torch.Tensor, cache: CacheConfig) -> dict[str, 
         "misses_per_token": stats.misses / tokens,
         "cache_slots": stats.cache_slots,
         "cache_bytes": stats.cache_bytes,
+        "expert_bytes_by_layer": layers,
+        "predictions": predictions,
     }
 
 
-def _decode_speed(paths: dict[str, Path], prompt: torch.Tensor, steps: int, rounds: int) -> dict:
-    half = CacheConfig(fraction=0.5)
-    models = {
-        name: load_model(LoadConfig(p, device="cpu", dtype="float32", cache=half))
-        for name, p in paths.items()
+def _layer_row(shape: Any) -> str:
+    """``Q4_K/Q4_K/Q5_0 29696 B``: a layer's block types (gate/up/down) and expert bytes."""
+    types = getattr(shape, "type_names", str(shape.dtype).removeprefix("torch."))
+    return f"{types} {shape.nbytes} B"
+
+
+def _top1(reference: list[int], other: list[int]) -> float:
+    return sum(a == b for a, b in zip(reference, other, strict=True)) / len(reference)
+
+
+def alpha_curve(
+    path: Path, ids: torch.Tensor, fp32: dict[str, Any], alphas: tuple[float, ...] = ALPHAS
+) -> list[dict[str, Any]]:
+    """The whole method (policy smoe) on ``path`` at cache 0.5, alpha by alpha, against fp32's
+    lru run (``fp32``) and the same file at alpha 0."""
+    runs = {
+        alpha: _engine_run(path, ids, CacheConfig(fraction=0.5), LiveOptions("smoe", alpha))
+        for alpha in dict.fromkeys((0.0, *alphas))
     }
-    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    rows = []
+    for alpha, run in runs.items():
+        rows.append({
+            "alpha": alpha, "perplexity": run["perplexity"],
+            "perplexity_change_vs_fp32": run["perplexity"] / fp32["perplexity"] - 1,
+            "top1_vs_alpha0": _top1(runs[0.0]["predictions"], run["predictions"]),
+            "top1_vs_fp32": _top1(fp32["predictions"], run["predictions"]),
+            "bytes_per_token": run["bytes_per_token"],
+            "bytes_vs_fp32": run["bytes_per_token"] / fp32["bytes_per_token"],
+        })  # fmt: skip
+        print(f"  alpha {alpha}: {rows[-1]}", flush=True)
+    return rows
+
+
+def _decode_speed(
+    configs: dict[str, LoadConfig], prompt: torch.Tensor, steps: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Median tok/s per model over interleaved rounds: by the wall clock, and by this process's
+    CPU time (one thread: the time other programs on a shared machine take is left out)."""
+    models = {name: load_model(config) for name, config in configs.items()}
+    wall: dict[str, list[float]] = {name: [] for name in configs}
+    cpu: dict[str, list[float]] = {name: [] for name in configs}
     for _round in range(rounds):
         for name, loaded in models.items():  # interleaved: each round runs every model once
             with torch.no_grad():
                 out = loaded.model(prompt, use_cache=True)
                 past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 for _ in range(steps):
                     out = loaded.model(token, past_key_values=past, use_cache=True)
                     past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                seconds[name].append(time.perf_counter() - start)
-    return {name: steps / float(np.median(times)) for name, times in seconds.items()}
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return {
+        "wall": {name: steps / float(np.median(times)) for name, times in wall.items()},
+        "cpu_time": {name: steps / float(np.median(times)) for name, times in cpu.items()},
+    }
+
+
+def _speed(
+    model_dir: Path, files: dict[str, Path], prompt: torch.Tensor, rounds: int, cache: float
+) -> dict[str, dict[str, float]]:
+    """CPU decode tok/s of fp32, the GGUF files and ``--expert-quant int8``, interleaved."""
+    cache_config = CacheConfig(fraction=cache)
+    contenders = {
+        name: LoadConfig(path, device="cpu", dtype="float32", cache=cache_config)
+        for name, path in {"fp32 safetensors": model_dir, **files}.items()
+    }
+    fp32 = contenders["fp32 safetensors"]
+    contenders["int8 (--expert-quant)"] = replace(fp32, expert_quant="int8")
+    return _decode_speed(contenders, prompt, steps=64, rounds=rounds)
+
+
+def _machine() -> str:
+    return (
+        f"{platform.machine()} {platform.processor() or platform.system()}, CPU, torch "
+        f"{torch.__version__}, 1 thread"
+    )
 
 
 def main() -> None:
@@ -180,7 +256,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--speed-only", type=float, default=None, metavar="CACHE",
+        help="only the decode speed, at this cache fraction (writes quant_speed.json)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     model_dir = args.model or builtin_model_dir()
@@ -188,25 +268,35 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(SAMPLE.read_text(encoding="utf-8"), return_tensors="pt").input_ids
     ids = ids[:, : args.tokens]
-    print("schemes (experts quantized up front):", flush=True)
-    schemes = scheme_study(model_dir, ids)
     files = {
         t: convert(model_dir, args.out / f"model-{t}.gguf", t)[0] for t in ("F32", "Q8_0", "Q4_K_M")
     }
+    if args.speed_only is not None:
+        speed = _speed(model_dir, files, ids[:, :32], args.rounds, args.speed_only)
+        record = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": _machine(),
+                  "model": str(model_dir), "cache_fraction": args.speed_only,
+                  "rounds": args.rounds, "decode_tokens_per_second": speed}  # fmt: skip
+        write_text_atomic(args.out / "quant_speed.json", json.dumps(record, indent=2))
+        print(json.dumps(record, indent=2))
+        return
+    print("schemes (experts quantized up front):", flush=True)
+    schemes = scheme_study(model_dir, ids)
     half = CacheConfig(fraction=0.5)
     engine = {t: _engine_run(p, ids, half) for t, p in files.items()}
     same_gb = CacheConfig(budget_gb=engine["F32"]["cache_bytes"] / 1e9)
     engine["Q4_K_M, F32's cache GB"] = _engine_run(files["Q4_K_M"], ids, same_gb)
-    contenders = {"fp32 safetensors": model_dir, **files}
-    speed = _decode_speed(contenders, ids[:, :32], steps=64, rounds=args.rounds)
+    print("alpha curve (Q4_K_M, policy smoe, cache 0.5):", flush=True)
+    curve = alpha_curve(files["Q4_K_M"], ids, engine["F32"])
+    for run in engine.values():
+        run.pop("predictions")
+    speed = _speed(model_dir, files, ids[:, :32], args.rounds, 0.5)
     result = {
-        "date": datetime.now(UTC).isoformat(timespec="minutes"),
-        "machine": f"{platform.machine()} {platform.processor() or platform.system()}, CPU, torch "
-        f"{torch.__version__}, 1 thread",
+        "date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": _machine(),
         "model": str(model_dir), "tokens": int(ids.shape[1]),
-        "schemes": schemes, "engine": engine, "decode_tokens_per_second": speed,
+        "schemes": schemes, "engine": engine, "alpha_curve_q4_k_m": curve,
+        "decode_tokens_per_second": speed,
     }  # fmt: skip
-    (args.out / "quant_study.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_text_atomic(args.out / "quant_study.json", json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

@@ -210,6 +210,7 @@ class ExpertCache:
             self.stats.add(keys[0][0], hits=len(keys) - len(misses), misses=len(misses))
         for key in keys:
             self.policy.record_use(key, self.step)
+        self.store.read_ahead(misses)  # a mapped file: every miss's disk read starts now
         self._pending_demand = self._copy_in(misses, wait=False) if misses else []
         return misses
 
@@ -239,6 +240,7 @@ class ExpertCache:
         new = [key for key in dict.fromkeys(keys) if key not in self._slot_of]
         if not new:
             return new
+        self.store.read_ahead(new)
         ticket = self._copy_in(new, demand=False)
         if ticket is not None:
             for key in new:
@@ -252,14 +254,18 @@ class ExpertCache:
     def _copy_in(self, keys: list[SlotKey], wait: bool = True, demand: bool = True) -> Any:
         """Claim slots and copy ``keys`` in; the demand copy's tickets unless ``wait``."""
         slots = [self._claim_slot(key) for key in keys]
-        for key in keys:
-            self.stats.add(key[0], transfers=1, bytes_moved=self.shape.nbytes)
+        sizes = [self.store.layer_shape(key[0]).numel for key in keys]  # the layer's own row
+        for key, size in zip(keys, sizes, strict=True):
+            self.stats.add(key[0], transfers=1, bytes_moved=size * self._slots.element_size())
         if self._after:  # a victim's prefetch may still be writing its slot
             self.copies.wait(self._after)
             self._after = []
-        jobs = [
-            (self._slots[slot], self.store.row(key)) for key, slot in zip(keys, slots, strict=True)
-        ]
+        jobs = []
+        for key, slot, size in zip(keys, slots, sizes, strict=True):
+            target = self._slots[slot, :size]
+            source = self.store.row_into(key, target)  # a decoding store writes the slot itself
+            if source is not None:
+                jobs.append((target, source[:size]))
         ticket = self.copies.copy(jobs, demand)
         if not demand:
             return ticket

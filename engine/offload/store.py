@@ -23,6 +23,7 @@ count are quantized bytes, and ``gate_up``/``down`` decode on the row's device r
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from engine.errors import ModelLoadError
 from engine.offload.finite import check_finite
 from engine.offload.pinned import HostArena, Registrar
-from engine.quant.ggml_blocks import dequantize, packed_nbytes, type_name
+from engine.quant.ggml_blocks import dequantize, dequantize_into, packed_nbytes, type_name
 
 ALIGN_ELEMENTS = 128
 HOST_DECODED_BYTES = 1 << 30  # decoded quantized experts kept for CPU assist (host_weights)
@@ -166,15 +167,19 @@ class QuantizedExpertShape:
         """``Q4_K/Q4_K/Q6_K``: the block types of gate, up and down."""
         return "/".join(type_name(t) for t in (self.gate_type, self.up_type, self.down_type))
 
-    def part_view(self, row: torch.Tensor, part: Part) -> torch.Tensor:
-        """The raw bytes of one part in a row (``gate_up`` only when gate and up share a type)."""
-        spans = {
+    @functools.cached_property
+    def _spans(self) -> dict[str, tuple[int, int]]:
+        """(start, size) in bytes of each part: computed once, read at every decode."""
+        return {
             "gate": (0, self.gate_nbytes),
             "up": (self.up_offset, self.up_nbytes),
             "down": (self.down_offset, self.down_nbytes),
             "gate_up": (0, self.up_offset + self.up_nbytes),
         }
-        start, size = spans[part]
+
+    def part_view(self, row: torch.Tensor, part: Part) -> torch.Tensor:
+        """The raw bytes of one part in a row (``gate_up`` only when gate and up share a type)."""
+        start, size = self._spans[part]
         return row[start : start + size]
 
     def gate_up(self, row: torch.Tensor) -> torch.Tensor:
@@ -192,6 +197,17 @@ class QuantizedExpertShape:
         """Decoded ``[H, I]`` in ``compute_dtype`` on the row's device."""
         shape = (self.hidden, self.intermediate)
         return dequantize(self.part_view(row, "down"), self.down_type, shape, self.compute_dtype)
+
+    def decode_into(self, row: torch.Tensor, float_shape: ExpertShape, out: torch.Tensor) -> None:
+        """Decode the expert in ``row`` into ``out``, a float row laid out by ``float_shape``."""
+        gate_up, down = float_shape.gate_up(out), float_shape.down(out)  # [2I, H], [H, I]
+        if self.up_type == self.gate_type:
+            dequantize_into(self.part_view(row, "gate_up"), self.gate_type, gate_up)
+        else:
+            gate, up = gate_up[: self.intermediate], gate_up[self.intermediate :]  # [I, H] each
+            dequantize_into(self.part_view(row, "gate"), self.gate_type, gate)
+            dequantize_into(self.part_view(row, "up"), self.up_type, up)
+        dequantize_into(self.part_view(row, "down"), self.down_type, down)
 
 
 AnyExpertShape = ExpertShape | QuantizedExpertShape
@@ -268,6 +284,13 @@ class HostExpertStore:
             self._decoded.popitem(last=False)
         return weights
 
+    def read_ahead(self, keys: Sequence[SlotKey]) -> None:
+        """Start reading ``keys`` ahead of their ``row`` calls; rows in RAM need nothing."""
+
+    def row_into(self, key: SlotKey, out: torch.Tensor) -> torch.Tensor | None:
+        """The host row to copy into the slot ``out``; ``None`` when this wrote ``out`` itself."""
+        return self.row(key)
+
     def layer_shape(self, layer: int) -> AnyExpertShape:
         """How ``layer``'s rows are laid out (GGUF files may mix block types across layers)."""
         return self._layer_shapes.get(layer, self.shape)
@@ -275,15 +298,19 @@ class HostExpertStore:
     def row(self, key: SlotKey) -> torch.Tensor:
         """Expert ``key``'s flat host row [numel]; checked for NaN/inf the first time it is used."""
         row = self._row(key)
-        if key not in self._checked:
-            parts = self._parts.get(key, ())
-            # a read of host memory, never a device sync: kept out of torch-function and
-            # dispatch modes so the op/sync counter (engine.eval.opcount) does not count it as
-            # one on a CPU run, where host and device are the same memory
-            with torch._C.DisableTorchFunction(), _disable_current_modes():
-                check_finite(((p.key, self.shape.part_view(row, p.part)) for p in parts), "expert")
-            self._checked.add(key)
+        self._check_first_use(key, row)
         return row
+
+    def _check_first_use(self, key: SlotKey, row: torch.Tensor) -> None:
+        if key in self._checked:
+            return
+        parts = self._parts.get(key, ())
+        # a read of host memory, never a device sync: kept out of torch-function and
+        # dispatch modes so the op/sync counter (engine.eval.opcount) does not count it as
+        # one on a CPU run, where host and device are the same memory
+        with torch._C.DisableTorchFunction(), _disable_current_modes():
+            check_finite(((p.key, self.shape.part_view(row, p.part)) for p in parts), "expert")
+        self._checked.add(key)
 
     def _row(self, key: SlotKey) -> torch.Tensor:
         layer, expert = key
@@ -368,13 +395,25 @@ class DecodedStore(HostExpertStore):
         return self.inner.nbytes
 
     def row(self, key: SlotKey) -> torch.Tensor:
-        shape = self.shape
-        assert isinstance(shape, ExpertShape), "decoded rows are float rows"
-        source, quantized = self.inner.row(key), self.inner.layer_shape(key[0])
-        row = torch.empty(shape.numel, dtype=shape.dtype)
-        shape.gate_up(row).copy_(quantized.gate_up(source))
-        shape.down(row).copy_(quantized.down(source))
+        row = torch.empty(self.shape.numel, dtype=self.shape.dtype)
+        self._decode(key, row)
         return row
+
+    def row_into(self, key: SlotKey, out: torch.Tensor) -> torch.Tensor | None:
+        """A slot in host memory is decoded into directly (no float row in between)."""
+        if out.device.type != "cpu" or out.numel() != self.shape.numel:
+            return self.row(key)
+        self._decode(key, out)
+        return None
+
+    def _decode(self, key: SlotKey, out: torch.Tensor) -> None:
+        shape, quantized = self.shape, self.inner.layer_shape(key[0])
+        assert isinstance(shape, ExpertShape), "decoded rows are float rows"
+        assert isinstance(quantized, QuantizedExpertShape), "a decoded store wraps quantized rows"
+        quantized.decode_into(self.inner.row(key), shape, out)
+
+    def read_ahead(self, keys: Sequence[SlotKey]) -> None:
+        self.inner.read_ahead(keys)
 
     def close(self) -> None:
         self.inner.close()

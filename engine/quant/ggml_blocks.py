@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -51,7 +52,7 @@ def _bits(raw: torch.Tensor) -> torch.Tensor:
 
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
     d = _f16(blocks[:, :2])
-    x = blocks[:, 2:].contiguous().view(torch.int8).float()
+    x = blocks[:, 2:].view(torch.int8).float()  # a strided view: no contiguous copy first
     return x * d
 
 
@@ -216,6 +217,7 @@ def is_known(qtype: int) -> bool:
         return False
 
 
+@functools.cache
 def block_geometry(qtype: int) -> tuple[int, int]:
     """(weights per block, bytes per block) of a GGML type."""
     return GGML_QUANT_SIZES[Q(qtype)]
@@ -239,3 +241,33 @@ def dequantize(
     _block, size = block_geometry(qtype)
     blocks = data.reshape(-1, size)  # [n, type_size]
     return decoder(blocks).reshape(shape).to(dtype)
+
+
+def dequantize_into(data: torch.Tensor, qtype: int, out: torch.Tensor) -> torch.Tensor:
+    """``dequantize`` written into ``out`` (contiguous, on ``data``'s device), the same values.
+
+    Q8_0 into an fp32 CPU tensor decodes in one numpy pass over the blocks seen as records
+    (int8 times the block's fp16 scale, in fp32 as ``dequantize`` does, so the same bits): torch's
+    CPU kernels are several times slower on the strided 34-byte blocks (measured in
+    ``docs/QUANTIZED_EXPERTS.md``). Everything else decodes, then copies.
+    """
+    if qtype == Q.Q8_0 and _numpy_ready(data, out):
+        blocks = data.numpy().view(_Q8_0_RECORD)  # [n] records
+        scale = blocks["d"].astype(np.float32)[:, None]  # [n, 1]
+        target = out.numpy().reshape(blocks.shape[0], -1)  # [n, 32], a view of out
+        np.multiply(blocks["q"], scale, out=target, dtype=np.float32)
+        return out
+    out.copy_(dequantize(data, qtype, tuple(out.shape), out.dtype))
+    return out
+
+
+_Q8_0_RECORD = np.dtype([("d", "<f2"), ("q", "i1", 32)])
+
+
+def _numpy_ready(data: torch.Tensor, out: torch.Tensor) -> bool:
+    """Both on the CPU, contiguous, no autograd; ``out`` fp32."""
+    return (
+        data.device.type == "cpu" and out.device.type == "cpu" and out.dtype == torch.float32
+        and data.is_contiguous() and out.is_contiguous()
+        and not (data.requires_grad or out.requires_grad)
+    )  # fmt: skip

@@ -38,6 +38,7 @@ from engine.events import ModelInfo
 from engine.gguf.config import build_config
 from engine.gguf.reader import GgufModel, GgufTensor, describe_types, open_gguf
 from engine.offload.families import RouterFamily, router_family
+from engine.offload.mapped import MappedExpertStore, MappedRange, mapped_range, mapped_tensor
 from engine.offload.store import (
     DecodedStore,
     HostExpertStore,
@@ -329,40 +330,38 @@ def load_gguf_reference(path: Path, dtype: torch.dtype = torch.float32) -> Any:
 # ---------------------------------------------------------------- the file as the host tier
 
 
-class MappedGgufStore(HostExpertStore):
+class MappedGgufStore(MappedExpertStore):
     """Experts read from the memory-mapped GGUF file on demand instead of copied into RAM.
 
     The OS page cache is then the host tier and the disk the last one: nothing is allocated up
     front, ``row`` assembles an expert's row from the three mapped tensors when the cache
-    copies it in (or the CPU computes it), and pages the OS drops are read again from disk.
-    ``nbytes`` is 0: the store owns no host memory.
+    copies it in (or the CPU computes it), and pages the OS drops are read again from disk;
+    ``read_ahead`` starts those reads early (``engine.offload.mapped``).
     """
 
-    def __init__(self, plan: GgufPlan, dtype: torch.dtype) -> None:
+    def __init__(self, plan: GgufPlan, dtype: torch.dtype, read_ahead: bool = True) -> None:
         layers = [m.layer for m in plan.moe]
         super().__init__(
-            plan.slot_shape(dtype), [], plan.num_experts, False, plan.layer_shapes(dtype)
-        )
-        self._mapped_layers = layers
+            plan.slot_shape(dtype), layers, plan.num_experts, plan.layer_shapes(dtype),
+            read_ahead=read_ahead,
+        )  # fmt: skip
         self._tensors = {
             (layer, part): _expert_tensor(plan.source, layer, part).data
             for layer in layers
             for part in PARTS
         }
 
-    @property
-    def layers(self) -> list[int]:
-        return list(self._mapped_layers)
+    def ranges(self, key: tuple[int, int]) -> list[MappedRange]:
+        layer, expert = key
+        return [mapped_range(self._tensors[(layer, part)][expert]) for part in PARTS]
 
-    def row(self, key: tuple[int, int]) -> torch.Tensor:
+    def _fill(self, key: tuple[int, int], row: torch.Tensor) -> None:
         layer, expert = key
         shape = self.layer_shape(layer)
         assert isinstance(shape, QuantizedExpertShape), "a GGUF store holds quantized shapes"
-        row = torch.empty(self.shape.numel, dtype=torch.uint8)
         for part in PARTS:
-            data = np.asarray(self._tensors[(layer, part)][expert]).reshape(-1)
-            shape.part_view(row, part).copy_(torch.from_numpy(data.copy()))  # type: ignore[arg-type]
-        return row
+            source = mapped_tensor(self._tensors[(layer, part)][expert])
+            shape.part_view(row, part).copy_(source)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._tensors.clear()

@@ -642,10 +642,10 @@ def _load(
         from engine.runtime.gguf_loading import load_gguf
 
         return load_gguf(config, progress, cancelled)
-    if config.mmap_experts:
+    if config.mmap_experts and config.expert_quant != "none":
         raise ModelLoadError(
-            "memory-mapped experts are available for GGUF files only; this is a safetensors "
-            "folder (use --expert-quant int4 to shrink its experts instead)"
+            "memory-mapped experts are read as the checkpoint stores them, so they cannot be "
+            f"quantized at load too: choose --mmap-experts or --expert-quant {config.expert_quant}"
         )
     progress(0.0, "Reading the model folder")
     plan = _plan(config.model_dir)
@@ -662,15 +662,7 @@ def _load(
     model = _load_trunk(plan, dtype, device)
     check_trunk_finite(model)
     _check_cancelled(cancelled)
-    progress(0.3, "Reading experts")
-    pin = device.type == "cuda"
-    store = HostExpertStore(shape, [m.layer for m in plan.moe], plan.num_experts, pin)
-    if store.warning:
-        progress(0.3, store.warning)  # pinning refused: pageable memory, slower copies
-    if config.expert_quant == "none":
-        _fill_store(plan, store, progress, cancelled)
-    else:
-        _fill_quantized(plan, store, config.expert_quant, progress, cancelled)
+    store = _experts(plan, shape, device, config, progress, cancelled)
     if decodes_on_copy(
         store.shape, device, config.quantized_slots
     ):  # slots are host memory too: decode once, on copy-in
@@ -678,6 +670,31 @@ def _load(
     offload = _bind_offload(model, plan, store, num_slots, config)
     progress(1.0, "Loaded")
     return LoadedModel(model, tokenizer, info, offload, device, dtype)
+
+
+def _experts(
+    plan: _Plan,
+    shape: ExpertShape | Any,
+    device: torch.device,
+    config: LoadConfig,
+    progress: Callable[[float, str], None],
+    cancelled: Callable[[], bool],
+) -> HostExpertStore:
+    """The host tier: every expert read into RAM, or (``mmap_experts``) the mapped files."""
+    layers = [m.layer for m in plan.moe]
+    if config.mmap_experts:
+        from engine.offload.mapped import MappedSafetensorsStore
+
+        return MappedSafetensorsStore(shape, layers, plan.num_experts, plan.parts)
+    progress(0.3, "Reading experts")
+    store = HostExpertStore(shape, layers, plan.num_experts, pin=device.type == "cuda")
+    if store.warning:
+        progress(0.3, store.warning)  # pinning refused: pageable memory, slower copies
+    if config.expert_quant == "none":
+        _fill_store(plan, store, progress, cancelled)
+    else:
+        _fill_quantized(plan, store, config.expert_quant, progress, cancelled)
+    return store
 
 
 def load_model(

@@ -174,8 +174,9 @@ def describe_shortfall(estimate: MemoryEstimate) -> str | None:
     return (
         f"The experts need {_gb(estimate.host_expert_bytes)} of host memory but only "
         f"{_gb(estimate.host_free_bytes or 0)} is free. Close other programs, pick a smaller "
-        "dtype or a smaller model, or (for a GGUF file) read the experts from the "
-        "memory-mapped file instead (--mmap-experts: the disk becomes the last tier); "
+        "dtype or a smaller model, or read the experts from the memory-mapped model "
+        "file instead (--mmap-experts: the page cache holds the experts used lately and the "
+        "disk the rest); "
         "or force the load anyway."
     )
 

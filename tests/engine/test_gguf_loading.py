@@ -17,7 +17,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.config import CacheConfig, LiveOptions, LoadConfig
-from engine.errors import ModelLoadError
 from engine.runtime.gguf_loading import load_gguf_reference
 from engine.runtime.loading import inspect_model, load_model, minimum_slots
 from engine.runtime.memory import estimate_memory
@@ -109,6 +108,21 @@ def test_k_quants_stay_packed_and_move_fewer_bytes(root: Path) -> None:
     assert moved["Q8_0"] / moved["F32"] < 0.28, moved
 
 
+def test_a_copy_moves_its_layers_own_bytes_not_the_slot_size(root: Path) -> None:
+    """Q4_K_M keeps ``ffn_down`` in Q6_K in one layer: the other layer's rows are shorter, and
+    copying and counting them moves exactly their bytes (slots are sized for the longest)."""
+    path = save_wide_qwen2_moe(root, "Q4_K_M")[0]
+    loaded = load_model(_smallest(path))
+    prompt, steps = _prompt(loaded.info.vocab_size)
+    prefill_and_decode(loaded.model, prompt, steps)
+    store = loaded.offload.store
+    sizes = {layer: store.layer_shape(layer).nbytes for layer in store.layers}
+    assert len(set(sizes.values())) == 2 and max(sizes.values()) == store.shape.nbytes, sizes
+    for layer in loaded.offload.stats().per_layer:
+        assert layer.transfers > 0, f"layer {layer.layer} never copied"
+        assert layer.bytes_moved == layer.transfers * sizes[layer.layer], (layer, sizes)
+
+
 @pytest.mark.parametrize("file_type", ["Q8_0", "Q4_K_M"])
 def test_cpu_default_decodes_once_on_copy_and_is_exact(root: Path, file_type: str) -> None:
     """On the CPU the slots hold decoded experts; the store keeps them quantized in RAM."""
@@ -182,12 +196,6 @@ def test_memory_mapped_experts_compute_the_same_and_own_no_ram(root: Path) -> No
         inspect_model(path), dataclasses.replace(_smallest(path), mmap_experts=True)
     )
     assert estimate.host_expert_bytes == 0
-
-
-def test_memory_mapped_experts_need_a_gguf_file(root: Path) -> None:
-    save_gguf_family("qwen2_moe", root, "F32")
-    with pytest.raises(ModelLoadError, match="GGUF files only"):
-        load_model(LoadConfig(root / "qwen2_moe-hf", mmap_experts=True))
 
 
 def test_cpu_assist_decodes_a_quantized_expert_once(

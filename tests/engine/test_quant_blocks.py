@@ -12,7 +12,13 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as reference
 
-from engine.quant.ggml_blocks import DECODERS, block_geometry, dequantize, packed_nbytes
+from engine.quant.ggml_blocks import (
+    DECODERS,
+    block_geometry,
+    dequantize,
+    dequantize_into,
+    packed_nbytes,
+)
 from engine.quant.ggml_encode import encode
 
 # byte offsets of the fp16 scale fields in one block, per type
@@ -57,6 +63,21 @@ def test_decoding_matches_gguf_bit_for_bit(qtype: int) -> None:
     got = dequantize(torch.from_numpy(raw.copy()), qtype, expected.shape, torch.float32)
     assert got.shape == expected.shape
     assert torch.equal(got, torch.from_numpy(expected)), f"{Q(qtype).name} differs from gguf"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qtype", sorted(DECODERS), ids=lambda q: Q(q).name)
+def test_decoding_into_a_tensor_gives_the_same_bits(qtype: int, dtype: torch.dtype) -> None:
+    """``dequantize_into`` (Q8_0's numpy one-pass path included) writes what ``dequantize``
+    returns, into a view of a bigger buffer (a slot), leaving the rest of it alone."""
+    block, _size = block_geometry(qtype)
+    raw = torch.from_numpy(_random_bytes(Q(qtype), max(1, 512 // block), seed=qtype + 1).copy())
+    expected = dequantize(raw, qtype, (ROWS, max(1, 512 // block) * block), dtype)
+    slot = torch.full((expected.numel() + 64,), 7.0, dtype=dtype)
+    out = slot[32 : 32 + expected.numel()].view(expected.shape)
+    dequantize_into(raw.reshape(-1), qtype, out)
+    assert torch.equal(out, expected), f"{Q(qtype).name} into {dtype} differs"
+    assert bool((slot[:32] == 7).all() and (slot[-32:] == 7).all()), "wrote outside out"
 
 
 def test_bfloat16_target_is_the_rounded_fp32_result() -> None:
