@@ -341,6 +341,29 @@ class LayerPlan:
         k = self.idx.shape[1]
         return GroupedIndices(sorted_pairs, sorted_pairs // k, offsets)
 
+    def batched_indices(self, slot_of: dict[int, int]) -> BatchedIndices:
+        """The pairs of the experts in ``slot_of``, in pair order, with their slots and tokens."""
+        flat = self.idx.reshape(-1).tolist()  # [P]
+        k = self.idx.shape[1]
+        pairs = [p for p, e in enumerate(flat) if e in slot_of]
+        slots = [slot_of[flat[p]] for p in pairs]
+        return BatchedIndices(
+            np.array(pairs, dtype=np.int64),
+            np.array(slots, dtype=np.int64),
+            np.array([p // k for p in pairs], dtype=np.int64),
+            len(pairs) == len(flat),
+        )
+
+
+@dataclass(frozen=True)
+class BatchedIndices:
+    """Host indices of batched calls: pair ids (in order), their slots, and their tokens."""
+
+    pairs: np.ndarray  # [p] int64, ascending
+    slots: np.ndarray  # [p] int64
+    tokens: np.ndarray  # [p] int64
+    all_pairs: bool  # every pair of the layer, in order (no scatter needed)
+
 
 @dataclass(frozen=True)
 class GroupedIndices:
