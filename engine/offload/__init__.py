@@ -143,7 +143,8 @@ class OffloadController:
         self, layer: int, scores: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's one host copy; the method decides on it; the experts get the plan."""
-        host = HostRouting.read(scores, idx, weights)
+        extra = self.method.prediction(layer) if self.method is not None else None
+        host = HostRouting.read(scores, idx, weights, extra)
         if self.method is not None:
             host, idx, weights = self.method.on_routing(layer, host, idx, weights)
         policy = self.cache.policy

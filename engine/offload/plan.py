@@ -31,17 +31,32 @@ class HostRouting:
     scores: np.ndarray  # [T, E] fp32
     idx: np.ndarray  # [T, k] int64
     weights: np.ndarray  # [T, k] fp32 (the router's weights, exactly, widened)
+    extra: np.ndarray | None = None  # [T, X] fp32 riding along (the next layer's prediction)
 
     @classmethod
-    def read(cls, scores: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> HostRouting:
-        """The one device-to-host copy of a layer (E < 2**24, so ids are exact in fp32)."""
+    def read(
+        cls,
+        scores: torch.Tensor,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+        extra: torch.Tensor | None = None,
+    ) -> HostRouting:
+        """The one device-to-host copy of a layer (E < 2**24, so ids are exact in fp32).
+
+        ``extra`` ([T, X], e.g. the next layer's predicted scores) travels in the same copy.
+        """
         e, k = scores.shape[1], idx.shape[1]
         parts = [_fp32(scores), idx.float(), _fp32(weights)]
-        packed = torch.cat(parts, dim=1)  # [T, E+2k]
+        if extra is not None:
+            parts.append(_fp32(extra.reshape(scores.shape[0], -1)))
+        packed = torch.cat(parts, dim=1)  # [T, E+2k(+X)]
         if packed.device.type != "cpu":
             packed = packed.cpu()
         host = packed.numpy()  # the layer's only host sync
-        return cls(host[:, :e], host[:, e : e + k].astype(np.int64), host[:, e + k :])
+        rest = host[:, e + 2 * k :] if extra is not None else None
+        return cls(
+            host[:, :e], host[:, e : e + k].astype(np.int64), host[:, e + k : e + 2 * k], rest
+        )
 
     @property
     def tokens(self) -> int:

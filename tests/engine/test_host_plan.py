@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.eval.opcount import OpCounter
 from engine.offload.plan import HostRouting, LayerPlan, classify_host, substitute_host
 from engine.offload.substitution import RouterSpec, classify, substitute
 
@@ -107,6 +108,17 @@ def test_host_routing_reads_in_one_packed_copy() -> None:
     assert host.idx.dtype == np.int64 and host.idx.tolist() == idx.tolist()
     assert np.array_equal(host.scores, scores.numpy())
     assert torch.equal(torch.from_numpy(host.weights).to(torch.bfloat16), weights)
+    assert host.extra is None
+
+
+def test_the_next_layers_prediction_rides_in_the_same_copy() -> None:
+    scores, idx, weights = torch.rand(2, 8), torch.tensor([[3, 1], [0, 6]]), torch.rand(2, 2)
+    predicted = torch.rand(2, 8)
+    with OpCounter() as counter:
+        host = HostRouting.read(scores, idx, weights, predicted)
+    assert counter.sync_kinds == {"numpy": 1}, counter.sync_kinds
+    assert host.idx.tolist() == idx.tolist() and np.array_equal(host.weights, weights.numpy())
+    assert host.extra is not None and np.array_equal(host.extra, predicted.numpy())
 
 
 def test_layer_plan_orders_pairs_like_the_eager_loop() -> None:
