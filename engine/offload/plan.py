@@ -98,6 +98,8 @@ def classify_host(
 ) -> HostBands:
     """``substitution.classify`` on host arrays (same rule, same fp32 arithmetic)."""
     choice = scores if bias is None else (scores + bias.astype(F32))  # [T, E]
+    if spec.group_score is None and choice.shape[0] == 1:
+        return _classify_row(choice, idx, alpha)
     if spec.group_score is None and choice.shape[0] <= SMALL_BATCH:
         return _classify_rows(choice, idx, alpha)
     allowed = _allowed(choice, spec)
@@ -114,6 +116,20 @@ def classify_host(
 
 
 SMALL_BATCH = 4  # up to this many tokens, plain Python per row beats numpy's call overhead
+
+
+def _classify_row(choice: np.ndarray, idx: np.ndarray, alpha: float) -> HostBands:
+    """``classify_host`` of one token without groups: a handful of numpy calls on 1-D rows."""
+    row, chosen = choice[0], idx[0]  # [E], [k]
+    rest = row.copy()
+    rest[chosen] = -np.inf  # unselected only
+    best = rest.max()
+    if best == -np.inf:  # every expert selected: all top-score, no candidate
+        top, candidate = np.ones(chosen.shape, dtype=bool), np.zeros(row.shape, dtype=bool)
+    else:
+        margin = F32(alpha) * abs(best)
+        top, candidate = row[chosen] > best + margin, rest > best - margin
+    return HostBands(top_score=top[None, :], candidate=candidate[None, :], choice=choice)
 
 
 def _classify_rows(choice: np.ndarray, idx: np.ndarray, alpha: float) -> HostBands:
@@ -258,6 +274,8 @@ def _mix(
     """``substitution._mix_weights`` on the host (fp32; cast to the router dtype on device)."""
     if mode == "replaced":
         return routing.weights
+    if idx.shape[0] == 1:
+        return _mix_row(routing, idx, substituted, spec, mode)
     scores = routing.scores
     affinity = scores[_rows(idx), idx]  # [T, k]
     renorm = mode == "own_renorm" and spec.norm_topk_prob
@@ -267,6 +285,27 @@ def _mix(
     new = (affinity * F32(spec.scaling)).astype(F32)
     changed = substituted.any(axis=1, keepdims=True) if renorm else substituted
     return np.where(np.broadcast_to(changed, substituted.shape), new, routing.weights)
+
+
+def _mix_row(
+    routing: HostRouting,
+    idx: np.ndarray,
+    substituted: np.ndarray,
+    spec: RouterSpec,
+    mode: WeightMode,
+) -> np.ndarray:
+    """``_mix`` of one token on 1-D rows (the same fp32 operations, fewer numpy calls)."""
+    row = routing.scores[0]  # [E]
+    affinity = row[idx[0]]  # [k]
+    renorm = mode == "own_renorm" and spec.norm_topk_prob
+    if spec.norm_topk_prob:
+        base = affinity if renorm else row[routing.idx[0]]
+        affinity = affinity / (base.sum(dtype=F32) + F32(1e-20))
+    new = (affinity * F32(spec.scaling)).astype(F32)
+    changed = substituted[0]
+    if renorm:
+        changed = np.full(changed.shape, changed.any())
+    return np.where(changed, new, routing.weights[0])[None, :]
 
 
 def top_score_set(bands: HostBands, idx: np.ndarray) -> set[int]:
