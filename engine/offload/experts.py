@@ -50,7 +50,7 @@ import functools
 import inspect
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Literal
 
@@ -61,8 +61,8 @@ from torch import nn
 from engine.offload.cache import ExpertCache, ExpertWeights
 from engine.offload.plan import LayerPlan, to_device
 
-# Where a layer's expert weights come from: default ``cache.stream``; the SMoE method's CPU
-# assist (``engine.offload.method``) supplies host-resident weights for some experts.
+# Where a layer's device experts' weights come from: default ``cache.stream``; the SMoE method
+# (``engine.offload.method``) times the copies for its CPU-assist cost model.
 ExpertSource = Callable[[int, Sequence[int]], Iterable[list[ExpertWeights]]]
 # Which of a layer's experts the CPU computes from their host copy (CPU assist); the rest
 # are computed from device slots.
@@ -124,26 +124,46 @@ class OffloadedExperts(nn.Module):
     ) -> torch.Tensor:
         assert self.cache is not None
         final = torch.zeros_like(hidden_states)  # [T, H]
-        source = self.cache.stream if self.source is None else self.source
         single = plan.single_token
         if single is not None:  # decode: one token, its row and weights are plain views
-            for chunk in source(self.layer, plan.experts):
-                for expert, gate_up, down in chunk:
-                    j = single[expert]
-                    current = self._expert(hidden_states, gate_up, down)  # [1, H]
-                    current = current * _to(top_k_weights[:, j : j + 1], current.device)
-                    final.add_(_to(current, final.device, final.dtype))
+            for expert, current in self._eager_rows(hidden_states, plan, {}):  # [1, H] each
+                j = single[expert]
+                current = current * _to(top_k_weights[:, j : j + 1], current.device)
+                final.add_(_to(current, final.device, final.dtype))
             return final
         packed, spans = plan.eager_indices()
         indices = to_device(packed, hidden_states.device)  # one host-to-device copy
         views = {e: (indices[s : s + n], indices[s + n : s + 2 * n]) for e, s, n in spans}
-        for chunk in source(self.layer, plan.experts):
-            for expert, gate_up, down in chunk:
-                token_idx, top_k_pos = views[expert]
-                current = self._expert(hidden_states[token_idx], gate_up, down)  # [n, H]
-                current = current * top_k_weights[token_idx, top_k_pos, None].to(current.device)
-                final.index_add_(0, token_idx, current.to(final.device, final.dtype))
+        for expert, current in self._eager_rows(hidden_states, plan, views):  # [n, H] each
+            token_idx, top_k_pos = views[expert]
+            current = current * top_k_weights[token_idx, top_k_pos, None].to(current.device)
+            final.index_add_(0, token_idx, current.to(final.device, final.dtype))
         return final
+
+    def _eager_rows(
+        self,
+        hidden: torch.Tensor,
+        plan: LayerPlan,
+        views: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each routed expert's rows, in ascending id (the eager accumulation order).
+
+        Experts in device slots are computed here as the cache streams them; CPU-assisted ones
+        (``cpu_split``) were handed to the assist worker before the first copy, so they compute
+        while the main thread copies and computes the rest, and join in their place in the
+        order. ``views``: expert -> (token ids, positions) on the device; empty for one token.
+        """
+        assert self.cache is not None
+        on_cpu = self.cpu_split(self.layer, plan.experts) if self.cpu_split is not None else set()
+        assisted = dict(zip(sorted(on_cpu), self._start_cpu(hidden, plan, on_cpu), strict=True))
+        source = self.cache.stream if self.source is None else self.source
+        on_device = [e for e in plan.experts if e not in on_cpu]
+        for chunk in source(self.layer, on_device):
+            for expert, gate_up, down in chunk:
+                yield from _joined(assisted, below=expert)
+                current = hidden[views[expert][0]] if views else hidden  # [n, H]
+                yield expert, self._expert(current, gate_up, down)
+        yield from _joined(assisted, below=None)
 
     def _expert(
         self, current: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
@@ -297,6 +317,14 @@ class OffloadedExperts(nn.Module):
         for future in futures:
             pairs, rows = future.result()
             proj.index_copy_(0, to_device(pairs, proj.device), _to(rows, proj.device, proj.dtype))
+
+
+def _joined(
+    assisted: dict[int, Future[tuple[np.ndarray, torch.Tensor]]], below: int | None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Pop the assist worker's results for experts below ``below`` (all for None), ascending."""
+    for expert in [e for e in assisted if below is None or e < below]:
+        yield expert, assisted.pop(expert).result()[1]
 
 
 def _bmm(weight: torch.Tensor, x: torch.Tensor, pad: bool) -> torch.Tensor:

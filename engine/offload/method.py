@@ -18,9 +18,10 @@ tokens without reloading:
   After a dense layer the prediction is made from its output, with its own host read.
   Precision, recall and used copies are counted when the next layer routes, from the same
   bands substitution used (classified once).
-- **CPU assist**: the experts module's ``source`` hook (eager path) or ``cpu_split`` hook
-  (grouped path, computed on the assist worker thread) splits the layer's missing experts
+- **CPU assist**: the experts module's ``cpu_split`` hook splits the layer's missing experts
   between copying and computing from the host copy (Algorithm 2, ``cpu_assist.plan``); the
+  CPU-assisted ones compute on the assist worker thread next to the copies, on every expert
+  path (the eager path joins their rows in ascending id); the
   copy cost is the CUDA copy time measured with events once there is one, else a rolling
   measurement; CPU-computed experts are not inserted into the cache. On the eager path experts
   are still visited in ascending id, so on a CPU device the sums are the eager ones bit for bit.
@@ -352,23 +353,12 @@ class SmoeMethod:
     # ----------------------------------------------------------------- CPU assist
 
     def _source(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertWeights]]:
-        """The layer's experts in ascending id: cached ones via the cache, the rest split."""
+        """The eager path's device experts (ascending): the cache's stream, its copies timed
+        for Algorithm 2 while CPU assist is on (the CPU-assisted ones go to the worker)."""
         if not self._live.cpu_assist_on:
             yield from self.cache.stream(layer, experts)  # no cost to measure
             return
-        cpu = self._cpu_experts(layer, experts)
-        if not cpu:
-            yield from self._timed_stream(layer, list(experts))
-            return
-        pending = sorted(cpu)
-        on_device = [e for e in experts if e not in cpu]
-        for chunk in self._timed_stream(layer, on_device):
-            for item in chunk:
-                while pending and pending[0] < item[0]:
-                    yield from self._on_cpu(layer, pending.pop(0))
-                yield [item]
-        for expert in pending:
-            yield from self._on_cpu(layer, expert)
+        yield from self._timed_stream(layer, list(experts))
 
     def _cpu_experts(self, layer: int, experts: Sequence[int]) -> set[int]:
         """Algorithm 2 over the layer's missing experts (counted as CPU-computed misses)."""
@@ -385,13 +375,6 @@ class SmoeMethod:
         if split.cpu:
             self.cache.stats.add(layer, misses=len(split.cpu), cpu_computed=len(split.cpu))
         return set(split.cpu)
-
-    def _on_cpu(self, layer: int, expert: int) -> Iterator[list[ExpertWeights]]:
-        """One expert computed from its host copy; the caller's compute is timed."""
-        start = time.perf_counter()  # a quantized expert's first decode counts as CPU cost
-        gate_up, down = self.controller.store.host_weights((layer, expert))
-        yield [(expert, gate_up, down)]
-        self.cost_cpu.add(time.perf_counter() - start)
 
     def _timed_stream(self, layer: int, experts: list[int]) -> Iterator[list[ExpertWeights]]:
         """``cache.stream`` with each chunk's copy time fed to the load cost (CPU devices)."""

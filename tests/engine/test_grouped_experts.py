@@ -136,21 +136,23 @@ def test_decode_reads_the_device_once_per_layer(checkpoints: dict[str, Path]) ->
         loaded.offload.close()
 
 
-def test_cpu_assist_runs_on_the_worker_thread_next_to_the_grouped_path(
-    checkpoints: dict[str, Path],
+@pytest.mark.parametrize("path", ["grouped", "eager"])
+def test_cpu_assist_runs_on_the_worker_thread_next_to_the_device_experts(
+    checkpoints: dict[str, Path], path: str
 ) -> None:
-    """Every miss computed by the assist worker: close to the reference, nothing cached."""
+    """Every miss computed by the assist worker: close to the reference (the eager path: equal,
+    its rows join in ascending id), nothing cached."""
     import threading
 
     from engine.offload.cpu_assist import RollingCost
 
     directory = checkpoints["qwen2_moe"]
     reference = AutoModelForCausalLM.from_pretrained(
-        directory, experts_implementation="grouped_mm"
+        directory, experts_implementation={"grouped": "grouped_mm", "eager": "eager"}[path]
     ).eval()
     prompt, steps = _tokens(reference.config.vocab_size)
     expected = prefill_and_decode(reference, prompt, steps)
-    loaded: Any = _load(directory, 0.5, LiveOptions(policy="smoe", alpha=0.0))
+    loaded: Any = _load(directory, 0.5, LiveOptions(policy="smoe", alpha=0.0), experts=path)
     method = loaded.offload.method
     method.cost_load, method.cost_cpu = RollingCost(prior=1.0), RollingCost(prior=1e-9)
     method.cost_load.add = lambda seconds, count=1: None
@@ -160,6 +162,7 @@ def test_cpu_assist_runs_on_the_worker_thread_next_to_the_grouped_path(
     got = prefill_and_decode(loaded.model, prompt, steps)
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5)
+        assert path != "eager" or torch.equal(have, want)
     assert loaded.offload.stats().cpu_computed > 0
     assert threads and all(name.startswith("cpu-assist") for name in threads), threads
     loaded.offload.close()
