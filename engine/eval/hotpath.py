@@ -314,8 +314,12 @@ def render(result: dict[str, Any]) -> str:
             f"| {name} | {_fmt(ops, '.0f')} | {_fmt(rel, '.2f')} | {_fmt(syncs, '.1f')} "
             f"| {_fmt(wall, '.1f')} | {_fmt(cpu, '.1f')} | {_span(row.get(SPAN), '.1f')} |"
         )
-    lines += ["", "Speed ratios (tokens per CPU second, same run; medians, then the lowest and "]
-    lines += ["highest ratio within one round):", ""]
+    lines += [
+        "",
+        "Speed ratios (tokens per CPU second, same run; medians, then the lowest and highest "
+        "ratio within one round):",
+        "",
+    ]
     spans = result.get("ratio_ranges") or {}
     lines += [
         f"- {label}: {_fmt(value, '.2f')} (rounds {_span(spans.get(label), '.2f')})"

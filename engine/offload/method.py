@@ -212,10 +212,10 @@ class SmoeMethod:
         )
         if out is None:
             return host, idx, weights
-        final = {int(e) for e in np.unique(out.idx)}
+        final = set(out.idx.ravel().tolist())
         if len(final) > self.cache.num_slots:
             return host, idx, weights  # streamed in chunks, a substitute could be evicted
-        added = final - {int(e) for e in np.unique(host.idx)}
+        added = final - set(host.idx.ravel().tolist())
         # substitutes are resident: the cache will count them as hits; they are substitutions
         self.cache.stats.add(layer, hits=-len(added), substitutions=len(added))
         device = idx.device
