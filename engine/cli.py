@@ -141,7 +141,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--experts",
         choices=EXPERTS_IMPLEMENTATIONS,
         default="auto",
-        help="expert compute: eager loop, grouped matmuls (fewer ops), auto: grouped on CUDA",
+        help="expert compute: eager loop, grouped or batched matmuls (fewer ops); "
+        "auto: grouped on CUDA 8.0+, batched on older cards, eager on the CPU",
     )
     group.add_argument(
         "--expert-quant",

@@ -110,7 +110,7 @@ class CacheConfig:
         return min(total_experts, round(fraction * total_experts))
 
 
-EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "eager", "grouped")
+EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "eager", "grouped", "batched")
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,9 @@ class LoadConfig:
     live: LiveOptions = field(default_factory=LiveOptions)
     force: bool = False  # load even when the memory estimate says it will not fit
     # how routed experts are computed: the eager loop (exact against transformers' eager
-    # experts) or grouped matmuls over the slot pool (exact against its grouped_mm experts);
-    # "auto": grouped on CUDA (few kernels per layer), eager on the CPU (faster there)
+    # experts), grouped matmuls over the slot pool (exact against its grouped_mm experts) or
+    # batched matmuls over gathered slots (exact against its batched_mm experts); "auto":
+    # grouped on CUDA 8.0+, batched on older cards, eager on the CPU (faster there)
     experts: str = "auto"
     expert_quant: ExpertQuant = "none"  # quantize a safetensors model's routed experts at load
     mmap_experts: bool = False  # experts read from the mapped model file, not copied into RAM

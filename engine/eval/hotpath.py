@@ -2,8 +2,8 @@
 
 Configurations (each loaded once): plain transformers with its eager experts (what the
 engine's op and sync counts are compared with), the engine with every expert resident (LRU,
-cache 1.0), LRU and the whole method (``smoe``) at a cache fraction, each with the eager and
-the grouped expert path. For each:
+cache 1.0), LRU and the whole method (``smoe``) at a cache fraction, each with the eager, the
+grouped and the batched expert path. For each:
 
 - **op counts**: torch ops and host syncs per decoded token (``engine.eval.opcount``), one
   greedy generation counted on this thread;
@@ -45,11 +45,14 @@ class HotpathConfig:
     experts: str = "eager"
 
 
+EXPERT_PATHS = ("eager", "grouped", "batched")
+
+
 def default_configs(fraction: float, alpha: float) -> list[HotpathConfig]:
-    """Plain transformers, all-resident LRU, LRU and smoe at ``fraction``, both expert paths."""
+    """Plain transformers, all-resident LRU, LRU and smoe at ``fraction``, each expert path."""
     smoe = LiveOptions(policy="smoe", alpha=alpha)
     configs = [HotpathConfig(PLAIN)]
-    for experts in ("eager", "grouped"):
+    for experts in EXPERT_PATHS:
         configs += [
             HotpathConfig(f"lru all-resident {experts}", 1.0, LiveOptions(), experts),
             HotpathConfig(f"lru {fraction:g} {experts}", fraction, LiveOptions(), experts),
@@ -152,8 +155,10 @@ def interleaved_speeds(runners: dict[str, Any], tokens: int, rounds: int) -> dic
 RATIOS: tuple[tuple[str, str, str], ...] = (
     ("smoe vs lru (eager)", "smoe {f} a{a} eager", "lru {f} eager"),
     ("smoe vs lru (grouped)", "smoe {f} a{a} grouped", "lru {f} grouped"),
+    ("smoe vs lru (batched)", "smoe {f} a{a} batched", "lru {f} batched"),
     ("lru all-resident vs plain (eager)", "lru all-resident eager", PLAIN),
     ("lru all-resident vs plain (grouped)", "lru all-resident grouped", PLAIN),
+    ("lru all-resident vs plain (batched)", "lru all-resident batched", PLAIN),
 )
 
 
@@ -164,6 +169,18 @@ def ratios(rows: dict[str, Any], fraction: float, alpha: float) -> dict[str, flo
         a, b = (rows.get(n.format(f=f"{fraction:g}", a=f"{alpha:g}"), {}) for n in (top, bottom))
         x, y = a.get("tokens_per_cpu_second"), b.get("tokens_per_cpu_second")
         out[label] = x / y if x and y else None
+    return out
+
+
+def round_ratio_spreads(
+    speeds: Mapping[str, Sequence[Speed]], fraction: float, alpha: float
+) -> dict[str, tuple[float, float] | None]:
+    """Per aim, the lowest and highest ratio of one round's two runs (CPU-time speeds)."""
+    out: dict[str, tuple[float, float] | None] = {}
+    for label, top, bottom in RATIOS:
+        a, b = (speeds.get(n.format(f=f"{fraction:g}", a=f"{alpha:g}"), []) for n in (top, bottom))
+        per_round = [x.cpu / y.cpu for x, y in zip(a, b, strict=False) if x.cpu and y.cpu]
+        out[label] = (min(per_round), max(per_round)) if per_round else None
     return out
 
 
@@ -178,6 +195,9 @@ def summarize(
         row: dict[str, Any] = {
             "tokens_per_second": median(s.wall for s in runs) if runs else None,
             "tokens_per_cpu_second": median(s.cpu for s in runs) if runs else None,
+            "tokens_per_cpu_second_range": [min(s.cpu for s in runs), max(s.cpu for s in runs)]
+            if runs
+            else None,
         }
         if count is not None:
             row.update(count.to_dict())
@@ -258,6 +278,7 @@ def run(args: Any) -> int:
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "rows": rows,
         "ratios": ratios(rows, args.cache_fraction, args.alpha),
+        "ratio_ranges": round_ratio_spreads(speeds, args.cache_fraction, args.alpha),
     }
     print(json.dumps(result, indent=2) if args.json else render(result))
     if args.markdown is not None:
@@ -280,8 +301,9 @@ def render(result: dict[str, Any]) -> str:
         f"{result['model']} on {result['device']}, {result['threads']} thread(s), "
         f"{result['machine']}, {result['date']}",
         "",
-        "| configuration | ops/token | ops vs plain | syncs/token | tok/s wall | tok/s CPU |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| configuration | ops/token | ops vs plain | syncs/token | tok/s wall | tok/s CPU "
+        "| CPU min-max |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in result["rows"].items():
         ops = row.get("ops_per_token")
@@ -290,11 +312,27 @@ def render(result: dict[str, Any]) -> str:
         wall, cpu = row.get("tokens_per_second"), row.get("tokens_per_cpu_second")
         lines.append(
             f"| {name} | {_fmt(ops, '.0f')} | {_fmt(rel, '.2f')} | {_fmt(syncs, '.1f')} "
-            f"| {_fmt(wall, '.1f')} | {_fmt(cpu, '.1f')} |"
+            f"| {_fmt(wall, '.1f')} | {_fmt(cpu, '.1f')} | {_span(row.get(SPAN), '.1f')} |"
         )
-    lines += ["", "Speed ratios (tokens per CPU second, same run):", ""]
-    lines += [f"- {label}: {_fmt(value, '.2f')}" for label, value in result["ratios"].items()]
+    lines += [
+        "",
+        "Speed ratios (tokens per CPU second, same run; medians, then the lowest and highest "
+        "ratio within one round):",
+        "",
+    ]
+    spans = result.get("ratio_ranges") or {}
+    lines += [
+        f"- {label}: {_fmt(value, '.2f')} (rounds {_span(spans.get(label), '.2f')})"
+        for label, value in result["ratios"].items()
+    ]
     return "\n".join(lines)
+
+
+SPAN = "tokens_per_cpu_second_range"
+
+
+def _span(pair: Sequence[float] | None, spec: str) -> str:
+    return "-" if not pair else f"{format(pair[0], spec)}-{format(pair[1], spec)}"
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -27,7 +27,7 @@ from engine.config import LiveOptions
 from engine.events import StatsSnapshot
 from engine.offload.cache import ExpertCache
 from engine.offload.eviction import EvictionPolicy, make_policy
-from engine.offload.experts import OffloadedExperts
+from engine.offload.experts import ExpertsPath, OffloadedExperts
 from engine.offload.plan import HostRouting, LayerPlan
 from engine.offload.routing import RoutingWrapper
 from engine.offload.stats import OffloadStats
@@ -131,10 +131,10 @@ class OffloadController:
             self.cache.set_policy(policy)
         self.live = live
 
-    def set_grouped(self, grouped: bool) -> None:
-        """Compute experts with grouped matmuls (True) or the eager-exact loop (False)."""
+    def set_experts_path(self, path: ExpertsPath) -> None:
+        """Compute experts with the eager-exact loop, grouped matmuls, or batched matmuls."""
         for module in self.experts.values():
-            module.grouped = grouped
+            module.path = path
 
     def _on_scores(self, layer: int, scores: torch.Tensor) -> None:
         self.last_scores[layer] = scores
@@ -143,7 +143,8 @@ class OffloadController:
         self, layer: int, scores: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's one host copy; the method decides on it; the experts get the plan."""
-        host = HostRouting.read(scores, idx, weights)
+        extra = self.method.prediction(layer) if self.method is not None else None
+        host = HostRouting.read(scores, idx, weights, extra)
         if self.method is not None:
             host, idx, weights = self.method.on_routing(layer, host, idx, weights)
         policy = self.cache.policy

@@ -9,12 +9,13 @@ LRU is the mixtral-offloading baseline (a use refreshes recency); an expert load
 (a prefetch) counts as the least recent. It keeps its keys in recency order, so a victim costs
 O(1) amortised (it skips only protected keys) instead of a scan of every resident slot.
 LFU counts uses since the expert was last loaded (``forget`` resets it), ties broken by recency;
-its victim is a scan (O(resident)).
+its ranks sit in a heap with lazy deletion, so a victim costs O(log n) amortised.
 The score-windowed policy of the paper lives in ``engine/offload/score_eviction.py``.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from collections.abc import Set as AbstractSet
@@ -42,13 +43,6 @@ class EvictionPolicy(Protocol):
     def victim(self, resident: Collection[SlotKey], protected: AbstractSet[SlotKey]) -> SlotKey: ...
 
     def forget(self, key: SlotKey) -> None: ...
-
-
-def _candidates(resident: Collection[SlotKey], protected: AbstractSet[SlotKey]) -> list[SlotKey]:
-    candidates = [key for key in resident if key not in protected]
-    if not candidates:
-        raise RuntimeError("every resident expert is protected; the cache is below its minimum")
-    return candidates
 
 
 class LRUPolicy:
@@ -85,7 +79,14 @@ class LRUPolicy:
 
 
 class LFUPolicy:
-    """Evict the expert used least often while resident (ties: least recently used)."""
+    """Evict the expert used least often while resident (ties: least recently used).
+
+    The ranks ``(uses, last use, key)`` live in a heap with lazy deletion: a use or a load
+    pushes the key's new rank, and a victim pops ranks that are out of date or of keys no
+    longer resident until the top is current (protected keys are set aside and pushed back).
+    A victim costs O(log n) amortised; the heap is rebuilt from the current ranks when stale
+    entries outnumber live ones, so it stays O(resident) in size.
+    """
 
     uses_scores = False
 
@@ -93,23 +94,53 @@ class LFUPolicy:
         self._clock = 0
         self._count: dict[SlotKey, int] = {}
         self._last_use: dict[SlotKey, int] = {}
+        self._heap: list[tuple[int, int, SlotKey]] = []
 
     def record_use(self, key: SlotKey, step: int) -> None:
         self._clock += 1
         self._count[key] = self._count.get(key, 0) + 1
         self._last_use[key] = self._clock
+        self._push(key)
 
     def record_load(self, key: SlotKey) -> None:
-        return None
+        if key not in self._count:
+            self._push(key)  # (0, 0): never used, the first to go
 
     def record_scores(self, layer: int, scores: Any, step: int) -> None:
         return None
 
-    def victim(self, resident: Collection[SlotKey], protected: AbstractSet[SlotKey]) -> SlotKey:
-        def rank(key: SlotKey) -> tuple[int, int, SlotKey]:
-            return self._count.get(key, 0), self._last_use.get(key, 0), key
+    def _rank(self, key: SlotKey) -> tuple[int, int, SlotKey]:
+        return self._count.get(key, 0), self._last_use.get(key, 0), key
 
-        return min(_candidates(resident, protected), key=rank)
+    def _push(self, key: SlotKey) -> None:
+        heapq.heappush(self._heap, self._rank(key))
+        if len(self._heap) > 4 * len(self._count) + 64:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        ranks = {entry[2]: self._rank(entry[2]) for entry in self._heap}
+        self._heap = list(ranks.values())
+        heapq.heapify(self._heap)
+
+    def victim(self, resident: Collection[SlotKey], protected: AbstractSet[SlotKey]) -> SlotKey:
+        aside: list[tuple[int, int, SlotKey]] = []
+        try:
+            while self._heap:
+                entry = self._heap[0]
+                key = entry[2]
+                if key not in resident or entry != self._rank(key):
+                    heapq.heappop(self._heap)  # out of date or gone: drop for good
+                elif key in protected:
+                    aside.append(heapq.heappop(self._heap))
+                else:
+                    return key
+        finally:
+            for entry in aside:
+                heapq.heappush(self._heap, entry)
+        unknown = [k for k in resident if k not in protected]  # resident, never reported
+        if not unknown:
+            raise RuntimeError("every resident expert is protected; the cache is below its minimum")
+        return min(unknown, key=self._rank)
 
     def forget(self, key: SlotKey) -> None:
         self._count.pop(key, None)

@@ -9,15 +9,19 @@ tokens without reloading:
   ``substitution.substitute``) against the cache's host residency; the final top-k goes back to
   the device in one small copy. A substitute that no original choice needed is counted as a
   substitution, not as a hit.
-- **prefetch**: a forward hook on each decoder layer predicts the next MoE layer's scores from
-  this layer's output (through the next layer's post-attention norm and router, attention
-  skipped, as the released code does), reads them to the host once, and copies the predicted
-  top-score experts that are not resident (``cache.prefetch``: the low-priority copy queue on
-  CUDA). Precision, recall and used copies are counted when the next layer routes, from the
-  same bands substitution used (classified once).
-- **CPU assist**: the experts module's ``source`` hook (eager path) or ``cpu_split`` hook
-  (grouped path, computed on the assist worker thread) splits the layer's missing experts
+- **prefetch**: the next MoE layer's scores are predicted through its post-attention norm and
+  router, attention skipped, as the released code does, from this MoE layer's post-attention
+  state (the released code uses the layer's output; the routing copy is made before this
+  layer's experts run, so the prediction rides in it and a decode step reads the host once per
+  MoE layer, not twice); a forward hook on the layer then copies the predicted top-score
+  experts that are not resident (``cache.prefetch``: the low-priority copy queue on CUDA).
+  After a dense layer the prediction is made from its output, with its own host read.
+  Precision, recall and used copies are counted when the next layer routes, from the same
+  bands substitution used (classified once).
+- **CPU assist**: the experts module's ``cpu_split`` hook splits the layer's missing experts
   between copying and computing from the host copy (Algorithm 2, ``cpu_assist.plan``); the
+  CPU-assisted ones compute on the assist worker thread next to the copies, on every expert
+  path (the eager path joins their rows in ascending id); the
   copy cost is the CUDA copy time measured with events once there is one, else a rolling
   measurement; CPU-computed experts are not inserted into the cache. On the eager path experts
   are still visited in ascending id, so on a CPU device the sums are the eager ones bit for bit.
@@ -116,6 +120,9 @@ class SmoeMethod:
         self._bias: dict[int, np.ndarray | None] = {}  # layer -> host correction bias
         self._tokens: dict[int, int] = {}  # layer -> tokens in this forward
         self._prefetched: dict[int, _PrefetchState] = {}
+        self._packed: dict[int, int] = {}  # MoE layer -> the MoE layer it predicts
+        self._mid: dict[int, torch.Tensor] = {}  # MoE layer -> its post-attention state
+        self._predicted: dict[int, np.ndarray] = {}  # layer -> predicted scores, on the host
         self._hooks: list[Any] = []
         self._attach(model)
 
@@ -130,10 +137,18 @@ class SmoeMethod:
         layers = self.controller.moe_layers
         if decoder is None or self.spec is None:
             return
-        for following in layers[1:]:
-            hook = decoder[following - 1].register_forward_hook(self._prefetch_hook(following))
-            self._hooks.append(hook)
         self._norms = {i: getattr(decoder[i], "post_attention_layernorm", None) for i in layers}
+        for following in layers[1:]:
+            previous = decoder[following - 1]
+            norm = getattr(previous, "post_attention_layernorm", None)
+            if following - 1 in self.controller.experts and isinstance(norm, nn.Module):
+                self._packed[following - 1] = following  # predicted in the routing's copy
+                self._hooks += [
+                    norm.register_forward_pre_hook(self._mid_hook(following - 1)),
+                    previous.register_forward_hook(self._issue_hook(following)),
+                ]
+            else:
+                self._hooks.append(previous.register_forward_hook(self._prefetch_hook(following)))
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -151,6 +166,8 @@ class SmoeMethod:
     ) -> tuple[HostRouting, torch.Tensor, torch.Tensor]:
         """The controller's planner step: substitution and prefetch accounting, on the host."""
         self._tokens[layer] = host.tokens
+        if host.extra is not None and layer in self._packed:
+            self._predicted[self._packed[layer]] = host.extra
         live, spec = self._live, self.spec
         if host.tokens > MAX_DECODE_TOKENS or live.policy != "smoe":
             self._prefetched.pop(layer, None)
@@ -195,10 +212,10 @@ class SmoeMethod:
         )
         if out is None:
             return host, idx, weights
-        final = {int(e) for e in np.unique(out.idx)}
+        final = set(out.idx.ravel().tolist())
         if len(final) > self.cache.num_slots:
             return host, idx, weights  # streamed in chunks, a substitute could be evicted
-        added = final - {int(e) for e in np.unique(host.idx)}
+        added = final - set(host.idx.ravel().tolist())
         # substitutes are resident: the cache will count them as hits; they are substitutions
         self.cache.stats.add(layer, hits=-len(added), substitutions=len(added))
         device = idx.device
@@ -229,19 +246,64 @@ class SmoeMethod:
 
         return hook
 
-    def _prefetch(self, layer: int, hidden: torch.Tensor) -> None:
+    def _mid_hook(self, layer: int) -> Any:
+        """Keep ``layer``'s post-attention state (its norm's input) for the prediction."""
+
+        def hook(module: nn.Module, args: Any) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                self._mid[layer] = args[0]
+
+        return hook
+
+    def prediction(self, layer: int) -> torch.Tensor | None:
+        """The next MoE layer's predicted scores [T, E], to ride in ``layer``'s routing copy.
+
+        Computed from ``layer``'s post-attention state (the residual stream before its
+        experts) through the next layer's norm and router: the routing copy is made before
+        this layer's experts run, so their output cannot be in it. One host read per layer
+        instead of two; the copies are still started after this layer's experts
+        (``_issue_hook``), so they cannot evict what this layer is about to use.
+        """
+        mid = self._mid.pop(layer, None)
+        following = self._packed.get(layer)
+        if mid is None or following is None or self.spec is None:
+            return None
+        live = self._live
+        flat = mid.reshape(-1, mid.shape[-1])  # [T, H]
+        if live.policy != "smoe" or not live.prefetch_on or flat.shape[0] > MAX_DECODE_TOKENS:
+            return None
+        with torch.no_grad():
+            return self._predict(following, flat)
+
+    def _issue_hook(self, layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            scores = self._predicted.pop(layer, None)
+            if scores is not None and self._live.prefetch_on:
+                self._prefetch_host(layer, scores)
+
+        return hook
+
+    def _predict(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``layer``'s predicted scores [T, E] from a hidden state [T, H] (on the device)."""
         assert self.spec is not None
         router = self.controller.routers[layer].router
         router_bias, weight = getattr(router, "bias", None), router.weight
         assert isinstance(weight, torch.Tensor), "a router keeps its weight as a tensor"
-        predicted = predict_scores(
+        return predict_scores(
             hidden,
             weight,
             self.spec,
             norm=self._norms.get(layer),
             router_bias=router_bias if isinstance(router_bias, torch.Tensor) else None,
         )  # [T, E]
-        scores = predicted.cpu().numpy()  # the prediction's one host sync
+
+    def _prefetch(self, layer: int, hidden: torch.Tensor) -> None:
+        """Predict from a layer's output and prefetch (non-MoE previous layers: own read)."""
+        scores = self._predict(layer, hidden).cpu().numpy()  # the prediction's own host sync
+        self._prefetch_host(layer, scores)
+
+    def _prefetch_host(self, layer: int, scores: np.ndarray) -> None:
+        """Copy the predicted top-score experts of ``layer`` that are not resident."""
         resident = self.cache.resident_host(layer)
         ranked = self._top_score_ranked(layer, scores)
         issued = [e for e in ranked if not resident[e]]
@@ -291,23 +353,12 @@ class SmoeMethod:
     # ----------------------------------------------------------------- CPU assist
 
     def _source(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertWeights]]:
-        """The layer's experts in ascending id: cached ones via the cache, the rest split."""
+        """The eager path's device experts (ascending): the cache's stream, its copies timed
+        for Algorithm 2 while CPU assist is on (the CPU-assisted ones go to the worker)."""
         if not self._live.cpu_assist_on:
             yield from self.cache.stream(layer, experts)  # no cost to measure
             return
-        cpu = self._cpu_experts(layer, experts)
-        if not cpu:
-            yield from self._timed_stream(layer, list(experts))
-            return
-        pending = sorted(cpu)
-        on_device = [e for e in experts if e not in cpu]
-        for chunk in self._timed_stream(layer, on_device):
-            for item in chunk:
-                while pending and pending[0] < item[0]:
-                    yield from self._on_cpu(layer, pending.pop(0))
-                yield [item]
-        for expert in pending:
-            yield from self._on_cpu(layer, expert)
+        yield from self._timed_stream(layer, list(experts))
 
     def _cpu_experts(self, layer: int, experts: Sequence[int]) -> set[int]:
         """Algorithm 2 over the layer's missing experts (counted as CPU-computed misses)."""
@@ -324,13 +375,6 @@ class SmoeMethod:
         if split.cpu:
             self.cache.stats.add(layer, misses=len(split.cpu), cpu_computed=len(split.cpu))
         return set(split.cpu)
-
-    def _on_cpu(self, layer: int, expert: int) -> Iterator[list[ExpertWeights]]:
-        """One expert computed from its host copy; the caller's compute is timed."""
-        start = time.perf_counter()  # a quantized expert's first decode counts as CPU cost
-        gate_up, down = self.controller.store.host_weights((layer, expert))
-        yield [(expert, gate_up, down)]
-        self.cost_cpu.add(time.perf_counter() - start)
 
     def _timed_stream(self, layer: int, experts: list[int]) -> Iterator[list[ExpertWeights]]:
         """``cache.stream`` with each chunk's copy time fed to the load cost (CPU devices)."""

@@ -31,17 +31,32 @@ class HostRouting:
     scores: np.ndarray  # [T, E] fp32
     idx: np.ndarray  # [T, k] int64
     weights: np.ndarray  # [T, k] fp32 (the router's weights, exactly, widened)
+    extra: np.ndarray | None = None  # [T, X] fp32 riding along (the next layer's prediction)
 
     @classmethod
-    def read(cls, scores: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> HostRouting:
-        """The one device-to-host copy of a layer (E < 2**24, so ids are exact in fp32)."""
+    def read(
+        cls,
+        scores: torch.Tensor,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+        extra: torch.Tensor | None = None,
+    ) -> HostRouting:
+        """The one device-to-host copy of a layer (E < 2**24, so ids are exact in fp32).
+
+        ``extra`` ([T, X], e.g. the next layer's predicted scores) travels in the same copy.
+        """
         e, k = scores.shape[1], idx.shape[1]
         parts = [_fp32(scores), idx.float(), _fp32(weights)]
-        packed = torch.cat(parts, dim=1)  # [T, E+2k]
+        if extra is not None:
+            parts.append(_fp32(extra.reshape(scores.shape[0], -1)))
+        packed = torch.cat(parts, dim=1)  # [T, E+2k(+X)]
         if packed.device.type != "cpu":
             packed = packed.cpu()
         host = packed.numpy()  # the layer's only host sync
-        return cls(host[:, :e], host[:, e : e + k].astype(np.int64), host[:, e + k :])
+        rest = host[:, e + 2 * k :] if extra is not None else None
+        return cls(
+            host[:, :e], host[:, e : e + k].astype(np.int64), host[:, e + k : e + 2 * k], rest
+        )
 
     @property
     def tokens(self) -> int:
@@ -83,6 +98,8 @@ def classify_host(
 ) -> HostBands:
     """``substitution.classify`` on host arrays (same rule, same fp32 arithmetic)."""
     choice = scores if bias is None else (scores + bias.astype(F32))  # [T, E]
+    if spec.group_score is None and choice.shape[0] == 1:
+        return _classify_row(choice, idx, alpha)
     if spec.group_score is None and choice.shape[0] <= SMALL_BATCH:
         return _classify_rows(choice, idx, alpha)
     allowed = _allowed(choice, spec)
@@ -99,6 +116,20 @@ def classify_host(
 
 
 SMALL_BATCH = 4  # up to this many tokens, plain Python per row beats numpy's call overhead
+
+
+def _classify_row(choice: np.ndarray, idx: np.ndarray, alpha: float) -> HostBands:
+    """``classify_host`` of one token without groups: a handful of numpy calls on 1-D rows."""
+    row, chosen = choice[0], idx[0]  # [E], [k]
+    rest = row.copy()
+    rest[chosen] = -np.inf  # unselected only
+    best = rest.max()
+    if best == -np.inf:  # every expert selected: all top-score, no candidate
+        top, candidate = np.ones(chosen.shape, dtype=bool), np.zeros(row.shape, dtype=bool)
+    else:
+        margin = F32(alpha) * abs(best)
+        top, candidate = row[chosen] > best + margin, rest > best - margin
+    return HostBands(top_score=top[None, :], candidate=candidate[None, :], choice=choice)
 
 
 def _classify_rows(choice: np.ndarray, idx: np.ndarray, alpha: float) -> HostBands:
@@ -243,6 +274,8 @@ def _mix(
     """``substitution._mix_weights`` on the host (fp32; cast to the router dtype on device)."""
     if mode == "replaced":
         return routing.weights
+    if idx.shape[0] == 1:
+        return _mix_row(routing, idx, substituted, spec, mode)
     scores = routing.scores
     affinity = scores[_rows(idx), idx]  # [T, k]
     renorm = mode == "own_renorm" and spec.norm_topk_prob
@@ -252,6 +285,27 @@ def _mix(
     new = (affinity * F32(spec.scaling)).astype(F32)
     changed = substituted.any(axis=1, keepdims=True) if renorm else substituted
     return np.where(np.broadcast_to(changed, substituted.shape), new, routing.weights)
+
+
+def _mix_row(
+    routing: HostRouting,
+    idx: np.ndarray,
+    substituted: np.ndarray,
+    spec: RouterSpec,
+    mode: WeightMode,
+) -> np.ndarray:
+    """``_mix`` of one token on 1-D rows (the same fp32 operations, fewer numpy calls)."""
+    row = routing.scores[0]  # [E]
+    affinity = row[idx[0]]  # [k]
+    renorm = mode == "own_renorm" and spec.norm_topk_prob
+    if spec.norm_topk_prob:
+        base = affinity if renorm else row[routing.idx[0]]
+        affinity = affinity / (base.sum(dtype=F32) + F32(1e-20))
+    new = (affinity * F32(spec.scaling)).astype(F32)
+    changed = substituted[0]
+    if renorm:
+        changed = np.full(changed.shape, changed.any())
+    return np.where(changed, new, routing.weights[0])[None, :]
 
 
 def top_score_set(bands: HostBands, idx: np.ndarray) -> set[int]:
@@ -340,6 +394,29 @@ class LayerPlan:
         offsets = np.cumsum(counts).astype(np.int64)  # [S]
         k = self.idx.shape[1]
         return GroupedIndices(sorted_pairs, sorted_pairs // k, offsets)
+
+    def batched_indices(self, slot_of: dict[int, int]) -> BatchedIndices:
+        """The pairs of the experts in ``slot_of``, in pair order, with their slots and tokens."""
+        flat = self.idx.reshape(-1).tolist()  # [P]
+        k = self.idx.shape[1]
+        pairs = [p for p, e in enumerate(flat) if e in slot_of]
+        slots = [slot_of[flat[p]] for p in pairs]
+        return BatchedIndices(
+            np.array(pairs, dtype=np.int64),
+            np.array(slots, dtype=np.int64),
+            np.array([p // k for p in pairs], dtype=np.int64),
+            len(pairs) == len(flat),
+        )
+
+
+@dataclass(frozen=True)
+class BatchedIndices:
+    """Host indices of batched calls: pair ids (in order), their slots, and their tokens."""
+
+    pairs: np.ndarray  # [p] int64, ascending
+    slots: np.ndarray  # [p] int64
+    tokens: np.ndarray  # [p] int64
+    all_pairs: bool  # every pair of the layer, in order (no scatter needed)
 
 
 @dataclass(frozen=True)

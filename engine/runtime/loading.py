@@ -56,6 +56,7 @@ from engine.offload import OffloadController
 from engine.offload.cache import ExpertCache
 from engine.offload.eviction import make_policy
 from engine.offload.experts import (
+    ExpertsPath,
     OffloadedExperts,
     is_experts_class,
     is_standard_eager,
@@ -578,11 +579,27 @@ def _bind_offload(
         routers[m.layer] = RoutingWrapper(m.layer, model.get_submodule(m.router_path), plan.family)
     controller = OffloadController(model, store, cache, stats, routers, experts, config.live)
     controller.method = SmoeMethod(controller, model, plan.family, plan.moe[0].top_k)
-    grouped = config.experts == "grouped" or (config.experts == "auto" and device.type == "cuda")
-    # quantized slots (GGUF blocks, which may differ per layer) are decoded one expert at a
-    # time by the eager path; the grouped path reads the pool as one float tensor
-    controller.set_grouped(grouped and isinstance(store.shape, ExpertShape))
+    controller.set_experts_path(experts_path(config.experts, device, store))
     return controller
+
+
+def experts_path(choice: str, device: torch.device, store: HostExpertStore) -> ExpertsPath:
+    """The expert compute path for ``--experts``.
+
+    ``auto``: grouped on a CUDA card with ``grouped_mm`` kernels (compute capability 8.0+),
+    batched on an older card (a fixed few kernels per layer without them), the eager loop on
+    the CPU (fastest there: it reads each expert's weights once, the others copy them).
+    Quantized slots (GGUF blocks, which may differ per layer) are decoded one expert at a
+    time by the eager path; the grouped and batched paths read the pool as one float tensor.
+    """
+    if not isinstance(store.shape, ExpertShape):
+        return "eager"
+    if choice == "auto":
+        if device.type != "cuda":
+            return "eager"
+        return "grouped" if torch.cuda.get_device_capability(device) >= (8, 0) else "batched"
+    assert choice in ("eager", "grouped", "batched"), f"unchecked experts choice {choice!r}"
+    return choice  # type: ignore[return-value]
 
 
 def _fill_store(

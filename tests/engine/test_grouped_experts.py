@@ -1,9 +1,11 @@
-"""The grouped expert path is exact against transformers' ``grouped_mm`` experts, per family.
+"""The grouped and batched expert paths are exact against transformers' own, per family.
 
 The engine's grouped path (``--experts grouped``) runs the resident experts of a layer as two
-grouped matmuls over the slot pool. Its reference is transformers running the same model with
-``experts_implementation="grouped_mm"``: prefill and KV-cached decode logits must be equal bit
-for bit at a small and a full cache, with LRU and with the whole method at alpha 0.
+grouped matmuls over the slot pool; the batched path (``--experts batched``) gathers each
+(token, expert) pair's weights from its slot and runs two ``bmm`` calls. Their references are
+transformers running the same model with ``experts_implementation="grouped_mm"`` and
+``"batched_mm"``: prefill and KV-cached decode logits must be equal bit for bit at a small and
+a full cache, with LRU and with the whole method at alpha 0.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from transformers import AutoModelForCausalLM
 
 from engine.config import CacheConfig, LiveOptions, LoadConfig
 from engine.eval.opcount import OpCounter
+from engine.offload import experts as experts_module
 from engine.runtime.loading import inspect_model, load_model, minimum_slots
 from tests.helpers.moe_families import EXTRA_FAMILIES, FAMILIES, prefill_and_decode, save_family
 
 ALL = [*FAMILIES, *EXTRA_FAMILIES]
+REFERENCE = {"grouped": "grouped_mm", "batched": "batched_mm"}  # engine path -> transformers
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +41,29 @@ def _tokens(vocab: int) -> tuple[torch.Tensor, list[int]]:
     return prompt, torch.randint(0, vocab, (4,), generator=generator).tolist()
 
 
-def _load(directory: Path, fraction: float, live: LiveOptions, dtype: str = "float32") -> object:
+def _load(
+    directory: Path,
+    fraction: float,
+    live: LiveOptions,
+    dtype: str = "float32",
+    experts: str = "grouped",
+) -> Any:
     config = LoadConfig(
-        directory, dtype=dtype, cache=CacheConfig(fraction=fraction), live=live, experts="grouped"
+        directory, dtype=dtype, cache=CacheConfig(fraction=fraction), live=live, experts=experts
     )  # type: ignore[arg-type]
     return load_model(config)
 
 
+@pytest.mark.parametrize("path", sorted(REFERENCE))
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_grouped_path_equals_transformers_grouped_mm(
-    checkpoints: dict[str, Path], name: str, dtype: str
+def test_pooled_paths_equal_transformers_implementation(
+    checkpoints: dict[str, Path], name: str, dtype: str, path: str
 ) -> None:
     directory = checkpoints[name]
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     reference = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=torch_dtype, experts_implementation="grouped_mm"
+        directory, dtype=torch_dtype, experts_implementation=REFERENCE[path]
     ).eval()
     prompt, steps = _tokens(reference.config.vocab_size)
     expected = prefill_and_decode(reference, prompt, steps)
@@ -63,18 +74,58 @@ def test_grouped_path_equals_transformers_grouped_mm(
         (1.0, LiveOptions()),
         (0.5, LiveOptions(policy="smoe", alpha=0.0)),
     ]:
-        loaded = _load(directory, fraction, live, dtype)
-        got = prefill_and_decode(loaded.model, prompt, steps)  # type: ignore[attr-defined]
+        loaded = _load(directory, fraction, live, dtype, path)
+        got = prefill_and_decode(loaded.model, prompt, steps)
         for step, (want, have) in enumerate(zip(expected, got, strict=True)):
-            assert torch.equal(want, have), f"{name} {dtype} cache={fraction:.2f} step={step}"
-        loaded.offload.close()  # type: ignore[attr-defined]
+            assert torch.equal(want, have), f"{path} {name} {dtype} cache={fraction:.2f} {step=}"
+        loaded.offload.close()
+
+
+def test_batched_pair_slices_change_nothing(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for two pairs per call (a long prompt's slicing), the logits are the same."""
+    directory = checkpoints["qwen3_moe"]
+    reference = AutoModelForCausalLM.from_pretrained(
+        directory, experts_implementation="batched_mm"
+    ).eval()
+    prompt, steps = _tokens(reference.config.vocab_size)
+    expected = prefill_and_decode(reference, prompt, steps)
+    monkeypatch.setattr(experts_module, "BATCHED_BYTES", 1)
+    loaded = _load(directory, 1.0, LiveOptions(), experts="batched")
+    got = prefill_and_decode(loaded.model, prompt, steps)
+    for step, (want, have) in enumerate(zip(expected, got, strict=True)):
+        assert torch.equal(want, have), f"{step=}"
+    loaded.offload.close()
+
+
+def _decode_ops(directory: Path, experts: str) -> tuple[int, dict[str, int]]:
+    """Ops and syncs of one KV-cached decode step, every expert resident."""
+    info = inspect_model(directory)
+    loaded = _load(directory, 1.0, LiveOptions(), experts=experts)
+    prompt, steps = _tokens(info.vocab_size)
+    prefill_and_decode(loaded.model, prompt, steps[:1])
+    with OpCounter() as counter:
+        prefill_and_decode(loaded.model, torch.tensor([[steps[1]]]), [])
+    loaded.offload.close()
+    return counter.ops, counter.sync_kinds
+
+
+def test_batched_decode_ops_do_not_grow_with_k(checkpoints: dict[str, Path]) -> None:
+    """The eager loop pays ~8 ops per chosen expert; the batched path a fixed few per layer."""
+    directory = checkpoints["olmoe"]  # k = 3
+    layers = inspect_model(directory).moe_layers
+    eager, eager_syncs = _decode_ops(directory, "eager")
+    batched, batched_syncs = _decode_ops(directory, "batched")
+    assert batched_syncs == eager_syncs == {"numpy": layers}, batched_syncs
+    assert eager - batched >= 4 * layers, (eager, batched)
 
 
 def test_decode_reads_the_device_once_per_layer(checkpoints: dict[str, Path]) -> None:
     """A decode step syncs once per MoE layer (its routing copy), LRU and grouped or eager."""
     directory = checkpoints["qwen2_moe"]
     info = inspect_model(directory)
-    for experts in ("eager", "grouped"):
+    for experts in ("eager", "grouped", "batched"):
         config = LoadConfig(directory, cache=CacheConfig(fraction=0.5), experts=experts)
         loaded = load_model(config)
         prompt, steps = _tokens(info.vocab_size)
@@ -85,21 +136,23 @@ def test_decode_reads_the_device_once_per_layer(checkpoints: dict[str, Path]) ->
         loaded.offload.close()
 
 
-def test_cpu_assist_runs_on_the_worker_thread_next_to_the_grouped_path(
-    checkpoints: dict[str, Path],
+@pytest.mark.parametrize("path", ["grouped", "eager"])
+def test_cpu_assist_runs_on_the_worker_thread_next_to_the_device_experts(
+    checkpoints: dict[str, Path], path: str
 ) -> None:
-    """Every miss computed by the assist worker: close to the reference, nothing cached."""
+    """Every miss computed by the assist worker: close to the reference (the eager path: equal,
+    its rows join in ascending id), nothing cached."""
     import threading
 
     from engine.offload.cpu_assist import RollingCost
 
     directory = checkpoints["qwen2_moe"]
     reference = AutoModelForCausalLM.from_pretrained(
-        directory, experts_implementation="grouped_mm"
+        directory, experts_implementation={"grouped": "grouped_mm", "eager": "eager"}[path]
     ).eval()
     prompt, steps = _tokens(reference.config.vocab_size)
     expected = prefill_and_decode(reference, prompt, steps)
-    loaded: Any = _load(directory, 0.5, LiveOptions(policy="smoe", alpha=0.0))
+    loaded: Any = _load(directory, 0.5, LiveOptions(policy="smoe", alpha=0.0), experts=path)
     method = loaded.offload.method
     method.cost_load, method.cost_cpu = RollingCost(prior=1.0), RollingCost(prior=1e-9)
     method.cost_load.add = lambda seconds, count=1: None
@@ -109,6 +162,7 @@ def test_cpu_assist_runs_on_the_worker_thread_next_to_the_grouped_path(
     got = prefill_and_decode(loaded.model, prompt, steps)
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5)
+        assert path != "eager" or torch.equal(have, want)
     assert loaded.offload.stats().cpu_computed > 0
     assert threads and all(name.startswith("cpu-assist") for name in threads), threads
     loaded.offload.close()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.eval.opcount import OpCounter
 from engine.offload.plan import HostRouting, LayerPlan, classify_host, substitute_host
 from engine.offload.substitution import RouterSpec, classify, substitute
 
@@ -107,6 +108,17 @@ def test_host_routing_reads_in_one_packed_copy() -> None:
     assert host.idx.dtype == np.int64 and host.idx.tolist() == idx.tolist()
     assert np.array_equal(host.scores, scores.numpy())
     assert torch.equal(torch.from_numpy(host.weights).to(torch.bfloat16), weights)
+    assert host.extra is None
+
+
+def test_the_next_layers_prediction_rides_in_the_same_copy() -> None:
+    scores, idx, weights = torch.rand(2, 8), torch.tensor([[3, 1], [0, 6]]), torch.rand(2, 2)
+    predicted = torch.rand(2, 8)
+    with OpCounter() as counter:
+        host = HostRouting.read(scores, idx, weights, predicted)
+    assert counter.sync_kinds == {"numpy": 1}, counter.sync_kinds
+    assert host.idx.tolist() == idx.tolist() and np.array_equal(host.weights, weights.numpy())
+    assert host.extra is not None and np.array_equal(host.extra, predicted.numpy())
 
 
 def test_layer_plan_orders_pairs_like_the_eager_loop() -> None:
@@ -125,3 +137,36 @@ def test_layer_plan_orders_pairs_like_the_eager_loop() -> None:
     assert grouped.pairs.tolist() == [0, 4, 5, 1, 2]  # slot 0 (expert 3) first, stable
     assert grouped.tokens.tolist() == [0, 2, 2, 0, 1]
     assert grouped.offsets.tolist() == [3, 3, 3, 3, 3, 5]
+
+
+def test_one_token_fast_paths_equal_the_batch_paths() -> None:
+    """A decode step's single row takes 1-D numpy paths; a batch of two copies of it agrees."""
+    from engine.offload.plan import _classify_row, _classify_rows, _mix
+
+    rng = np.random.default_rng(11)
+    for trial in range(600):
+        e = int(rng.integers(4, 40))
+        k = int(rng.integers(1, min(e - 1, 8) + 1))
+        scores = rng.random((1, e)).astype(np.float32)
+        if trial % 3 == 0:
+            scores = np.round(scores * 4) / np.float32(4)  # ties at the band edges
+        scores /= scores.sum()
+        idx = np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
+        alpha = float(rng.choice([0.0, 0.1, 0.4, 1.0]))
+        one, two = _classify_row(scores, idx, alpha), _classify_rows(scores, idx, alpha)
+        assert np.array_equal(one.top_score, two.top_score), trial
+        assert np.array_equal(one.candidate, two.candidate), trial
+        new = idx.copy()
+        swapped = rng.random((1, k)) < 0.4
+        new[swapped] = rng.integers(0, e, size=int(swapped.sum()))
+        weights = scores[0, idx[0]][None, :] / scores[0, idx[0]].sum(dtype=np.float32)
+        spec = RouterSpec(
+            family="t", kind="softmax", num_experts=e, top_k=k,
+            norm_topk_prob=bool(trial % 2), scaling=float(rng.choice([1.0, 2.5])),
+        )  # fmt: skip
+        row = HostRouting(scores, idx, weights.astype(np.float32))
+        pair = HostRouting(*(np.concatenate([a, a]) for a in (scores, idx, row.weights)))
+        for mode in ("own", "own_renorm", "replaced"):
+            want = _mix(pair, np.concatenate([new, new]), np.concatenate([swapped] * 2), spec, mode)
+            have = _mix(row, new, swapped, spec, mode)  # type: ignore[arg-type]
+            assert have.dtype == want.dtype and np.array_equal(have[0], want[0]), (trial, mode)

@@ -7,10 +7,12 @@ from pathlib import Path
 from engine.eval.hotpath import (
     SECTION_BEGIN,
     SECTION_END,
+    Speed,
     kept_section,
     ratios,
     render,
     replace_section,
+    round_ratio_spreads,
     write_section,
 )
 
@@ -34,6 +36,18 @@ def test_ratios_are_cpu_time_speed_ratios_of_the_same_run() -> None:
     assert got["smoe vs lru (eager)"] == 6.0 / 8.0
     assert got["lru all-resident vs plain (eager)"] == 11.0 / 10.0
     assert got["smoe vs lru (grouped)"] is None  # not measured: said, not invented
+
+
+def test_ratio_spreads_pair_the_runs_of_each_round() -> None:
+    speeds = {
+        "smoe 0.5 a0.4 eager": [Speed(1.0, 6.0), Speed(1.0, 9.0)],
+        "lru 0.5 eager": [Speed(1.0, 8.0), Speed(1.0, 10.0)],
+    }
+    got = round_ratio_spreads(speeds, 0.5, 0.4)
+    assert got["smoe vs lru (eager)"] == (0.75, 0.9)  # 6/8 and 9/10, not 6/10
+    assert got["smoe vs lru (grouped)"] is None
+    table = render(dict(RESULT, ratios=ratios(RESULT["rows"], 0.5, 0.4), ratio_ranges=got))
+    assert "- smoe vs lru (eager): 0.75 (rounds 0.75-0.90)" in table
 
 
 def test_section_is_appended_then_replaced_and_survives_a_regenerated_report(

@@ -144,6 +144,21 @@ def test_alpha_changes_between_tokens_without_reloading(checkpoints: dict[str, P
     offload.close()
 
 
+def _spy_cpu_split(loaded: Any) -> list[tuple[int, int]]:
+    """Record every (layer, expert) the method sends to the CPU-assist worker."""
+    seen: list[tuple[int, int]] = []
+    for module in loaded.offload.experts.values():
+        split = module.cpu_split
+
+        def spy(layer: int, experts: Any, split: Any = split) -> set[int]:
+            chosen: set[int] = split(layer, experts)
+            seen.extend((layer, e) for e in sorted(chosen))
+            return chosen
+
+        module.cpu_split = spy
+    return seen
+
+
 def test_cpu_assist_computes_missing_experts_on_the_host_exactly(
     checkpoints: dict[str, Path],
 ) -> None:
@@ -154,14 +169,7 @@ def test_cpu_assist_computes_missing_experts_on_the_host_exactly(
     loaded = _load(directory, 0.5, LiveOptions(policy="smoe", prefetch=False))
     method = loaded.offload.method
     _force_cpu(method)
-    computed: list[tuple[int, int]] = []
-    original = method._on_cpu
-
-    def spy(layer: int, expert: int) -> Any:
-        computed.append((layer, expert))
-        return original(layer, expert)
-
-    method._on_cpu = spy
+    computed = _spy_cpu_split(loaded)
     got = _run(loaded.model, prompt, steps, loaded)
     assert all(torch.equal(w, h) for w, h in zip(expected, got, strict=True))
     stats = loaded.offload.stats()
@@ -178,14 +186,7 @@ def test_cpu_computed_experts_are_not_inserted(checkpoints: dict[str, Path]) -> 
     prompt, steps = _tokens(loaded.model.config.vocab_size)
     _run(loaded.model, prompt, steps[:1])  # prefill fills the cache; one decode step
     before = set(loaded.offload.cache.resident())
-    seen: list[tuple[int, int]] = []
-    original = method._on_cpu
-
-    def spy(layer: int, expert: int) -> Any:
-        seen.append((layer, expert))
-        return original(layer, expert)
-
-    method._on_cpu = spy
+    seen = _spy_cpu_split(loaded)
     _run(loaded.model, prompt[:, :1], steps[1:3])
     assert seen, "no expert went to the CPU"
     assert set(loaded.offload.cache.resident()) == before, "a CPU-computed expert was cached"

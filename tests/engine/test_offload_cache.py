@@ -184,3 +184,45 @@ def test_resident_masks_follow_every_load_and_eviction() -> None:
     assert sum(int(cache.resident_mask(layer).sum()) for layer in LAYERS) == 3
     cache.clear()
     assert not any(cache.resident_mask(layer).any() for layer in LAYERS)
+
+
+def _lfu_scan_victim(
+    count: dict[tuple[int, int], int],
+    last: dict[tuple[int, int], int],
+    resident: set[tuple[int, int]],
+    protected: set[tuple[int, int]],
+) -> tuple[int, int]:
+    """The O(resident) LFU rule: fewest uses, then least recent, then the lowest key."""
+    candidates = [key for key in resident if key not in protected]
+    return min(candidates, key=lambda key: (count.get(key, 0), last.get(key, 0), key))
+
+
+def test_lfu_heap_victim_equals_the_scan_on_random_traffic() -> None:
+    """The heap with lazy deletion picks what a scan of every resident key picks."""
+    import random
+
+    rng = random.Random(3)
+    policy = LFUPolicy()
+    count: dict[tuple[int, int], int] = {}
+    last: dict[tuple[int, int], int] = {}
+    resident: set[tuple[int, int]] = set()
+    clock = 0
+    for step in range(4000):
+        key = (rng.randrange(3), rng.randrange(6))
+        if key not in resident:
+            if len(resident) >= 8:
+                protected = set(rng.sample(sorted(resident), rng.randrange(4)))
+                victim = policy.victim(resident, protected)
+                assert victim == _lfu_scan_victim(count, last, resident, protected), step
+                resident.discard(victim)
+                policy.forget(victim)
+                count.pop(victim, None)
+                last.pop(victim, None)
+            resident.add(key)
+            policy.record_load(key)
+        if rng.random() < 0.8:  # a use; otherwise a prefetch that is not used (yet)
+            clock += 1
+            count[key] = count.get(key, 0) + 1
+            last[key] = clock
+            policy.record_use(key, step)
+    assert len(policy._heap) <= 4 * len(resident) + 64 + 1

@@ -1,10 +1,11 @@
 """Torch ops and host syncs per decoded token on the built-in model (counts are stable).
 
 The counter itself is checked on hand-made calls; then the engine's decode is held to the
-issue's aims that hold today: one sync per MoE layer plus the sampled token (LRU), at most
-MoE layers + 8 with the whole method at cache 0.5, and fewer ops than plain transformers with
-the grouped path. (The ops aim of <= 0.6x transformers is not met on this 5-layer model; see
-docs/BENCHMARKS.md: the trunk's own ops already exceed it.)
+issue's aims that hold today: one sync per MoE layer plus the sampled token, LRU and the
+whole method at cache 0.5 alike (the next layer's prediction rides in the routing copy; the
+aim is at most MoE layers + 8), and fewer ops than plain transformers with the grouped path.
+(The ops aim of <= 0.6x transformers is not met on this 5-layer model; see docs/BENCHMARKS.md:
+the trunk's own ops already exceed it. It is met on the 30-layer SmolLM2 MoE.)
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def test_decode_syncs_once_per_layer_and_within_the_aim(counts: dict[str, object
     layers = 5  # the small model
     lru, smoe = counts["lru 0.5 eager"], counts["smoe 0.5 a0.4 eager"]
     assert lru.syncs == layers + 1, lru.sync_kinds  # type: ignore[attr-defined]
-    assert smoe.syncs <= layers + 8, smoe.sync_kinds  # type: ignore[attr-defined]
+    assert smoe.syncs == layers + 1, smoe.sync_kinds  # type: ignore[attr-defined]
     plain = counts[hotpath.PLAIN]
     assert plain.syncs > 4 * layers  # type: ignore[attr-defined]
 

@@ -32,7 +32,7 @@ def _run(model: Any, prompt: torch.Tensor, steps: list[int]) -> list[torch.Tenso
     return logits
 
 
-REFERENCE = {"eager": "eager", "grouped": "grouped_mm"}
+REFERENCE = {"eager": "eager", "grouped": "grouped_mm", "batched": "batched_mm"}
 
 
 @pytest.mark.parametrize("experts", list(REFERENCE))
