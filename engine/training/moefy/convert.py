@@ -142,19 +142,30 @@ def moe_state(
     routers: torch.Tensor,
     shape: MoeShape,
     shared_downs: torch.Tensor | None = None,
+    ffn: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The Qwen2-MoE state dict: ``orders`` [L, I] neuron permutations, ``routers`` [L, E, H],
-    ``shared_downs`` [L, H, S] refitted shared down-projections (optional)."""
+    ``shared_downs`` [L, H, S] refitted shared down-projections (optional), ``ffn`` refitted
+    FFN weights in the dense neuron order (optional; ``gate``/``up`` [L, I, H], ``down``
+    [L, H, I]), which replace the dense ones before the cut (and ``shared_downs``)."""
+    ffn = ffn or {}
+    if "down" in ffn:
+        shared_downs = None
     state: dict[str, torch.Tensor] = {}
     for name, tensor in dense_state.items():
         if ".mlp." not in name and name != "lm_head.weight":
             state[name] = tensor
     for layer in range(orders.shape[0]):
         pre = f"model.layers.{layer}.mlp."
+        dtype = dense_state[pre + "gate_proj.weight"].dtype
+        gate, up, down = (
+            ffn[n][layer].to(dtype) if n in ffn else dense_state[pre + f"{n}_proj.weight"]
+            for n in ("gate", "up", "down")
+        )
         parts = split_ffn(
-            dense_state[pre + "gate_proj.weight"],
-            dense_state[pre + "up_proj.weight"],
-            dense_state[pre + "down_proj.weight"],
+            gate,
+            up,
+            down,
             orders[layer],
             shape,
             None if shared_downs is None else shared_downs[layer],
@@ -170,6 +181,7 @@ def build_moe(
     routers: torch.Tensor,
     shape: MoeShape,
     shared_downs: torch.Tensor | None = None,
+    ffn: dict[str, torch.Tensor] | None = None,
 ) -> Any:
     """A Qwen2MoeForCausalLM (eval) holding ``dense``'s weights cut by the learned parts."""
     from transformers import Qwen2MoeForCausalLM
@@ -177,7 +189,7 @@ def build_moe(
     check_dense(dense.config)
     config = moe_config(dense.config, shape)
     model = Qwen2MoeForCausalLM(config)
-    state = moe_state(dense.state_dict(), orders, routers, shape, shared_downs)
+    state = moe_state(dense.state_dict(), orders, routers, shape, shared_downs, ffn)
     result = model.load_state_dict(state, strict=False)
     missing = [n for n in result.missing_keys if n != "lm_head.weight"]
     if missing or result.unexpected_keys:

