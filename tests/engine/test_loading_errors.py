@@ -277,7 +277,7 @@ def test_cuda_requested_without_a_gpu(good: Path) -> None:
 
 
 def test_host_out_of_memory_is_translated(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_ram(*args: object) -> None:
+    def no_ram(*args: object, **kwargs: object) -> None:
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9e12")
 
     monkeypatch.setattr(loading, "HostExpertStore", no_ram)
