@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -130,8 +130,13 @@ async def _wave(url: str, model: str, prompts: Sequence[str], max_tokens: int) -
 
 
 def wave(url: str, model: str, prompts: Sequence[str], max_tokens: int) -> list[dict]:
-    """One wave: every prompt streamed at once on its own connection; each client's result."""
-    return asyncio.run(_wave(url, model, prompts, max_tokens))
+    """One wave: every prompt streamed at once on its own connection; each client's result.
+
+    The clients' event loop runs on a thread of its own, so a caller whose thread already
+    has a running loop (an app, or a test after one) can call this too.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, _wave(url, model, prompts, max_tokens)).result()
 
 
 def prompts_for(clients: int, wave_index: int) -> list[str]:
