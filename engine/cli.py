@@ -35,6 +35,7 @@ from engine.config import (
     EXPERT_QUANTS,
     EXPERTS_IMPLEMENTATIONS,
     POLICIES,
+    PREFETCH_SOURCES,
     GenerateRequest,
     SamplingConfig,
 )
@@ -173,6 +174,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     method.add_argument("--no-prefetch", dest="prefetch", action="store_false", help="smoe only")
     method.add_argument(
+        "--prefetch-from",
+        choices=PREFETCH_SOURCES,
+        default="attention",
+        help="smoe's prefetch predictor input: the MoE layer's post-attention state (one host "
+        "read per layer) or the layer's output (the released code's; better recall, a second "
+        "read) (default: %(default)s)",
+    )
+    method.add_argument(
         "--no-cpu-assist", dest="cpu_assist", action="store_false", help="smoe only"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -236,6 +245,7 @@ def engine_options(args: argparse.Namespace, for_inspect: bool = False) -> Engin
         substitution=args.substitution,
         prefetch=args.prefetch,
         cpu_assist=args.cpu_assist,
+        prefetch_from=getattr(args, "prefetch_from", "attention"),
         experts=getattr(args, "experts", "auto"),
     )
     problems = unused_options(options)

@@ -17,12 +17,14 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Policy = Literal["lru", "lfu", "smoe"]
 Eviction = Literal["lru", "lfu", "score"]
 ExpertQuant = Literal["none", "int8", "int4"]
+PrefetchSource = Literal["attention", "output"]
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 POLICIES: tuple[str, ...] = ("lru", "lfu", "smoe")
 EVICTIONS: tuple[str, ...] = ("lru", "lfu", "score")
 EXPERT_QUANTS: tuple[str, ...] = ("none", "int8", "int4")
+PREFETCH_SOURCES: tuple[str, ...] = ("attention", "output")
 ALPHA_MAX = 0.6
 DEFAULT_CACHE_FRACTION = 0.5
 
@@ -46,6 +48,9 @@ class LiveOptions:
     ``policy`` picks a preset: ``lru`` and ``lfu`` are the plain baselines (no substitution,
     prefetch or CPU assist); ``smoe`` is the whole method, whose parts the ``substitution``,
     ``prefetch`` and ``cpu_assist`` flags and ``eviction`` switch individually.
+    ``prefetch_from`` picks the prefetch predictor's input: ``attention`` (the MoE layer's
+    post-attention state; rides in the routing copy, one host read per layer) or ``output``
+    (the layer's output, as the released code; better recall, a second host read).
     """
 
     policy: Policy = "lru"
@@ -55,10 +60,12 @@ class LiveOptions:
     prefetch: bool = True
     cpu_assist: bool = True
     score_window: int = 8
+    prefetch_from: PrefetchSource = "attention"
 
     def __post_init__(self) -> None:
         _check_finite(alpha=self.alpha)
         _check_choice("policy", self.policy, POLICIES)
+        _check_choice("prefetch_from", self.prefetch_from, PREFETCH_SOURCES)
         if self.eviction is not None:
             _check_choice("eviction", self.eviction, EVICTIONS)
         if not 0.0 <= self.alpha <= ALPHA_MAX:

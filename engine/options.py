@@ -54,6 +54,7 @@ class EngineOptions:
     substitution: bool = True
     prefetch: bool = True
     cpu_assist: bool = True
+    prefetch_from: str = "attention"
     experts: str = "auto"
     expert_quant: str = "none"
     mmap_experts: bool = False
@@ -130,6 +131,8 @@ def unused_options(options: EngineOptions) -> list[str]:
             for name in ("substitution", "prefetch", "cpu_assist")
             if not getattr(options, name)
         ]
+        if options.prefetch_from != "attention":
+            given.append(f"--prefetch-from {options.prefetch_from}")
         problems += [
             f"{flag} does nothing with --policy {options.policy} (only smoe substitutes, "
             "prefetches and computes on the CPU); drop it or use --policy smoe"
@@ -153,6 +156,7 @@ def build_live_options(options: EngineOptions) -> LiveOptions:
             substitution=options.substitution,
             prefetch=options.prefetch,
             cpu_assist=options.cpu_assist,
+            prefetch_from=cast(Any, options.prefetch_from),
         )
     except ValueError as error:
         raise _invalid(error) from error

@@ -243,6 +243,7 @@ def _load(config: HotpathConfig, model_dir: Path, device: str) -> Any:
         substitution=live.substitution,
         prefetch=live.prefetch,
         cpu_assist=live.cpu_assist,
+        prefetch_from=live.prefetch_from,
         experts=config.experts,
     )
     return ModelSession.open(build_load_config(options))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from engine.cli import main
+from engine.config import LiveOptions
 from engine.eval import hotpath
 from engine.eval.opcount import OpCounter, OpCounts, per_token
 from engine.paths import fallback_model_dir
@@ -66,6 +67,22 @@ def test_decode_syncs_once_per_layer_and_within_the_aim(counts: dict[str, object
     assert smoe.syncs == layers + 1, smoe.sync_kinds  # type: ignore[attr-defined]
     plain = counts[hotpath.PLAIN]
     assert plain.syncs > 4 * layers  # type: ignore[attr-defined]
+
+
+def test_prefetch_from_the_output_costs_a_second_read_per_layer() -> None:
+    """The released code's predictor (``--prefetch-from output``): one more read per MoE
+    layer that has a next MoE layer, and it still prefetches."""
+    live = LiveOptions(policy="smoe", alpha=0.4, prefetch_from="output")
+    config = hotpath.HotpathConfig("smoe output", 0.5, live, "eager")
+    runner = hotpath._load(config, fallback_model_dir(), "cpu")
+    try:
+        counts = hotpath.count_decode(runner, TOKENS)
+        stats = runner.stats()
+    finally:
+        runner.close()
+    layers = 5
+    assert counts.syncs == 2 * layers, counts.sync_kinds  # type: ignore[union-attr]
+    assert stats.prefetch_issued > 0, stats
 
 
 def test_grouped_smoe_issues_fewer_ops_than_plain_transformers(counts: dict[str, object]) -> None:
