@@ -4,7 +4,7 @@ Over the scripted engine (no model), five waves of 50 clients streaming at once,
 connection: every client gets exactly its own reply, and after each wave the server holds no
 generation, task, connection or queue entry more than before the first; from the second wave on
 the objects Python tracks stay level (one leaked per request would add 50 a wave) and its
-allocated blocks grow by far less than 10 per request (they settle slowly, as hash tables and
+allocated blocks grow by far less than 5 per request (they settle slowly, as hash tables and
 bounded caches reach their size). RSS is measured by ``python -m engine.server.waves``, not
 asserted: it is too noisy for a test.
 """
@@ -12,6 +12,7 @@ asserted: it is too noisy for a test.
 from __future__ import annotations
 
 import gc
+from itertools import pairwise
 
 from engine.server.waves import footprint, prompts_for, wave
 from tests.engine.server_fixtures import MODEL_ID, running_server
@@ -42,11 +43,14 @@ def test_waves_of_fifty_streaming_clients_leave_nothing_behind():
         assert seen.generations == 0, f"wave {index}: a generation is still alive: {seen}"
         assert seen.connections == 0 and seen.running == 0 and seen.waiting == 0, seen
         assert seen.tasks <= baseline.tasks, f"wave {index}: tasks left behind: {seen}"
-    requests = CLIENTS * (WAVES - 2)  # from the end of wave 2, once tables reached their size
-    objects = prints[-1].python_objects - prints[1].python_objects
-    assert objects < CLIENTS, f"{objects} more Python objects after {requests} requests: {prints}"
-    blocks = prints[-1].python_blocks - prints[1].python_blocks
-    assert blocks < 10 * requests, f"{blocks} more memory blocks after {requests} requests"
+    # wave by wave from the end of the second, once tables reached their size; a leak adds in
+    # every wave, while other threads of the test process may allocate now and then: the
+    # smallest growth of three waves is the server's own
+    later = prints[1:]
+    objects = [b.python_objects - a.python_objects for a, b in pairwise(later)]
+    assert min(objects) < CLIENTS, f"Python objects grew by {objects} in waves of {CLIENTS}"
+    blocks = [b.python_blocks - a.python_blocks for a, b in pairwise(later)]
+    assert min(blocks) < 5 * CLIENTS, f"memory blocks grew by {blocks} in waves of {CLIENTS}"
 
 
 def test_footprint_counts_a_generation_still_alive():
