@@ -12,14 +12,23 @@ asserted: it is too noisy for a test.
 from __future__ import annotations
 
 import gc
+from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 
-from engine.server.waves import footprint, prompts_for, wave
+from engine.server.waves import footprint, prompts_for
+from engine.server.waves import wave as wave_here
 from tests.engine.server_fixtures import MODEL_ID, running_server
 from tests.helpers.echo_engine import EchoEngine, EchoRecord
 
 CLIENTS = 50
 WAVES = 5
+
+
+def wave(*args: object) -> list[dict]:
+    """A wave from a thread of its own: its ``asyncio.run`` needs a thread with no running loop
+    (an earlier Qt test may have left one set on the main thread)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(wave_here, *args).result()  # type: ignore[arg-type]
 
 
 def test_waves_of_fifty_streaming_clients_leave_nothing_behind():
