@@ -43,7 +43,7 @@ class Footprint:
     peak_rss_bytes: int
     python_blocks: int  # sys.getallocatedblocks() after a collection
     python_objects: int  # objects the garbage collector tracks
-    generations: int  # scheduler.Generation objects still alive
+    generations: int  # this server's scheduler.Generation objects still alive
     tasks: int  # tasks on the server's event loop
     connections: int
     running: int
@@ -92,7 +92,7 @@ def _count(handle: ServerHandle) -> Footprint:
         peak_rss_bytes=peak_rss_bytes(),
         python_blocks=sys.getallocatedblocks(),
         python_objects=len(objects),
-        generations=sum(type(item) is Generation for item in objects),
+        generations=sum(type(item) is Generation and item.loop is handle.loop for item in objects),
         tasks=handle.tasks(),
         connections=handle.connections(),
         running=state.running,
