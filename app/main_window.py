@@ -11,7 +11,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from PySide6.QtCore import QStandardPaths, Qt, Signal
+from PySide6.QtCore import QRect, QSize, QStandardPaths, Qt, Signal
 from PySide6.QtGui import (
     QAction,
     QActionGroup,
@@ -654,6 +654,20 @@ class MainWindow(QMainWindow):
 
     def toggle_panel(self) -> None:
         self.panel.setVisible(not self.panel.isVisible())
+
+    def fit_to_screen(self, available: QRect) -> None:
+        """Start no larger than the screen's free area (at 150% scaling a 1280x800 screen has
+        853x533 logical pixels: the window ran off it); where even the smallest layout with
+        the panel is too wide, start with the panel hidden (View > Panel brings it back)."""
+        size = QSize(min(1280, available.width()), min(800, available.height()))
+        smallest = self.minimumSizeHint()
+        if smallest.width() > size.width() or smallest.height() > size.height():
+            self.panel.setVisible(False)
+            QApplication.sendPostedEvents()  # the splitter forgets the panel's width ...
+            layout = self.layout()
+            if layout is not None:  # ... and the window's minimum shrinks, before the resize
+                layout.activate()
+        self.resize(size)
 
     def _update_title(self) -> None:
         name = self.model_info.name if self.model_info else "no model"

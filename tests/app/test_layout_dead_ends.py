@@ -411,3 +411,19 @@ def test_switching_the_server_off_takes_back_the_serving_line(window: MainWindow
     window.banner.show_message("Something else to say.", "info")
     window.remote.server_action.setChecked(False)
     assert window.banner.text == "Something else to say.", "another message is left alone"
+
+
+def test_the_window_starts_within_a_small_screen(qtbot: Any, window: MainWindow) -> None:
+    """At 150% scaling a 1280x800 screen is 853x533 logical pixels: the 1280x800 window ran
+    off the screen, the panel and the right edge out of reach."""
+    from PySide6.QtCore import QRect
+
+    window.fit_to_screen(QRect(0, 0, 853, 533))
+    qtbot.wait(50)
+    assert window.width() <= 853 and window.height() <= 533
+    assert not window.panel.isVisible(), "the panel makes way where everything cannot fit"
+    assert window.chat_view.width() > 300, "the chat keeps a usable width"
+    window.panel.setVisible(True)
+    window.fit_to_screen(QRect(0, 0, 1920, 1040))
+    assert (window.width(), window.height()) == (1280, 800)
+    assert window.panel.isVisible(), "a large screen keeps the panel"
