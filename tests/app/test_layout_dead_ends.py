@@ -427,3 +427,25 @@ def test_the_window_starts_within_a_small_screen(qtbot: Any, window: MainWindow)
     window.fit_to_screen(QRect(0, 0, 1920, 1040))
     assert (window.width(), window.height()) == (1280, 800)
     assert window.panel.isVisible(), "a large screen keeps the panel"
+
+
+def test_loading_does_not_squeeze_the_system_prompt(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine
+) -> None:
+    """ "Loading understudy-smollm2-moe…" sat beside the picker and cut the system prompt field
+    down to "are a helpful assistant." at 1280x800."""
+    fake_engine.load_steps, fake_engine.load_delay = 100, 0.02
+    window = make_window(start=False)
+    window.resize(1280, 800)
+    qtbot.wait(50)
+    idle = window.system_prompt.width()
+    window.start(None)
+    qtbot.waitUntil(lambda: window.loader.busy, timeout=5000)
+    qtbot.wait(50)
+    assert window.model_picker.currentText() == "Loading understudy-mini-moe…"
+    assert window.system_prompt.width() == idle, "the field lost width while loading"
+    qtbot.waitUntil(lambda: window.controller.ready, timeout=10_000)
+    assert window.model_picker.currentText() == "understudy-mini-moe"
+    assert not any(
+        "Loading" in window.model_picker.itemText(i) for i in range(window.model_picker.count())
+    )
