@@ -449,3 +449,27 @@ def test_loading_does_not_squeeze_the_system_prompt(
     assert not any(
         "Loading" in window.model_picker.itemText(i) for i in range(window.model_picker.count())
     )
+
+
+def test_the_loading_window_grows_with_the_estimate(qtbot: Any, window: MainWindow) -> None:
+    """The estimate (four lines) arrives after the window is shown with one line; it was cut
+    off at the top and the bottom."""
+    from engine.events import MemoryEstimate
+
+    dialog = window.load_dialog
+    dialog.begin("understudy-smollm2-moe")
+    qtbot.wait(50)
+    estimate = MemoryEstimate(
+        device="cpu",
+        trunk_bytes=328_000_000,
+        kv_cache_bytes=94_400_000,
+        expert_cache_bytes=106_200_000,
+        host_expert_bytes=212_300_000,
+        device_free_bytes=12_200_000_000,
+        host_free_bytes=11_700_000_000,
+    )
+    window.loader.estimated.emit(estimate)
+    qtbot.wait(50)
+    assert "It fits." in dialog.estimate_label.text()
+    assert shows_whole_text(dialog.estimate_label), dialog.estimate_label.geometry()
+    dialog.hide()
