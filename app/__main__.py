@@ -129,6 +129,9 @@ def run(app: QApplication, args: argparse.Namespace, instance: SingleInstance) -
     ErrorReporter(window).install(loop)
     smoke = SmokeTest(window, args.require_model, args.timeout) if args.smoke_test else None
     guard = CrashGuard(user_config_dir())
+    screen = app.primaryScreen()
+    if screen is not None:
+        window.fit_to_screen(screen.availableGeometry())
     window.show()
     close_on_terminate(window)
     instance.listen(lambda: bring_to_front(window))

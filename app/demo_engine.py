@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
+from app.stats_box import StatsBox
 from engine.config import GenerateRequest, LiveOptions, LoadConfig
 from engine.errors import CancelledError, InsufficientMemoryError, InvalidRequestError
 from engine.events import (
@@ -82,8 +83,8 @@ class DemoEngine:
         self.live = LiveOptions()
         self.loaded: ModelInfo | None = None
         self.config: LoadConfig | None = None
-        self._lock = threading.Lock()
-        self._stats = StatsSnapshot()
+        self._lock = threading.Lock()  # loaded model, config and live options
+        self._stats = StatsBox()
         self._jobs: queue.Queue[tuple[Job[Any], Callable[[Job[Any]], Any]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="demo-engine", daemon=True)
         self._thread.start()
@@ -141,10 +142,9 @@ class DemoEngine:
         info = self.model_info(config.model_dir)
         with self._lock:
             self.loaded, self.config, self.live = info, config, config.live
-            slots = estimate.expert_cache_bytes // info.bytes_per_expert
-            self._stats = replace(
-                self._stats, cache_slots=slots, cache_bytes=estimate.expert_cache_bytes
-            )
+        slots = estimate.expert_cache_bytes // info.bytes_per_expert
+        cache_bytes = estimate.expert_cache_bytes
+        self._stats.change(lambda s: replace(s, cache_slots=slots, cache_bytes=cache_bytes))
         on_event(LoadProgressed(1.0, "Ready"))
         on_event(LoadFinished(info, estimate))
         return info
@@ -191,36 +191,21 @@ class DemoEngine:
         return finished
 
     def _count_token(self, first_token_s: float, tokens_per_second: float) -> None:
-        """Made-up counters: a higher alpha turns misses into substitutions."""
         with self._lock:
-            live, s = self.live, self._stats
-            substituted = round(4 * live.alpha / 0.6) if live.substitution_on else 0
-            misses = 4 - substituted
-            self._stats = replace(
-                s,
-                tokens=s.tokens + 1,
-                hits=s.hits + 12,
-                misses=s.misses + misses,
-                substitutions=s.substitutions + substituted,
-                transfers=s.transfers + misses,
-                bytes_moved=s.bytes_moved + misses * 48_000_000,
-                tokens_per_second=tokens_per_second,
-                time_to_first_token_s=first_token_s,
-                bytes_per_token_history=(*s.bytes_per_token_history, misses * 48_000_000)[-256:],
-            )
+            live = self.live
+        self._stats.change(lambda s: counted(s, live, first_token_s, tokens_per_second))
 
     def set_live_options(self, live: LiveOptions) -> None:
         with self._lock:
             self.live = live
 
     def stats(self) -> StatsSnapshot:
-        with self._lock:
-            return self._stats
+        return self._stats.get()
 
     def reset_stats(self) -> None:
-        with self._lock:
-            s = self._stats
-            self._stats = StatsSnapshot(cache_slots=s.cache_slots, cache_bytes=s.cache_bytes)
+        self._stats.change(
+            lambda s: StatsSnapshot(cache_slots=s.cache_slots, cache_bytes=s.cache_bytes)
+        )
 
     def render_chat(self, request: GenerateRequest) -> Job[str]:
         return self._submit(lambda job: render_template(request))
@@ -236,6 +221,26 @@ class DemoEngine:
         """Finish the queued jobs and end the thread (so no event is posted during exit)."""
         self._jobs.put(None)
         self._thread.join(5)
+
+
+def counted(
+    s: StatsSnapshot, live: LiveOptions, first_token_s: float, tokens_per_second: float
+) -> StatsSnapshot:
+    """One more made-up token: a higher alpha turns misses into substitutions."""
+    substituted = round(4 * live.alpha / 0.6) if live.substitution_on else 0
+    misses = 4 - substituted
+    return replace(
+        s,
+        tokens=s.tokens + 1,
+        hits=s.hits + 12,
+        misses=s.misses + misses,
+        substitutions=s.substitutions + substituted,
+        transfers=s.transfers + misses,
+        bytes_moved=s.bytes_moved + misses * 48_000_000,
+        tokens_per_second=tokens_per_second,
+        time_to_first_token_s=first_token_s,
+        bytes_per_token_history=(*s.bytes_per_token_history, misses * 48_000_000)[-256:],
+    )
 
 
 def render_template(request: GenerateRequest) -> str:

@@ -78,6 +78,15 @@ class LoadDialog(QDialog):
 
     def _estimated(self, estimate: MemoryEstimate) -> None:
         self.estimate_label.setText(describe_estimate(estimate))
+        self._fit()
+
+    def _fit(self) -> None:
+        """Grow with the text: the estimate arrives after the window is shown (four lines
+        where "Estimating memory…" was one) and was cut off at the top and the bottom."""
+        layout = self.layout()
+        if layout is not None:
+            layout.activate()
+        self.resize(self.width(), max(self.height(), self.sizeHint().height()))
 
     def _needs_confirmation(self, estimate: MemoryEstimate) -> None:
         self.progress.setVisible(False)
@@ -89,6 +98,7 @@ class LoadDialog(QDialog):
         self.settings_button.setVisible(True)
         self.cancel_button.setText("Close")
         self.awaiting_choice = True
+        self._fit()
 
     def _progressed(self, fraction: float, message: str) -> None:
         self.progress.setValue(round(fraction * 1000))
@@ -105,6 +115,7 @@ class LoadDialog(QDialog):
         self.settings_button.setVisible(True)
         self.cancel_button.setText("Close")
         self.show()
+        self._fit()
 
     def _cancelled(self) -> None:
         self.status.setText("Loading was cancelled.")

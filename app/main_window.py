@@ -11,7 +11,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from PySide6.QtCore import QStandardPaths, Qt, Signal
+from PySide6.QtCore import QRect, QSize, QStandardPaths, Qt, Signal
 from PySide6.QtGui import (
     QAction,
     QActionGroup,
@@ -132,7 +132,11 @@ class MainWindow(QMainWindow):
         self.model_label = QLabel()  # "Loading …" next to the picker while a model loads
         self.model_picker = QComboBox()
         self.model_picker.setToolTip("The model replies come from; choose another to load it")
-        self.model_picker.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+        # one width whatever it lists ("Loading …", a long name): the header does not jump
+        self.model_picker.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
+        self.model_picker.setMinimumContentsLength(26)
         self.model_picker.activated.connect(self._model_picked)
         self.controller = ChatController(self.chat_store, self.chat_view, self.request_options)
         self.controller.bridge = self.bridge
@@ -297,7 +301,7 @@ class MainWindow(QMainWindow):
             self.controller.stop()
         self.controller.ready = False
         self.controller.not_ready_reason = WAIT_FOR_LOADING
-        self.model_label.setText(f"Loading {self.model_dir.name}…")
+        self._show_loading(self.model_dir.name)
         self.load_dialog.begin(self.model_dir.name)
         self.loader.start(self.model_dir, self.model_settings, force)
 
@@ -336,6 +340,15 @@ class MainWindow(QMainWindow):
             library.set_loaded(self.working[0] if self.working and info is not None else None)
         self._update_title()
         self.panel.update_readings()
+
+    def _show_loading(self, name: str) -> None:
+        """The picker says "Loading …" (a label beside it squeezed the system prompt field to
+        its last words at 1280 px); the next fill_model_picker puts the models back."""
+        picker = self.model_picker
+        picker.blockSignals(True)
+        picker.insertItem(0, f"Loading {name}…", "")
+        picker.setCurrentIndex(0)
+        picker.blockSignals(False)
 
     def fill_model_picker(self) -> None:
         """The library's models, the loaded one shown; "Other models…" opens the library."""
@@ -654,6 +667,20 @@ class MainWindow(QMainWindow):
 
     def toggle_panel(self) -> None:
         self.panel.setVisible(not self.panel.isVisible())
+
+    def fit_to_screen(self, available: QRect) -> None:
+        """Start no larger than the screen's free area (at 150% scaling a 1280x800 screen has
+        853x533 logical pixels: the window ran off it); where even the smallest layout with
+        the panel is too wide, start with the panel hidden (View > Panel brings it back)."""
+        size = QSize(min(1280, available.width()), min(800, available.height()))
+        smallest = self.minimumSizeHint()
+        if smallest.width() > size.width() or smallest.height() > size.height():
+            self.panel.setVisible(False)
+            QApplication.sendPostedEvents()  # the splitter forgets the panel's width ...
+            layout = self.layout()
+            if layout is not None:  # ... and the window's minimum shrinks, before the resize
+                layout.activate()
+        self.resize(size)
 
     def _update_title(self) -> None:
         name = self.model_info.name if self.model_info else "no model"

@@ -5,8 +5,8 @@ substitution + prefetch at the headline cache size for four slider alphas (0, 0.
 slider interpolates between them) on a short text, and writes the curve where ``app.curves``
 reads it. Only what the curve holds is measured: the teacher-forced pass (fidelity, bytes, and
 decode speed); no cloze items and no timed chat generations, which took nine tenths of the
-time and feed nothing the slider shows (a default Measure of the SmolLM2 MoE on 2 shared CPU
-cores: about 3 minutes instead of over 20).
+time and feed nothing the slider shows (a default Measure of the SmolLM2 MoE took 374 s on 2
+shared Xeon cores at load average 9-10, 2026-11-29; before, over 20 minutes).
 It runs in a separate process, off the UI thread, so the window stays responsive; its own
 fresh copy of the model is loaded there. The benchmark's lines become ``MeasureProgress``:
 rows done, elapsed, and the time left at the pace of the rows since the reference pass (the
@@ -109,8 +109,9 @@ def bench_threads(cores: int | None = None) -> int:
     """Torch threads for the benchmark: half the cores, at least one.
 
     The app (and its loaded model) keeps the other half. On a busy machine more threads than
-    free cores make every op wait for a descheduled sibling thread: on 2 shared cores the
-    default two threads ran a 128-token pass ten times slower than one thread.
+    free cores make every op wait for a descheduled sibling thread: on 2 shared cores at load
+    average 9 (2026-11-29) two threads had not finished the 128-token reference pass after 8
+    minutes; one thread finished it in 73 s.
     """
     return max(1, (cores if cores is not None else os.cpu_count() or 1) // 2)
 

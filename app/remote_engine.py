@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from app.stats_box import StatsBox
 from engine.config import GenerateRequest, LiveOptions, LoadConfig
 from engine.errors import EngineError, InvalidRequestError, ModelLoadError
 from engine.events import (
@@ -167,8 +168,7 @@ class RemoteEngine:
         )
         self.understudy = False  # the server is an Understudy one (set by load)
         self.live = LiveOptions()
-        self._stats = StatsSnapshot()
-        self._lock = threading.Lock()
+        self._stats = StatsBox()
         self._jobs: queue.Queue[tuple[Job[Any], Callable[[], Any]] | None] = queue.Queue()
         self._current: Job[Any] | None = None
         self._thread = threading.Thread(target=self._run, name="remote-engine", daemon=True)
@@ -357,8 +357,7 @@ class RemoteEngine:
         tokens = completion if isinstance(completion, int) else state.pieces
         elapsed = time.perf_counter() - state.started
         stats = self._stats_from(state, tokens, elapsed)
-        with self._lock:
-            self._stats = stats
+        self._stats.put(stats)
         reason: Literal["stop", "length", "cancelled"] = "stop"
         if forced == "cancelled":
             reason = "cancelled"
@@ -398,12 +397,10 @@ class RemoteEngine:
         self.live = live
 
     def stats(self) -> StatsSnapshot:
-        with self._lock:
-            return self._stats
+        return self._stats.get()
 
     def reset_stats(self) -> None:
-        with self._lock:
-            self._stats = StatsSnapshot()
+        self._stats.put(StatsSnapshot())
 
     def render_chat(self, request: GenerateRequest) -> Job[str]:
         def preview() -> str:

@@ -27,7 +27,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from PySide6.QtWidgets import QWidget
 
-from app.application import create_application, create_loop
+from app.application import create_application, create_loop, finish_pending_tasks
 from app.bridge import EngineBridge, make_engine
 from app.chat_store import ChatStore
 from app.main_window import MainWindow
@@ -133,9 +133,12 @@ def main(argv: list[str]) -> int:
         window.start(None)
         try:
             with loop:
-                loop.run_until_complete(shoot(window, out))
+                try:
+                    loop.run_until_complete(shoot(window, out))
+                finally:
+                    window.close()
+                    finish_pending_tasks(loop)  # before the loop closes (see app.application)
         finally:
-            window.close()
             engine.shutdown()
             chats.close()
     return 0

@@ -411,3 +411,65 @@ def test_switching_the_server_off_takes_back_the_serving_line(window: MainWindow
     window.banner.show_message("Something else to say.", "info")
     window.remote.server_action.setChecked(False)
     assert window.banner.text == "Something else to say.", "another message is left alone"
+
+
+def test_the_window_starts_within_a_small_screen(qtbot: Any, window: MainWindow) -> None:
+    """At 150% scaling a 1280x800 screen is 853x533 logical pixels: the 1280x800 window ran
+    off the screen, the panel and the right edge out of reach."""
+    from PySide6.QtCore import QRect
+
+    window.fit_to_screen(QRect(0, 0, 853, 533))
+    qtbot.wait(50)
+    assert window.width() <= 853 and window.height() <= 533
+    assert not window.panel.isVisible(), "the panel makes way where everything cannot fit"
+    assert window.chat_view.width() > 300, "the chat keeps a usable width"
+    window.panel.setVisible(True)
+    window.fit_to_screen(QRect(0, 0, 1920, 1040))
+    assert (window.width(), window.height()) == (1280, 800)
+    assert window.panel.isVisible(), "a large screen keeps the panel"
+
+
+def test_loading_does_not_squeeze_the_system_prompt(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine
+) -> None:
+    """ "Loading understudy-smollm2-moe…" sat beside the picker and cut the system prompt field
+    down to "are a helpful assistant." at 1280x800."""
+    fake_engine.load_steps, fake_engine.load_delay = 100, 0.02
+    window = make_window(start=False)
+    window.resize(1280, 800)
+    qtbot.wait(50)
+    idle = window.system_prompt.width()
+    window.start(None)
+    qtbot.waitUntil(lambda: window.loader.busy, timeout=5000)
+    qtbot.wait(50)
+    assert window.model_picker.currentText() == "Loading understudy-mini-moe…"
+    assert window.system_prompt.width() == idle, "the field lost width while loading"
+    qtbot.waitUntil(lambda: window.controller.ready, timeout=10_000)
+    assert window.model_picker.currentText() == "understudy-mini-moe"
+    assert not any(
+        "Loading" in window.model_picker.itemText(i) for i in range(window.model_picker.count())
+    )
+
+
+def test_the_loading_window_grows_with_the_estimate(qtbot: Any, window: MainWindow) -> None:
+    """The estimate (four lines) arrives after the window is shown with one line; it was cut
+    off at the top and the bottom."""
+    from engine.events import MemoryEstimate
+
+    dialog = window.load_dialog
+    dialog.begin("understudy-smollm2-moe")
+    qtbot.wait(50)
+    estimate = MemoryEstimate(
+        device="cpu",
+        trunk_bytes=328_000_000,
+        kv_cache_bytes=94_400_000,
+        expert_cache_bytes=106_200_000,
+        host_expert_bytes=212_300_000,
+        device_free_bytes=12_200_000_000,
+        host_free_bytes=11_700_000_000,
+    )
+    window.loader.estimated.emit(estimate)
+    qtbot.wait(50)
+    assert "It fits." in dialog.estimate_label.text()
+    assert shows_whole_text(dialog.estimate_label), dialog.estimate_label.geometry()
+    dialog.hide()

@@ -269,8 +269,10 @@ def test_panel_shows_allocator_and_pinned_memory_when_the_engine_reports_them(
 ) -> None:
     from dataclasses import replace as with_fields
 
-    fake_engine._stats = with_fields(
-        fake_engine._stats, device_allocated_bytes=2_500_000_000, pinned_host_bytes=4_000_000_000
+    fake_engine._stats.change(
+        lambda s: with_fields(
+            s, device_allocated_bytes=2_500_000_000, pinned_host_bytes=4_000_000_000
+        )
     )
     window.panel.update_readings()
     assert window.panel.labels["allocator"].text() == "2.5 GB"
