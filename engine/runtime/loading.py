@@ -704,7 +704,7 @@ def _experts(
 
         return MappedSafetensorsStore(shape, layers, plan.num_experts, plan.parts)
     progress(0.3, "Reading experts")
-    store = HostExpertStore(shape, layers, plan.num_experts, pin=device.type == "cuda")
+    store = HostExpertStore(shape, layers, plan.num_experts, device.type == "cuda")  # pinned
     if store.warning:
         progress(0.3, store.warning)  # pinning refused: pageable memory, slower copies
     if config.expert_quant == "none":
