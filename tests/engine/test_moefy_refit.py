@@ -129,5 +129,5 @@ def test_card_describes_the_refit_with_its_command_and_errors() -> None:
     card = render_card(record, None)
     assert "up- and down-projections" in card and "12000 calibration tokens" in card
     assert "0.300 -> 0.200" in card, "mean of each layer's better result"
-    assert "refit --epochs 3 --lr 0.001 --ridge 0.1 --keep-gate" in card
+    assert "refit --epochs 3 --lr 0.001 --ridge 0.1`" in card
     assert "refit --epochs" not in render_card({**record, "refit": None}, None)

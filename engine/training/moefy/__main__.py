@@ -44,11 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--recipe", type=Path, default=builtin_recipe_dir())
     r.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     r.add_argument("--assembled", type=Path, default=None, help="where to assemble afterwards")
-    r.add_argument("--tokens-per-domain", type=int, default=8000)
-    r.add_argument("--epochs", type=int, default=4, help="gradient epochs per layer (0: none)")
+    r.add_argument("--tokens-per-domain", type=int, default=3000)
+    r.add_argument("--epochs", type=int, default=3, help="gradient epochs per layer (0: none)")
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--ridge", type=float, default=0.1)
-    r.add_argument("--keep-gate", action="store_true", help="tune up and down only")
+    r.add_argument(
+        "--tune-gate", action="store_true", help="tune gate projections too (+53 MB shipped)"
+    )
     a = sub.add_parser("assemble", help="assemble the built-in model (first run)")
     a.add_argument("--out", type=Path, default=None, help="default: the user data folder")
     a.add_argument("--recipe", type=Path, default=None)
@@ -112,7 +114,7 @@ def _refit(args: argparse.Namespace) -> None:
     from engine.training.moefy.refit import RefitSpec
     from engine.training.moefy.tune import TuneSpec
 
-    tune = TuneSpec(epochs=args.epochs, lr=args.lr, tune_gate=not args.keep_gate)
+    tune = TuneSpec(epochs=args.epochs, lr=args.lr, tune_gate=args.tune_gate)
     spec = RefitSpec(ridge=args.ridge, tune=tune if args.epochs else None)
     report = run_refit(args.recipe, args.cache, spec, args.tokens_per_domain)
     if report["kept"]:

@@ -72,7 +72,7 @@ def _refit_lines(refit: dict[str, Any] | None) -> list[str]:
     command = (
         f"python -m engine.training.moefy refit --epochs {tune['epochs'] if tune else 0} "
         f"--lr {tune['lr'] if tune else 0} --ridge {spec['ridge']}"
-        + (" --keep-gate" if tune and not tune["tune_gate"] else "")
+        + (" --tune-gate" if tune and tune["tune_gate"] else "")
     )
     return [
         "Then every expert's " + tuned + " (routed and shared together) were refitted layer by",
