@@ -106,6 +106,7 @@ class MainWindow(QMainWindow):
         self.restoring = False  # loading ``working`` again after a failed switch
         self.ready_status = ""  # the last ``ready`` status ("loaded" or the error shown)
         self.dialogs: dict[str, QWidget] = {}
+        self._closed = False  # set by closeEvent: late engine callbacks touch nothing stored
         self._build(telemetry, measure)
         self.remote = RemoteActions(self)  # remote engines and the server switch (issue 13)
         self._menus()
@@ -605,6 +606,8 @@ class MainWindow(QMainWindow):
     def _generation_finished(self, finished: GenerationFinished | None) -> None:
         self.composer.set_generating(False)
         self.panel.set_generating(False)
+        if self._closed:  # a reply ended by closing: the chat store may already be closed
+            return
         self.sidebar.refresh()
         if self.controller.conversation is not None:
             self.sidebar.select(self.controller.conversation.id)
@@ -687,6 +690,7 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"Understudy — {name}")
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        self._closed = True
         self.remote.close()
         self.controller.close()
         self.loader.cancel(notify=False)  # closing: no "cancelled" message, nothing reloads

@@ -82,6 +82,18 @@ def test_closing_the_window_mid_reply_keeps_the_partial_reply(
     assert CLOSED in path[-1].note and path[-1].finished, "not reported again as interrupted"
 
 
+def test_a_reply_ending_after_the_window_and_store_closed_touches_nothing(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine
+) -> None:
+    """Under load the engine's 'finished' can arrive after closing, once the store is closed."""
+    window = make_window()
+    start_long_reply(qtbot, window, fake_engine)
+    window.close()
+    window.chat_store.close()
+    window._generation_finished(None)  # raised 'Cannot operate on a closed database' before
+    assert window.composer.send_button.isEnabled()
+
+
 def test_a_failed_generation_leaves_no_branch_and_retry_answers(
     qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
 ) -> None:
