@@ -61,6 +61,22 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def startup_model(last_model: str | None) -> tuple[Path, str | None]:
+    """The model to load at start and, when the last-used one is gone, the notice to show.
+
+    A last-used model whose folder (or GGUF file) no longer exists falls back to the built-in
+    model (the small fallback when the built-in one is not assembled): the app never starts
+    with nothing loaded while a working model is there.
+    """
+    if not last_model:
+        return builtin_model_dir(), None
+    last = Path(last_model)
+    if last.exists():
+        return last, None
+    builtin = builtin_model_dir()
+    return builtin, f"The last model was not found at {last}; loaded {builtin.name} instead."
+
+
 def lmstudio_models_dirs() -> list[Path]:
     """LM Studio's models folders: ``~/.lmstudio/models`` and the older ``~/.cache/lm-studio``."""
     home = Path.home()
