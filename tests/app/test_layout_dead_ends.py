@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QFileDialog, QLabel
+from PySide6.QtWidgets import QApplication, QFileDialog, QLabel
 
 from app.application import qt_arguments
 from app.export import default_export_path, file_name_for
@@ -115,6 +115,22 @@ def test_unreadable_rows_disable_load_and_long_errors_are_elided(
     loads = len(fake_engine.calls.loads)
     dialog._load_selected()  # what a double-click on the row does
     assert len(fake_engine.calls.loads) == loads and "cannot be loaded" in dialog.message.text()
+
+
+def test_the_live_panel_keeps_its_width_when_a_model_loads(qtbot: Any, make_window: Any) -> None:
+    window = make_window(start=False)
+    QApplication.processEvents()
+    before = window.panel.width()
+    window.start(None)
+    qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
+    window.panel.update_readings()
+    QApplication.processEvents()
+    assert window.panel.width() == before, "loading a model shifted the panel"
+    name = "NVIDIA GeForce RTX 4090 Laptop GPU with a very long board name"
+    window.panel._set("GPU", name)
+    QApplication.processEvents()
+    assert window.panel.width() == before, "a long reading wraps instead of widening"
+    assert window.panel.labels["GPU"].toolTip() == name
 
 
 def test_the_chat_list_selects_the_chat_shown_after_a_search_is_cleared(
