@@ -37,7 +37,7 @@ WIDEST = {
     "substitutions/token": ("no model loaded", "99.99"),
     "moved/token": ("no model loaded", "999.9 MB"),
     "misses/token": ("no model loaded", "99.99"),
-    "cache": ("99 slots, 99.9 GB",),
+    "cache": ("999 slots, 999.9 MB", "99 slots, 99.9 GB"),
     "tok/s": ("9999.9",),
     "first token": ("99999 ms",),
 }

@@ -131,6 +131,9 @@ def test_the_live_panel_keeps_its_width_when_a_model_loads(qtbot: Any, make_wind
     QApplication.processEvents()
     assert window.panel.width() == before, "a long reading wraps instead of widening"
     assert window.panel.labels["GPU"].toolTip() == name
+    window.panel._set("cache", "480 slots, 106.2 MB")  # the SmolLM2 MoE's cache on a CPU
+    QApplication.processEvents()
+    assert window.panel.width() == before, "the built-in model's cache reading fits"
 
 
 def test_the_chat_list_selects_the_chat_shown_after_a_search_is_cleared(
