@@ -97,7 +97,9 @@ class MainWindow(QMainWindow):
         self.bridge, self.settings_store, self.chat_store = bridge, settings_store, chat_store
         self.hf_cache = hf_cache
         self.prefs: AppPrefs = settings_store.load_prefs()
-        self.model_dir, self.missing_notice = startup_model(self.prefs.last_model)
+        self.model_dir, self.missing_notice = startup_model(
+            self.prefs.last_model, settings_store.config_dir / "remotes"
+        )
         self.model_settings: ModelSettings = settings_store.load_model(self.model_dir)
         self.model_info: ModelInfo | None = None
         self.working: tuple[Path, ModelSettings] | None = None  # loaded model and its settings

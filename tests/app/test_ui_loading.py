@@ -157,3 +157,14 @@ def test_deleted_last_model_falls_back_to_the_builtin_and_names_the_missing_path
     assert str(gone) in warning and "not found" in warning, warning
     assert "\n" not in warning, "one line"
     assert window.prefs.last_model == str(builtin), "the next start does not warn again"
+
+
+def test_a_forgotten_remote_last_used_falls_back_to_the_builtin(
+    make_window: Any, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    config = user_dirs / "config"
+    SettingsStore(config).remember_model(config / "remotes" / "big_box")  # then forgotten
+    window = make_window()
+    assert fake_engine.calls.loads[0].model_dir == user_dirs / "builtin" / "understudy-mini-moe"
+    assert window.controller.ready
+    assert "big_box" in window.banner.text and "no longer saved" in window.banner.text
