@@ -1,6 +1,8 @@
 """The Models window: built-in, added, models-folder and Hugging Face cache models in a table
 with architecture, size, experts and top-k (from ``EngineAPI.inspect``); the loaded model is
-marked; add a folder, remove an added one from the list (its files stay), load.
+marked; add a folder, remove an added one from the list (its files stay), load. A row that
+cannot be loaded (unreadable, dense) keeps Load disabled with the reason as its tooltip; long
+cells are elided at a capped column width, the whole text in the cell's tooltip.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QFont
 from PySide6.QtWidgets import (
     QDialog,
@@ -33,6 +35,7 @@ COLUMNS = ("Name", "Source", "Architecture", "Quant", "Size", "Experts", "Top-k"
 EXPERTS, TOP_K = 5, 6
 LOADED_MARK = "● "
 NOT_REMOVABLE = "Only folders you added can be removed from this list."
+MAX_COLUMN_WIDTH = 280  # px: a long error or name is elided rather than widening the table
 
 
 def browse_start(added: Sequence[str], home: Path | None = None) -> Path:
@@ -66,25 +69,28 @@ class LibraryDialog(QDialog):
         self.bridge, self.added, self.hf_cache = bridge, added, hf_cache
         self.loaded = loaded.resolve() if loaded is not None else None
         self.entries: list[ModelEntry] = []
+        self.problems: dict[int, str] = {}  # row -> why that model cannot be loaded
         self.task: asyncio.Task[None] | None = None
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.setWordWrap(False)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.table.verticalHeader().setVisible(False)
         header = self.table.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)  # fitted, capped
         header.setStretchLastSection(True)
         self.remove_button = QPushButton("Remove from list")
         self.remove_button.clicked.connect(self.remove_selected)
+        self.load_button = QPushButton("Load")
         self.table.itemSelectionChanged.connect(self._selection_changed)
         self.message = QLabel("Models are used where they are; nothing is copied.")
         self.message.setWordWrap(True)
         self._layout()
 
     def _layout(self) -> None:
-        add, rescan, load = QPushButton("Add folder…"), QPushButton("Rescan"), QPushButton("Load")
+        add, rescan, load = QPushButton("Add folder…"), QPushButton("Rescan"), self.load_button
         add_file = QPushButton("Add GGUF file…")
         add.clicked.connect(self.choose_folder)
         add_file.clicked.connect(self.choose_file)
@@ -104,12 +110,16 @@ class LibraryDialog(QDialog):
     def rescan(self) -> None:
         self.entries = all_models(self.added, self.hf_cache)
         self.table.setRowCount(len(self.entries))
+        self.problems = {}
         for row, entry in enumerate(self.entries):
             size = human_bytes(entry.size_bytes)
             values = (entry.name, entry.source, entry.architecture, entry.quant, size)
             for column, value in enumerate((*values, *_pending(entry))):
                 self._set(row, column, value)
+            if entry.problem or entry.moe is False:
+                self.problems[row] = _pending(entry)[0]
             self._mark_if_loaded(row, entry)
+        self._fit_columns()
         self._selection_changed()
         if self.bridge is not None:
             self.task = start_task(self, self._inspect_all(), self.bridge.loop)
@@ -127,9 +137,16 @@ class LibraryDialog(QDialog):
                 self._set_row(row, info, "")
 
     def _set(self, row: int, column: int, text: str) -> None:
-        item = QTableWidgetItem(text)
-        item.setToolTip(text)  # the whole text, also where a column is narrow
+        item = QTableWidgetItem(" ".join(text.split()))  # one line: no tall rows
+        item.setToolTip(text)  # the whole text, also where a column is narrow or elided
         self.table.setItem(row, column, item)
+
+    def _fit_columns(self) -> None:
+        """Fit each column to its contents, up to MAX_COLUMN_WIDTH (the rest is elided)."""
+        self.table.resizeColumnsToContents()
+        for column in range(self.table.columnCount()):
+            if self.table.columnWidth(column) > MAX_COLUMN_WIDTH:
+                self.table.setColumnWidth(column, MAX_COLUMN_WIDTH)
 
     def is_loaded(self, entry: ModelEntry) -> bool:
         return self.loaded is not None and entry.path.resolve() == self.loaded
@@ -156,10 +173,13 @@ class LibraryDialog(QDialog):
         if info is None:
             self._set(row, EXPERTS, problem)
             self._set(row, TOP_K, "")
-            return
-        self._set(row, 2, info.architecture)
-        self._set(row, EXPERTS, f"{info.experts_per_layer} × {info.moe_layers} layers")
-        self._set(row, TOP_K, str(info.top_k))
+            self.problems[row] = problem
+        else:
+            self._set(row, 2, info.architecture)
+            self._set(row, EXPERTS, f"{info.experts_per_layer} × {info.moe_layers} layers")
+            self._set(row, TOP_K, str(info.top_k))
+        self._fit_columns()
+        self._selection_changed()
 
     def choose_file(self) -> None:
         file, _filter = QFileDialog.getOpenFileName(
@@ -199,6 +219,9 @@ class LibraryDialog(QDialog):
         removable = entry is not None and entry.source == "added"
         self.remove_button.setEnabled(removable)
         self.remove_button.setToolTip("" if removable else NOT_REMOVABLE)
+        problem = self.problems.get(self.table.currentRow(), "")
+        self.load_button.setEnabled(entry is not None and not problem)
+        self.load_button.setToolTip(problem or ("" if entry else "Choose a model in the list"))
 
     def remove_selected(self) -> None:
         """Take an added folder off the list; nothing on disk is touched."""
@@ -213,7 +236,9 @@ class LibraryDialog(QDialog):
 
     def _load_selected(self) -> None:
         row = self.table.currentRow()
-        if 0 <= row < len(self.entries):
+        if row in self.problems:  # a double-click on an unreadable row: say why, load nothing
+            self.message.setText(f"{self.entries[row].name} cannot be loaded: {self.problems[row]}")
+        elif 0 <= row < len(self.entries):
             self.load_requested.emit(str(self.entries[row].path))
 
 

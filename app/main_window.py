@@ -48,7 +48,7 @@ from app.export import default_export_path, export_to
 from app.library_dialog import LibraryDialog
 from app.load_dialog import LoadDialog
 from app.loader import ModelLoader
-from app.model_library import all_models
+from app.model_library import all_models, startup_model
 from app.panel import LivePanel
 from app.remote_actions import RemoteActions
 from app.settings import (
@@ -97,8 +97,8 @@ class MainWindow(QMainWindow):
         self.bridge, self.settings_store, self.chat_store = bridge, settings_store, chat_store
         self.hf_cache = hf_cache
         self.prefs: AppPrefs = settings_store.load_prefs()
-        self.model_dir = (
-            Path(self.prefs.last_model) if self.prefs.last_model else builtin_model_dir()
+        self.model_dir, self.missing_notice = startup_model(
+            self.prefs.last_model, settings_store.config_dir / "remotes"
         )
         self.model_settings: ModelSettings = settings_store.load_model(self.model_dir)
         self.model_info: ModelInfo | None = None
@@ -252,6 +252,8 @@ class MainWindow(QMainWindow):
         notice = builtin_notice()
         if notice and self.model_dir == builtin_model_dir():
             self.banner.show_message(notice, "info")
+        if self.missing_notice:
+            self.banner.show_message(self.missing_notice, "warning")
         self._open_latest_chat()
         crashed = crash_guard.start() if crash_guard is not None else False
         last = self.settings_store.load_last_working() if crashed else None

@@ -61,6 +61,25 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def startup_model(
+    last_model: str | None, remotes_dir: Path | None = None
+) -> tuple[Path, str | None]:
+    """The model to load at start and, when the last-used one is gone, the notice to show.
+
+    A last-used model whose folder (or GGUF file) no longer exists falls back to the built-in
+    model (the small fallback when the built-in one is not assembled): the app never starts
+    with nothing loaded while a working model is there. A remote engine's entry under
+    ``remotes_dir`` is no folder on disk; the remote actions resume it.
+    """
+    if not last_model:
+        return builtin_model_dir(), None
+    last = Path(last_model)
+    if last.exists() or (remotes_dir is not None and last.parent == remotes_dir):
+        return last, None
+    builtin = builtin_model_dir()
+    return builtin, f"The last model was not found at {last}; loaded {builtin.name} instead."
+
+
 def lmstudio_models_dirs() -> list[Path]:
     """LM Studio's models folders: ``~/.lmstudio/models`` and the older ``~/.cache/lm-studio``."""
     home = Path.home()

@@ -3,13 +3,17 @@ speed, with small time plots updated while a reply is generated.
 
 Readings come from injected sources (engine stats, the reply's timing, NVML), so the panel
 can be tested with fakes. Without NVML it says so and shows what it can.
+
+The panel's width does not follow its readings: each reading's label asks for the width of the
+widest text it shows (``WIDEST``, measured in its current font), and the GPU name wraps, so
+loading a model or starting a reply does not shift the chat beside it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from PySide6.QtCore import QTimer
+from PySide6.QtCore import QSize, QTimer
 from PySide6.QtWidgets import QFormLayout, QGroupBox, QLabel, QVBoxLayout, QWidget
 
 from app.chat_controller import StreamTiming
@@ -20,10 +24,50 @@ from engine.events import StatsSnapshot
 
 BUSY_INTERVAL_MS = 250
 IDLE_INTERVAL_MS = 2000
+# the widest texts each reading usually shows, reserved from the start ("not available
+# remotely", shown only with a remote engine, may still widen it)
+WIDEST = {
+    "VRAM": ("99.9 GB / 99.9 GB",),
+    "allocator": ("not reported", "999.9 GB"),
+    "PCIe TX": ("not supported", "999.9 GB/s"),
+    "PCIe RX": ("not supported", "999.9 GB/s"),
+    "RAM": ("99.9 GB / 99.9 GB",),
+    "pinned": ("not reported", "999.9 GB"),
+    "hit rate": ("no model loaded", "100.0%"),
+    "substitutions/token": ("no model loaded", "99.99"),
+    "moved/token": ("no model loaded", "999.9 MB"),
+    "misses/token": ("no model loaded", "99.99"),
+    "cache": ("999 slots, 999.9 MB", "99 slots, 99.9 GB"),
+    "tok/s": ("9999.9",),
+    "first token": ("99999 ms",),
+}
 
 
 def rate(value: float | None) -> str:
     return "not supported" if value is None else f"{human_bytes(value)}/s"
+
+
+class ReadingLabel(QLabel):
+    """A reading that asks for the width of its widest text from the start (none: it wraps)."""
+
+    def __init__(self, widest: tuple[str, ...]) -> None:
+        super().__init__("–")
+        self.widest = widest
+        self.setWordWrap(not widest)
+
+    def _reserved(self, hint: QSize) -> QSize:
+        if not self.widest:
+            return hint
+        metrics, margins = self.fontMetrics(), self.contentsMargins()
+        text = max(metrics.horizontalAdvance(t) for t in self.widest)
+        width = text + margins.left() + margins.right() + 2 * self.margin()
+        return QSize(max(hint.width(), width), hint.height())
+
+    def minimumSizeHint(self) -> QSize:
+        return self._reserved(super().minimumSizeHint())
+
+    def sizeHint(self) -> QSize:
+        return self._reserved(super().sizeHint())
 
 
 class LivePanel(QWidget):
@@ -62,7 +106,7 @@ class LivePanel(QWidget):
         box = QGroupBox(title)
         form = QFormLayout(box)
         for name in names:
-            self.labels[name] = QLabel("–")
+            self.labels[name] = ReadingLabel(WIDEST.get(name, ()))
             form.addRow(name, self.labels[name])
         return box
 
@@ -98,6 +142,7 @@ class LivePanel(QWidget):
 
     def _set(self, name: str, text: str) -> None:
         self.labels[name].setText(text)
+        self.labels[name].setToolTip(text)
 
     def _show_gpu(self, gpu: GpuSample | None) -> None:
         if gpu is None:

@@ -197,6 +197,13 @@ class RemoteActions(QObject):
                 return
             self._activate(entry, key)
             return
+        if w.model_dir.parent == self.config_dir / "remotes":  # forgotten since: no dead end
+            gone, w.model_dir = w.model_dir.name, builtin_model_dir()
+            w.model_settings = w.settings_store.load_model(w.model_dir)
+            w.missing_notice = (
+                f"The last remote engine ({gone}) is no longer saved; loaded "
+                f"{w.model_dir.name} instead."
+            )
 
     def _loaded(self, info: ModelInfo) -> None:
         if self.remote is not None:

@@ -1,8 +1,9 @@
 """Render the app's screenshots with the REAL engine on the built-in model.
 
 ``python -m app.screenshots [OUT_DIR]`` (default ``docs/screenshots``) starts the window
-offscreen, loads ``resources/models/understudy-mini-moe`` through the real engine (on the GPU
-when there is one, else the CPU), asks it two questions and saves:
+offscreen, loads the built-in model (``engine.paths.builtin_model_dir()``: the assembled
+SmolLM2 MoE, else the small ``understudy-mini-moe``) through the real engine (on the GPU when
+there is one, else the CPU), asks it two questions and saves:
 
 - ``main-window-{light,dark}-{1280x800,1920x1080}.png``: the chat at two sizes and both themes
 - ``main-window-generating.png``: mid-reply (the README's picture), ``panel-generating.png``

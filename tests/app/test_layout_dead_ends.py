@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QFileDialog, QLabel
+from PySide6.QtWidgets import QApplication, QFileDialog, QLabel
 
 from app.application import qt_arguments
 from app.export import default_export_path, file_name_for
-from app.library_dialog import TOP_K, LibraryDialog
+from app.library_dialog import EXPERTS, MAX_COLUMN_WIDTH, TOP_K, LibraryDialog
 from app.main_window import MainWindow
 from app.settings_dialog import SettingsDialog
 from tests.app.conftest import write_model_folder
@@ -90,6 +90,50 @@ def test_an_added_folder_can_be_removed_and_the_builtin_cannot(
     assert folder.is_dir(), "nothing on disk is deleted"
     names = [dialog.table.item(r, 0).text() for r in range(dialog.table.rowCount())]
     assert "olmoe" not in names and "files are kept" in dialog.message.text()
+
+
+def test_unreadable_rows_disable_load_and_long_errors_are_elided(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    broken = write_model_folder(user_dirs / "mine" / "broken-moe")
+    error = "config.json: " + "the value of num_local_experts is absurd; " * 20
+    fake_engine.broken[broken] = error
+    dialog = open_library(window)
+    assert dialog.add_folder(broken)
+    names = [dialog.table.item(r, 0).text() for r in range(dialog.table.rowCount())]
+    row = names.index("broken-moe")
+    qtbot.waitUntil(lambda: "cannot read" in dialog.table.item(row, EXPERTS).text(), timeout=5000)
+    dialog.table.selectRow(0)
+    assert dialog.load_button.isEnabled(), "the readable built-in model can be loaded"
+    dialog.table.selectRow(row)
+    assert not dialog.load_button.isEnabled(), "Load is off on an unreadable row"
+    assert error.strip() in dialog.load_button.toolTip(), "the reason is the tooltip"
+    item = dialog.table.item(row, EXPERTS)
+    assert item.toolTip() == f"cannot read: {error}", "the whole message in the cell's tooltip"
+    assert dialog.table.columnWidth(EXPERTS) <= MAX_COLUMN_WIDTH, "the column is not widened"
+    assert dialog.table.textElideMode() == Qt.TextElideMode.ElideRight
+    loads = len(fake_engine.calls.loads)
+    dialog._load_selected()  # what a double-click on the row does
+    assert len(fake_engine.calls.loads) == loads and "cannot be loaded" in dialog.message.text()
+
+
+def test_the_live_panel_keeps_its_width_when_a_model_loads(qtbot: Any, make_window: Any) -> None:
+    window = make_window(start=False)
+    QApplication.processEvents()
+    before = window.panel.width()
+    window.start(None)
+    qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
+    window.panel.update_readings()
+    QApplication.processEvents()
+    assert window.panel.width() == before, "loading a model shifted the panel"
+    name = "NVIDIA GeForce RTX 4090 Laptop GPU with a very long board name"
+    window.panel._set("GPU", name)
+    QApplication.processEvents()
+    assert window.panel.width() == before, "a long reading wraps instead of widening"
+    assert window.panel.labels["GPU"].toolTip() == name
+    window.panel._set("cache", "480 slots, 106.2 MB")  # the SmolLM2 MoE's cache on a CPU
+    QApplication.processEvents()
+    assert window.panel.width() == before, "the built-in model's cache reading fits"
 
 
 def test_the_chat_list_selects_the_chat_shown_after_a_search_is_cleared(

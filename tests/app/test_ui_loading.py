@@ -137,3 +137,34 @@ def test_unassembled_builtin_starts_on_the_small_model_and_says_how_to_assemble(
     assert fake_engine.calls.loads[0].model_dir == small
     notices = [text for kind, text in window.banner.history if kind == "info"]
     assert any("python -m engine.training.moefy assemble" in text for text in notices)
+
+
+def test_deleted_last_model_falls_back_to_the_builtin_and_names_the_missing_path(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    from tests.app.conftest import write_model_folder
+
+    gone = write_model_folder(user_dirs / "my-models" / "olmoe")
+    SettingsStore(user_dirs / "config").remember_model(gone)
+    for child in gone.iterdir():
+        child.unlink()
+    gone.rmdir()
+    window = make_window()
+    builtin = user_dirs / "builtin" / "understudy-mini-moe"
+    assert fake_engine.calls.loads[0].model_dir == builtin, "loads the built-in model"
+    assert window.controller.ready and window.model_picker.currentText() == builtin.name
+    warning = window.banner.text
+    assert str(gone) in warning and "not found" in warning, warning
+    assert "\n" not in warning, "one line"
+    assert window.prefs.last_model == str(builtin), "the next start does not warn again"
+
+
+def test_a_forgotten_remote_last_used_falls_back_to_the_builtin(
+    make_window: Any, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    config = user_dirs / "config"
+    SettingsStore(config).remember_model(config / "remotes" / "big_box")  # then forgotten
+    window = make_window()
+    assert fake_engine.calls.loads[0].model_dir == user_dirs / "builtin" / "understudy-mini-moe"
+    assert window.controller.ready
+    assert "big_box" in window.banner.text and "no longer saved" in window.banner.text
