@@ -5,6 +5,7 @@ No GPU here: a fake registrar stands in for ``cudaHostRegister`` and records wha
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,23 +71,42 @@ def test_no_pinning_asked_registers_nothing() -> None:
     assert fake.calls == []
 
 
-def _rss_bytes() -> int:
+_RSS_PROBE = """
+from pathlib import Path
+import torch
+from engine.offload.store import ExpertShape, HostExpertStore
+
+def rss():
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS line")
+    raise SystemExit("no VmRSS line")
+
+shape = ExpertShape(hidden=1024, intermediate=700, dtype=torch.float32)  # ~8.6 MB/expert
+before = rss()
+store = HostExpertStore(shape, [0, 1], 5, pin=False)
+print(rss() - before, store.nbytes, 2 * 5 * shape.nbytes)
+"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_resident_memory_of_the_store_is_its_size() -> None:
-    """RSS grows by the store's bytes (within 5%), not by a rounded-up block."""
-    shape = ExpertShape(hidden=1024, intermediate=700, dtype=torch.float32)  # ~8.6 MB/expert
-    before = _rss_bytes()
-    store = HostExpertStore(shape, [0, 1], 5, pin=False)
-    grown = _rss_bytes() - before
-    assert store.nbytes == 2 * 5 * shape.nbytes
-    assert abs(grown - store.nbytes) <= 0.05 * store.nbytes, (grown, store.nbytes)
-    store.close()
+    """RSS grows by the store's bytes (within 5%), not by a rounded-up block.
+
+    Measured in a fresh interpreter: in the test process, memory freed by earlier tests and
+    kept by the C allocator can hold the store without RSS growing at all.
+    """
+    probe = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    grown, nbytes, expected = (int(v) for v in probe.stdout.split())
+    assert nbytes == expected
+    assert abs(grown - nbytes) <= 0.05 * nbytes, (grown, nbytes)
 
 
 def test_estimate_matches_the_store_a_load_allocates(tiny_checkpoint: Any) -> None:
