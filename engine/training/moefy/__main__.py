@@ -96,21 +96,27 @@ def _build(args: argparse.Namespace) -> None:
 def _distill(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from engine.training.moefy.assemble import assemble
     from engine.training.moefy.distill import DistillSpec
-    from engine.training.moefy.recipe import record_model_hash, run_distill
+    from engine.training.moefy.recipe import run_distill
 
     report = run_distill(args.recipe, args.cache, replace(DistillSpec(), steps=args.steps))
     if report["kept"]:
-        folder = args.assembled or assembled_model_dir()
-        result = assemble(folder, args.recipe, args.cache / "pkgs", force=True)
-        record_model_hash(args.recipe, result.sha256)
+        _reassemble(args)
     print(f"distillation {'kept' if report['kept'] else 'did not pay; not kept'}: {report}")
 
 
-def _refit(args: argparse.Namespace) -> None:
+def _reassemble(args: argparse.Namespace) -> None:
+    """A kept step changed the learned parts: assemble again and record the result's hash."""
     from engine.training.moefy.assemble import assemble
-    from engine.training.moefy.recipe import record_model_hash, run_refit
+    from engine.training.moefy.recipe import record_model_hash
+
+    folder = args.assembled or assembled_model_dir()
+    result = assemble(folder, args.recipe, args.cache / "pkgs", force=True)
+    record_model_hash(args.recipe, result.sha256)
+
+
+def _refit(args: argparse.Namespace) -> None:
+    from engine.training.moefy.recipe import run_refit
     from engine.training.moefy.refit import RefitSpec
     from engine.training.moefy.tune import TuneSpec
 
@@ -118,9 +124,7 @@ def _refit(args: argparse.Namespace) -> None:
     spec = RefitSpec(ridge=args.ridge, tune=tune if args.epochs else None)
     report = run_refit(args.recipe, args.cache, spec, args.tokens_per_domain)
     if report["kept"]:
-        folder = args.assembled or assembled_model_dir()
-        result = assemble(folder, args.recipe, args.cache / "pkgs", force=True)
-        record_model_hash(args.recipe, result.sha256)
+        _reassemble(args)
     print(f"refit {'kept' if report['kept'] else 'did not pay; not kept'}")
 
 
