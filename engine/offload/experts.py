@@ -126,9 +126,9 @@ class OffloadedExperts(nn.Module):
         final = torch.zeros_like(hidden_states)  # [T, H]
         single = plan.single_token
         if single is not None:  # decode: one token, its row and weights are plain views
+            per_k = top_k_weights.unbind(1)  # k x [1]: one op, not a slice per expert
             for expert, current in self._eager_rows(hidden_states, plan, {}):  # [1, H] each
-                j = single[expert]
-                current = current * _to(top_k_weights[:, j : j + 1], current.device)
+                current = current * _to(per_k[single[expert]], current.device)
                 final.add_(_to(current, final.device, final.dtype))
             return final
         packed, spans = plan.eager_indices()

@@ -85,10 +85,17 @@ class RouterFamily:
 
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
         """The full pre-top-k score vector of every token: [T, E] fp32."""
-        logits = router_logits.reshape(-1, router_logits.shape[-1])  # [T, E]
+        logits = router_logits
+        if logits.dim() != 2:
+            logits = logits.reshape(-1, router_logits.shape[-1])  # [T, E]
         if self.name == SIGMOID_GROUPED:
-            return logits.float().sigmoid()
-        return torch.nn.functional.softmax(logits.float(), dim=-1)
+            return fp32(logits).sigmoid()
+        return torch.nn.functional.softmax(fp32(logits), dim=-1)
+
+
+def fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor.float()`` without dispatching an op when it is fp32 already (the hot path)."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
 def _renormalize(mode: str, config: Any) -> bool:

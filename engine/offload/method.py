@@ -58,7 +58,7 @@ from engine.offload.plan import (
     top_score_ranked,
     top_score_set,
 )
-from engine.offload.prefetch import PrefetchAccount, predict_scores
+from engine.offload.prefetch import FoldedRouter, PrefetchAccount, fold_router, predict_scores
 from engine.offload.substitution import DEFAULT_WEIGHT_MODE, RouterSpec, WeightMode
 
 if TYPE_CHECKING:
@@ -126,6 +126,7 @@ class SmoeMethod:
         self._packed: dict[int, int] = {}  # MoE layer -> the MoE layer it predicts
         self._mid: dict[int, torch.Tensor] = {}  # MoE layer -> its post-attention state
         self._predicted: dict[int, np.ndarray] = {}  # layer -> predicted scores, on the host
+        self._folded: dict[int, FoldedRouter | None] = {}  # layer -> its folded predictor
         self._hooks: list[Any] = []
         self._attach(model)
 
@@ -223,8 +224,8 @@ class SmoeMethod:
         # substitutes are resident: the cache will count them as hits; they are substitutions
         self.cache.stats.add(layer, hits=-len(added), substitutions=len(added))
         device = idx.device
-        new_idx = to_device(out.idx, device).to(idx.dtype)
-        new_weights = to_device(out.weights, device).to(weights.dtype)
+        new_idx = _as(to_device(out.idx, device), idx.dtype)
+        new_weights = _as(to_device(out.weights, device), weights.dtype)
         return HostRouting(host.scores, out.idx, out.weights), new_idx, new_weights
 
     def _bias_host(self, layer: int) -> np.ndarray | None:
@@ -282,13 +283,12 @@ class SmoeMethod:
         if mid is None or following is None or self.spec is None:
             return None
         live = self._live
-        flat = mid.reshape(-1, mid.shape[-1])  # [T, H]
         if not live.prefetch_on or live.prefetch_from != "attention":
             return None
-        if flat.shape[0] > MAX_DECODE_TOKENS:
+        if mid.numel() > MAX_DECODE_TOKENS * mid.shape[-1]:
             return None
         with torch.no_grad():
-            return self._predict(following, flat)
+            return self._predict(following, mid)  # [..., E]: the routing copy flattens it
 
     def _issue_hook(self, layer: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -299,7 +299,29 @@ class SmoeMethod:
         return hook
 
     def _predict(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """``layer``'s predicted scores [T, E] from a hidden state [T, H] (on the device)."""
+        """``layer``'s predicted scores [..., E] from a hidden state [..., H] (on the device).
+
+        Through the folded predictor (norm folded into the router: five ops) where the
+        layer's norm is a plain RMS norm, else through the norm module and the router.
+        """
+        if layer not in self._folded:
+            self._folded[layer] = self._fold(layer)
+        folded = self._folded[layer]
+        if folded is not None:
+            return folded(hidden)
+        return self._predict_unfolded(layer, hidden.reshape(-1, hidden.shape[-1]))
+
+    def _fold(self, layer: int) -> FoldedRouter | None:
+        assert self.spec is not None
+        router = self.controller.routers[layer].router
+        router_bias, weight = getattr(router, "bias", None), router.weight
+        if not isinstance(weight, torch.Tensor):
+            return None
+        bias = router_bias if isinstance(router_bias, torch.Tensor) else None
+        return fold_router(self._norms.get(layer), weight, self.spec, bias)
+
+    def _predict_unfolded(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``predict_scores`` through the norm module and the router: [T, E]."""
         assert self.spec is not None
         router = self.controller.routers[layer].router
         router_bias, weight = getattr(router, "bias", None), router.weight
@@ -407,6 +429,11 @@ class SmoeMethod:
                 self.cost_load.add(time.perf_counter() - start, misses)
             done += len(chunk)
             yield chunk
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without dispatching an op when it has that dtype already."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:

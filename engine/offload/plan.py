@@ -19,6 +19,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from engine.offload.families import fp32
 from engine.offload.substitution import ALPHA_MAX, WEIGHT_MODES, RouterSpec, WeightMode
 
 F32 = np.float32
@@ -46,9 +47,9 @@ class HostRouting:
         ``extra`` ([T, X], e.g. the next layer's predicted scores) travels in the same copy.
         """
         e, k = scores.shape[1], idx.shape[1]
-        parts = [_fp32(scores), idx.float(), _fp32(weights)]
+        parts = [fp32(scores), idx.float(), fp32(weights)]
         if extra is not None:
-            parts.append(_fp32(extra.reshape(scores.shape[0], -1)))
+            parts.append(fp32(extra.reshape(scores.shape[0], -1)))
         packed = torch.cat(parts, dim=1)  # [T, E+2k(+X)]
         if packed.device.type != "cpu":
             packed = packed.cpu()
@@ -61,10 +62,6 @@ class HostRouting:
     @property
     def tokens(self) -> int:
         return int(self.scores.shape[0])
-
-
-def _fp32(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
 # --------------------------------------------------------------------------- Algorithm 1

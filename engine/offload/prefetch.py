@@ -16,12 +16,15 @@ Legend: T tokens, E experts, H hidden size, k experts per token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from engine.offload.families import fp32
 from engine.offload.substitution import (
     RouterSpec,
     affinities,
@@ -43,17 +46,76 @@ def predict_scores(
 ) -> torch.Tensor:
     """Layer i+1's predicted pre-top-k affinities [T, E] from layer i's output [T, H]."""
     x = hidden if norm is None else norm(hidden)  # [T, H]
-    x = _fp32(x.reshape(-1, x.shape[-1]))
-    bias = None if router_bias is None else _fp32(router_bias)
-    logits = F.linear(x, _fp32(router_weight), bias)  # [T, E]
+    x = fp32(x.reshape(-1, x.shape[-1]))
+    bias = None if router_bias is None else fp32(router_bias)
+    logits = F.linear(x, fp32(router_weight), bias)  # [T, E]
     if spec.kind == "sparsemixer":
         return logits.softmax(dim=-1)  # ranking only: PhiMoE picks by logits
     return affinities(logits, spec)
 
 
-def _fp32(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor.float()`` without dispatching an op when it is fp32 already."""
-    return tensor if tensor.dtype == torch.float32 else tensor.float()
+@dataclass(frozen=True)
+class FoldedRouter:
+    """The predictor of one layer with its RMS norm folded into the router: five ops.
+
+    ``norm(x) @ W.T`` with ``norm(x) = g * x / rms(x)`` equals ``(x @ (W * g).T) / rms(x)``; the
+    per-token ``rms`` is ``|x| / sqrt(H)`` (the norm's epsilon left out: it only matters for a
+    near-zero state, clamped here). So a prediction is a matrix product, a vector norm, its
+    clamp, one division and the family's softmax (and the router's bias, if it has one),
+    instead of the norm module's eight ops and the router's. It is a *prediction* (it only
+    chooses what to copy early): rounding may differ from the norm module in the last bits,
+    never what the layer computes.
+    """
+
+    weight: torch.Tensor  # [E, H] fp32: router weight * norm weight * sqrt(H)
+    bias: torch.Tensor | None  # [E] fp32
+    spec: RouterSpec
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = fp32(hidden)  # [T, H]
+        logits = F.linear(x, self.weight)  # [T, E], scaled by |x| / sqrt(H)
+        size = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [T, 1]
+        logits = logits.div_(size.clamp_min_(FOLD_TINY))
+        if self.bias is not None:  # the router's bias is not scaled by the norm
+            logits = logits.add_(self.bias)
+        return affinities(logits, self.spec)
+
+
+FOLD_TINY = 1e-12  # smallest |x| divided by (a zero state would otherwise give NaN scores)
+FOLD_TOLERANCE = 1e-4  # the probe's largest difference from the norm module (fp32 gain)
+FOLD_TOLERANCE_16 = 3e-2  # the same for a 16-bit gain (bf16 keeps 8 bits of mantissa)
+
+
+def fold_router(
+    norm: nn.Module | None,
+    router_weight: torch.Tensor,
+    spec: RouterSpec,
+    router_bias: torch.Tensor | None = None,
+) -> FoldedRouter | None:
+    """The folded predictor when ``norm`` is a plain RMS norm (checked on a probe); else None.
+
+    The probe compares the module's output with ``g * x / rms(x)`` on random rows, so a norm
+    that centres (LayerNorm), offsets its gain (``1 + g``) or does anything else is refused and
+    the caller keeps ``predict_scores`` with the module.
+    """
+    if spec.kind == "sparsemixer" or norm is None:
+        return None
+    gain = getattr(norm, "weight", None)
+    hidden = router_weight.shape[-1]
+    if not isinstance(gain, torch.Tensor) or tuple(gain.shape) != (hidden,):
+        return None
+    with torch.no_grad():
+        gain32 = fp32(gain.detach())
+        probe = torch.randn(4, hidden, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(gain.device, gain.dtype)
+        expected, x = fp32(norm(probe)), fp32(probe)
+        folded = gain32 * x / x.pow(2).mean(-1, keepdim=True).sqrt()
+        tolerance = FOLD_TOLERANCE if gain.dtype == torch.float32 else FOLD_TOLERANCE_16
+        if not torch.allclose(expected, folded, rtol=tolerance, atol=tolerance):
+            return None
+        weight = fp32(router_weight.detach()) * gain32 * math.sqrt(hidden)  # [E, H]
+        bias = None if router_bias is None else fp32(router_bias.detach())
+    return FoldedRouter(weight.contiguous(), bias, spec)
 
 
 def model_top_k(

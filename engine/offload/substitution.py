@@ -38,6 +38,7 @@ from typing import Any, Literal
 import torch
 
 from engine.errors import SubstitutionUnsupportedError
+from engine.offload.families import fp32
 
 RouterKind = Literal["softmax", "sigmoid", "sparsemixer"]
 GroupScore = Literal["max", "top2_sum"]
@@ -206,9 +207,9 @@ _SPEC_BUILDERS = {
 def affinities(logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     """The family's pre-top-k affinity from router logits: fp32 softmax or sigmoid, [T, E]."""
     if spec.kind == "sigmoid":
-        return logits.float().sigmoid()
+        return fp32(logits).sigmoid()
     if spec.kind == "softmax":
-        return logits.float().softmax(dim=-1)
+        return fp32(logits).softmax(dim=-1)
     raise _refusal(spec)
 
 

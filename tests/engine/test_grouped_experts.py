@@ -166,3 +166,28 @@ def test_cpu_assist_runs_on_the_worker_thread_next_to_the_device_experts(
     assert loaded.offload.stats().cpu_computed > 0
     assert threads and all(name.startswith("cpu-assist") for name in threads), threads
     loaded.offload.close()
+
+
+def test_eager_decode_pays_seven_ops_per_chosen_expert(checkpoints: dict[str, Path]) -> None:
+    """One token through the eager loop, every expert resident: the output buffer and one
+    ``unbind`` of the router weights per layer, then per chosen expert the five ops of its
+    MLP, its weight product and the accumulation (no per-expert weight slice)."""
+    directory = checkpoints["olmoe"]  # k = 3
+    loaded = _load(directory, 1.0, LiveOptions(), experts="eager")
+    prompt, steps = _tokens(inspect_model(directory).vocab_size)
+    prefill_and_decode(loaded.model, prompt, steps[:1])
+    module = loaded.offload.experts[min(loaded.offload.experts)]
+    forward, counts = module.forward, []
+
+    def counted(*args: Any) -> Any:
+        with OpCounter() as counter:
+            out = forward(*args)
+        counts.append(counter.ops)
+        return out
+
+    module.forward = counted
+    with torch.inference_mode():  # as the engine decodes (linear stays one op)
+        prefill_and_decode(loaded.model, torch.tensor([[steps[1]]]), [])
+    loaded.offload.close()
+    k = loaded.model.config.num_experts_per_tok
+    assert counts == [2 + 7 * k], (counts, k)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.eval.opcount import OpCounter
 from engine.offload.prefetch import (
     PrefetchAccount,
+    fold_router,
     model_top_k,
     plan_prefetch,
     predict_scores,
@@ -26,6 +28,33 @@ def test_predicted_scores_are_the_next_routers_softmax_of_the_normed_state() -> 
     expect = (norm(hidden) @ weight.T).softmax(-1)
     assert torch.allclose(scores, expect, atol=1e-6)
     assert scores.shape == (3, 8) and scores.dtype == torch.float32
+
+
+def test_folded_predictor_equals_the_norm_and_router_in_six_ops() -> None:
+    """The RMS norm folded into the router predicts the same scores (to rounding), with the
+    same top-k, in a fixed handful of ops whatever the norm module does."""
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, 1, 16, generator=gen) * 3
+    weight, bias = torch.randn(8, 16, generator=gen), torch.randn(8, generator=gen)
+    norm = torch.nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16, generator=gen) + 0.5)
+    folded = fold_router(norm, weight, SPEC, bias)
+    assert folded is not None
+    expect = predict_scores(hidden, weight, SPEC, norm=norm, router_bias=bias)  # [1, 8]
+    with torch.inference_mode(), OpCounter() as counter:  # as the engine decodes
+        got = folded(hidden)  # [1, 1, 8]
+    assert torch.allclose(got.reshape(1, 8), expect, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.reshape(1, 8).topk(2).indices, expect.topk(2).indices)
+    assert counter.ops == 6, counter.ops  # matmul, norm, clamp, divide, bias, softmax
+    assert torch.isfinite(folded(torch.zeros(1, 16))).all()  # a zero state: no NaN scores
+
+
+def test_a_norm_that_is_not_plain_rms_is_not_folded() -> None:
+    weight = torch.randn(8, 16)
+    assert fold_router(torch.nn.LayerNorm(16), weight, SPEC) is None  # centres its input
+    assert fold_router(None, weight, SPEC) is None
+    assert fold_router(torch.nn.RMSNorm(4), weight, SPEC) is None  # gain of the wrong width
 
 
 def test_sigmoid_router_prediction_and_bias_in_choice() -> None:
