@@ -47,11 +47,14 @@ from torch import nn
 
 from engine.offload.cache import ExpertWeights
 from engine.offload.cpu_assist import RollingCost, plan
+from engine.offload.decode_row import ranked_top, row_bands, substitute_row
 from engine.offload.families import SIGMOID_GROUPED, SOFTMAX_ALL, SOFTMAX_TOPK, RouterFamily
 from engine.offload.plan import (
     HostBands,
     HostRouting,
+    HostSubstitution,
     classify_host,
+    mix_weights,
     model_top_k_host,
     substitute_host,
     to_device,
@@ -95,7 +98,7 @@ class _PrefetchState:
 
     issued: set[int]
     predicted_top: set[int]
-    resident_before: set[int]
+    resident_before: list[bool]  # [E] the layer's residency when the prefetch was issued
 
 
 class SmoeMethod:
@@ -182,13 +185,67 @@ class SmoeMethod:
         pending = self._prefetched.pop(layer, None)
         if spec is None or not (live.substitution_on or pending is not None):
             return host, idx, weights
+        if self._one_row(layer, host.scores):
+            return self._on_routing_row(layer, host, idx, weights, pending)
         bands = self._bands(layer, host.scores, host.idx, live.alpha)
         final = host
         if live.substitution_on and bands is not None:
             final, idx, weights = self._substitute(layer, host, idx, weights, bands)
         if pending is not None:
-            self._account_prefetch(layer, pending, host, bands, final.idx)
+            actual = (
+                top_score_set(bands, host.idx)
+                if bands is not None
+                else set(host.idx.reshape(-1).tolist())
+            )
+            self._account_prefetch(layer, pending, actual, final.idx)
         return final, idx, weights
+
+    def _one_row(self, layer: int, scores: np.ndarray) -> bool:
+        """A decode step the row planner (``decode_row``) decides: one token, no groups, no
+        correction bias, a substitutable router."""
+        spec = self.spec
+        return (
+            scores.shape[0] == 1
+            and spec is not None
+            and spec.substitutable
+            and spec.group_score is None
+            and self._bias_host(layer) is None
+        )
+
+    def _on_routing_row(
+        self,
+        layer: int,
+        host: HostRouting,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+        pending: _PrefetchState | None,
+    ) -> tuple[HostRouting, torch.Tensor, torch.Tensor]:
+        """``on_routing`` of one token on Python lists: the bands once, for both uses."""
+        live = self._live
+        bands = row_bands(host.scores[0].tolist(), host.idx[0].tolist(), live.alpha)
+        final = host
+        if live.substitution_on and live.alpha > 0.0:
+            swap = substitute_row(bands, self.cache.resident_host(layer).tolist())
+            if swap is not None:
+                final, idx, weights = self._apply(layer, host, idx, weights, *swap)
+        if pending is not None:
+            self._account_prefetch(layer, pending, bands.top_set(), final.idx)
+        return final, idx, weights
+
+    def _apply(
+        self,
+        layer: int,
+        host: HostRouting,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+        chosen: list[int],
+        swapped: list[bool],
+    ) -> tuple[HostRouting, torch.Tensor, torch.Tensor]:
+        """One token's swaps as a ``HostSubstitution`` (weights mixed by the numpy path)."""
+        assert self.spec is not None
+        new_idx, flags = np.array([chosen], dtype=np.int64), np.array([swapped], dtype=bool)
+        mixed = mix_weights(host, new_idx, flags, self.spec, self.weight_mode)
+        return self._substituted(layer, host, idx, weights, HostSubstitution(new_idx, mixed, flags))
 
     def _bands(
         self, layer: int, scores: np.ndarray, idx: np.ndarray, alpha: float
@@ -217,6 +274,17 @@ class SmoeMethod:
         )
         if out is None:
             return host, idx, weights
+        return self._substituted(layer, host, idx, weights, out)
+
+    def _substituted(
+        self,
+        layer: int,
+        host: HostRouting,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+        out: HostSubstitution,
+    ) -> tuple[HostRouting, torch.Tensor, torch.Tensor]:
+        """Count the substitutes and send the final top-k and weights to the device."""
         final = set(out.idx.ravel().tolist())
         if len(final) > self.cache.num_slots:
             return host, idx, weights  # streamed in chunks, a substitute could be evicted
@@ -341,20 +409,21 @@ class SmoeMethod:
 
     def _prefetch_host(self, layer: int, scores: np.ndarray) -> None:
         """Copy the predicted top-score experts of ``layer`` that are not resident."""
-        resident = self.cache.resident_host(layer)
+        resident = self.cache.resident_host(layer).tolist()
         ranked = self._top_score_ranked(layer, scores)
         issued = [e for e in ranked if not resident[e]]
         if self.prefetch_limit is not None:
             issued = issued[: self.prefetch_limit]
-        self.cache.prefetch([(layer, expert) for expert in issued])
         if issued:
+            self.cache.prefetch([(layer, expert) for expert in issued])
             self.cache.stats.add(layer, prefetched=len(issued))
-        before = set(np.flatnonzero(resident).tolist())
-        self._prefetched[layer] = _PrefetchState(set(issued), set(ranked), before)
+        self._prefetched[layer] = _PrefetchState(set(issued), set(ranked), resident)
 
     def _top_score_ranked(self, layer: int, scores: np.ndarray) -> list[int]:
         """Predicted top-score experts of ``layer``, best first (all selected for PhiMoE)."""
         assert self.spec is not None
+        if self._one_row(layer, scores):
+            return ranked_top(scores[0].tolist(), self.spec.top_k, self._live.alpha)[0]
         bias = self._bias_host(layer)
         choice = scores if bias is None else scores + bias
         top_idx = model_top_k_host(choice, self.spec)
@@ -369,18 +438,14 @@ class SmoeMethod:
         self,
         layer: int,
         state: _PrefetchState,
-        host: HostRouting,
-        bands: HostBands | None,
+        actual: set[int],
         final_idx: np.ndarray,
     ) -> None:
-        actual = (
-            top_score_set(bands, host.idx)
-            if bands is not None
-            else set(host.idx.reshape(-1).tolist())
-        )
+        """Precision, recall and used copies of the prefetch, once ``layer`` has routed
+        (``actual``: its top-score experts)."""
         final = set(final_idx.reshape(-1).tolist())
         used = state.issued & final
-        needed = actual - state.resident_before
+        needed = {e for e in actual if not state.resident_before[e]}
         self.cache.stats.add(layer, prefetch_used=len(used))
         self.cache.stats.add_prefetch_accuracy(
             len(state.predicted_top), len(needed), len(state.issued & needed)

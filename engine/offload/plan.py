@@ -197,7 +197,7 @@ def substitute_host(
             return None
         new_idx, substituted = swapped
         return HostSubstitution(
-            new_idx, _mix(routing, new_idx, substituted, spec, weight_mode), substituted
+            new_idx, mix_weights(routing, new_idx, substituted, spec, weight_mode), substituted
         )
     pool = resident.astype(bool).copy()  # [E]
     if batch_set and routing.tokens > 1:
@@ -208,7 +208,7 @@ def substitute_host(
     if not count.any():
         return None
     new_idx, substituted = _assign(bands.choice, idx, missing_low, candidate, count)
-    weights = _mix(routing, new_idx, substituted, spec, weight_mode)
+    weights = mix_weights(routing, new_idx, substituted, spec, weight_mode)
     return HostSubstitution(new_idx, weights, substituted)
 
 
@@ -261,7 +261,7 @@ def _assign(
     return new_idx, substituted
 
 
-def _mix(
+def mix_weights(
     routing: HostRouting,
     idx: np.ndarray,
     substituted: np.ndarray,
@@ -291,7 +291,7 @@ def _mix_row(
     spec: RouterSpec,
     mode: WeightMode,
 ) -> np.ndarray:
-    """``_mix`` of one token on 1-D rows (the same fp32 operations, fewer numpy calls)."""
+    """``mix_weights`` of one token on 1-D rows (the same fp32 operations, fewer numpy calls)."""
     row = routing.scores[0]  # [E]
     affinity = row[idx[0]]  # [k]
     renorm = mode == "own_renorm" and spec.norm_topk_prob

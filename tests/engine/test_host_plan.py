@@ -141,7 +141,7 @@ def test_layer_plan_orders_pairs_like_the_eager_loop() -> None:
 
 def test_one_token_fast_paths_equal_the_batch_paths() -> None:
     """A decode step's single row takes 1-D numpy paths; a batch of two copies of it agrees."""
-    from engine.offload.plan import _classify_row, _classify_rows, _mix
+    from engine.offload.plan import _classify_row, _classify_rows, mix_weights
 
     rng = np.random.default_rng(11)
     for trial in range(600):
@@ -167,6 +167,8 @@ def test_one_token_fast_paths_equal_the_batch_paths() -> None:
         row = HostRouting(scores, idx, weights.astype(np.float32))
         pair = HostRouting(*(np.concatenate([a, a]) for a in (scores, idx, row.weights)))
         for mode in ("own", "own_renorm", "replaced"):
-            want = _mix(pair, np.concatenate([new, new]), np.concatenate([swapped] * 2), spec, mode)
-            have = _mix(row, new, swapped, spec, mode)  # type: ignore[arg-type]
+            want = mix_weights(
+                pair, np.concatenate([new, new]), np.concatenate([swapped] * 2), spec, mode
+            )
+            have = mix_weights(row, new, swapped, spec, mode)  # type: ignore[arg-type]
             assert have.dtype == want.dtype and np.array_equal(have[0], want[0]), (trial, mode)

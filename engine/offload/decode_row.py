@@ -1,0 +1,94 @@
+"""The decode planner: one token's Algorithm 1 and prefetch choice on plain Python lists.
+
+A decode step routes one token per MoE layer. For that case (no group limits, no correction
+bias: the Mixtral, Qwen, OLMoE and SmolLM2 MoE routers) this module decides what
+``plan.classify_host`` / ``plan.substitute_host`` / ``plan.top_score_ranked`` decide, from
+one ``tolist()`` of the layer's score row, with Python ints and floats instead of a dozen
+small numpy calls per layer: the bands once (``RowBands``, shared by substitution and the
+prefetch accounting), the swaps, and the predicted top-score experts best first. The band
+edges are computed in fp32 exactly as the numpy path computes them (fp32 values compare the
+same as Python floats), so the decisions are equal; ``tests/engine/test_decode_row.py``
+checks them against the numpy path on random rows. The weights of a substituted row are
+mixed by ``plan.mix_weights`` (fp32 numpy), unchanged.
+
+Pure: rows and residency in, decisions out. Legend: E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+F32 = np.float32
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class RowBands:
+    """One token's importance bands: its score row, chosen experts and the two band edges."""
+
+    row: list[float]  # [E] scores (fp32 values)
+    chosen: list[int]  # [k] the router's top-k, in its order
+    upper: float  # chosen experts above this are top-score
+    lower: float  # unselected experts above this are candidates
+    finite: bool  # False when every expert is chosen (no candidates, all top-score)
+
+    def top(self) -> list[bool]:
+        """[k] which chosen experts are top-score."""
+        if not self.finite:
+            return [True] * len(self.chosen)
+        return [self.row[e] > self.upper for e in self.chosen]
+
+    def top_set(self) -> set[int]:
+        """Experts that are top-score for this token (the prefetch's truth)."""
+        return {e for e, is_top in zip(self.chosen, self.top(), strict=True) if is_top}
+
+    def candidates(self) -> list[int]:
+        """Unselected experts inside the band, ascending id."""
+        if not self.finite:
+            return []
+        picked = set(self.chosen)
+        return [e for e, v in enumerate(self.row) if v > self.lower and e not in picked]
+
+
+def row_bands(row: list[float], chosen: list[int], alpha: float) -> RowBands:
+    """``classify_host`` of one token without groups or bias (the same fp32 edges)."""
+    picked = set(chosen)
+    best = max((v for e, v in enumerate(row) if e not in picked), default=-INF)
+    if best == -INF:
+        return RowBands(row, chosen, best, best, False)
+    b = F32(best)
+    margin = F32(alpha) * abs(b)
+    return RowBands(row, chosen, float(b + margin), float(b - margin), True)
+
+
+def substitute_row(bands: RowBands, resident: list[bool]) -> tuple[list[int], list[bool]] | None:
+    """Algorithm 1 for one token: the lowest missing non-top experts swapped for the best
+    resident candidates; (new chosen, swapped flags), or None when nothing changes."""
+    row, chosen = bands.row, bands.chosen
+    top = bands.top()
+    missing = [j for j, e in enumerate(chosen) if not top[j] and not resident[e]]
+    if not missing:
+        return None
+    pool = [e for e in bands.candidates() if resident[e]]
+    n = min(len(missing), len(pool))
+    if n == 0:
+        return None
+    replaced = sorted(missing, key=lambda j: row[chosen[j]])[:n]  # lowest first
+    best = sorted(pool, key=lambda e: -row[e])[:n][::-1]  # n-th best first
+    new, swapped = list(chosen), [False] * len(chosen)
+    for j, e in zip(replaced, best, strict=True):
+        new[j], swapped[j] = e, True
+    return new, swapped
+
+
+def ranked_top(row: list[float], top_k: int, alpha: float) -> tuple[list[int], RowBands]:
+    """The predicted top-score experts of one row, best first, and the row's bands.
+
+    The model's top-k is the ``top_k`` highest scores (ties to the lower id, as a stable
+    argsort of the negated row); its top-score experts keep that order.
+    """
+    chosen = sorted(range(len(row)), key=lambda e: -row[e])[:top_k]
+    bands = row_bands(row, chosen, alpha)
+    return [e for e, is_top in zip(chosen, bands.top(), strict=True) if is_top], bands
