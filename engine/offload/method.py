@@ -16,6 +16,9 @@ tokens without reloading:
   MoE layer, not twice); a forward hook on the layer then copies the predicted top-score
   experts that are not resident (``cache.prefetch``: the low-priority copy queue on CUDA).
   After a dense layer the prediction is made from its output, with its own host read.
+  The predictor folds the norm into the router (``prefetch.FoldedRouter``): from this layer's
+  post-attention *norm output*, the next layer's norm is a ratio of gains, so a prediction is
+  one matrix product and a softmax (two ops; checked on a probe at load, else the norm module).
   ``LiveOptions.prefetch_from="output"`` (``--prefetch-from output``) restores the released
   code's predictor from the layer's output everywhere: about twice the prefetch recall on the
   SmolLM2 MoE, at the price of a second host read per MoE layer.
@@ -61,7 +64,13 @@ from engine.offload.plan import (
     top_score_ranked,
     top_score_set,
 )
-from engine.offload.prefetch import FoldedRouter, PrefetchAccount, fold_router, predict_scores
+from engine.offload.prefetch import (
+    FoldedRouter,
+    PrefetchAccount,
+    fold_router,
+    fold_router_after,
+    predict_scores,
+)
 from engine.offload.substitution import DEFAULT_WEIGHT_MODE, RouterSpec, WeightMode
 
 if TYPE_CHECKING:
@@ -130,6 +139,7 @@ class SmoeMethod:
         self._mid: dict[int, torch.Tensor] = {}  # MoE layer -> its post-attention state
         self._predicted: dict[int, np.ndarray] = {}  # layer -> predicted scores, on the host
         self._folded: dict[int, FoldedRouter | None] = {}  # layer -> its folded predictor
+        self._folded_after: dict[int, FoldedRouter] = {}  # layer -> predictor from the normed
         self._hooks: list[Any] = []
         self._attach(model)
 
@@ -151,7 +161,7 @@ class SmoeMethod:
             if following - 1 in self.controller.experts and isinstance(norm, nn.Module):
                 self._packed[following - 1] = following  # predicted in the routing's copy
                 self._hooks += [
-                    norm.register_forward_pre_hook(self._mid_hook(following - 1)),
+                    self._state_hook(following - 1, following, norm),
                     previous.register_forward_hook(self._issue_hook(following)),
                     previous.register_forward_hook(self._prefetch_hook(following, "output")),
                 ]
@@ -328,12 +338,40 @@ class SmoeMethod:
 
         return hook
 
+    def _state_hook(self, layer: int, following: int, norm: nn.Module) -> Any:
+        """Keep ``layer``'s post-attention state for the prediction of ``following``.
+
+        Where both layers' norms are plain RMS norms (``fold_router_after``), the state kept is
+        ``layer``'s norm *output* and the prediction is one matrix product and a softmax;
+        otherwise it is the norm's input, predicted through ``following``'s norm.
+        """
+        assert self.spec is not None
+        router = self.controller.routers[following].router
+        weight, bias = router.weight, getattr(router, "bias", None)
+        after = None
+        if isinstance(weight, torch.Tensor):
+            bias = bias if isinstance(bias, torch.Tensor) else None
+            after = fold_router_after(norm, self._norms.get(following), weight, self.spec, bias)
+        if after is None:
+            return norm.register_forward_pre_hook(self._mid_hook(layer))
+        self._folded_after[following] = after
+        return norm.register_forward_hook(self._normed_hook(layer))
+
     def _mid_hook(self, layer: int) -> Any:
         """Keep ``layer``'s post-attention state (its norm's input) for the prediction."""
 
         def hook(module: nn.Module, args: Any) -> None:
             if args and isinstance(args[0], torch.Tensor):
                 self._mid[layer] = args[0]
+
+        return hook
+
+    def _normed_hook(self, layer: int) -> Any:
+        """Keep ``layer``'s normed post-attention state (its norm's output)."""
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                self._mid[layer] = output
 
         return hook
 
@@ -355,8 +393,11 @@ class SmoeMethod:
             return None
         if mid.numel() > MAX_DECODE_TOKENS * mid.shape[-1]:
             return None
+        after = self._folded_after.get(following)
         with torch.no_grad():
-            return self._predict(following, mid)  # [..., E]: the routing copy flattens it
+            if after is not None:
+                return after(mid)  # [..., E]: the routing copy flattens it
+            return self._predict(following, mid)
 
     def _issue_hook(self, layer: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:

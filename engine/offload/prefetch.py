@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,23 +57,30 @@ def predict_scores(
 
 @dataclass(frozen=True)
 class FoldedRouter:
-    """The predictor of one layer with its RMS norm folded into the router: five ops.
+    """The predictor of one layer with its RMS norm folded into the router: two to five ops.
 
     ``norm(x) @ W.T`` with ``norm(x) = g * x / rms(x)`` equals ``(x @ (W * g).T) / rms(x)``; the
     per-token ``rms`` is ``|x| / sqrt(H)`` (the norm's epsilon left out: it only matters for a
-    near-zero state, clamped here). So a prediction is a matrix product, a vector norm, its
-    clamp, one division and the family's softmax (and the router's bias, if it has one),
-    instead of the norm module's eight ops and the router's. It is a *prediction* (it only
-    chooses what to copy early): rounding may differ from the norm module in the last bits,
-    never what the layer computes.
+    near-zero state, clamped here). So a prediction from the raw state is a matrix product, a
+    vector norm, its clamp, one division and the family's softmax (and the router's bias, if
+    it has one), instead of the norm module's eight ops and the router's.
+
+    ``normed``: the input is already the output of an RMS norm of the *same* state with gain
+    ``g0`` (the current MoE layer's post-attention norm, whose output the engine sees anyway):
+    then ``norm(x) = (g / g0) * norm0(x)`` and the prediction is one matrix product and the
+    softmax. It is a *prediction* (it only chooses what to copy early): rounding may differ
+    from the norm module in the last bits, never what the layer computes.
     """
 
-    weight: torch.Tensor  # [E, H] fp32: router weight * norm weight * sqrt(H)
+    weight: torch.Tensor  # [E, H] fp32: router weight * gain * sqrt(H), or * gain / g0
     bias: torch.Tensor | None  # [E] fp32
     spec: RouterSpec
+    normed: bool = False
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         x = fp32(hidden)  # [T, H]
+        if self.normed:
+            return affinities(F.linear(x, self.weight, self.bias), self.spec)  # [T, E]
         logits = F.linear(x, self.weight)  # [T, E], scaled by |x| / sqrt(H)
         size = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [T, 1]
         logits = logits.div_(size.clamp_min_(FOLD_TINY))
@@ -98,24 +106,76 @@ def fold_router(
     that centres (LayerNorm), offsets its gain (``1 + g``) or does anything else is refused and
     the caller keeps ``predict_scores`` with the module.
     """
-    if spec.kind == "sparsemixer" or norm is None:
-        return None
-    gain = getattr(norm, "weight", None)
     hidden = router_weight.shape[-1]
-    if not isinstance(gain, torch.Tensor) or tuple(gain.shape) != (hidden,):
+    gain = _rms_gain(norm, hidden) if spec.kind != "sparsemixer" else None
+    if gain is None:
+        return None
+    with torch.no_grad():
+        weight = fp32(router_weight.detach()) * gain * math.sqrt(hidden)  # [E, H]
+    return FoldedRouter(weight.contiguous(), _bias(router_bias), spec)
+
+
+def fold_router_after(
+    norm_before: nn.Module | None,
+    norm: nn.Module | None,
+    router_weight: torch.Tensor,
+    spec: RouterSpec,
+    router_bias: torch.Tensor | None = None,
+) -> FoldedRouter | None:
+    """The predictor that reads ``norm_before``'s output (``normed``), or None.
+
+    Both norms must be plain RMS norms that agree up to their gains (the same epsilon: the
+    probe checks ``norm(x) == (g / g0) * norm_before(x)``), and ``norm_before``'s gain may have
+    no zero (it is divided by).
+    """
+    hidden = router_weight.shape[-1]
+    if spec.kind == "sparsemixer":
+        return None
+    before, gain = _rms_gain(norm_before, hidden), _rms_gain(norm, hidden)
+    if before is None or gain is None or norm is None or norm_before is None:
+        return None
+    if bool((before.abs() <= FOLD_TINY * before.abs().max()).any()):
+        return None
+    ratio = gain / before  # [H]
+    with torch.no_grad():
+        probe = _probe(hidden, norm_before)
+        expected, got = fp32(norm(probe)), ratio * fp32(norm_before(probe))
+        tolerance = _tolerance(norm_before.weight)
+        if not torch.allclose(expected, got, rtol=tolerance, atol=tolerance):
+            return None
+        weight = fp32(router_weight.detach()) * ratio  # [E, H]
+    return FoldedRouter(weight.contiguous(), _bias(router_bias), spec, normed=True)
+
+
+def _rms_gain(norm: nn.Module | None, hidden: int) -> torch.Tensor | None:
+    """``norm``'s gain in fp32 when it computes ``g * x / rms(x)`` on a probe; else None."""
+    gain = getattr(norm, "weight", None) if norm is not None else None
+    if norm is None or not isinstance(gain, torch.Tensor) or tuple(gain.shape) != (hidden,):
         return None
     with torch.no_grad():
         gain32 = fp32(gain.detach())
-        probe = torch.randn(4, hidden, generator=torch.Generator().manual_seed(0))
-        probe = probe.to(gain.device, gain.dtype)
+        probe = _probe(hidden, norm)
         expected, x = fp32(norm(probe)), fp32(probe)
         folded = gain32 * x / x.pow(2).mean(-1, keepdim=True).sqrt()
-        tolerance = FOLD_TOLERANCE if gain.dtype == torch.float32 else FOLD_TOLERANCE_16
+        tolerance = _tolerance(gain)
         if not torch.allclose(expected, folded, rtol=tolerance, atol=tolerance):
             return None
-        weight = fp32(router_weight.detach()) * gain32 * math.sqrt(hidden)  # [E, H]
-        bias = None if router_bias is None else fp32(router_bias.detach())
-    return FoldedRouter(weight.contiguous(), bias, spec)
+    return gain32
+
+
+def _probe(hidden: int, norm: nn.Module) -> torch.Tensor:
+    """Four random rows on the norm's device and in its dtype."""
+    gain: Any = norm.weight
+    probe = torch.randn(4, hidden, generator=torch.Generator().manual_seed(0))
+    return probe.to(gain.device, gain.dtype)
+
+
+def _tolerance(gain: Any) -> float:
+    return FOLD_TOLERANCE if gain.dtype == torch.float32 else FOLD_TOLERANCE_16
+
+
+def _bias(router_bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if router_bias is None else fp32(router_bias.detach())
 
 
 def model_top_k(

@@ -9,6 +9,7 @@ from engine.eval.opcount import OpCounter
 from engine.offload.prefetch import (
     PrefetchAccount,
     fold_router,
+    fold_router_after,
     model_top_k,
     plan_prefetch,
     predict_scores,
@@ -48,6 +49,31 @@ def test_folded_predictor_equals_the_norm_and_router_in_six_ops() -> None:
     assert torch.equal(got.reshape(1, 8).topk(2).indices, expect.topk(2).indices)
     assert counter.ops == 6, counter.ops  # matmul, norm, clamp, divide, bias, softmax
     assert torch.isfinite(folded(torch.zeros(1, 16))).all()  # a zero state: no NaN scores
+
+
+def test_the_next_layers_prediction_from_this_layers_normed_state_in_two_ops() -> None:
+    """Reading the current layer's norm output, the next layer's norm is a per-channel ratio
+    of gains: the prediction is one matrix product and the softmax."""
+    gen = torch.Generator().manual_seed(2)
+    mid = torch.randn(1, 16, generator=gen) * 2
+    weight = torch.randn(8, 16, generator=gen)
+    before, after = torch.nn.RMSNorm(16, eps=1e-6), torch.nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        before.weight.copy_(torch.rand(16, generator=gen) + 0.5)
+        after.weight.copy_(torch.rand(16, generator=gen) + 0.5)
+    folded = fold_router_after(before, after, weight, SPEC)
+    assert folded is not None and folded.normed
+    expect = predict_scores(mid, weight, SPEC, norm=after)
+    normed = before(mid).detach()  # what the engine's hook on this layer's norm keeps
+    with torch.inference_mode(), OpCounter() as counter:
+        got = folded(normed)
+    assert torch.allclose(got, expect, rtol=1e-5, atol=1e-6)
+    assert counter.ops == 2, counter.ops  # matmul, softmax
+    with torch.no_grad():
+        before.weight[3] = 0.0  # a zero gain cannot be divided by
+    assert fold_router_after(before, after, weight, SPEC) is None
+    other_eps = torch.nn.RMSNorm(16, eps=1.0)  # a different epsilon: not a ratio of gains
+    assert fold_router_after(other_eps, after, weight, SPEC) is None
 
 
 def test_a_norm_that_is_not_plain_rms_is_not_folded() -> None:
