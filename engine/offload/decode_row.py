@@ -24,11 +24,12 @@ F32 = np.float32
 INF = float("inf")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RowBands:
     """One token's importance bands: its score row, chosen experts and the two band edges."""
 
     row: list[float]  # [E] scores (fp32 values)
+    rest: list[float]  # [E] the row with the chosen experts at -inf
     chosen: list[int]  # [k] the router's top-k, in its order
     upper: float  # chosen experts above this are top-score
     lower: float  # unselected experts above this are candidates
@@ -48,19 +49,21 @@ class RowBands:
         """Unselected experts inside the band, ascending id."""
         if not self.finite:
             return []
-        picked = set(self.chosen)
-        return [e for e, v in enumerate(self.row) if v > self.lower and e not in picked]
+        lower = self.lower
+        return [e for e, v in enumerate(self.rest) if v > lower]
 
 
 def row_bands(row: list[float], chosen: list[int], alpha: float) -> RowBands:
     """``classify_host`` of one token without groups or bias (the same fp32 edges)."""
-    picked = set(chosen)
-    best = max((v for e, v in enumerate(row) if e not in picked), default=-INF)
+    rest = row.copy()
+    for e in chosen:
+        rest[e] = -INF
+    best = max(rest)
     if best == -INF:
-        return RowBands(row, chosen, best, best, False)
+        return RowBands(row, rest, chosen, best, best, False)
     b = F32(best)
     margin = F32(alpha) * abs(b)
-    return RowBands(row, chosen, float(b + margin), float(b - margin), True)
+    return RowBands(row, rest, chosen, float(b + margin), float(b - margin), True)
 
 
 def substitute_row(bands: RowBands, resident: list[bool]) -> tuple[list[int], list[bool]] | None:
@@ -83,12 +86,12 @@ def substitute_row(bands: RowBands, resident: list[bool]) -> tuple[list[int], li
     return new, swapped
 
 
-def ranked_top(row: list[float], top_k: int, alpha: float) -> tuple[list[int], RowBands]:
-    """The predicted top-score experts of one row, best first, and the row's bands.
+def ranked_top(scores: np.ndarray, top_k: int, alpha: float) -> tuple[list[int], RowBands]:
+    """The predicted top-score experts of one row ``[E]``, best first, and the row's bands.
 
-    The model's top-k is the ``top_k`` highest scores (ties to the lower id, as a stable
-    argsort of the negated row); its top-score experts keep that order.
+    The model's top-k is the ``top_k`` highest scores (ties to the lower id: a stable argsort
+    of the negated row); its top-score experts keep that order.
     """
-    chosen = sorted(range(len(row)), key=lambda e: -row[e])[:top_k]
-    bands = row_bands(row, chosen, alpha)
+    chosen = np.argsort(-scores, kind="stable")[:top_k].tolist()
+    bands = row_bands(scores.tolist(), chosen, alpha)
     return [e for e, is_top in zip(chosen, bands.top(), strict=True) if is_top], bands

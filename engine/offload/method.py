@@ -131,7 +131,7 @@ class SmoeMethod:
         expert_bytes = self.cache.shape.nbytes
         self.cost_load = RollingCost(prior=expert_bytes / PRIOR_COPY_BANDWIDTH)
         self.cost_cpu = RollingCost(prior=expert_bytes / PRIOR_CPU_BANDWIDTH)
-        self._importance: dict[int, np.ndarray] = {}  # layer -> [E] max score this step
+        self._scores: dict[int, np.ndarray] = {}  # layer -> [T, E] its scores this step
         self._bias: dict[int, np.ndarray | None] = {}  # layer -> host correction bias
         self._tokens: dict[int, int] = {}  # layer -> tokens in this forward
         self._prefetched: dict[int, _PrefetchState] = {}
@@ -191,7 +191,7 @@ class SmoeMethod:
             self._prefetched.pop(layer, None)
             return host, idx, weights
         if live.cpu_assist_on:
-            self._importance[layer] = host.scores.max(axis=0)  # [E]
+            self._scores[layer] = host.scores  # importance: reduced only if a miss needs it
         pending = self._prefetched.pop(layer, None)
         if spec is None or not (live.substitution_on or pending is not None):
             return host, idx, weights
@@ -464,7 +464,7 @@ class SmoeMethod:
         """Predicted top-score experts of ``layer``, best first (all selected for PhiMoE)."""
         assert self.spec is not None
         if self._one_row(layer, scores):
-            return ranked_top(scores[0].tolist(), self.spec.top_k, self._live.alpha)[0]
+            return ranked_top(scores[0], self.spec.top_k, self._live.alpha)[0]
         bias = self._bias_host(layer)
         choice = scores if bias is None else scores + bias
         top_idx = model_top_k_host(choice, self.spec)
@@ -509,9 +509,10 @@ class SmoeMethod:
         if not live.cpu_assist_on or self._tokens.get(layer, 0) > MAX_DECODE_TOKENS:
             return set()
         missing = [e for e in experts if not self.cache.is_resident((layer, e))]
-        importance = self._importance.get(layer)
-        if not missing or importance is None:
+        scores = self._scores.get(layer)
+        if not missing or scores is None:
             return set()
+        importance = scores.max(axis=0)  # [E]
         measured = self.cache.copy_seconds_per_expert  # CUDA: copy events; None before/on CPU
         cost_load = measured if measured is not None else self.cost_load.mean
         split = plan(missing, importance[missing].tolist(), cost_load, self.cost_cpu.mean)

@@ -67,7 +67,7 @@ def test_row_planner_equals_the_numpy_plan(which: int, alpha: float, ties: bool)
             new, flags = np.array([swap[0]]), np.array([swap[1]])
             assert np.array_equal(new, want.idx) and np.array_equal(flags, want.substituted), where
             assert np.array_equal(mix_weights(host, new, flags, spec, "own"), want.weights), where
-        ranked, _ = ranked_top(scores[0].tolist(), spec.top_k, alpha)
+        ranked, _ = ranked_top(scores[0], spec.top_k, alpha)
         top_idx = model_top_k_host(scores, spec)
         assert ranked == top_score_ranked(
             classify_host(scores, top_idx, spec, alpha, None), top_idx
@@ -79,4 +79,4 @@ def test_every_expert_chosen_is_all_top_score_and_no_candidate() -> None:
     row = row_bands([0.5, 0.3, 0.2], [0, 1, 2], 0.4)
     assert row.top() == [True, True, True] and row.candidates() == []
     assert substitute_row(row, [False, False, False]) is None
-    assert ranked_top([0.5, 0.3, 0.2], 3, 0.4)[0] == [0, 1, 2]
+    assert ranked_top(np.array([0.5, 0.3, 0.2], np.float32), 3, 0.4)[0] == [0, 1, 2]
