@@ -223,6 +223,12 @@ def configure(parser: Any) -> None:
     parser.add_argument(
         "--markdown", type=Path, metavar="FILE", help="write the table into FILE's hotpath section"
     )
+    parser.add_argument(
+        "--host-cost",
+        type=Path,
+        metavar="FILE",
+        help="write the measured host cost per MoE layer (the projection's input) to FILE",
+    )
 
 
 def _load(config: HotpathConfig, model_dir: Path, device: str) -> Any:
@@ -281,11 +287,43 @@ def run(args: Any) -> int:
         "ratios": ratios(rows, args.cache_fraction, args.alpha),
         "ratio_ranges": round_ratio_spreads(speeds, args.cache_fraction, args.alpha),
     }
+    result["host_cost"] = host_cost(runners, counts, args, result)
     print(json.dumps(result, indent=2) if args.json else render(result))
     if args.markdown is not None:
         argv = "python -m engine " + " ".join(sys.argv[1:] or ["hotpath"])
         write_section(args.markdown, section(result, argv))
+    if args.host_cost is not None and result["host_cost"] is not None:
+        write_atomic(args.host_cost, json.dumps(result["host_cost"], indent=2) + "\n")
     return 0
+
+
+HOST_COST_CONFIG = "smoe {f:g} a{a:g} grouped"  # the GPU default path: what projections charge
+
+
+def host_cost(
+    runners: dict[str, Any], counts: dict[str, PerToken | None], args: Any, result: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The projection's host cost: the grouped smoe counts per MoE layer, and the time of one
+    op measured on this device now (``projection.measure_seconds_per_op``)."""
+    from engine.eval.projection import host_cost_document, measure_seconds_per_op
+
+    name = HOST_COST_CONFIG.format(f=args.cache_fraction, a=args.alpha)
+    count, runner = counts.get(name), runners.get(name)
+    if count is None or runner is None:
+        return None
+    layers = len(runner.loaded.offload.moe_layers)
+    source = {k: result[k] for k in ("command", "model", "device", "machine", "date")}
+    source["configuration"] = name
+    seconds = measure_seconds_per_op(device=args.device)
+    return host_cost_document(count.ops, count.syncs, layers, seconds, source)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
 
 
 def _machine(device: str) -> str:
@@ -326,6 +364,14 @@ def render(result: dict[str, Any]) -> str:
         f"- {label}: {_fmt(value, '.2f')} (rounds {_span(spans.get(label), '.2f')})"
         for label, value in result["ratios"].items()
     ]
+    cost = result.get("host_cost")
+    if cost:
+        lines += [
+            "",
+            f"Host cost the projections charge ({cost['configuration']}): "
+            f"{cost['ops_per_layer']:.1f} ops and {cost['syncs_per_layer']:.1f} syncs per MoE "
+            f"layer, {cost['seconds_per_op'] * 1e6:.1f} us per op on {cost['device']}.",
+        ]
     return "\n".join(lines)
 
 
@@ -386,6 +432,4 @@ def kept_section(old: str) -> str | None:
 def write_section(path: Path, new: str) -> None:
     """Replace the section in ``path`` atomically (temp file + rename)."""
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(replace_section(text, new), encoding="utf-8")
-    temporary.replace(path)
+    write_atomic(path, replace_section(text, new))

@@ -23,8 +23,11 @@ vocabulary), and checked against the published total parameter counts.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -111,7 +114,7 @@ class Host:
 
     dram_bandwidth: float = 65e9
     vram_bandwidth: float = 504e9
-    host: HostCost | None = None  # None: DEFAULT_HOST_COST
+    host: HostCost | None = None  # None: load_host_cost() (the measured host_cost.json)
 
 
 @dataclass(frozen=True)
@@ -140,23 +143,73 @@ class HostCost:
             self.ops_per_layer * self.seconds_per_op + self.syncs_per_layer * self.sync_seconds
         )
 
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> HostCost:
+        """The cost recorded in a ``host_cost.json`` (``host_cost_document``)."""
+        fields = ("ops_per_layer", "syncs_per_layer", "seconds_per_op", "sync_seconds")
+        missing = [name for name in fields[:3] if name not in document]
+        if missing:
+            raise ValueError(f"a host cost document needs {', '.join(missing)}")
+        return cls(**{name: float(document[name]) for name in fields if name in document})
 
-# Measured with `python -m engine hotpath --threads 1` on the built-in model (5 layers),
-# `smoe 0.5 a0.4 grouped`: 643 ops and 10 syncs per decoded token; seconds per op from
-# `measure_seconds_per_op()` on the same machine (x86_64 VM, 2 shared cores, 2026-11-28): 13 us.
-DEFAULT_HOST_COST = HostCost(ops_per_layer=643 / 5, syncs_per_layer=10 / 5, seconds_per_op=13e-6)
+
+# The measurement the projection charges when no ``host_cost.json`` is given: written by
+# `python -m engine hotpath --threads 1 --host-cost docs/benchmarks/host_cost.json` (ops and
+# syncs of `smoe <f> a<alpha> grouped` per MoE layer, seconds per op measured on the same
+# device by `measure_seconds_per_op`); `scripts/gpu-check.sh` writes the CUDA one.
+HOST_COST_FILE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "host_cost.json"
+# Used only when that file is absent (an installed engine without the repository's docs):
+# the 2026-11-28 measurement, built-in 5-layer model, x86_64 VM with 2 shared cores.
+FALLBACK_HOST_COST = HostCost(ops_per_layer=643 / 5, syncs_per_layer=10 / 5, seconds_per_op=13e-6)
 
 
-def measure_seconds_per_op(repeats: int = 5000) -> float:
-    """Host seconds of one eager torch op on a one-element CPU tensor (best of three runs)."""
-    x = torch.zeros(1)
+def load_host_cost(path: Path | None = None) -> HostCost:
+    """The host cost in ``path`` (default ``HOST_COST_FILE``), else ``FALLBACK_HOST_COST``."""
+    path = HOST_COST_FILE if path is None else path
+    if not path.is_file():
+        return FALLBACK_HOST_COST
+    return HostCost.from_document(json.loads(path.read_text(encoding="utf-8")))
+
+
+def host_cost_document(
+    ops_per_token: float,
+    syncs_per_token: float,
+    moe_layers: int,
+    seconds_per_op: float,
+    source: dict[str, Any],
+) -> dict[str, Any]:
+    """What ``host_cost.json`` records: per-layer counts, the per-op time, and where from."""
+    if moe_layers < 1:
+        raise ValueError(f"moe_layers must be at least 1; got {moe_layers}")
+    return {
+        "ops_per_layer": ops_per_token / moe_layers,
+        "syncs_per_layer": syncs_per_token / moe_layers,
+        "seconds_per_op": seconds_per_op,
+        **source,
+    }
+
+
+def measure_seconds_per_op(repeats: int = 5000, device: str = "cpu") -> float:
+    """Host seconds of one eager torch op on a one-element tensor (best of three runs).
+
+    On a CUDA device each op is also a kernel launch, and the device is synchronised at the
+    end of each run, so the figure is what a decode step's ops cost the host there.
+    """
+    x = torch.zeros(1, device=device)
     best = float("inf")
     for _ in range(3):
+        _synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
             x.add_(1.0)
+        _synchronize(device)
         best = min(best, (time.perf_counter() - start) / repeats)
     return best
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True)
@@ -238,7 +291,7 @@ def project(
     host = host or Host()
     expert_bytes = geometry.expert_bytes_per_token(bits)  # k * L * S
     gpu = (geometry.non_expert_bytes + expert_bytes) / host.vram_bandwidth
-    cost = host.host if host.host is not None else DEFAULT_HOST_COST
+    cost = host.host if host.host is not None else load_host_cost()
     return Projection(
         geometry=geometry.name,
         link=link.name,

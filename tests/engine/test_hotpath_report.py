@@ -67,3 +67,15 @@ def test_section_is_appended_then_replaced_and_survives_a_regenerated_report(
     regenerated = replace_section("# Benchmarks\n\nnew bench tables\n", kept)
     assert "new bench tables" in regenerated and "second" in regenerated
     assert kept_section("no section here") is None
+
+
+def test_the_host_cost_the_projection_charges_is_in_the_table() -> None:
+    cost = {
+        "configuration": "smoe 0.5 a0.4 grouped",
+        "ops_per_layer": 21.0,
+        "syncs_per_layer": 1.03,
+        "seconds_per_op": 6.5e-6,
+        "device": "cuda",
+    }
+    result = dict(RESULT, ratios=ratios(RESULT["rows"], 0.5, 0.4), host_cost=cost)  # type: ignore[arg-type]
+    assert "21.0 ops and 1.0 syncs per MoE layer, 6.5 us per op on cuda" in render(result)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from engine.eval.projection import (
     DEEPSEEK_V2_LITE,
+    FALLBACK_HOST_COST,
     GEOMETRIES,
     LINKS,
     MIXTRAL_8X7B,
@@ -18,6 +22,9 @@ from engine.eval.projection import (
     HostCost,
     Link,
     fractions_from_counts,
+    host_cost_document,
+    load_host_cost,
+    measure_seconds_per_op,
     project,
     project_all,
 )
@@ -108,3 +115,20 @@ def test_project_all_covers_every_geometry_and_link() -> None:
     mixtral = [r for r in rows if r.geometry == "Mixtral-8x7B"]
     assert [r.link for r in mixtral] == [link.name for link in LINKS]
     assert mixtral[0].pcie_s > mixtral[1].pcie_s > mixtral[2].pcie_s
+
+
+def test_host_cost_comes_from_the_measured_document(tmp_path: Path) -> None:
+    """The projection charges what ``hotpath --host-cost`` measured; without the file, the
+    recorded fallback; a document without the counts is refused with a clear message."""
+    document = host_cost_document(600.0, 31.0, 30, 7e-6, {"device": "cpu"})
+    assert document["ops_per_layer"] == 20.0 and document["seconds_per_op"] == 7e-6
+    path = tmp_path / "host_cost.json"
+    path.write_text(json.dumps(document), encoding="utf-8")
+    cost = load_host_cost(path)
+    assert cost == HostCost(ops_per_layer=20.0, syncs_per_layer=31.0 / 30, seconds_per_op=7e-6)
+    assert load_host_cost(tmp_path / "absent.json") == FALLBACK_HOST_COST
+    with pytest.raises(ValueError, match="seconds_per_op"):
+        HostCost.from_document({"ops_per_layer": 1, "syncs_per_layer": 1})
+    with pytest.raises(ValueError, match="moe_layers"):
+        host_cost_document(1.0, 1.0, 0, 1e-6, {})
+    assert 0 < measure_seconds_per_op(repeats=50) < 1e-2
