@@ -99,7 +99,7 @@ MIXTRAL = GeometrySpec(
         num_key_value_heads=8,
         vocab_size=32000,
     ),
-    built_layers=8,
+    built_layers=4,  # 4 of 32 layers (~23 GB of bf16 with the embeddings): fits a short loan
     real_layers=32,
     trace="mixtral8x7b_gsm8k_p0_decode.npz",
 )
@@ -326,17 +326,30 @@ def _checkpoint_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Build each geometry, measure every configuration, return the result document."""
+def run(
+    args: argparse.Namespace, on_rows: Callable[[list[Row]], None] | None = None
+) -> dict[str, Any]:
+    """Build each geometry, measure every configuration, return the result document.
+
+    Each geometry's checkpoint is deleted before the next is built (disk), and ``on_rows`` sees
+    the rows so far after every measurement (``main`` rewrites the files: a run stopped by the
+    GPU check's time budget keeps what it measured).
+    """
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
-        for key in args.geometries:
-            spec = SPECS[key].shrunk() if args.quick else SPECS[key]
+    for key in args.geometries:
+        spec = SPECS[key].shrunk() if args.quick else SPECS[key]
+        with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
             folder = build_checkpoint(spec, Path(scratch) / key, args.device)
-            rows += _plain_rows(spec, folder, args.cache_fractions[-1], args)
-            rows += _engine_rows(spec, folder, 1.0, args)
-            for fraction in args.cache_fractions:
-                rows += _engine_rows(spec, folder, fraction, args)
+            steps = [(_plain_rows, args.cache_fractions[-1]), (_engine_rows, 1.0)]
+            steps += [(_engine_rows, fraction) for fraction in args.cache_fractions]
+            for measure, fraction in steps:
+                rows += measure(spec, folder, fraction, args)
+                if on_rows is not None:
+                    on_rows(rows)
+    return _document(args, rows)
+
+
+def _document(args: argparse.Namespace, rows: list[Row]) -> dict[str, Any]:
     return {
         "command": "python -m engine.eval.geometry_bench",
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
@@ -383,22 +396,30 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--scratch", type=Path, default=None, help="where checkpoints are built")
     parser.add_argument("--quick", action="store_true", help="shrunk geometry: a smoke test")
+    parser.add_argument(
+        "--stem", default="geometry_bench", help="output file names: STEM.json and STEM.md"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
-    result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    result = run(args, lambda rows: _write(args, _document(args, rows)))
+    _write(args, result)
+    print(markdown(result))
+    return 0
+
+
+def _write(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """STEM.json and STEM.md in ``--out``, each through a temporary file and a rename."""
     for name, text in (
-        ("geometry_bench.json", json.dumps(result, indent=2)),
-        ("geometry_bench.md", markdown(result)),
+        (f"{args.stem}.json", json.dumps(result, indent=2)),
+        (f"{args.stem}.md", markdown(result)),
     ):
         temporary = args.out / f".{name}.tmp"
         temporary.write_text(text, encoding="utf-8")
         temporary.replace(args.out / name)
-    print(markdown(result))
-    return 0
 
 
 if __name__ == "__main__":

@@ -32,9 +32,14 @@ def test_gpu_check_runs_on_a_cpu_in_quick_mode(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     hotpath = json.loads((tmp_path / "hotpath.json").read_text())
     assert "transformers eager" in hotpath["rows"]
-    bench = json.loads((tmp_path / "geometry_bench.json").read_text())
-    assert bench["quick"] and {r["geometry"] for r in bench["rows"]} == {
-        "Qwen1.5-MoE-A2.7B",
-        "Mixtral-8x7B",
-    }
-    assert "QUICK" in (tmp_path / "geometry_bench.md").read_text()
+    cost = json.loads((tmp_path / "host_cost.json").read_text())
+    assert cost["ops_per_layer"] > 0 and cost["seconds_per_op"] > 0 and cost["device"] == "cpu"
+    for stem, geometry in (("qwen15moe", "Qwen1.5-MoE-A2.7B"), ("mixtral", "Mixtral-8x7B")):
+        bench = json.loads((tmp_path / f"geometry_{stem}.json").read_text())
+        assert bench["quick"] and {r["geometry"] for r in bench["rows"]} == {geometry}
+        assert "QUICK" in (tmp_path / f"geometry_{stem}.md").read_text()
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert [s["exit"] for s in timings["steps"]] == [0, 0, 0, 0], timings
+    cuda_budget = sum(s["budget_s"] for s in timings["steps"]) / timings["budget_scale"]
+    assert cuda_budget <= 480, timings  # what the script allows itself on a device loan
+    assert len(list(tmp_path.iterdir())) <= 8  # a device call brings back at most 8 files
