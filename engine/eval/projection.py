@@ -310,3 +310,50 @@ def project_all(
 ) -> list[Projection]:
     """One projection per geometry and link, in table order."""
     return [project(g, link, fractions, host) for g in geometries for link in links]
+
+
+def render(projections: list[Projection], cost: HostCost) -> str:
+    """A markdown table of the tok/s bound per geometry and link, and the host cost used."""
+    lines = [
+        f"{UPPER_BOUND_LABEL[:1].upper()}{UPPER_BOUND_LABEL[1:]}; host cost "
+        f"{cost.ops_per_layer:.1f} ops and {cost.syncs_per_layer:.1f} syncs per MoE layer at "
+        f"{cost.seconds_per_op * 1e6:.1f} us per op.",
+        "",
+        "| geometry | link | tok/s upper bound | host ms/token | link ms/token |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for p in projections:
+        lines.append(
+            f"| {p.geometry} | {p.link} | {p.tokens_per_s_upper_bound:.1f} "
+            f"| {p.host_s * 1e3:.2f} | {p.pcie_s * 1e3:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.eval.projection``: the bound re-rendered from a measured host cost."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.eval.projection", description=main.__doc__
+    )
+    parser.add_argument("--host-cost", type=Path, help=f"host_cost.json (default {HOST_COST_FILE})")
+    parser.add_argument("--hit", type=float, default=0.5, help="cache hit fraction of expert uses")
+    parser.add_argument(
+        "--substituted", type=float, default=0.0, help="substituted share of misses"
+    )
+    parser.add_argument("--cpu", type=float, default=0.0, help="CPU-computed share of the rest")
+    args = parser.parse_args(argv)
+    if args.host_cost is not None and not args.host_cost.is_file():
+        parser.error(f"no host cost file at {args.host_cost}")
+    try:
+        fractions = Fractions(args.hit, args.substituted, args.cpu)
+    except ValueError as error:
+        parser.error(str(error))
+    cost = load_host_cost(args.host_cost)
+    print(render(project_all(fractions, host=Host(host=cost)), cost))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

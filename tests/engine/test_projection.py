@@ -28,6 +28,9 @@ from engine.eval.projection import (
     project,
     project_all,
 )
+from engine.eval.projection import (
+    main as projection_main,
+)
 
 PCIE4 = Link("PCIe 4.0 x16", 25e9)
 
@@ -132,3 +135,20 @@ def test_host_cost_comes_from_the_measured_document(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="moe_layers"):
         host_cost_document(1.0, 1.0, 0, 1e-6, {})
     assert 0 < measure_seconds_per_op(repeats=50) < 1e-2
+
+
+def test_the_bound_is_re_rendered_from_a_host_cost_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m engine.eval.projection --host-cost`` (what the GPU check's CUDA cost feeds)
+    prints the upper-bound table with that cost; a missing file or a bad fraction is refused."""
+    path = tmp_path / "host_cost.json"
+    path.write_text(json.dumps(host_cost_document(600.0, 30.0, 30, 5e-6, {})), encoding="utf-8")
+    assert projection_main(["--host-cost", str(path), "--hit", "0.6"]) == 0
+    out = capsys.readouterr().out
+    assert "Upper bound on tokens/s" in out and "20.0 ops and 1.0 syncs" in out
+    assert "| Qwen1.5-MoE-A2.7B | PCIe 4.0 x16 |" in out
+    with pytest.raises(SystemExit):
+        projection_main(["--host-cost", str(tmp_path / "absent.json")])
+    with pytest.raises(SystemExit):
+        projection_main(["--host-cost", str(path), "--hit", "1.5"])
