@@ -143,6 +143,10 @@ class MappedExpertStore(HostExpertStore):
         if self.read_ahead_on and keys:
             self.read_ahead_bytes += will_need(r for key in keys for r in self.ranges(key))
 
+    def to_planar_q8_0(self) -> bool:
+        """A mapped file is read-only: its blocks stay as GGML wrote them."""
+        return False
+
     def drop(self, keys: Sequence[SlotKey]) -> None:
         """Make the next read of ``keys`` go to the disk (page-cache measurements only)."""
         drop(r for key in keys for r in self.ranges(key))

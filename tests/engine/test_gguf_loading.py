@@ -133,10 +133,26 @@ def test_cpu_default_decodes_once_on_copy_and_is_exact(root: Path, file_type: st
     assert loaded.offload.cache.shape.dtype == torch.float32
     assert loaded.offload.store.inner.shape.dtype == torch.uint8  # type: ignore[attr-defined]
     assert loaded.offload.store.nbytes < inspect_model(path).total_expert_bytes * 1.01
+    # Q8_0 rows in RAM are rewritten in the planar layout the CPU decodes faster
+    assert loaded.offload.store.planar == (file_type == "Q8_0")  # type: ignore[attr-defined]
     _assert_same(
         prefill_and_decode(reference, prompt, steps),
         prefill_and_decode(loaded.model, prompt, steps),
         f"decoded slots {file_type}",
+    )
+
+
+def test_cpu_default_on_a_mapped_q8_0_file_reads_ggml_blocks(root: Path) -> None:
+    """A mapped file is read-only: its Q8_0 blocks are decoded as written, to the same bits."""
+    path = save_wide_qwen2_moe(root, "Q8_0")[0]
+    prompt, steps = _prompt(inspect_model(path).vocab_size)
+    config = dataclasses.replace(_smallest(path), quantized_slots=None)
+    in_ram, mapped = load_model(config), load_model(dataclasses.replace(config, mmap_experts=True))
+    assert in_ram.offload.store.planar and not mapped.offload.store.planar  # type: ignore[attr-defined]
+    _assert_same(
+        prefill_and_decode(in_ram.model, prompt, steps),
+        prefill_and_decode(mapped.model, prompt, steps),
+        "mapped Q8_0, decoded slots",
     )
 
 
