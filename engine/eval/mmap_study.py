@@ -236,13 +236,23 @@ def measure(
         for number, name in enumerate(SETUPS):
             copy = _own_copy(path, work / f"source{index}-setup{number}")
             setups.append((source, _setup(name, copy, cache, page_cache)))
+    return interleaved(setups, lambda setup: _timed_decode(setup, prompt, steps), rounds, log,
+                       lambda setup: _summary(setup, steps))  # fmt: skip
+
+
+def interleaved(
+    setups: list[tuple[str, Any]], run: Callable[[Any], None], rounds: int,
+    log: Callable[[str], None], summary: Callable[[Any], dict[str, Any]],
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """``run`` every (source, set-up) once per round, round after round; then each set-up's
+    ``summary`` by source and set-up name, and its model closed."""
     for number in range(rounds):
         for _source, setup in setups:
-            _timed_decode(setup, prompt, steps)
+            run(setup)
         log(f"round {number + 1}/{rounds} done")
-    results: dict[str, dict[str, Any]] = {source: {} for source in sources}
+    results: dict[str, dict[str, Any]] = {}
     for source, setup in setups:
-        results[source][setup.name] = _summary(setup, steps)
+        results.setdefault(source, {})[setup.name] = summary(setup)
         setup.loaded.offload.close()
     return results
 
@@ -272,27 +282,38 @@ def _ratios(results: dict[str, dict[str, Any]]) -> Iterable[str]:
             )
 
 
-def main() -> None:
+def study_sources(model_dir: Path, out: Path) -> tuple[dict[str, Path], torch.Tensor]:
+    """The model folder and a Q4_K_M GGUF of it converted into ``out``; a 32-token prompt."""
     from transformers import AutoTokenizer
 
     from engine.eval.quant_study import SAMPLE
     from engine.gguf.writer import convert
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    gguf = convert(model_dir, out / "model-Q4_K_M.gguf", "Q4_K_M")[0]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tokenizer(SAMPLE.read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :32]
+    return {"fp32 safetensors": model_dir, "Q4_K_M GGUF": gguf}, prompt
+
+
+def study_args(doc: str, steps: int, page_cache: str) -> tuple[argparse.Namespace, Path]:
+    """The page-cache studies' command line (``page_cache``: that option's name), parsed; one
+    torch thread; the model folder; ``--out`` made."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="safetensors model folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cache", type=float, default=0.5, help="expert cache fraction")
-    parser.add_argument("--page-cache", type=float, default=0.5, help="page cache fraction")
-    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument(page_cache, type=float, default=0.5, help="page cache fraction")
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model_dir = args.model or builtin_model_dir()
     args.out.mkdir(parents=True, exist_ok=True)
-    gguf = convert(model_dir, args.out / "model-Q4_K_M.gguf", "Q4_K_M")[0]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt = tokenizer(SAMPLE.read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :32]
-    sources = {"fp32 safetensors": model_dir, "Q4_K_M GGUF": gguf}
+    return args, args.model or builtin_model_dir()
+
+
+def main() -> None:
+    args, model_dir = study_args(__doc__, 48, "--page-cache")
+    sources, prompt = study_sources(model_dir, args.out)
     results = measure(
         sources, prompt, args.out / "copies", steps=args.steps, rounds=args.rounds,
         cache=args.cache, page_cache=args.page_cache,
