@@ -310,6 +310,11 @@ class HostExpertStore:
     def read_ahead(self, keys: Sequence[SlotKey]) -> None:
         """Start reading ``keys`` ahead of their ``row`` calls; rows in RAM need nothing."""
 
+    @property
+    def reads_ahead_early(self) -> bool:
+        """Whether a read-ahead a layer before the copy helps (a mapped file's disk reads)."""
+        return False
+
     def to_planar_q8_0(self) -> bool:
         """Rewrite every Q8_0 part of every row in place in the planar layout the CPU decodes
         about twice as fast (``q8_0_to_planar``: same bytes, quants then scales).
@@ -455,6 +460,10 @@ class DecodedStore(HostExpertStore):
 
     def read_ahead(self, keys: Sequence[SlotKey]) -> None:
         self.inner.read_ahead(keys)
+
+    @property
+    def reads_ahead_early(self) -> bool:
+        return self.inner.reads_ahead_early
 
     def close(self) -> None:
         self.inner.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -230,3 +231,31 @@ def test_cpu_assist_decodes_a_quantized_expert_once(
     for expert in range(store.num_experts):
         store.host_weights((1, expert))
     assert len(store._decoded) == 3, "bounded by bytes: three decoded experts fit"
+
+
+def test_mapped_read_ahead_a_layer_ahead_is_issued_and_changes_nothing(root: Path) -> None:
+    """Policy smoe on a mapped file: the next layer's predicted experts are read ahead at this
+    layer's routing (more read-ahead calls than at copy time alone), and the logits stay the
+    same as with per-layer read-ahead and as in RAM."""
+    path = save_wide_qwen2_moe(root, "Q4_K_M")[0]
+    prompt, steps = _prompt(inspect_model(path).vocab_size)
+    config = _smallest(path, policy="smoe", alpha=0.0)
+    in_ram = prefill_and_decode(load_model(config).model, prompt, steps)
+    calls = {}
+    for layer_ahead in (False, True):
+        loaded = load_model(dataclasses.replace(config, mmap_experts=True))
+        store = loaded.offload.store
+        store.layer_ahead = layer_ahead  # type: ignore[attr-defined]
+        counted: list[int] = []
+        store.read_ahead = _counting(store.read_ahead, counted)  # type: ignore[method-assign]
+        _assert_same(in_ram, prefill_and_decode(loaded.model, prompt, steps), f"{layer_ahead}")
+        calls[layer_ahead] = len(counted)
+    assert calls[True] > calls[False], f"no read-ahead a layer ahead: {calls}"
+
+
+def _counting(read_ahead: Any, counted: list[int]) -> Any:
+    def wrapped(keys: Any) -> None:
+        counted.append(len(keys))
+        read_ahead(keys)
+
+    return wrapped
