@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import replace
@@ -207,7 +208,7 @@ def alpha_curve(
 
 def _decode_speed(
     configs: dict[str, LoadConfig], prompt: torch.Tensor, steps: int, rounds: int
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Median tok/s per model over interleaved rounds: by the wall clock, and by this process's
     CPU time (one thread: the time other programs on a shared machine take is left out)."""
     models = {name: load_model(config) for name, config in configs.items()}
@@ -227,12 +228,14 @@ def _decode_speed(
     return {
         "wall": {name: steps / float(np.median(times)) for name, times in wall.items()},
         "cpu_time": {name: steps / float(np.median(times)) for name, times in cpu.items()},
+        "cpu_time_range": {name: [steps / max(t), steps / min(t)] for name, t in cpu.items()},
+        "wall_range": {name: [steps / max(t), steps / min(t)] for name, t in wall.items()},
     }
 
 
 def _speed(
     model_dir: Path, files: dict[str, Path], prompt: torch.Tensor, rounds: int, cache: float
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """CPU decode tok/s of fp32, the GGUF files and ``--expert-quant int8``, interleaved."""
     cache_config = CacheConfig(fraction=cache)
     contenders = {
@@ -274,6 +277,7 @@ def main() -> None:
     if args.speed_only is not None:
         speed = _speed(model_dir, files, ids[:, :32], args.rounds, args.speed_only)
         record = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": _machine(),
+                  "load_average": os.getloadavg(),
                   "model": str(model_dir), "cache_fraction": args.speed_only,
                   "rounds": args.rounds, "decode_tokens_per_second": speed}  # fmt: skip
         write_text_atomic(args.out / "quant_speed.json", json.dumps(record, indent=2))
