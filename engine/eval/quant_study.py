@@ -206,6 +206,15 @@ def alpha_curve(
     return rows
 
 
+def _engine_runs(files: dict[str, Path], ids: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """Each file at cache 0.5 (lru, alpha 0), and Q4_K_M with the cache in GB the F32 file gets."""
+    half = CacheConfig(fraction=0.5)
+    engine = {t: _engine_run(p, ids, half) for t, p in files.items()}
+    same_gb = CacheConfig(budget_gb=engine["F32"]["cache_bytes"] / 1e9)
+    engine["Q4_K_M, F32's cache GB"] = _engine_run(files["Q4_K_M"], ids, same_gb)
+    return engine
+
+
 def _decode_speed(
     configs: dict[str, LoadConfig], prompt: torch.Tensor, steps: int, rounds: int
 ) -> dict[str, dict[str, Any]]:
@@ -264,6 +273,10 @@ def main() -> None:
         "--speed-only", type=float, default=None, metavar="CACHE",
         help="only the decode speed, at this cache fraction (writes quant_speed.json)",
     )  # fmt: skip
+    parser.add_argument(
+        "--engine-only", action="store_true",
+        help="only the GGUF files through the engine: bytes, misses, perplexity",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     model_dir = args.model or builtin_model_dir()
@@ -283,12 +296,19 @@ def main() -> None:
         write_text_atomic(args.out / "quant_speed.json", json.dumps(record, indent=2))
         print(json.dumps(record, indent=2))
         return
+    if args.engine_only:
+        engine = _engine_runs(files, ids)
+        for run in engine.values():
+            run.pop("predictions")
+        record = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": _machine(),
+                  "load_average": os.getloadavg(), "model": str(model_dir),
+                  "tokens": int(ids.shape[1]), "engine": engine}  # fmt: skip
+        write_text_atomic(args.out / "quant_engine.json", json.dumps(record, indent=2))
+        print(json.dumps(record, indent=2))
+        return
     print("schemes (experts quantized up front):", flush=True)
     schemes = scheme_study(model_dir, ids)
-    half = CacheConfig(fraction=0.5)
-    engine = {t: _engine_run(p, ids, half) for t, p in files.items()}
-    same_gb = CacheConfig(budget_gb=engine["F32"]["cache_bytes"] / 1e9)
-    engine["Q4_K_M, F32's cache GB"] = _engine_run(files["Q4_K_M"], ids, same_gb)
+    engine = _engine_runs(files, ids)
     print("alpha curve (Q4_K_M, policy smoe, cache 0.5):", flush=True)
     curve = alpha_curve(files["Q4_K_M"], ids, engine["F32"])
     for run in engine.values():
