@@ -49,6 +49,10 @@ from engine.paths import builtin_model_dir
 from engine.runtime.loading import LoadedModel, load_model
 
 SETUPS = ("in RAM", "mapped, all cached", "mapped, half cached", "mapped, half cached, read-ahead")
+LAYER_AHEAD = (  # policy smoe (prefetch): read-ahead when the copy starts vs a layer earlier
+    "smoe, half cached, read-ahead per layer",
+    "smoe, half cached, read-ahead a layer ahead",
+)
 
 
 class PageCacheLimit:
@@ -171,13 +175,15 @@ def _own_copy(path: Path, folder: Path) -> Path:
 def _setup(name: str, path: Path, cache: float, page_cache: float) -> Setup:
     config = LoadConfig(
         path, device="cpu", dtype="float32", cache=CacheConfig(fraction=cache),
-        live=LiveOptions(policy="lru"), mmap_experts=name != "in RAM",
+        live=LiveOptions(policy="smoe" if name.startswith("smoe") else "lru"),
+        mmap_experts=name != "in RAM",
     )  # fmt: skip
     loaded = load_model(config)
-    if not name.startswith("mapped, half"):
+    if "half cached" not in name:
         return _timed(Setup(name, loaded))
     store = _mapped_store(loaded)
-    store.read_ahead_on = name.endswith("read-ahead")
+    store.read_ahead_on = "read-ahead" in name
+    store.layer_ahead = name.endswith("a layer ahead")
     every = [(layer, e) for layer in store.layers for e in range(store.num_experts)]
     total = sum(r.pages()[1] for key in every for r in store.ranges(key))
     return _timed(Setup(name, loaded, PageCacheLimit(store, int(total * page_cache))))
@@ -229,20 +235,31 @@ def measure(
     cache: float,
     page_cache: float,
     log: Callable[[str], None] = print,
+    names: tuple[str, ...] = SETUPS,
 ) -> dict[str, dict[str, Any]]:
     """Every set-up of every source, interleaved round by round; medians per set-up."""
     setups = []
     for index, (source, path) in enumerate(sources.items()):
-        for number, name in enumerate(SETUPS):
+        for number, name in enumerate(names):
             copy = _own_copy(path, work / f"source{index}-setup{number}")
             setups.append((source, _setup(name, copy, cache, page_cache)))
+    return interleaved(setups, lambda setup: _timed_decode(setup, prompt, steps), rounds, log,
+                       lambda setup: _summary(setup, steps))  # fmt: skip
+
+
+def interleaved(
+    setups: list[tuple[str, Any]], run: Callable[[Any], None], rounds: int,
+    log: Callable[[str], None], summary: Callable[[Any], dict[str, Any]],
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """``run`` every (source, set-up) once per round, round after round; then each set-up's
+    ``summary`` by source and set-up name, and its model closed."""
     for number in range(rounds):
         for _source, setup in setups:
-            _timed_decode(setup, prompt, steps)
+            run(setup)
         log(f"round {number + 1}/{rounds} done")
-    results: dict[str, dict[str, Any]] = {source: {} for source in sources}
+    results: dict[str, dict[str, Any]] = {}
     for source, setup in setups:
-        results[source][setup.name] = _summary(setup, steps)
+        results.setdefault(source, {})[setup.name] = summary(setup)
         setup.loaded.offload.close()
     return results
 
@@ -261,7 +278,7 @@ def _summary(setup: Setup, steps: int) -> dict[str, Any]:
 
 def _ratios(results: dict[str, dict[str, Any]]) -> Iterable[str]:
     for source, rows in results.items():
-        base = rows["in RAM"]["tokens_per_second"]
+        base = next(iter(rows.values()))["tokens_per_second"]  # "in RAM" unless --layer-ahead
         for name, row in rows.items():
             speed = row["tokens_per_second"]
             yield (
@@ -272,30 +289,49 @@ def _ratios(results: dict[str, dict[str, Any]]) -> Iterable[str]:
             )
 
 
-def main() -> None:
+def study_sources(model_dir: Path, out: Path) -> tuple[dict[str, Path], torch.Tensor]:
+    """The model folder and a Q4_K_M GGUF of it converted into ``out``; a 32-token prompt."""
     from transformers import AutoTokenizer
 
     from engine.eval.quant_study import SAMPLE
     from engine.gguf.writer import convert
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    gguf = convert(model_dir, out / "model-Q4_K_M.gguf", "Q4_K_M")[0]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tokenizer(SAMPLE.read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :32]
+    return {"fp32 safetensors": model_dir, "Q4_K_M GGUF": gguf}, prompt
+
+
+def study_args(
+    doc: str, steps: int, page_cache: str, layer_ahead: bool = False
+) -> tuple[argparse.Namespace, Path]:
+    """The page-cache studies' command line (``page_cache``: that option's name), parsed; one
+    torch thread; the model folder; ``--out`` made."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="safetensors model folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cache", type=float, default=0.5, help="expert cache fraction")
-    parser.add_argument("--page-cache", type=float, default=0.5, help="page cache fraction")
-    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument(page_cache, type=float, default=0.5, help="page cache fraction")
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--rounds", type=int, default=5)
+    if layer_ahead:
+        parser.add_argument(
+            "--layer-ahead", action="store_true",
+            help="only the read-ahead comparison under policy smoe: per layer vs a layer ahead",
+        )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model_dir = args.model or builtin_model_dir()
     args.out.mkdir(parents=True, exist_ok=True)
-    gguf = convert(model_dir, args.out / "model-Q4_K_M.gguf", "Q4_K_M")[0]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt = tokenizer(SAMPLE.read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :32]
-    sources = {"fp32 safetensors": model_dir, "Q4_K_M GGUF": gguf}
+    return args, args.model or builtin_model_dir()
+
+
+def main() -> None:
+    args, model_dir = study_args(__doc__, 48, "--page-cache", layer_ahead=True)
+    sources, prompt = study_sources(model_dir, args.out)
     results = measure(
         sources, prompt, args.out / "copies", steps=args.steps, rounds=args.rounds,
         cache=args.cache, page_cache=args.page_cache,
+        names=LAYER_AHEAD if args.layer_ahead else SETUPS,
     )  # fmt: skip
     record = {
         "date": datetime.now(UTC).isoformat(timespec="minutes"),
@@ -304,6 +340,7 @@ def main() -> None:
         "model": str(model_dir), "cache_fraction": args.cache,
         "page_cache_fraction": args.page_cache, "steps": args.steps, "rounds": args.rounds,
         "page_cache": "emulated: least recently read experts dropped after every token",
+        "load_average": os.getloadavg(),
         "results": results,
     }  # fmt: skip
     write_text_atomic(args.out / "mmap_study.json", json.dumps(record, indent=2))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import replace
@@ -205,9 +206,18 @@ def alpha_curve(
     return rows
 
 
+def _engine_runs(files: dict[str, Path], ids: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """Each file at cache 0.5 (lru, alpha 0), and Q4_K_M with the cache in GB the F32 file gets."""
+    half = CacheConfig(fraction=0.5)
+    engine = {t: _engine_run(p, ids, half) for t, p in files.items()}
+    same_gb = CacheConfig(budget_gb=engine["F32"]["cache_bytes"] / 1e9)
+    engine["Q4_K_M, F32's cache GB"] = _engine_run(files["Q4_K_M"], ids, same_gb)
+    return engine
+
+
 def _decode_speed(
     configs: dict[str, LoadConfig], prompt: torch.Tensor, steps: int, rounds: int
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Median tok/s per model over interleaved rounds: by the wall clock, and by this process's
     CPU time (one thread: the time other programs on a shared machine take is left out)."""
     models = {name: load_model(config) for name, config in configs.items()}
@@ -227,12 +237,14 @@ def _decode_speed(
     return {
         "wall": {name: steps / float(np.median(times)) for name, times in wall.items()},
         "cpu_time": {name: steps / float(np.median(times)) for name, times in cpu.items()},
+        "cpu_time_range": {name: [steps / max(t), steps / min(t)] for name, t in cpu.items()},
+        "wall_range": {name: [steps / max(t), steps / min(t)] for name, t in wall.items()},
     }
 
 
 def _speed(
     model_dir: Path, files: dict[str, Path], prompt: torch.Tensor, rounds: int, cache: float
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """CPU decode tok/s of fp32, the GGUF files and ``--expert-quant int8``, interleaved."""
     cache_config = CacheConfig(fraction=cache)
     contenders = {
@@ -261,6 +273,10 @@ def main() -> None:
         "--speed-only", type=float, default=None, metavar="CACHE",
         help="only the decode speed, at this cache fraction (writes quant_speed.json)",
     )  # fmt: skip
+    parser.add_argument(
+        "--engine-only", action="store_true",
+        help="only the GGUF files through the engine: bytes, misses, perplexity",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     model_dir = args.model or builtin_model_dir()
@@ -274,17 +290,25 @@ def main() -> None:
     if args.speed_only is not None:
         speed = _speed(model_dir, files, ids[:, :32], args.rounds, args.speed_only)
         record = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": _machine(),
+                  "load_average": os.getloadavg(),
                   "model": str(model_dir), "cache_fraction": args.speed_only,
                   "rounds": args.rounds, "decode_tokens_per_second": speed}  # fmt: skip
         write_text_atomic(args.out / "quant_speed.json", json.dumps(record, indent=2))
         print(json.dumps(record, indent=2))
         return
+    if args.engine_only:
+        engine = _engine_runs(files, ids)
+        for run in engine.values():
+            run.pop("predictions")
+        record = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": _machine(),
+                  "load_average": os.getloadavg(), "model": str(model_dir),
+                  "tokens": int(ids.shape[1]), "engine": engine}  # fmt: skip
+        write_text_atomic(args.out / "quant_engine.json", json.dumps(record, indent=2))
+        print(json.dumps(record, indent=2))
+        return
     print("schemes (experts quantized up front):", flush=True)
     schemes = scheme_study(model_dir, ids)
-    half = CacheConfig(fraction=0.5)
-    engine = {t: _engine_run(p, ids, half) for t, p in files.items()}
-    same_gb = CacheConfig(budget_gb=engine["F32"]["cache_bytes"] / 1e9)
-    engine["Q4_K_M, F32's cache GB"] = _engine_run(files["Q4_K_M"], ids, same_gb)
+    engine = _engine_runs(files, ids)
     print("alpha curve (Q4_K_M, policy smoe, cache 0.5):", flush=True)
     curve = alpha_curve(files["Q4_K_M"], ids, engine["F32"])
     for run in engine.values():

@@ -51,6 +51,15 @@ def _check_sizes(model: GgufModel) -> None:
             )
 
 
+WHY_NOT = {  # MoE architectures llama.cpp writes whose tensors have no mapping here yet
+    "deepseek2": (
+        ": DeepSeek-V2's latent-attention tensors (attn_kv_a_mqa, attn_kv_b, or attn_k_b and "
+        "attn_v_b in newer files) have no mapping onto transformers' DeepseekV2 layout, which "
+        "transformers' own GGUF support lacks too; load the safetensors model folder instead"
+    ),
+}
+
+
 def check_supported(model: GgufModel) -> str:
     """The transformers model type for this file, or a typed refusal."""
     arch = model.architecture
@@ -70,7 +79,7 @@ def check_supported(model: GgufModel) -> str:
         raise UnsupportedModelError(
             arch,
             f"GGUF MoE files of architecture {arch!r} are not supported yet (supported: "
-            f"{', '.join(sorted(SUPPORTED))} with experts)",
+            f"{', '.join(sorted(SUPPORTED))} with experts){WHY_NOT.get(arch, '')}",
         )
     _check_sizes(model)
     return SUPPORTED[arch]

@@ -130,6 +130,7 @@ class MappedExpertStore(HostExpertStore):
         super().__init__(shape, [], num_experts, False, layer_shapes)
         self._mapped_layers = list(layers)
         self.read_ahead_on = read_ahead
+        self.layer_ahead = True  # read the next layer's predicted experts while this one runs
         self.read_ahead_bytes = 0  # page bytes asked for by read_ahead so far
 
     @property
@@ -142,6 +143,14 @@ class MappedExpertStore(HostExpertStore):
     def read_ahead(self, keys: Sequence[SlotKey]) -> None:
         if self.read_ahead_on and keys:
             self.read_ahead_bytes += will_need(r for key in keys for r in self.ranges(key))
+
+    @property
+    def reads_ahead_early(self) -> bool:
+        return self.read_ahead_on and self.layer_ahead
+
+    def to_planar_q8_0(self) -> bool:
+        """A mapped file is read-only: its blocks stay as GGML wrote them."""
+        return False
 
     def drop(self, keys: Sequence[SlotKey]) -> None:
         """Make the next read of ``keys`` go to the disk (page-cache measurements only)."""

@@ -140,6 +140,7 @@ class SmoeMethod:
         self._predicted: dict[int, np.ndarray] = {}  # layer -> predicted scores, on the host
         self._folded: dict[int, FoldedRouter | None] = {}  # layer -> its folded predictor
         self._folded_after: dict[int, FoldedRouter] = {}  # layer -> predictor from the normed
+        self._ranked: dict[int, list[int]] = {}  # layer -> its read-ahead's ranking, for the copy
         self._hooks: list[Any] = []
         self._attach(model)
 
@@ -186,6 +187,7 @@ class SmoeMethod:
         self._tokens[layer] = host.tokens
         if host.extra is not None and layer in self._packed:
             self._predicted[self._packed[layer]] = host.extra
+            self._read_ahead(self._packed[layer], host.extra)
         live, spec = self._live, self.spec
         if host.tokens > MAX_DECODE_TOKENS or live.policy != "smoe":
             self._prefetched.pop(layer, None)
@@ -448,10 +450,23 @@ class SmoeMethod:
         scores = self._predict(layer, hidden).cpu().numpy()  # the prediction's own host sync
         self._prefetch_host(layer, scores)
 
+    def _read_ahead(self, layer: int, scores: np.ndarray) -> None:
+        """A mapped file: start the disk reads of ``layer``'s predicted top-score experts now,
+        a layer before their copies (``_issue_hook``), so the reads overlap this layer's
+        experts; the ranking is kept for the copies."""
+        if not (self._live.prefetch_on and self.cache.store.reads_ahead_early):
+            return
+        if scores.shape[0] > MAX_DECODE_TOKENS:
+            return
+        ranked = self._ranked[layer] = self._top_score_ranked(layer, scores)
+        resident = self.cache.resident_host(layer)
+        issued = [e for e in ranked if not resident[e]][: self.prefetch_limit]
+        self.cache.store.read_ahead([(layer, expert) for expert in issued])
+
     def _prefetch_host(self, layer: int, scores: np.ndarray) -> None:
         """Copy the predicted top-score experts of ``layer`` that are not resident."""
         resident = self.cache.resident_host(layer).tolist()
-        ranked = self._top_score_ranked(layer, scores)
+        ranked = self._ranked.pop(layer, None) or self._top_score_ranked(layer, scores)
         issued = [e for e in ranked if not resident[e]]
         if self.prefetch_limit is not None:
             issued = issued[: self.prefetch_limit]

@@ -37,7 +37,14 @@ from torch.utils._python_dispatch import _disable_current_modes
 from engine.errors import ModelLoadError
 from engine.offload.finite import check_finite
 from engine.offload.pinned import HostArena, Registrar
-from engine.quant.ggml_blocks import dequantize, dequantize_into, packed_nbytes, type_name
+from engine.quant.ggml_blocks import (
+    Q,
+    dequantize,
+    dequantize_into,
+    packed_nbytes,
+    q8_0_to_planar,
+    type_name,
+)
 
 ALIGN_ELEMENTS = 128
 HOST_DECODED_BYTES = 1 << 30  # decoded quantized experts kept for CPU assist (host_weights)
@@ -198,16 +205,32 @@ class QuantizedExpertShape:
         shape = (self.hidden, self.intermediate)
         return dequantize(self.part_view(row, "down"), self.down_type, shape, self.compute_dtype)
 
-    def decode_into(self, row: torch.Tensor, float_shape: ExpertShape, out: torch.Tensor) -> None:
-        """Decode the expert in ``row`` into ``out``, a float row laid out by ``float_shape``."""
-        gate_up, down = float_shape.gate_up(out), float_shape.down(out)  # [2I, H], [H, I]
+    @functools.cached_property
+    def _parts(self) -> tuple[tuple[Part, int], ...]:
+        """(part, block type) of the row's parts: ``gate_up`` when gate and up share a type."""
         if self.up_type == self.gate_type:
-            dequantize_into(self.part_view(row, "gate_up"), self.gate_type, gate_up)
-        else:
-            gate, up = gate_up[: self.intermediate], gate_up[self.intermediate :]  # [I, H] each
-            dequantize_into(self.part_view(row, "gate"), self.gate_type, gate)
-            dequantize_into(self.part_view(row, "up"), self.up_type, up)
-        dequantize_into(self.part_view(row, "down"), self.down_type, down)
+            return (("gate_up", self.gate_type), ("down", self.down_type))
+        return (("gate", self.gate_type), ("up", self.up_type), ("down", self.down_type))
+
+    def q8_0_spans(self) -> list[tuple[int, int]]:
+        """(start, size) in bytes of the row's Q8_0 parts (what ``q8_0_to_planar`` rewrites)."""
+        return [self._spans[part] for part, qtype in self._parts if qtype == Q.Q8_0]
+
+    def decode_into(
+        self, row: torch.Tensor, float_shape: ExpertShape, out: torch.Tensor, planar: bool = False
+    ) -> None:
+        """Decode the expert in ``row`` into ``out``, a float row laid out by ``float_shape``.
+
+        ``planar``: the row's Q8_0 parts were rewritten by ``q8_0_to_planar``.
+        """
+        gate_up, down = float_shape.gate_up(out), float_shape.down(out)  # [2I, H], [H, I]
+        targets = {
+            "gate_up": gate_up, "down": down,
+            "gate": gate_up[: self.intermediate], "up": gate_up[self.intermediate :],
+        }  # fmt: skip
+        for part, qtype in self._parts:
+            source = self.part_view(row, part)
+            dequantize_into(source, qtype, targets[part], planar and qtype == Q.Q8_0)
 
 
 AnyExpertShape = ExpertShape | QuantizedExpertShape
@@ -286,6 +309,28 @@ class HostExpertStore:
 
     def read_ahead(self, keys: Sequence[SlotKey]) -> None:
         """Start reading ``keys`` ahead of their ``row`` calls; rows in RAM need nothing."""
+
+    @property
+    def reads_ahead_early(self) -> bool:
+        """Whether a read-ahead a layer before the copy helps (a mapped file's disk reads)."""
+        return False
+
+    def to_planar_q8_0(self) -> bool:
+        """Rewrite every Q8_0 part of every row in place in the planar layout the CPU decodes
+        about twice as fast (``q8_0_to_planar``: same bytes, quants then scales).
+
+        Only for a store whose rows nothing else reads as GGML blocks (``DecodedStore``'s, on
+        the CPU, where nothing is copied to a GPU). Returns whether any part was rewritten.
+        """
+        rewritten = False
+        for layer, buffer in self._buffers.items():  # each [E, numel]
+            shape = self.layer_shape(layer)
+            if not isinstance(shape, QuantizedExpertShape):
+                continue
+            for start, size in shape.q8_0_spans():
+                q8_0_to_planar(buffer[:, start : start + size])
+                rewritten = True
+        return rewritten
 
     def row_into(self, key: SlotKey, out: torch.Tensor) -> torch.Tensor | None:
         """The host row to copy into the slot ``out``; ``None`` when this wrote ``out`` itself."""
@@ -385,6 +430,7 @@ class DecodedStore(HostExpertStore):
             ExpertShape(shape.hidden, shape.intermediate, dtype), [], inner.num_experts, False
         )
         self.inner = inner
+        self.planar = inner.to_planar_q8_0()  # Q8_0 rows in RAM: the faster CPU layout
 
     @property
     def layers(self) -> list[int]:
@@ -410,10 +456,14 @@ class DecodedStore(HostExpertStore):
         shape, quantized = self.shape, self.inner.layer_shape(key[0])
         assert isinstance(shape, ExpertShape), "decoded rows are float rows"
         assert isinstance(quantized, QuantizedExpertShape), "a decoded store wraps quantized rows"
-        quantized.decode_into(self.inner.row(key), shape, out)
+        quantized.decode_into(self.inner.row(key), shape, out, self.planar)
 
     def read_ahead(self, keys: Sequence[SlotKey]) -> None:
         self.inner.read_ahead(keys)
+
+    @property
+    def reads_ahead_early(self) -> bool:
+        return self.inner.reads_ahead_early
 
     def close(self) -> None:
         self.inner.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -133,10 +134,26 @@ def test_cpu_default_decodes_once_on_copy_and_is_exact(root: Path, file_type: st
     assert loaded.offload.cache.shape.dtype == torch.float32
     assert loaded.offload.store.inner.shape.dtype == torch.uint8  # type: ignore[attr-defined]
     assert loaded.offload.store.nbytes < inspect_model(path).total_expert_bytes * 1.01
+    # Q8_0 rows in RAM are rewritten in the planar layout the CPU decodes faster
+    assert loaded.offload.store.planar == (file_type == "Q8_0")  # type: ignore[attr-defined]
     _assert_same(
         prefill_and_decode(reference, prompt, steps),
         prefill_and_decode(loaded.model, prompt, steps),
         f"decoded slots {file_type}",
+    )
+
+
+def test_cpu_default_on_a_mapped_q8_0_file_reads_ggml_blocks(root: Path) -> None:
+    """A mapped file is read-only: its Q8_0 blocks are decoded as written, to the same bits."""
+    path = save_wide_qwen2_moe(root, "Q8_0")[0]
+    prompt, steps = _prompt(inspect_model(path).vocab_size)
+    config = dataclasses.replace(_smallest(path), quantized_slots=None)
+    in_ram, mapped = load_model(config), load_model(dataclasses.replace(config, mmap_experts=True))
+    assert in_ram.offload.store.planar and not mapped.offload.store.planar  # type: ignore[attr-defined]
+    _assert_same(
+        prefill_and_decode(in_ram.model, prompt, steps),
+        prefill_and_decode(mapped.model, prompt, steps),
+        "mapped Q8_0, decoded slots",
     )
 
 
@@ -214,3 +231,31 @@ def test_cpu_assist_decodes_a_quantized_expert_once(
     for expert in range(store.num_experts):
         store.host_weights((1, expert))
     assert len(store._decoded) == 3, "bounded by bytes: three decoded experts fit"
+
+
+def test_mapped_read_ahead_a_layer_ahead_is_issued_and_changes_nothing(root: Path) -> None:
+    """Policy smoe on a mapped file: the next layer's predicted experts are read ahead at this
+    layer's routing (more read-ahead calls than at copy time alone), and the logits stay the
+    same as with per-layer read-ahead and as in RAM."""
+    path = save_wide_qwen2_moe(root, "Q4_K_M")[0]
+    prompt, steps = _prompt(inspect_model(path).vocab_size)
+    config = _smallest(path, policy="smoe", alpha=0.0)
+    in_ram = prefill_and_decode(load_model(config).model, prompt, steps)
+    calls = {}
+    for layer_ahead in (False, True):
+        loaded = load_model(dataclasses.replace(config, mmap_experts=True))
+        store = loaded.offload.store
+        store.layer_ahead = layer_ahead  # type: ignore[attr-defined]
+        counted: list[int] = []
+        store.read_ahead = _counting(store.read_ahead, counted)  # type: ignore[method-assign]
+        _assert_same(in_ram, prefill_and_decode(loaded.model, prompt, steps), f"{layer_ahead}")
+        calls[layer_ahead] = len(counted)
+    assert calls[True] > calls[False], f"no read-ahead a layer ahead: {calls}"
+
+
+def _counting(read_ahead: Any, counted: list[int]) -> Any:
+    def wrapped(keys: Any) -> None:
+        counted.append(len(keys))
+        read_ahead(keys)
+
+    return wrapped

@@ -18,6 +18,7 @@ from engine.quant.ggml_blocks import (
     dequantize,
     dequantize_into,
     packed_nbytes,
+    q8_0_to_planar,
 )
 from engine.quant.ggml_encode import encode
 
@@ -78,6 +79,23 @@ def test_decoding_into_a_tensor_gives_the_same_bits(qtype: int, dtype: torch.dty
     dequantize_into(raw.reshape(-1), qtype, out)
     assert torch.equal(out, expected), f"{Q(qtype).name} into {dtype} differs"
     assert bool((slot[:32] == 7).all() and (slot[-32:] == 7).all()), "wrote outside out"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_planar_q8_0_decodes_to_the_same_bits(dtype: torch.dtype) -> None:
+    """The CPU's planar Q8_0 layout (quants, then scales) keeps every byte and decodes to what
+    the GGML blocks decode to, rows rewritten inside a bigger buffer (a layer's [E, numel])."""
+    raw = torch.from_numpy(_random_bytes(Q.Q8_0, 16, seed=3).copy())  # [ROWS, 16 * 34]
+    expected = dequantize(raw, Q.Q8_0, (ROWS, 16 * 32), dtype)
+    buffer = torch.full((ROWS, raw.shape[1] + 8), 9, dtype=torch.uint8)
+    buffer[:, 4:-4] = raw
+    q8_0_to_planar(buffer[:, 4:-4])
+    assert bool((buffer[:, :4] == 9).all() and (buffer[:, -4:] == 9).all()), "wrote outside"
+    assert not torch.equal(buffer[:, 4:-4], raw), "the layout changed"
+    for row in range(ROWS):
+        out = torch.empty(16 * 32, dtype=dtype)
+        dequantize_into(buffer[row, 4:-4].contiguous(), Q.Q8_0, out, planar=True)
+        assert torch.equal(out, expected[row]), f"row {row} differs in {dtype}"
 
 
 def test_bfloat16_target_is_the_rounded_fp32_result() -> None:
