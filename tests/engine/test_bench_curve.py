@@ -95,11 +95,11 @@ def test_readme_block_is_replaced_between_markers_and_left_alone_without(tmp_pat
     assert update_readme(tmp_path / "missing.md", result) is None
 
 
-def test_a_curve_ships_only_from_a_full_size_run_of_the_rule_policy_at_half_cache() -> None:
-    rows = _rows(0.95)
+def test_a_curve_ships_only_from_a_full_size_run_of_every_policy_at_half_cache() -> None:
+    rows = _rows(0.95) + [_row(p, 0.0, 1.0, 0.0, 15500) for p in ("lfu", "score")]
     assert ships_curve(False, rows), "a run with fewer alphas or caches still measured the curve"
     assert not ships_curve(True, rows), "a smoke run never ships"
-    no_prefetch = [r for r in rows if r["policy"] != "+prefetch"]
-    assert not ships_curve(False, no_prefetch)
+    measure = [r for r in rows if r["policy"] == "+prefetch"]  # what the app's Measure runs
+    assert not ships_curve(False, measure), "Measure must not overwrite the shipped curve"
     quarter = [dict(r, cache_fraction=0.25) for r in rows]
     assert not ships_curve(False, quarter)
