@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from engine.atomic import write_text_atomic, write_with
-from engine.eval import projection
+from engine.eval import bench_curve, projection
 from engine.eval.bench import (
     DEVICE_INDEPENDENT,
     FULL_METHOD,
@@ -195,7 +195,7 @@ def _f(value: Any, fmt: str) -> str:
 MAIN_COLUMNS = (
     ("policy", "policy", "{}"),
     ("cache_fraction", "cache", "{:.0%}"),
-    ("alpha", "alpha", "{:.1f}"),
+    ("alpha", "alpha", "{:g}"),
     ("hit_rate", "hit rate (incl. subs)", "{:.3f}"),
     ("plain_hit_rate", "plain hits", "{:.3f}"),
     ("misses_per_token", "misses/tok", "{:.2f}"),
@@ -252,7 +252,7 @@ def projection_table(rows: Sequence[dict[str, Any]], alpha: float) -> str:
             _f(1e3 / r[f"proj_ms:{g}:{link}"] if r.get(f"proj_ms:{g}:{link}") else None, "{:.1f}")
             for g, link in keys
         ]
-        lines.append([r["policy"], f"{r['alpha']:.1f}", *cells])
+        lines.append([r["policy"], bench_curve.alpha_text(r["alpha"]), *cells])
     return _table(header, lines)
 
 
@@ -310,8 +310,9 @@ def best_text(rows: Sequence[dict[str, Any]], head: dict[str, Any]) -> str:
     ratio = best["bytes_per_token"] / head["lru_bytes_per_token"]
     return (
         f"Fewest bytes among all rows at this cache within both fidelity bounds: "
-        f"`{best['policy']}` at alpha {best['alpha']:.1f}, {best['bytes_per_token'] / 1e3:.1f} "
-        f"KB/token = {ratio:.2f} x LRU, top-1 {best['top1_agreement']:.4f}, perplexity "
+        f"`{best['policy']}` at alpha {bench_curve.alpha_text(best['alpha'])}, "
+        f"{best['bytes_per_token'] / 1e3:.1f} KB/token = {ratio:.2f} x LRU, "
+        f"top-1 {best['top1_agreement']:.4f}, perplexity "
         f"{best['ppl_delta']:+.2%}, hit rate {best['hit_rate']:.3f}."
     )
 
@@ -338,7 +339,7 @@ def headline_text(head: dict[str, Any]) -> str:
     words = POLICY_WORDS.get(head["policy"], f"`{head['policy']}`")
     lines = [
         f"At cache {head['cache_fraction']:.0%} of all experts, {words} at the chosen "
-        f"default alpha {head['alpha']:.1f}:",
+        f"default alpha {bench_curve.alpha_text(head['alpha'])}:",
         "",
         f"- bytes moved per token: {head['bytes_per_token'] / 1e3:.1f} KB vs LRU "
         f"{head['lru_bytes_per_token'] / 1e3:.1f} KB = "
@@ -446,9 +447,11 @@ def render_markdown(
         "",
         best_text(rows, head),
         "",
+        *curve_section(result),
         "## Default alpha",
         "",
-        f"Chosen: **{alpha:.1f}**. Rule (the paper's equation 5 is not available to us): of "
+        f"Chosen: **{bench_curve.alpha_text(alpha)}**. Rule (the paper's equation 5 is not "
+        "available to us): of "
         f"the alphas for `{DEVICE_INDEPENDENT}` (substitution and prefetch, whose bytes do not "
         f"depend on the device) at cache {HEADLINE_CACHE:.0%} whose top-1 agreement "
         f"is >= {MIN_AGREEMENT} and perplexity at most {MAX_PPL_DELTA:.0%} above the "
@@ -534,11 +537,55 @@ def readme_table(result: BenchResult) -> str:
         ratio = f" ({_f(head['bytes_ratio_vs_lru'], '{:.2f}')} x LRU)"
         name = SUMMARY_WORDS.get(head["policy"], f"`{head['policy']}`")
         lines.append(
-            _summary_line(name, f"{alpha:.1f} (auto default)", ours["bytes_per_token"], ratio, ours)
+            _summary_line(
+                name,
+                f"{bench_curve.alpha_text(alpha)} (auto default)",
+                ours["bytes_per_token"],
+                ratio,
+                ours,
+            )
         )
     header = ["policy", "alpha", "KB moved per token", "hit rate (incl. substitutions)",
               "top-1 agreement", "perplexity"]  # fmt: skip
     return _table(header, lines)
+
+
+def curve_section(result: BenchResult) -> list[str]:
+    """Every measured alpha of the substituting policies at the headline cache, all devices'
+    rows included (``+cpu`` labelled when its bytes follow timing), and the verdict."""
+    rows = result.rows
+    fraction = _headline_fraction(rows)
+    table = bench_curve.curve_table(rows, fraction)
+    if not table:
+        return []
+    lines = [f"## Substitution curve at cache {fraction:.0%}", "", table, ""]
+    if headline_policy(result_device(result)) != FULL_METHOD:
+        lines += [
+            "The whole method's rows (`+cpu`) come from a run without a GPU: which misses "
+            "are copied and which are computed on the CPU follows timing there, so their "
+            "bytes are shown for completeness, not as a figure for a GPU.",
+            "",
+        ]
+    return [*lines, bench_curve.verdict(rows, fraction, result.default_alpha), ""]
+
+
+def readme_block(result: BenchResult) -> str:
+    """The README's generated block: the run, the headline table, the curve, the verdict."""
+    curve = curve_section(result)
+    return "\n".join(
+        [
+            bench_curve.BLOCK_BEGIN,
+            f"From {readme_source(result)} (model `{result.model_name}`):",
+            "",
+            readme_table(result),
+            "",
+            *[
+                line.replace("## ", "#### ", 1) if line.startswith("## ") else line
+                for line in curve
+            ],
+            bench_curve.BLOCK_END,
+        ]
+    )
 
 
 def readme_source(result: BenchResult) -> str:

@@ -22,7 +22,7 @@ import torch
 from engine.atomic import write_text_atomic
 from engine.config import DEFAULT_CACHE_FRACTION, DEVICES, DTYPES, CacheConfig
 from engine.errors import InvalidRequestError, ModelLoadError
-from engine.eval import bench, bench_report, hotpath
+from engine.eval import bench, bench_curve, bench_report, hotpath
 from engine.eval.cloze import ClozeSettings
 from engine.eval.fidelity import (
     DEFAULT_WINDOW,
@@ -145,7 +145,7 @@ def _prepare(args: argparse.Namespace, tokenizer: Any, path: Path) -> PreparedTe
 def _progress(row: FidelityRow | dict[str, Any]) -> None:
     data = row.to_dict() if isinstance(row, FidelityRow) else row
     print(
-        f"  {data['policy']:>14} cache {data['cache_fraction']:.2f} alpha {data['alpha']:.2f}: "
+        f"  {data['policy']:>14} cache {data['cache_fraction']:.2f} alpha {data['alpha']:g}: "
         f"top-1 {data['top1_agreement']:.4f}, hits {data['hit_rate']:.3f}, "
         f"{data['bytes_per_token'] / 1e6:.3f} MB/token",
         file=sys.stderr,
@@ -346,10 +346,20 @@ def _replay(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{**vars(r), "hit_rate": r.hit_rate} for r in rows]
 
 
-def _curve_paths(args: argparse.Namespace, model_dir: Path, name: str) -> list[Path]:
-    """The user's curve; plus the shipped one in the built-in model's folder after a full run."""
-    full_run = not args.quick and args.policies is None and args.cache_fractions is None
-    return _curve_targets(full_run, model_dir, name)
+def ships_curve(quick: bool, rows: list[dict[str, Any]]) -> bool:
+    """A run whose curve may ship with the built-in model: not a smoke run, and every policy
+    measured at the headline cache (fewer alphas or cache sizes are fine; the app's Measure,
+    one policy, writes only the user's curve)."""
+    at_headline = {r["policy"] for r in rows if r["cache_fraction"] == bench.HEADLINE_CACHE}
+    return not quick and at_headline >= set(bench.POLICIES)
+
+
+def _curve_paths(
+    args: argparse.Namespace, rows: list[dict[str, Any]], model_dir: Path, name: str
+) -> list[Path]:
+    """The user's curve; plus the shipped one in the built-in model's folder after a run that
+    measured the curve in full (``ships_curve``)."""
+    return _curve_targets(ships_curve(args.quick, rows), model_dir, name)
 
 
 def _curve_targets(full_run: bool, model_dir: Path, name: str) -> list[Path]:
@@ -397,7 +407,25 @@ def _report(args: argparse.Namespace, result: bench.BenchResult) -> list[Path]:
     if kept is not None:  # the hotpath command's own section survives a bench rerun
         text = hotpath.replace_section(text, kept)
     write_text_atomic(markdown, text)
-    return [json_path, plot_path, markdown]
+    written = [json_path, plot_path, markdown]
+    if args.markdown is None and out == DEFAULT_OUT:  # the project's own report
+        readme = update_readme(Path("README.md"), result)
+        written += [readme] if readme else []
+    return written
+
+
+def update_readme(readme: Path, result: bench.BenchResult) -> Path | None:
+    """Rewrite the README's generated bench block (between its markers) from ``result``;
+    a README without the markers is left alone (None)."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    new = bench_curve.replace_block(text, bench_report.readme_block(result))
+    if new is None:
+        return None
+    write_text_atomic(readme, new)
+    return readme
 
 
 def _rerender(args: argparse.Namespace) -> int:
@@ -415,12 +443,11 @@ def _rerender(args: argparse.Namespace) -> int:
         device = result.settings["machine"].get("device", "cpu")
         # The model and run kind the JSON records, not this command's defaults.
         model_dir = Path(result.info["path"])
-        full_run = not result.settings.get("quick", True)
+        full_run = ships_curve(result.settings.get("quick", True), result.rows)
         paths = _curve_targets(full_run, model_dir, result.model_name)
         written += bench.write_curve(bench.curve_document(result, device), paths)
     print(
-        f"default alpha {result.default_alpha:.1f}; re-rendered "
-        + ", ".join(map(str, written[1:])),
+        f"default alpha {result.default_alpha:g}; re-rendered " + ", ".join(map(str, written[1:])),
         file=sys.stderr,
     )
     return 0
@@ -486,10 +513,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     written = _report(args, result)
     if not args.no_curve:
         written += bench.write_curve(
-            bench.curve_document(result, device), _curve_paths(args, base.model_dir, info.name)
+            bench.curve_document(result, device),
+            _curve_paths(args, rows, base.model_dir, info.name),
         )
     print(
-        f"default alpha {result.default_alpha:.1f}; wrote " + ", ".join(map(str, written)),
+        f"default alpha {result.default_alpha:g}; wrote " + ", ".join(map(str, written)),
         file=sys.stderr,
     )
     return 0
