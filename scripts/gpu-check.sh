@@ -15,6 +15,13 @@
 # .git/info/exclude ignores; name .whl in the device call's carry); step 0 installs them with
 # --no-index into /tmp/understudy-site. Nothing is downloaded on the device machine.
 #
+# Size of what a device call sends (the working tree, at most 64 MiB): on 2026-11-29 the tracked
+# files are 72.6 MB (69.2 MiB), over that limit. 47.7 MB of it is the small model, which the hot
+# path step uses; 20.1 MB is resources/models/understudy-smollm2-moe/moefy.safetensors, which
+# nothing here needs (the device cannot assemble the SmolLM2 MoE: no wheel, no network). Move
+# that file out of the working tree for the call and back after (`git checkout -- FILE`); the
+# tree is then ~52.6 MB, leaving ~14 MB for .whl/.
+#
 # Time budget (CUDA; each step is stopped at its budget by `timeout`, and the geometry steps
 # keep the rows measured before the stop): 20 + 90 + 60 + 200 + 110 = 480 s at most. The
 # estimate behind it, per geometry on one H100/H200: build the checkpoint (random bf16 init on
