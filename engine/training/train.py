@@ -171,9 +171,13 @@ def lr_at(step: int, total: int, spec: TrainSpec) -> float:
     warmup = max(1, int(total * spec.warmup_fraction))
     if step < warmup:
         return spec.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return spec.lr * (spec.min_lr_ratio + (1.0 - spec.min_lr_ratio) * cosine)
+    return spec.lr * cosine_floor((step - warmup) / max(1, total - warmup), spec.min_lr_ratio)
+
+
+def cosine_floor(progress: float, floor: float) -> float:
+    """Cosine decay from 1 to ``floor`` as ``progress`` goes from 0 to 1 (held after 1)."""
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return floor + (1.0 - floor) * cosine
 
 
 def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:

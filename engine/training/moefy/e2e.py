@@ -31,6 +31,7 @@ from engine.training.moefy.convert import MoeShape
 from engine.training.moefy.distill import kl_loss, kl_step
 from engine.training.moefy.learned import Learned
 from engine.training.moefy.lowrank import NAMES, effective_ffn
+from engine.training.train import cosine_floor
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ def lr_factor(step: int, progress: float, warmup: int) -> float:
     (the share of the step or time budget spent, whichever is larger) goes from 0 to 1."""
     if step < warmup:
         return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cosine_floor(progress, 0.1)
 
 
 def _set_lr(opt: torch.optim.Optimizer, spec: E2eSpec, step: int, elapsed: float) -> None:
