@@ -92,12 +92,32 @@ class GpuTelemetry:
             self.handle = None
 
 
-def host_sample() -> HostSample:
-    """Used and total RAM from ``sysconf`` (Linux, macOS); None where it is not offered."""
+MEMINFO = "/proc/meminfo"
+
+
+def meminfo_available(path: str = MEMINFO) -> int | None:
+    """``MemAvailable`` of Linux's meminfo in bytes: free RAM plus the page cache the kernel can
+    drop (memory-mapped model files live there); None where the file or the line is missing."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def host_sample(meminfo: str = MEMINFO) -> HostSample:
+    """Used and total RAM (Linux, macOS); None where it is not offered. Used is total minus
+    what programs can still get: on Linux ``MemAvailable``, so page cache does not count as
+    used; elsewhere ``sysconf``'s free pages."""
     try:
         page = os.sysconf("SC_PAGE_SIZE")
         total = os.sysconf("SC_PHYS_PAGES") * page
-        available = os.sysconf("SC_AVPHYS_PAGES") * page
+        available = meminfo_available(meminfo)
+        if available is None:
+            available = os.sysconf("SC_AVPHYS_PAGES") * page
     except (ValueError, OSError, AttributeError):
         return HostSample(None, None)
-    return HostSample(total - available, total)
+    return HostSample(total - min(available, total), total)
