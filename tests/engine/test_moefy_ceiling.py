@@ -86,3 +86,22 @@ def test_the_cli_refuses_too_few_tokens_before_loading(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         moefy_cli.parse_args(["ceiling", "--eval-tokens", "1", "--out", "x.json"])
     assert "--eval-tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k", ["0", "33"])
+def test_build_refuses_a_top_k_the_recipe_cannot_cut(k: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        moefy_cli.parse_args(["build", "--top-k", k])
+    assert "--top-k" in capsys.readouterr().err
+
+
+def test_build_takes_the_top_k_into_the_recipe_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def fake_recipe(out: object, cache: object, spec: object) -> None:
+        seen["spec"] = spec
+        raise InvalidRequestError("stop here")
+
+    monkeypatch.setattr("engine.training.moefy.recipe.run_recipe", fake_recipe)
+    assert moefy_cli.main(["build", "--top-k", "20", "--out", "unused"]) == 1
+    assert seen["spec"].shape.top_k == 20 and seen["spec"].shape.experts == 32

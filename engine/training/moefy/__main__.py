@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     b.add_argument("--assembled", type=Path, default=None, help="where to assemble afterwards")
     b.add_argument("--tokens-per-domain", type=int, default=4000)
+    b.add_argument(
+        "--top-k", type=int, default=None, help="routed experts per token (default: the recipe's)"
+    )
     d = sub.add_parser("distill", help="distil routers and shared downs against the dense model")
     d.add_argument("--recipe", type=Path, default=builtin_recipe_dir())
     d.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -91,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--steps must be positive, got {args.steps}")
     if args.command == "build" and args.tokens_per_domain <= 0:
         p.error(f"--tokens-per-domain must be positive, got {args.tokens_per_domain}")
+    if args.command == "build" and args.top_k is not None and not 1 <= args.top_k <= 32:
+        p.error(f"--top-k must be between 1 and the recipe's 32 experts, got {args.top_k}")
     if args.command == "distill-e2e":
         _check_e2e(p, args)
     if args.command == "refit" and (args.tokens_per_domain < 1000 or args.epochs < 0):
@@ -121,6 +126,8 @@ def _build(args: argparse.Namespace) -> None:
     from engine.training.moefy.recipe import RecipeSpec, record_model_hash, run_recipe
 
     spec = replace(RecipeSpec(), tokens_per_domain=args.tokens_per_domain)
+    if args.top_k is not None:
+        spec = replace(spec, shape=replace(spec.shape, top_k=args.top_k))
     run_recipe(args.out, args.cache, spec)
     result = assemble(
         args.assembled or assembled_model_dir(), args.out, args.cache / "pkgs", force=True
