@@ -102,6 +102,10 @@ class ExpertCache:
         """[E] bool numpy copy of the layer's residency (host state, no device read)."""
         return self._resident[layer].copy()
 
+    def resident_list(self, layer: int) -> list[bool]:
+        """[E] the layer's residency as Python bools (the decode planner's form)."""
+        return self._resident[layer].tolist()  # type: ignore[no-any-return]
+
     def slot_index(self, key: SlotKey) -> int:
         return self._slot_of[key]
 
