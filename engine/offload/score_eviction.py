@@ -42,7 +42,9 @@ class _LayerWindow:
         self._mean: np.ndarray | None = None  # cached until the next report
 
     def add(self, scores: Any, step: int) -> None:
-        vector = np.asarray(scores, dtype=np.float32).reshape(-1)  # [E]
+        vector = scores  # [E]: the controller's host row as it is (a decode step's hot path)
+        if not (type(scores) is np.ndarray and scores.dtype == np.float32 and scores.ndim == 1):
+            vector = np.asarray(scores, dtype=np.float32).reshape(-1)
         self._mean = None
         if step == self.last_step and self.vectors:
             count = self._merged
