@@ -55,10 +55,8 @@ class _LayerWindow:
         self.last_step, self._merged = step, 1
 
     def mean(self) -> np.ndarray:
-        if self._mean is None:
-            total = self.vectors[0].astype(np.float64)
-            for vector in list(self.vectors)[1:]:
-                total = total + vector
+        if self._mean is None:  # oldest first, in float64: one stack and one reduction
+            total = np.add.reduce(np.array(self.vectors), axis=0, dtype=np.float64)  # [E]
             self._mean = (total / len(self.vectors)).astype(np.float32)  # [E]
         return self._mean
 
@@ -161,10 +159,11 @@ class ScoreEviction:
             )
         for layer in self._stale:
             row = self._row_of.get(layer)
-            table = self.scaled_scores(layer)
-            if row is not None and table is not None:
-                n = min(experts, len(table))
-                self._values[row, :n] = table[:n]
+            window = self._layers.get(layer)
+            if row is not None and window is not None:
+                scaled = scale_scores(window.mean(), self.scale)  # [E]
+                n = min(experts, scaled.size)
+                self._values[row, :n] = scaled[:n]
         self._stale.clear()
         return self._values
 
