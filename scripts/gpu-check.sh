@@ -137,3 +137,4 @@ step "4/4 Mixtral-8x7B geometry (4 of 32 layers), random bf16 weights, cache 50%
     --tokens "$GB_TOKENS" --geometries mixtral --cache-fractions 0.5 \
     --stem geometry_mixtral $QUICK
 echo "[gpu-check] done in $((SECONDS - START_ALL)) s: $OUT"
+echo "[gpu-check] projections with this host cost, back on the dev machine: python -m engine bench --rerender --no-curve --host-cost $OUT/host_cost.json"

@@ -163,14 +163,18 @@ def _projection_inputs(counts: dict[str, Any]) -> projection.Fractions | None:
     return projection.fractions_from_counts(hits, subs, copies, cpu)
 
 
-def projections_of(counts: dict[str, Any]) -> dict[str, float]:
-    """Projected floor on ms/token (1/x: an upper bound on tok/s) per geometry and link."""
+def projections_of(
+    counts: dict[str, Any], cost: projection.HostCost | None = None
+) -> dict[str, float]:
+    """Projected floor on ms/token (1/x: an upper bound on tok/s) per geometry and link,
+    charging ``cost`` as the host time (default: the measured ``host_cost.json``)."""
     fractions = _projection_inputs(counts)
     if fractions is None:
         return {}
+    host = projection.Host(host=cost)
     return {
         f"proj_ms:{p.geometry}:{p.link}": p.overlapped_s * 1e3
-        for p in projection.project_all(fractions)
+        for p in projection.project_all(fractions, host=host)
     }
 
 
@@ -196,7 +200,6 @@ def _row_dict(row: FidelityRow, timing: GenerationTiming) -> dict[str, Any]:
         gen_runs=timing.runs,
         gen_tokens=timing.tokens,
         same_run_as=None,
-        **projections_of(data),
     )
     return data
 

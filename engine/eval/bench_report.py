@@ -32,6 +32,7 @@ from engine.eval.bench import (
     curve_rows,
     headline_policy,
     machine_label,
+    projections_of,
 )
 
 HEADLINE_TARGETS = "bytes/token <= 0.5 x LRU, top-1 >= 0.97, ppl delta <= 2%, hit rate > 0.60"
@@ -82,9 +83,10 @@ def read_result(path: Path) -> BenchResult:
     Raises ``OSError``, ``ValueError`` (bad JSON) or ``KeyError`` (a field missing).
     """
     data = json.loads(path.read_text(encoding="utf-8"))
+    rows = [_without_stored_projections(row) for row in data["rows"]]
     return BenchResult(
-        data["rows"],
-        choose_default_alpha(data["rows"]),  # the rule in force, from the measured rows
+        rows,
+        choose_default_alpha(rows),  # the rule in force, from the measured rows
         data["model"],
         data["info"],
         data["settings"],
@@ -92,6 +94,12 @@ def read_result(path: Path) -> BenchResult:
         data["started"],
         data["seconds"],
     )
+
+
+def _without_stored_projections(row: dict[str, Any]) -> dict[str, Any]:
+    """A row less the ``proj_ms:*`` figures older runs stored (computed with the host cost
+    of their day); the report computes them from the counts and the host cost in force."""
+    return {key: value for key, value in row.items() if not key.startswith("proj_ms:")}
 
 
 def write_json(result: BenchResult, path: Path) -> Path:
@@ -236,8 +244,12 @@ def main_table(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def projection_table(rows: Sequence[dict[str, Any]], alpha: float) -> str:
-    """Projected tok/s bound per geometry and link, at the headline cache, each policy once."""
+def projection_table(
+    rows: Sequence[dict[str, Any]], alpha: float, cost: projection.HostCost | None = None
+) -> str:
+    """Projected tok/s bound per geometry and link, at the headline cache, each policy once:
+    from each row's counted expert uses and the host cost ``cost`` (default: the measured
+    ``host_cost.json``), computed now, so a new host cost re-renders it."""
     chosen = [
         r
         for r in rows
@@ -248,8 +260,9 @@ def projection_table(rows: Sequence[dict[str, Any]], alpha: float) -> str:
     header = ["policy", "alpha", *[f"{g} / {link}" for g, link in keys]]
     lines = []
     for r in chosen:
+        bounds = projections_of(r, cost)
         cells = [
-            _f(1e3 / r[f"proj_ms:{g}:{link}"] if r.get(f"proj_ms:{g}:{link}") else None, "{:.1f}")
+            _f(1e3 / bounds[f"proj_ms:{g}:{link}"] if bounds else None, "{:.1f}")
             for g, link in keys
         ]
         lines.append([r["policy"], bench_curve.alpha_text(r["alpha"]), *cells])
@@ -418,12 +431,17 @@ def render_markdown(
     command: str,
     plot_path: str | None,
     json_path: str,
+    host_cost: Path | None = None,
 ) -> str:
-    """The whole ``BENCHMARKS.md``: generated, never edited by hand."""
+    """The whole ``BENCHMARKS.md``: generated, never edited by hand. ``host_cost``: the
+    projections' host cost file (default ``projection.HOST_COST_FILE``).
+
+    Raises ``ValueError`` when ``host_cost`` is not a host cost document."""
     alpha = result.default_alpha
     device = result_device(result)
     rows = reported_rows(result.rows, device)
     head = headline(rows, alpha, headline_policy(device))
+    cost, origin = projection.read_host_cost(host_cost)
     parts = [
         "# Benchmarks",
         "",
@@ -484,7 +502,12 @@ def render_markdown(
         "`engine/eval/projection.py` states the formula and the host assumptions). No run "
         "decodes faster than these figures; real runs are slower.",
         "",
-        projection_table(rows, alpha),
+        f"Host cost charged: {cost.ops_per_layer:.1f} ops and {cost.syncs_per_layer:.1f} "
+        f"syncs per MoE layer at {cost.seconds_per_op * 1e6:.1f} us per op, from {origin}. "
+        "Re-render with another host cost (the CUDA one `scripts/gpu-check.sh` writes): "
+        "`python -m engine bench --rerender --host-cost FILE`.",
+        "",
+        projection_table(rows, alpha, cost),
         "",
     ]
     parts += _replay_section(result)

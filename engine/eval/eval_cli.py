@@ -22,7 +22,7 @@ import torch
 from engine.atomic import write_text_atomic
 from engine.config import DEFAULT_CACHE_FRACTION, DEVICES, DTYPES, CacheConfig
 from engine.errors import InvalidRequestError, ModelLoadError
-from engine.eval import bench, bench_curve, bench_report, hotpath
+from engine.eval import bench, bench_curve, bench_report, hotpath, projection
 from engine.eval.cloze import ClozeSettings
 from engine.eval.fidelity import (
     DEFAULT_WINDOW,
@@ -291,6 +291,13 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rerender", action="store_true", help="rebuild plot and report from <out>/bench.json"
     )
+    parser.add_argument(
+        "--host-cost",
+        type=Path,
+        metavar="FILE",
+        help="host cost the report's projections charge (default docs/benchmarks/host_cost.json,"
+        " written by `hotpath --host-cost`; scripts/gpu-check.sh writes a CUDA one)",
+    )
     _add_text_options(parser, max_tokens=1024, cloze_items=16)
     cli.add_threads_option(parser)
 
@@ -399,6 +406,7 @@ def _report(args: argparse.Namespace, result: bench.BenchResult) -> list[Path]:
         settings["command"],
         _relative(plot_path, markdown.parent),
         _relative(json_path, markdown.parent),
+        args.host_cost,
     )
     markdown.parent.mkdir(parents=True, exist_ok=True)
     kept = (
@@ -460,9 +468,22 @@ def _relative(path: Path, start: Path) -> str:
         return str(path)
 
 
+def _check_host_cost(path: Path | None) -> None:
+    """Refuse a ``--host-cost`` that is missing or not a host cost document, before any work."""
+    if path is None:
+        return
+    if not path.is_file():
+        raise InvalidRequestError(f"no host cost file at {path} (see `hotpath --host-cost`)")
+    try:
+        projection.read_host_cost(path)
+    except (ValueError, TypeError) as error:  # TypeError: a field that is not a number
+        raise InvalidRequestError(f"cannot use {path} as the host cost: {error}") from error
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
     from engine.runtime.loading import inspect_model
 
+    _check_host_cost(args.host_cost)
     if args.rerender:
         return _rerender(args)
     args = _quick_text_args(args)

@@ -165,10 +165,36 @@ FALLBACK_HOST_COST = HostCost(ops_per_layer=643 / 5, syncs_per_layer=10 / 5, sec
 
 def load_host_cost(path: Path | None = None) -> HostCost:
     """The host cost in ``path`` (default ``HOST_COST_FILE``), else ``FALLBACK_HOST_COST``."""
+    return read_host_cost(path)[0]
+
+
+def read_host_cost(path: Path | None = None) -> tuple[HostCost, str]:
+    """The host cost in ``path`` (default ``HOST_COST_FILE``) and where it was measured, in
+    words for a report; ``FALLBACK_HOST_COST`` and its origin when the file is absent.
+
+    Raises ``ValueError`` for a file that is not a host cost document (bad JSON included).
+    """
     path = HOST_COST_FILE if path is None else path
     if not path.is_file():
-        return FALLBACK_HOST_COST
-    return HostCost.from_document(json.loads(path.read_text(encoding="utf-8")))
+        return FALLBACK_HOST_COST, FALLBACK_ORIGIN
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON: {error}") from error
+    if not isinstance(document, dict):
+        raise ValueError(f"{path} is not a host cost document (a JSON object)")
+    return HostCost.from_document(document), _origin(path, document)
+
+
+FALLBACK_ORIGIN = "the stated fallback (no host_cost.json): 2026-11-28, built-in 5-layer model, CPU"
+
+
+def _origin(path: Path, document: dict[str, Any]) -> str:
+    """``path`` and the run the document names (command, configuration, device, date)."""
+    keys = ("configuration", "device", "machine", "date")
+    run = ", ".join(str(document[key]) for key in keys if document.get(key))
+    command = f" by `{document['command']}`" if document.get("command") else ""
+    return f"`{path.name}`" + (f", measured{command} ({run})" if run or command else "")
 
 
 def host_cost_document(

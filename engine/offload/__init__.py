@@ -148,7 +148,7 @@ class OffloadController:
         if self.method is not None:
             host, idx, weights = self.method.on_routing(layer, host, idx, weights)
         policy = self.cache.policy
-        if getattr(policy, "uses_scores", True):
+        if not self.cache.holds_all and getattr(policy, "uses_scores", True):  # else no victims
             policy.record_scores(layer, _token_mean(host.scores), self.cache.step)
         module = self.experts.get(layer)
         if module is not None:

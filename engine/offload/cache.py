@@ -83,6 +83,10 @@ class ExpertCache:
         self._free = list(range(num_slots - 1, -1, -1))  # free slots, lowest on top
         self._slot_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._assist: ThreadPoolExecutor | None = None
+        # A pool with a slot for every expert never evicts: once all of a layer's experts sit
+        # in slots, ``stream`` serves that layer without protection or policy records.
+        self.holds_all = num_slots >= store.num_experts * len(self._layers)
+        self._full: set[int] = set()  # layers wholly resident in a holds_all pool
 
     @property
     def nbytes(self) -> int:
@@ -101,6 +105,10 @@ class ExpertCache:
     def resident_host(self, layer: int) -> np.ndarray:
         """[E] bool numpy copy of the layer's residency (host state, no device read)."""
         return self._resident[layer].copy()
+
+    def resident_list(self, layer: int) -> list[bool]:
+        """[E] the layer's residency as Python bools (the decode planner's form)."""
+        return self._resident[layer].tolist()  # type: ignore[no-any-return]
 
     def slot_index(self, key: SlotKey) -> int:
         return self._slot_of[key]
@@ -141,12 +149,23 @@ class ExpertCache:
         return views
 
     def stream(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertWeights]]:
-        """Yield the layer's experts (ascending) in protected chunks that fit the pool."""
+        """Yield the layer's experts (ascending) in protected chunks that fit the pool.
+
+        In a pool that holds every expert, a layer whose experts are all resident is one
+        chunk of hits: nothing can be evicted, so no protection, no policy record (the
+        policy is only asked for victims, and there are none), no copy to wait for.
+        """
         ordered = sorted(experts)
+        if layer in self._full and not self._inflight:
+            self.stats.add(layer, hits=len(ordered))
+            yield [(e, *self.weights((layer, e))) for e in ordered]
+            return
         for start in range(0, len(ordered), self.num_slots):
             chunk = ordered[start : start + self.num_slots]
             with self.protect(layer, chunk):
                 yield [(e, *self.weights((layer, e))) for e in chunk]
+        if self.holds_all and bool(self._resident[layer].all()):
+            self._full.add(layer)
 
     @contextmanager
     def protect(self, layer: int, experts: Sequence[int]) -> Iterator[None]:
@@ -197,6 +216,7 @@ class ExpertCache:
             if slot is None:
                 continue
             self._resident[key[0]][key[1]] = False
+            self._full.discard(key[0])
             self.policy.forget(key)
             self._inflight.pop(key, None)
             self._key_of[slot] = None
@@ -286,6 +306,7 @@ class ExpertCache:
             victim = self._victim()
             slot = self._slot_of.pop(victim)
             self._resident[victim[0]][victim[1]] = False
+            self._full.discard(victim[0])
             self.policy.forget(victim)
             pending = self._inflight.pop(victim, None)
             if pending is not None:  # its prefetch copy must land before the slot is rewritten
@@ -313,6 +334,7 @@ class ExpertCache:
         for key in list(self._slot_of):
             self.policy.forget(key)
         self._slot_of.clear()
+        self._full.clear()
         for mask in self._resident.values():
             mask[:] = False
         self._inflight.clear()

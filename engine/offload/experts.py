@@ -160,10 +160,12 @@ class OffloadedExperts(nn.Module):
         on_device = [e for e in plan.experts if e not in on_cpu]
         for chunk in source(self.layer, on_device):
             for expert, gate_up, down in chunk:
-                yield from _joined(assisted, below=expert)
+                if assisted:
+                    yield from _joined(assisted, below=expert)
                 current = hidden[views[expert][0]] if views else hidden  # [n, H]
                 yield expert, self._expert(current, gate_up, down)
-        yield from _joined(assisted, below=None)
+        if assisted:
+            yield from _joined(assisted, below=None)
 
     def _expert(
         self, current: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor

@@ -40,7 +40,8 @@ the router's own tensors are kept, so the model output is unchanged.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +51,7 @@ from torch import nn
 
 from engine.offload.cache import ExpertWeights
 from engine.offload.cpu_assist import RollingCost, plan
-from engine.offload.decode_row import ranked_top, row_bands, substitute_row
+from engine.offload.decode_row import mix_row, ranked_top, row_bands, substitute_row
 from engine.offload.families import SIGMOID_GROUPED, SOFTMAX_ALL, SOFTMAX_TOPK, RouterFamily
 from engine.offload.plan import (
     HostBands,
@@ -128,6 +129,7 @@ class SmoeMethod:
         self.weight_mode: WeightMode = weight_mode
         self.prefetch_limit = prefetch_limit
         self.prefetch_account = PrefetchAccount()
+        self.row_planner = True  # one token: decode_row on lists; False: the numpy reference
         expert_bytes = self.cache.shape.nbytes
         self.cost_load = RollingCost(prior=expert_bytes / PRIOR_COPY_BANDWIDTH)
         self.cost_cpu = RollingCost(prior=expert_bytes / PRIOR_CPU_BANDWIDTH)
@@ -209,7 +211,7 @@ class SmoeMethod:
                 if bands is not None
                 else set(host.idx.reshape(-1).tolist())
             )
-            self._account_prefetch(layer, pending, actual, final.idx)
+            self._account_prefetch(layer, pending, actual, final.idx.reshape(-1).tolist())
         return final, idx, weights
 
     def _one_row(self, layer: int, scores: np.ndarray) -> bool:
@@ -217,7 +219,8 @@ class SmoeMethod:
         correction bias, a substitutable router."""
         spec = self.spec
         return (
-            scores.shape[0] == 1
+            self.row_planner
+            and scores.shape[0] == 1
             and spec is not None
             and spec.substitutable
             and spec.group_score is None
@@ -234,15 +237,17 @@ class SmoeMethod:
     ) -> tuple[HostRouting, torch.Tensor, torch.Tensor]:
         """``on_routing`` of one token on Python lists: the bands once, for both uses."""
         live = self._live
-        bands = row_bands(host.scores[0].tolist(), host.idx[0].tolist(), live.alpha)
-        final = host
-        if live.substitution_on and live.alpha > 0.0:
-            swap = substitute_row(bands, self.cache.resident_host(layer).tolist())
+        chosen = host.idx[0].tolist()
+        bands = row_bands(host.scores[0].tolist(), chosen, live.alpha)
+        final = chosen
+        if live.substitution_on:
+            swap = substitute_row(bands, self.cache.resident_list(layer))
             if swap is not None:
-                final, idx, weights = self._apply(layer, host, idx, weights, *swap)
+                host, idx, weights = self._apply(layer, host, idx, weights, swap)
+                final = swap[0]
         if pending is not None:
-            self._account_prefetch(layer, pending, bands.top_set(), final.idx)
-        return final, idx, weights
+            self._account_prefetch(layer, pending, bands.top_set(), final)
+        return host, idx, weights
 
     def _apply(
         self,
@@ -250,14 +255,33 @@ class SmoeMethod:
         host: HostRouting,
         idx: torch.Tensor,
         weights: torch.Tensor,
-        chosen: list[int],
-        swapped: list[bool],
+        swap: tuple[list[int], list[bool]],
     ) -> tuple[HostRouting, torch.Tensor, torch.Tensor]:
-        """One token's swaps as a ``HostSubstitution`` (weights mixed by the numpy path)."""
+        """One token's swaps: weights mixed (``mix_row``; the numpy path for ``own_renorm``),
+        substitutes counted, the final top-k and weights sent to the device.
+
+        A token's substitutes are distinct unselected experts, one per swap, and its k experts
+        always fit the cache (it has at least ``top_k`` slots), so unlike ``_substituted``
+        nothing is counted from sets and no chunking check is needed."""
         assert self.spec is not None
-        new_idx, flags = np.array([chosen], dtype=np.int64), np.array([swapped], dtype=bool)
-        mixed = mix_weights(host, new_idx, flags, self.spec, self.weight_mode)
-        return self._substituted(layer, host, idx, weights, HostSubstitution(new_idx, mixed, flags))
+        new, swapped = swap
+        new_idx = np.array([new], dtype=np.int64)  # [1, k]
+        mixed = mix_row(
+            host.scores[0], host.idx[0], host.weights[0], swap, self.spec, self.weight_mode
+        )
+        if mixed is None:
+            flags = np.array([swapped], dtype=bool)
+            mixed = mix_weights(host, new_idx, flags, self.spec, self.weight_mode)[0]
+        added = sum(swapped)
+        # substitutes are resident: the cache will count them as hits; they are substitutions
+        self.cache.stats.add(layer, hits=-added, substitutions=added)
+        new_weights = mixed[None, :]  # [1, k]
+        device = idx.device
+        return (
+            HostRouting(host.scores, new_idx, new_weights),
+            _as(to_device(new_idx, device), idx.dtype),
+            _as(to_device(new_weights, device), weights.dtype),
+        )
 
     def _bands(
         self, layer: int, scores: np.ndarray, idx: np.ndarray, alpha: float
@@ -396,7 +420,7 @@ class SmoeMethod:
         if mid.numel() > MAX_DECODE_TOKENS * mid.shape[-1]:
             return None
         after = self._folded_after.get(following)
-        with torch.no_grad():
+        with _no_grad():
             if after is not None:
                 return after(mid)  # [..., E]: the routing copy flattens it
             return self._predict(following, mid)
@@ -459,13 +483,13 @@ class SmoeMethod:
         if scores.shape[0] > MAX_DECODE_TOKENS:
             return
         ranked = self._ranked[layer] = self._top_score_ranked(layer, scores)
-        resident = self.cache.resident_host(layer)
+        resident = self.cache.resident_list(layer)
         issued = [e for e in ranked if not resident[e]][: self.prefetch_limit]
         self.cache.store.read_ahead([(layer, expert) for expert in issued])
 
     def _prefetch_host(self, layer: int, scores: np.ndarray) -> None:
         """Copy the predicted top-score experts of ``layer`` that are not resident."""
-        resident = self.cache.resident_host(layer).tolist()
+        resident = self.cache.resident_list(layer)
         ranked = self._ranked.pop(layer, None) or self._top_score_ranked(layer, scores)
         issued = [e for e in ranked if not resident[e]]
         if self.prefetch_limit is not None:
@@ -495,18 +519,18 @@ class SmoeMethod:
         layer: int,
         state: _PrefetchState,
         actual: set[int],
-        final_idx: np.ndarray,
+        final: Iterable[int],
     ) -> None:
         """Precision, recall and used copies of the prefetch, once ``layer`` has routed
-        (``actual``: its top-score experts)."""
-        final = set(final_idx.reshape(-1).tolist())
-        used = state.issued & final
-        needed = {e for e in actual if not state.resident_before[e]}
-        self.cache.stats.add(layer, prefetch_used=len(used))
-        self.cache.stats.add_prefetch_accuracy(
-            len(state.predicted_top), len(needed), len(state.issued & needed)
+        (``actual``: its top-score experts; ``final``: the experts it computes)."""
+        issued, predicted, before = state.issued, state.predicted_top, state.resident_before
+        needed = {e for e in actual if not before[e]}
+        used = len(issued.intersection(final)) if issued else 0
+        hits = len(issued & needed) if issued else 0
+        self.cache.stats.add_prefetch(layer, used, len(predicted), len(needed), hits)
+        self.prefetch_account.add(
+            len(predicted), len(actual), len(predicted & actual), len(issued), used
         )
-        self.prefetch_account.observe(state.predicted_top, actual, state.issued, final)
 
     # ----------------------------------------------------------------- CPU assist
 
@@ -523,11 +547,12 @@ class SmoeMethod:
         live = self._live
         if not live.cpu_assist_on or self._tokens.get(layer, 0) > MAX_DECODE_TOKENS:
             return set()
-        missing = [e for e in experts if not self.cache.is_resident((layer, e))]
+        resident = self.cache.resident_list(layer)
+        missing = [e for e in experts if not resident[e]]
         scores = self._scores.get(layer)
         if not missing or scores is None:
             return set()
-        importance = scores.max(axis=0)  # [E]
+        importance = scores[0] if scores.shape[0] == 1 else scores.max(axis=0)  # [E]
         measured = self.cache.copy_seconds_per_expert  # CUDA: copy events; None before/on CPU
         cost_load = measured if measured is not None else self.cost_load.mean
         split = plan(missing, importance[missing].tolist(), cost_load, self.cost_cpu.mean)
@@ -551,6 +576,12 @@ class SmoeMethod:
                 self.cost_load.add(time.perf_counter() - start, misses)
             done += len(chunk)
             yield chunk
+
+
+def _no_grad() -> AbstractContextManager[Any]:
+    """``torch.no_grad()``, or nothing where autograd is off already (the engine's forward
+    runs in inference mode: entering the context would be a per-layer cost for nothing)."""
+    return torch.no_grad() if torch.is_grad_enabled() else nullcontext()
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -252,6 +252,15 @@ class PrefetchAccount:
         self.issued += len(issued_set)
         self.used += len(issued_set & set(computed))
 
+    def add(self, predicted: int, actual: int, correct: int, issued: int, used: int) -> None:
+        """Record one layer-step from counts (``observe`` with the set sizes done by the
+        caller: predicted, actual, their overlap, copies issued, and those computed)."""
+        self.predicted += predicted
+        self.actual += actual
+        self.correct += correct
+        self.issued += issued
+        self.used += used
+
     @property
     def precision(self) -> float:
         return self.correct / self.predicted if self.predicted else 0.0

@@ -42,7 +42,9 @@ class _LayerWindow:
         self._mean: np.ndarray | None = None  # cached until the next report
 
     def add(self, scores: Any, step: int) -> None:
-        vector = np.asarray(scores, dtype=np.float32).reshape(-1)  # [E]
+        vector = scores  # [E]: the controller's host row as it is (a decode step's hot path)
+        if not (type(scores) is np.ndarray and scores.dtype == np.float32 and scores.ndim == 1):
+            vector = np.asarray(scores, dtype=np.float32).reshape(-1)
         self._mean = None
         if step == self.last_step and self.vectors:
             count = self._merged
@@ -53,10 +55,8 @@ class _LayerWindow:
         self.last_step, self._merged = step, 1
 
     def mean(self) -> np.ndarray:
-        if self._mean is None:
-            total = self.vectors[0].astype(np.float64)
-            for vector in list(self.vectors)[1:]:
-                total = total + vector
+        if self._mean is None:  # oldest first, in float64: one stack and one reduction
+            total = np.add.reduce(np.array(self.vectors), axis=0, dtype=np.float64)  # [E]
             self._mean = (total / len(self.vectors)).astype(np.float32)  # [E]
         return self._mean
 
@@ -159,10 +159,11 @@ class ScoreEviction:
             )
         for layer in self._stale:
             row = self._row_of.get(layer)
-            table = self.scaled_scores(layer)
-            if row is not None and table is not None:
-                n = min(experts, len(table))
-                self._values[row, :n] = table[:n]
+            window = self._layers.get(layer)
+            if row is not None and window is not None:
+                scaled = scale_scores(window.mean(), self.scale)  # [E]
+                n = min(experts, scaled.size)
+                self._values[row, :n] = scaled[:n]
         self._stale.clear()
         return self._values
 

@@ -48,9 +48,13 @@ class OffloadStats:
                 counters[name] += value  # KeyError for a name LayerStats does not have
             self._step_bytes += counts.get("bytes_moved", 0)
 
-    def add_prefetch_accuracy(self, predicted_top: int, actual_top: int, top_hits: int) -> None:
-        """One layer's prediction: predicted and needed top-score experts, and their overlap."""
+    def add_prefetch(
+        self, layer: int, used: int, predicted_top: int, actual_top: int, top_hits: int
+    ) -> None:
+        """One layer's prefetch outcome under one lock: issued copies it computed (``used``),
+        predicted and needed top-score experts, and their overlap."""
         with self._lock:
+            self._counters[layer]["prefetch_used"] += used
             self._extra["prefetch_predicted_top"] += predicted_top
             self._extra["prefetch_actual_top"] += actual_top
             self._extra["prefetch_top_hits"] += top_hits

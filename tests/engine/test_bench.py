@@ -11,8 +11,10 @@ import torch
 
 from engine.cli import main
 from engine.errors import InvalidRequestError
-from engine.eval import bench
+from engine.eval import bench, projection
+from engine.eval.bench_report import projection_table
 from engine.eval.eval_cli import parse_alphas, read_text_file
+from engine.eval.projection import HostCost, host_cost_document
 from tests.helpers.tiny_models import SENTENCES, save_tiny_checkpoint
 
 REQUIRED = {
@@ -147,6 +149,26 @@ def test_cpu_runs_report_substitution_and_prefetch_gpu_runs_the_whole_method() -
     assert [p["bytes_per_token"] for p in curve["points"]] == [600.0]
 
 
+def test_the_projection_table_is_computed_from_counts_and_the_host_cost() -> None:
+    """The report's projections: each row's counted expert uses and the host cost given,
+    computed at render time (an older run's stored ``proj_ms`` figures are ignored)."""
+    row = {
+        "policy": "lru", "alpha": 0.0, "cache_fraction": 0.5, "hits": 60, "misses": 40,
+        "substitutions": 0, "transfers": 40, "cpu_computed": 0,
+        "proj_ms:Mixtral-8x7B:PCIe 4.0 x16": 1.0,
+    }  # fmt: skip
+    cheap, dear = HostCost(10.0, 1.0, 1e-6), HostCost(2000.0, 1.0, 1e-5)
+    fractions = projection.fractions_from_counts(60, 0, 40, 0)
+    for cost in (cheap, dear):
+        table = projection_table([row], 0.0, cost)
+        want = projection.project(
+            projection.QWEN15_MOE_A27B, projection.LINKS[2], fractions, projection.Host(host=cost)
+        )
+        assert f"| {want.tokens_per_s_upper_bound:.1f} |" in table.splitlines()[-1], table
+    assert projection_table([row], 0.0, cheap) != projection_table([row], 0.0, dear)
+    assert "| 1000.0 |" not in projection_table([row], 0.0, cheap), "stored figure used"
+
+
 def test_projections_grow_with_copies() -> None:
     few = {"hits": 90, "misses": 10, "substitutions": 0, "transfers": 10, "cpu_computed": 0}
     many = {"hits": 50, "misses": 50, "substitutions": 0, "transfers": 50, "cpu_computed": 0}
@@ -221,7 +243,7 @@ def test_quick_bench_writes_rows_report_plot_and_curve(
     assert {r["policy"] for r in rows} == set(bench.POLICIES)
     for row in rows:
         assert row.keys() >= REQUIRED, REQUIRED - row.keys()
-        assert any(k.startswith("proj_ms:") for k in row)
+        assert not any(k.startswith("proj_ms:") for k in row), "rendered, not stored"
     baseline = next(r for r in rows if r["policy"] == "lru")
     assert baseline["top1_agreement"] == 1.0 and baseline["kl"] == 0.0
     assert baseline["bytes_per_token"] > 0  # half the experts cached: copies happen
@@ -244,6 +266,26 @@ def test_quick_bench_writes_rows_report_plot_and_curve(
     assert not (builtin / "understudy_curve.json").exists(), "a re-render touched another model"
     assert not (checkpoint / "understudy_curve.json").exists()  # the quick run's model too
     assert main(["bench", "--out", str(tmp_path / "nothing"), "--rerender"]) == 2
+    _rerender_with_another_host_cost(tmp_path / "out", report)
+
+
+def _rerender_with_another_host_cost(out: Path, report: str) -> None:
+    """One command re-renders the projections with a new host cost (a CUDA one from the GPU
+    check); a missing or malformed file is refused with exit 2 and the report is kept."""
+    cuda = out / "host_cost_cuda.json"
+    document = host_cost_document(2970.0, 30.0, 30, 9e-6, {"device": "cuda", "date": "D"})
+    cuda.write_text(json.dumps(document), encoding="utf-8")
+    base = ["bench", "--out", str(out), "--rerender", "--no-curve", "--host-cost"]
+    assert main([*base, str(cuda)]) == 0
+    again = (out / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert again != report and "`host_cost_cuda.json`, measured (cuda, D)" in again
+    assert "99.0 ops and 1.0 syncs per MoE layer at 9.0 us per op" in again
+    assert "Upper bound on tokens/s" in again
+    for bad in (out / "absent.json", out / "bench.json"):  # missing; JSON without the fields
+        assert main([*base, str(bad)]) == 2
+    (out / "broken.json").write_text("{", encoding="utf-8")
+    assert main([*base, str(out / "broken.json")]) == 2
+    assert (out / "BENCHMARKS.md").read_text(encoding="utf-8") == again, "a refusal kept it"
 
 
 def test_bench_without_traces_skips_cleanly_and_bad_folder_is_an_error(

@@ -3,7 +3,8 @@
 ``decode_row`` is the engine's path for one token without group limits or bias; the numpy
 path (``plan.classify_host`` / ``substitute_host`` / ``top_score_ranked``) is the reference.
 Random score rows at several alphas and residencies, plus rows with tied scores and rows
-where every expert is chosen, must give the same bands, swaps, weights and prefetch ranking.
+where every expert is chosen, must give the same bands, swaps, weights and prefetch ranking;
+``mix_row`` must give ``mix_weights``' fp32 weights bit for bit in every mode it takes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import itertools
 import numpy as np
 import pytest
 
-from engine.offload.decode_row import ranked_top, row_bands, substitute_row
+from engine.offload.decode_row import mix_row, ranked_top, row_bands, substitute_row
 from engine.offload.plan import (
     HostRouting,
     classify_host,
@@ -22,12 +23,14 @@ from engine.offload.plan import (
     substitute_host,
     top_score_ranked,
 )
-from engine.offload.substitution import RouterSpec
+from engine.offload.substitution import WEIGHT_MODES, RouterSpec
 
 SPECS = [
     RouterSpec("qwen2_moe", "softmax", num_experts=32, top_k=8, norm_topk_prob=True),
     RouterSpec("mixtral", "softmax", num_experts=8, top_k=2, norm_topk_prob=True),
     RouterSpec("qwen2_moe", "softmax", num_experts=16, top_k=4),
+    RouterSpec("deepseek_v2", "softmax", num_experts=16, top_k=4, scaling=2.5),
+    RouterSpec("mixtral", "softmax", num_experts=16, top_k=4, norm_topk_prob=True, scaling=1.7),
 ]
 ALPHAS = (0.0, 0.05, 0.2, 0.4, 0.6)
 
@@ -67,6 +70,11 @@ def test_row_planner_equals_the_numpy_plan(which: int, alpha: float, ties: bool)
             new, flags = np.array([swap[0]]), np.array([swap[1]])
             assert np.array_equal(new, want.idx) and np.array_equal(flags, want.substituted), where
             assert np.array_equal(mix_weights(host, new, flags, spec, "own"), want.weights), where
+            for mode in WEIGHT_MODES:
+                mixed = mix_row(scores[0], idx[0], weights[0], swap, spec, mode)  # type: ignore[arg-type]
+                reference = mix_weights(host, new, flags, spec, mode)  # type: ignore[arg-type]
+                assert mixed is None or np.array_equal(mixed[None, :], reference), (where, mode)
+                assert mixed is not None or (mode == "own_renorm" and spec.norm_topk_prob), mode
         ranked, _ = ranked_top(scores[0], spec.top_k, alpha)
         top_idx = model_top_k_host(scores, spec)
         assert ranked == top_score_ranked(

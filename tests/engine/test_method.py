@@ -215,3 +215,34 @@ def test_spec_for_family_maps_every_router_kind() -> None:
     v3 = spec_for_family(router_family(DeepseekV3Config()), 256, 8)
     assert v3 is not None and (v3.kind, v3.group_score, v3.n_group) == ("sigmoid", "top2_sum", 8)
     assert spec_for_family(router_family(PhimoeConfig()), 16, 2) is None
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("mode", ["own", "own_renorm", "replaced"])
+def test_row_planner_decodes_as_the_numpy_planner(
+    checkpoints: dict[str, Path], name: str, mode: str
+) -> None:
+    """The one-token planner (``decode_row``) and the numpy reference (``plan``) are two
+    implementations of one planner step: with the whole method on (substitution at an alpha
+    where these models swap, prefetch and its accounting, CPU assist), a decode gives the
+    same logits and counters through either (CPU assist's costs fixed: measured ones vary)."""
+    results = []
+    for row_planner in (True, False):
+        loaded = _load(checkpoints[name], 0.3, LiveOptions(policy="smoe", alpha=0.1))
+        method = loaded.offload.method
+        method.weight_mode, method.row_planner = mode, row_planner
+        method.cost_load, method.cost_cpu = RollingCost(prior=1.0), RollingCost(prior=1.0)
+        method.cost_load.add = method.cost_cpu.add = lambda seconds, count=1: None  # fixed
+        prompt, steps = _tokens(loaded.model.config.vocab_size)
+        logits = _run(loaded.model, prompt, steps, loaded)
+        results.append((logits, loaded.offload.stats(), vars(method.prefetch_account).copy()))
+        loaded.offload.close()
+    (fast, fast_stats, fast_account), (numpy, numpy_stats, numpy_account) = results
+    assert fast_stats.substitutions > 0 and fast_stats.prefetch_issued > 0, "method idle"
+    assert fast_stats.cpu_computed > 0, "CPU assist idle"
+    assert all(torch.equal(a, b) for a, b in zip(fast, numpy, strict=True)), f"{name} {mode}"
+    assert replace(fast_stats, per_layer=(), bytes_per_token_history=()) == replace(
+        numpy_stats, per_layer=(), bytes_per_token_history=()
+    )
+    assert fast_stats.per_layer == numpy_stats.per_layer
+    assert fast_account == numpy_account

@@ -226,3 +226,23 @@ def test_lfu_heap_victim_equals_the_scan_on_random_traffic() -> None:
             last[key] = clock
             policy.record_use(key, step)
     assert len(policy._heap) <= 4 * len(resident) + 64 + 1
+
+
+def test_a_pool_holding_every_expert_serves_full_layers_without_policy_records() -> None:
+    cache = _cache(len(LAYERS) * EXPERTS)
+    assert cache.holds_all and not _cache(len(LAYERS) * EXPERTS - 1).holds_all
+    _use(cache, 1, [0, 1])
+    _use(cache, 1, [2, 3])  # layer 1 now wholly resident
+    uses: list[tuple[int, int]] = []
+    cache.policy.record_use = lambda key, step: uses.append(key)  # type: ignore[method-assign]
+    chunks = list(cache.stream(1, [3, 0]))
+    assert [[e for e, _, _ in chunk] for chunk in chunks] == [[0, 3]], "one ascending chunk"
+    assert torch.all(chunks[0][1][1] == 13), "the expert's own slot"
+    assert uses == [], "a pool that never evicts needs no use records"
+    _use(cache, 0, [2])  # a layer not wholly resident goes the protected way
+    assert uses == [(0, 2)]
+    layer1 = cache.stats.snapshot().per_layer[1]
+    assert (layer1.hits, layer1.misses) == (2, 4), "the fast path still counts its hits"
+    cache.clear()
+    _use(cache, 1, [0])
+    assert cache.stats.snapshot().per_layer[1].misses == 5, "cleared: copied again"

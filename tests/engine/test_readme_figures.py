@@ -63,3 +63,19 @@ def test_each_shipped_curve_is_from_its_models_run(bench_json: Path, shipped: Pa
     assert curve["default_alpha"] == result.default_alpha
     assert curve["policy"] == headline_policy(bench_report.result_device(result))
     assert curve["model"] == result.model_name == shipped.parent.name
+
+
+def test_the_projection_table_is_rendered_from_the_measured_host_cost(
+    result: bench_report.BenchResult,
+) -> None:
+    """docs/BENCHMARKS.md's projections: bench.json's counts and docs/benchmarks/host_cost.json
+    (what `hotpath --host-cost` measured), labelled as an upper bound on tokens/s."""
+    from engine.eval import projection
+
+    cost, origin = projection.read_host_cost(projection.HOST_COST_FILE)
+    device = bench_report.result_device(result)
+    rows = bench_report.reported_rows(result.rows, device)
+    report = (ROOT / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    table = bench_report.projection_table(rows, result.default_alpha, cost)
+    assert table in report, "re-render: python -m engine bench --rerender --no-curve"
+    assert origin in report and "Upper bound on tokens/s" in report

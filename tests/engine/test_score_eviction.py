@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +113,20 @@ def test_vectorised_victim_matches_the_reference_rule() -> None:
             continue
         protected = {resident[0]}
         assert policy.victim_in(layers, table, protected) == policy.victim(resident, protected)
+
+
+def test_the_window_mean_is_the_oldest_first_float64_mean_bit_for_bit() -> None:
+    """One stacked reduction gives what adding the window's vectors in turn gives."""
+    from engine.offload.score_eviction import _LayerWindow
+
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        window = _LayerWindow(int(rng.integers(1, 9)))
+        for step in range(int(rng.integers(1, 12))):
+            window.add((rng.random(32) * 10.0 ** rng.integers(-4, 4)).astype(np.float32), step)
+        vectors = list(window.vectors)
+        total = vectors[0].astype(np.float64)
+        for vector in vectors[1:]:
+            total = total + vector
+        expected = (total / len(vectors)).astype(np.float32)
+        assert np.array_equal(window.mean(), expected), trial
