@@ -9,9 +9,12 @@ positions: chunks of ``CTX`` tokens, each with a fresh KV cache, counting positi
 ``--no-topk-norm`` scores copies of the files whose ``expert_weights_norm`` is switched off:
 stock llama.cpp's qwen2moe graph never renormalises the top-k weights, whatever the file says,
 while the engine follows the file, so a qwen2moe file with renormalisation on (the built-in
-model) is only comparable this way. ``--no-repack``: llama.cpp's AMX repacked path dies with
-SIGILL on VMs that report AMX. The slow test ``tests/engine/test_llamacpp_reference.py`` uses
-the same functions on tiny models.
+model) is only comparable this way. The copies also get a shared-expert gate of 1e-30 where the
+file's is exactly zero (the built-in model's): llama.cpp computes that gate's sigmoid as
+``silu(x) / x``, which is 0/0 = NaN at x = 0, while 1e-30 gives sigmoid 0.5 in float32, the
+same value the zero gate gives, in both programs. ``--no-repack``: llama.cpp's AMX repacked
+path dies with SIGILL on VMs that report AMX. The slow test
+``tests/engine/test_llamacpp_reference.py`` uses the same functions on tiny models.
 """
 
 from __future__ import annotations
@@ -78,14 +81,20 @@ def engine_perplexity(loaded: Any, ids: list[int], ctx: int) -> float:
 
 
 def without_topk_norm(source: Path, target: Path) -> Path:
-    """A copy of ``source`` whose ``<arch>.expert_weights_norm`` is false (written in place)."""
+    """A copy of ``source`` whose ``<arch>.expert_weights_norm`` is false and whose all-zero
+    F32 shared-expert gates are 1e-30 (written in place in the copy)."""
     shutil.copyfile(source, target)
     reader = GGUFReader(target, "r+")
     arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
     field = reader.fields.get(f"{arch}.expert_weights_norm")
     if field is None:
+        target.unlink()
         raise ValueError(f"{source.name} has no {arch}.expert_weights_norm to switch off")
     field.parts[field.data[0]][0] = False
+    for tensor in reader.tensors:
+        zero = tensor.tensor_type.name == "F32" and not tensor.data.any()
+        if "ffn_gate_inp_shexp" in tensor.name and zero:
+            tensor.data[...] = 1e-30
     reader.data.flush()  # type: ignore[attr-defined]
     return target
 
