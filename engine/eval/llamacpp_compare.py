@@ -50,13 +50,27 @@ def llama_ids(binaries: Path, model: Path, text: Path) -> list[int]:
     return [int(i) for i in re.findall(r"-?\d+", out.strip().splitlines()[-1])]
 
 
+def _estimate(out: str) -> float | None:
+    """The final perplexity in llama-perplexity's output: its "Final estimate", or else the
+    running value printed after the last chunk (the same number; the log line that carries
+    the final estimate is sometimes lost on exit)."""
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    if found:
+        return float(found.group(1))
+    chunks = re.search(r"perplexity over (\d+) chunks", out)
+    running = re.findall(r"\[(\d+)\]([0-9.]+),", out)
+    if chunks and running and int(running[-1][0]) == int(chunks.group(1)):
+        return float(running[-1][1])
+    return None
+
+
 def llama_perplexity(binaries: Path, model: Path, text: Path, ctx: int) -> float:
-    for _attempt in range(3):  # it sometimes loses its last log lines on exit
+    for _attempt in range(5):  # on this VM it loses the last lines of either stream at times
         out = run_tool(binaries, "llama-perplexity", "-m", str(model), "-f", str(text),
                        "-c", str(ctx), "-b", str(ctx), "-t", "1", "--no-repack")  # fmt: skip
-        found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
-        if found:
-            return float(found.group(1))
+        estimate = _estimate(out)
+        if estimate is not None:
+            return estimate
     raise RuntimeError(f"llama-perplexity gave no estimate:\n{out[-2000:]}")
 
 

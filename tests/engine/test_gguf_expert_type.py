@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 
 from engine.eval import quant_study
-from engine.eval.llamacpp_compare import without_topk_norm
+from engine.eval.llamacpp_compare import _estimate, without_topk_norm
 from engine.gguf.writer import convert
 from tests.helpers.gguf_models import WIDE, save_gguf_family
 from tests.helpers.tiny_models import save_tiny_checkpoint
@@ -71,3 +71,12 @@ def test_without_topk_norm_refuses_a_file_without_the_key(tmp_path: Path) -> Non
     mixtral = save_gguf_family("mixtral", tmp_path, "Q8_0")  # llama arch: no such key
     with pytest.raises(ValueError, match="expert_weights_norm"):
         without_topk_norm(mixtral, tmp_path / "copy.gguf")
+
+
+def test_llama_perplexity_output_is_read_without_its_final_line() -> None:
+    chunks = (
+        "perplexity: calculating perplexity over 3 chunks, n_ctx=64\n[1]5.0,[2]4.5,[3]4.2500,\n"
+    )
+    assert _estimate(chunks + "Final estimate: PPL = 4.2500 +/- 0.1\n") == 4.25
+    assert _estimate(chunks) == 4.25, "the last chunk's running value when the log line is lost"
+    assert _estimate(chunks.replace("[3]4.2500,", "")) is None, "an unfinished run has none"
