@@ -22,9 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import re
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +148,10 @@ def main() -> None:
         scratch.mkdir(parents=True, exist_ok=True)
         files = [without_topk_norm(path, scratch / path.name) for path in files]
     rows = compare(args.bin, files, args.text, args.ctx)
-    record = {"ctx": args.ctx, "text": str(args.text), "no_topk_norm": args.no_topk_norm,
-              "rows": rows}  # fmt: skip
+    record = {"date": datetime.now(UTC).isoformat(timespec="minutes"),
+              "machine": f"{platform.machine()} {platform.system()}, CPU, llama.cpp -t 1",
+              "load_average": os.getloadavg(), "ctx": args.ctx, "text": str(args.text),
+              "no_topk_norm": args.no_topk_norm, "rows": rows}  # fmt: skip
     write_text_atomic(args.out, json.dumps(record, indent=2))
 
 
