@@ -27,6 +27,7 @@ import platform
 import re
 import shutil
 import subprocess
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,14 @@ from engine.runtime.loading import inspect_model, load_model, minimum_slots
 
 
 def run_tool(binaries: Path, tool: str, *args: str) -> str:
-    """stdout + stderr of one llama.cpp tool."""
-    result = subprocess.run(
-        [str(binaries / tool), *args], capture_output=True, text=True, timeout=1800, check=False
-    )
-    return result.stdout + result.stderr
+    """stdout + stderr of one llama.cpp tool. They go to files, not pipes: through pipes its
+    last log lines were often lost on this VM, through files not once."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        subprocess.run([str(binaries / tool), *args], stdout=out, stderr=err, timeout=1800,
+                       check=False)  # fmt: skip
+        out.seek(0)
+        err.seek(0)
+        return (out.read() + err.read()).decode("utf-8", errors="replace")
 
 
 def llama_ids(binaries: Path, model: Path, text: Path) -> list[int]:
