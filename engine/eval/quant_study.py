@@ -19,6 +19,11 @@ GGUF F32, Q8_0 and Q4_K_M in ``DIR``, then on one machine, in one run:
    against fp32, top-1 agreement with the same file at alpha 0 (the cost of substitution) and
    with fp32, bytes moved per token and their ratio to fp32's (lru).
 
+``--engine-only`` runs part 2 alone (``quant_engine.json``), ``--alpha-only`` part 4 with its F32
+reference (``quant_alpha.json``), ``--speed-only CACHE`` part 3 (``quant_speed.json``); each
+JSON is rewritten after every run, so a stopped run keeps what it measured. ``--expert-types
+Q4_0,Q4_1`` adds Q4_K_M files whose routed experts are forced to those types.
+
 Writes ``quant_study.json`` and prints a Markdown summary. Slow-ish: about a minute per
 configuration of the built-in model on a shared CPU.
 """
