@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-perplexity and llama-tokenize once, into a cache folder outside the
-# repo, from the llama-cpp-python source distribution on PyPI (llama.cpp's source ships inside
-# it). About 16 minutes on 2 cores. The slow test tests/engine/test_llamacpp_reference.py uses
+# Build llama.cpp's llama-perplexity, llama-tokenize and llama-quantize once, into a cache
+# folder outside the repo, from the llama-cpp-python source distribution on PyPI (llama.cpp's
+# source ships inside it). About 16 minutes on 2 cores. The slow test tests/engine/test_llamacpp_reference.py uses
 # the result and skips, saying so, when it is absent. See docs/QUANTIZED_EXPERTS.md.
 set -euo pipefail
 VERSION=0.3.36
@@ -15,5 +15,6 @@ if [ ! -d "$SOURCE" ]; then
 fi
 cmake -S "$SOURCE" -B "$SOURCE/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
-nice cmake --build "$SOURCE/build" -j"$(nproc)" --target llama-perplexity llama-tokenize
+nice cmake --build "$SOURCE/build" -j"$(nproc)" --target llama-perplexity llama-tokenize \
+    llama-quantize
 echo "built: $SOURCE/build/bin"

@@ -19,6 +19,11 @@ GGUF F32, Q8_0 and Q4_K_M in ``DIR``, then on one machine, in one run:
    against fp32, top-1 agreement with the same file at alpha 0 (the cost of substitution) and
    with fp32, bytes moved per token and their ratio to fp32's (lru).
 
+``--engine-only`` runs part 2 alone (``quant_engine.json``), ``--alpha-only`` part 4 with its F32
+reference (``quant_alpha.json``), ``--speed-only CACHE`` part 3 (``quant_speed.json``); each
+JSON is rewritten after every run, so a stopped run keeps what it measured. ``--expert-types
+Q4_0,Q4_1`` adds Q4_K_M files whose routed experts are forced to those types.
+
 Writes ``quant_study.json`` and prints a Markdown summary. Slow-ish: about a minute per
 configuration of the built-in model on a shared CPU.
 """
@@ -31,6 +36,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +51,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from engine.atomic import write_text_atomic
 from engine.config import CacheConfig, LiveOptions, LoadConfig
 from engine.eval.bench import ALPHAS
-from engine.gguf.writer import convert
+from engine.gguf.writer import EXPERT_TYPES, convert
 from engine.paths import builtin_model_dir
 from engine.quant.ggml_encode import encode
 from engine.runtime.loading import load_model
@@ -184,16 +190,19 @@ def _top1(reference: list[int], other: list[int]) -> float:
 
 
 def alpha_curve(
-    path: Path, ids: torch.Tensor, fp32: dict[str, Any], alphas: tuple[float, ...] = ALPHAS
+    path: Path,
+    ids: torch.Tensor,
+    fp32: dict[str, Any],
+    alphas: tuple[float, ...] = ALPHAS,
+    saved: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
 ) -> list[dict[str, Any]]:
     """The whole method (policy smoe) on ``path`` at cache 0.5, alpha by alpha, against fp32's
-    lru run (``fp32``) and the same file at alpha 0."""
-    runs = {
-        alpha: _engine_run(path, ids, CacheConfig(fraction=0.5), LiveOptions("smoe", alpha))
-        for alpha in dict.fromkeys((0.0, *alphas))
-    }
+    lru run (``fp32``) and the same file at alpha 0; ``saved`` gets the rows after each alpha."""
+    runs: dict[float, dict[str, Any]] = {}
     rows = []
-    for alpha, run in runs.items():
+    for alpha in dict.fromkeys((0.0, *alphas)):
+        run = runs[alpha] = _engine_run(path, ids, CacheConfig(fraction=0.5),
+                                        LiveOptions("smoe", alpha))  # fmt: skip
         rows.append({
             "alpha": alpha, "perplexity": run["perplexity"],
             "perplexity_change_vs_fp32": run["perplexity"] / fp32["perplexity"] - 1,
@@ -201,17 +210,27 @@ def alpha_curve(
             "top1_vs_fp32": _top1(fp32["predictions"], run["predictions"]),
             "bytes_per_token": run["bytes_per_token"],
             "bytes_vs_fp32": run["bytes_per_token"] / fp32["bytes_per_token"],
+            "misses_per_token": run["misses_per_token"],
         })  # fmt: skip
         print(f"  alpha {alpha}: {rows[-1]}", flush=True)
+        saved(rows)
     return rows
 
 
-def _engine_runs(files: dict[str, Path], ids: torch.Tensor) -> dict[str, dict[str, Any]]:
-    """Each file at cache 0.5 (lru, alpha 0), and Q4_K_M with the cache in GB the F32 file gets."""
+def _engine_runs(
+    files: dict[str, Path], ids: torch.Tensor, saved: Callable[[dict[str, Any]], None]
+) -> dict[str, dict[str, Any]]:
+    """Each file at cache 0.5 (lru, alpha 0), and Q4_K_M with the cache in GB the F32 file gets;
+    ``saved`` gets the runs so far after each one (a long run keeps what it measured)."""
     half = CacheConfig(fraction=0.5)
-    engine = {t: _engine_run(p, ids, half) for t, p in files.items()}
-    same_gb = CacheConfig(budget_gb=engine["F32"]["cache_bytes"] / 1e9)
-    engine["Q4_K_M, F32's cache GB"] = _engine_run(files["Q4_K_M"], ids, same_gb)
+    engine: dict[str, dict[str, Any]] = {}
+    for name, path in files.items():
+        engine[name] = _engine_run(path, ids, half)
+        saved(engine)
+        if name == "Q4_K_M":
+            same_gb = CacheConfig(budget_gb=engine["F32"]["cache_bytes"] / 1e9)
+            engine["Q4_K_M, F32's cache GB"] = _engine_run(path, ids, same_gb)
+            saved(engine)
     return engine
 
 
@@ -263,7 +282,7 @@ def _machine() -> str:
     )
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
@@ -277,16 +296,60 @@ def main() -> None:
         "--engine-only", action="store_true",
         help="only the GGUF files through the engine: bytes, misses, perplexity",
     )  # fmt: skip
+    parser.add_argument(
+        "--alpha-only", action="store_true",
+        help="only F32 (lru) and the alpha curve on Q4_K_M (writes quant_alpha.json)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--expert-types", default="", metavar="TYPES",
+        help=f"also Q4_K_M files with the routed experts forced to these types (comma-separated; "
+        f"{', '.join(EXPERT_TYPES)}), through the engine like the others",
+    )  # fmt: skip
     args = parser.parse_args()
+    for name in filter(None, args.expert_types.split(",")):
+        if name not in EXPERT_TYPES:
+            parser.error(f"--expert-types: {name!r} is not one of {', '.join(EXPERT_TYPES)}")
+    return args
+
+
+def _files(model_dir: Path, out: Path, expert_types: str) -> dict[str, Path]:
+    """The GGUF files to measure, converted into ``out``: F32, Q8_0, Q4_K_M and the overrides."""
+    files = {
+        t: convert(model_dir, out / f"model-{t}.gguf", t)[0] for t in ("F32", "Q8_0", "Q4_K_M")
+    }
+    for name in filter(None, expert_types.split(",")):
+        path = out / f"model-Q4_K_M-experts-{name}.gguf"
+        files[f"Q4_K_M, experts {name}"] = convert(model_dir, path, "Q4_K_M", expert_type=name)[0]
+    return files
+
+
+def _writer(out: Path, header: dict[str, Any]) -> Callable[[str, Any], None]:
+    """A function that writes ``header`` plus one result under ``key`` (atomically)."""
+
+    def save(key: str, value: Any) -> None:
+        record = {**header, "date": datetime.now(UTC).isoformat(timespec="minutes"),
+                  "load_average": os.getloadavg(), key: value}  # fmt: skip
+        write_text_atomic(out, json.dumps(record, indent=2))
+
+    return save
+
+
+def _public(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        name: {k: v for k, v in run.items() if k != "predictions"} for name, run in runs.items()
+    }
+
+
+def main() -> None:
+    args = _arguments()
     torch.set_num_threads(1)
     model_dir = args.model or builtin_model_dir()
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(SAMPLE.read_text(encoding="utf-8"), return_tensors="pt").input_ids
     ids = ids[:, : args.tokens]
-    files = {
-        t: convert(model_dir, args.out / f"model-{t}.gguf", t)[0] for t in ("F32", "Q8_0", "Q4_K_M")
-    }
+    files = _files(model_dir, args.out, args.expert_types)
+    header = {"machine": _machine(), "model": str(model_dir), "tokens": int(ids.shape[1])}
     if args.speed_only is not None:
         speed = _speed(model_dir, files, ids[:, :32], args.rounds, args.speed_only)
         record = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": _machine(),
@@ -297,27 +360,28 @@ def main() -> None:
         print(json.dumps(record, indent=2))
         return
     if args.engine_only:
-        engine = _engine_runs(files, ids)
-        for run in engine.values():
-            run.pop("predictions")
-        record = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": _machine(),
-                  "load_average": os.getloadavg(), "model": str(model_dir),
-                  "tokens": int(ids.shape[1]), "engine": engine}  # fmt: skip
-        write_text_atomic(args.out / "quant_engine.json", json.dumps(record, indent=2))
-        print(json.dumps(record, indent=2))
+        save = _writer(args.out / "quant_engine.json", header)
+        engine = _engine_runs(files, ids, lambda runs: save("engine", _public(runs)))
+        print(json.dumps(_public(engine), indent=2))
+        return
+    if args.alpha_only:
+        save = _writer(args.out / "quant_alpha.json", {**header, "policy": "smoe", "cache": 0.5})
+        fp32 = _engine_run(files["F32"], ids, CacheConfig(fraction=0.5))
+        curve = alpha_curve(
+            files["Q4_K_M"], ids, fp32, saved=lambda r: save("alpha_curve_q4_k_m", r)
+        )
+        print(json.dumps(curve, indent=2))
         return
     print("schemes (experts quantized up front):", flush=True)
     schemes = scheme_study(model_dir, ids)
-    engine = _engine_runs(files, ids)
+    engine = _engine_runs(files, ids, lambda runs: None)
     print("alpha curve (Q4_K_M, policy smoe, cache 0.5):", flush=True)
     curve = alpha_curve(files["Q4_K_M"], ids, engine["F32"])
-    for run in engine.values():
-        run.pop("predictions")
     speed = _speed(model_dir, files, ids[:, :32], args.rounds, 0.5)
     result = {
         "date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": _machine(),
         "model": str(model_dir), "tokens": int(ids.shape[1]),
-        "schemes": schemes, "engine": engine, "alpha_curve_q4_k_m": curve,
+        "schemes": schemes, "engine": _public(engine), "alpha_curve_q4_k_m": curve,
         "decode_tokens_per_second": speed,
     }  # fmt: skip
     write_text_atomic(args.out / "quant_study.json", json.dumps(result, indent=2))

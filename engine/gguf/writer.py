@@ -10,8 +10,9 @@ File types follow llama.cpp's choices where they matter for size and fidelity: 1
 routers stay F32; ``Q4_K_M``/``Q5_K_M`` keep ``attn_v`` and ``ffn_down`` of the "more bits"
 layers and ``output`` in Q6_K; a row that cannot hold whole K blocks falls back to the legacy type
 llama.cpp picks (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), and one that cannot hold 32-wide
-blocks to F16. The whole model is read into memory: this is a tool for small models and fixtures,
-not for 30B checkpoints (those come as GGUF already).
+blocks to F16. ``expert_type`` forces the routed experts (``ffn_*_exps``) to one block type, as
+``llama-quantize --tensor-type ffn_gate_exps=q4_0`` does. The whole model is read into memory:
+this is a tool for small models and fixtures, not for 30B checkpoints (those come as GGUF).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ FILE_TYPES = {
     "Q5_K_M": LlamaFileType.MOSTLY_Q5_K_M,
     "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M,
 }
+EXPERT_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K")
 _BASE_TYPE = {"F32": Q.F32, "F16": Q.F16, "Q8_0": Q.Q8_0, "Q4_0": Q.Q4_0, "Q6_K": Q.Q6_K}
 _K_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 _ARCH_ENUM = {
@@ -83,11 +85,15 @@ def _wanted_type(name: str, file_type: str, layers: int) -> int:
     return base
 
 
-def tensor_type(name: str, shape: tuple[int, ...], file_type: str, layers: int) -> int:
+def tensor_type(
+    name: str, shape: tuple[int, ...], file_type: str, layers: int, expert_type: str | None = None
+) -> int:
     """The block type ``name`` (HF row-major ``shape``) gets in a ``file_type`` file."""
     if len(shape) < 2 or "ffn_gate_inp" in name or file_type == "F32":
         return Q.F32
     qtype = _wanted_type(name, file_type, layers)
+    if expert_type is not None and "_exps." in name:
+        qtype = Q.__members__[expert_type]
     cols = shape[-1]
     if qtype in _K_FALLBACK and cols % 256:
         qtype = _K_FALLBACK[Q(qtype)]
@@ -201,11 +207,19 @@ def _write(writer: GGUFWriter) -> None:
 
 
 def convert(
-    model_dir: Path, output: Path, file_type: str = "Q4_K_M", split_max_tensors: int = 0
+    model_dir: Path,
+    output: Path,
+    file_type: str = "Q4_K_M",
+    split_max_tensors: int = 0,
+    expert_type: str | None = None,
 ) -> list[Path]:
     """Write ``model_dir`` as GGUF at ``output`` (split when ``split_max_tensors``); the paths."""
     if file_type not in FILE_TYPES:
         raise ValueError(f"file type must be one of {', '.join(FILE_TYPES)}; got {file_type!r}")
+    if expert_type is not None and expert_type not in EXPERT_TYPES:
+        raise ValueError(
+            f"expert type must be one of {', '.join(EXPERT_TYPES)}; got {expert_type!r}"
+        )
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     arch = ARCHITECTURES.get(model.config.model_type)
     if arch is None:
@@ -219,7 +233,7 @@ def convert(
         _add_hparams(writer, model.config, arch)
         _add_tokenizer(writer, model_dir)
         for name, array in _tensors(model, arch):
-            qtype = tensor_type(name, array.shape, file_type, layers)
+            qtype = tensor_type(name, array.shape, file_type, layers, expert_type)
             packed = encode(array.reshape(-1, array.shape[-1]), qtype)
             writer.add_tensor(name, packed.reshape(*array.shape[:-1], -1), raw_dtype=Q(qtype))
         _write(writer)

@@ -1,10 +1,10 @@
 """Writing GGML blocks: float weights in, raw GGUF bytes out (numpy).
 
 ``gguf.quants.quantize`` already writes F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 exactly as
-llama.cpp does; this module adds plain round-to-nearest encoders for the K-quants the common
-``Q4_K_M``/``Q5_K_M``/``Q6_K`` files use (Q4_K, Q5_K, Q6_K). They produce valid blocks that
-llama.cpp and ``engine.quant.ggml_blocks`` decode identically; they do not search scales the way
-llama.cpp's ``make_qkx2_quants`` does, so their error is somewhat larger than llama.cpp's.
+llama.cpp does; this module adds the K-quants the common ``Q4_K_M``/``Q5_K_M``/``Q6_K`` files use
+(Q4_K, Q5_K, Q6_K), with ggml's reference scale searches (``engine.quant.ggml_kquant``), so every
+block type it writes has the bytes ``llama-quantize`` writes without an importance matrix
+(tested against blocks ggml wrote: ``tests/engine/test_ggml_reference.py``).
 
 Used to convert models to GGUF (``engine.gguf.writer``) and to build test fixtures. Legend:
 ``n`` super-blocks of ``K`` = 256 weights.
@@ -16,19 +16,17 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
 
+from engine.quant.ggml_kquant import (
+    F32,
+    GROUP_MAX_EPS,
+    half_round,
+    make_qkx2_quants,
+    make_qx_quants,
+    seq_sum,
+)
+
 QK_K = 256
 Q = GGMLQuantizationType
-
-
-def _half(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """fp32 [n] -> (fp16 bytes [n, 2], the fp32 value of the stored half [n, 1])."""
-    halves = values.astype(np.float16)
-    return halves.view(np.uint8).reshape(-1, 2), halves.astype(np.float32).reshape(-1, 1)
-
-
-def _safe_inverse(values: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.where(values == 0, 0, 1 / np.where(values == 0, 1, values)).astype(np.float32)
 
 
 def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
@@ -39,23 +37,31 @@ def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return np.concatenate([low, mid, high], axis=-1).astype(np.uint8)
 
 
-def _k_affine(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K: (header bytes [n, 16], per-32 scales [n, 8, 1], per-32 mins [n, 8, 1])."""
-    sub = x.reshape(-1, 8, 32)
-    low = np.minimum(sub.min(axis=-1), 0)  # [n, 8]
-    scale = (sub.max(axis=-1) - low) / levels
-    d_bytes, d = _half(scale.max(axis=-1) / 63)
-    m_bytes, dmin = _half((-low).max(axis=-1) / 63)
-    sc = np.clip(np.rint(scale * _safe_inverse(d)), 0, 63).astype(np.uint8)
-    mn = np.clip(np.rint(-low * _safe_inverse(dmin)), 0, 63).astype(np.uint8)
+def _six_bits(values: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """``MIN(63, (uint8_t)nearest_int(63 / top * values))`` per super-block: [n, 8] uint8."""
+    with np.errstate(divide="ignore"):
+        inverse = np.where(top > 0, F32(63) / top, F32(0))  # [n]
+    return np.minimum(np.rint(inverse[:, None] * values).astype(np.int64) & 0xFF, 63)
+
+
+def _k_quants(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
+    """``quantize_row_q{4,5}_K_ref``: (header bytes [n, 16], levels [n, 8, 32] uint8)."""
+    sub = x.reshape(-1, 32)  # [8n, 32]
+    spread = np.sqrt(seq_sum(sub * sub) / F32(32))
+    weights = spread[:, None] + np.abs(sub)
+    scale, the_min, levels = make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep)
+    scale, the_min = scale.reshape(-1, 8), the_min.reshape(-1, 8)
+    top_scale, top_min = np.maximum(scale.max(axis=1), 0), np.maximum(the_min.max(axis=1), 0)
+    sc, mn = _six_bits(scale, top_scale), _six_bits(the_min, top_min)
+    d_bytes, d = half_round(top_scale / F32(63))
+    m_bytes, dmin = half_round(top_min / F32(63))
+    step = d[:, None] * sc.astype(F32)  # [n, 8]
+    offset = (dmin[:, None] * mn.astype(F32))[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fresh = np.clip(np.rint((x.reshape(-1, 8, 32) + offset) / step[..., None]), 0, nmax)
+    levels = np.where(step[..., None] == 0, levels.reshape(-1, 8, 32), fresh).astype(np.uint8)
     header = np.concatenate([d_bytes, m_bytes, _pack_k_scales(sc, mn)], axis=-1)
-    return header, (d * sc)[..., None], (dmin * mn)[..., None]
-
-
-def _k_quants(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    header, scale, low = _k_affine(x, levels)
-    q = np.rint((x.reshape(-1, 8, 32) + low) * _safe_inverse(scale))
-    return header, np.clip(q, 0, levels).astype(np.uint8)  # [n, 8, 32]
+    return header, levels
 
 
 def _nibble_pack(q: np.ndarray) -> np.ndarray:
@@ -65,12 +71,12 @@ def _nibble_pack(q: np.ndarray) -> np.ndarray:
 
 
 def encode_q4_k(x: np.ndarray) -> np.ndarray:
-    header, q = _k_quants(x, 15)
+    header, q = _k_quants(x, 15, -1.0, 20)
     return np.concatenate([header, _nibble_pack(q)], axis=-1)
 
 
 def encode_q5_k(x: np.ndarray) -> np.ndarray:
-    header, q = _k_quants(x, 31)
+    header, q = _k_quants(x, 31, -0.5, 15)
     bits = ((q >> 4) & 1).astype(np.uint8)  # [n, 8, 32]: bit j of byte c is sub-block j
     qh = np.zeros((q.shape[0], 32), dtype=np.uint8)
     for j in range(8):
@@ -78,14 +84,26 @@ def encode_q5_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([header, qh, _nibble_pack(q)], axis=-1)
 
 
+def _q6_k_levels(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``quantize_row_q6_K_ref``: (d bytes [n, 2], int8 scales [n, 16], levels [n, 16, 16])."""
+    scale, levels = make_qx_quants(x.reshape(-1, 16), 32)
+    scale = scale.reshape(-1, 16)
+    peak = scale[np.arange(scale.shape[0]), np.abs(scale).argmax(axis=1)]  # first largest |s|
+    zero = np.abs(peak) < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = F32(-128) / np.where(zero, F32(1), peak)
+        d_bytes, d = half_round(F32(1) / iscale)
+        sc = np.minimum(np.rint(iscale[:, None] * scale), 127).astype(np.int8)
+        step = (d[:, None] * sc.astype(F32))[..., None]  # [n, 16, 1]
+        fresh = np.clip(np.rint(x.reshape(-1, 16, 16) / step), -32, 31) + 32
+    levels = np.where(step == 0, levels.reshape(-1, 16, 16), fresh).astype(np.uint8)
+    d_bytes[zero], sc[zero], levels[zero] = 0, 0, 0
+    return d_bytes, sc, levels
+
+
 def encode_q6_k(x: np.ndarray) -> np.ndarray:
-    sub = x.reshape(-1, 16, 16)
-    scale = np.abs(sub).max(axis=-1) / 31  # [n, 16]
-    d_bytes, d = _half(np.abs(scale).max(axis=-1) / 127)
-    sc = np.clip(np.rint(scale * _safe_inverse(d)), -128, 127).astype(np.int8)
-    step = d * sc.astype(np.float32)  # [n, 16]
-    q = np.clip(np.rint(sub * _safe_inverse(step)[..., None]), -32, 31).astype(np.int16) + 32
-    q = q.astype(np.uint8).reshape(-1, 2, 2, 64)  # halves of 128, two 64-wide nibble groups
+    d_bytes, sc, levels = _q6_k_levels(x)
+    q = levels.reshape(-1, 2, 2, 64)  # halves of 128, two 64-wide nibble groups
     ql = ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
     high = (q.reshape(-1, 2, 4, 32) >> 4) & 0x03
     qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
