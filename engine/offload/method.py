@@ -272,16 +272,7 @@ class SmoeMethod:
         if mixed is None:
             flags = np.array([swapped], dtype=bool)
             mixed = mix_weights(host, new_idx, flags, self.spec, self.weight_mode)[0]
-        added = sum(swapped)
-        # substitutes are resident: the cache will count them as hits; they are substitutions
-        self.cache.stats.add(layer, hits=-added, substitutions=added)
-        new_weights = mixed[None, :]  # [1, k]
-        device = idx.device
-        return (
-            HostRouting(host.scores, new_idx, new_weights),
-            _as(to_device(new_idx, device), idx.dtype),
-            _as(to_device(new_weights, device), weights.dtype),
-        )
+        return self._send(layer, host, idx, weights, new_idx, mixed[None, :], sum(swapped))
 
     def _bands(
         self, layer: int, scores: np.ndarray, idx: np.ndarray, alpha: float
@@ -324,13 +315,28 @@ class SmoeMethod:
         final = set(out.idx.ravel().tolist())
         if len(final) > self.cache.num_slots:
             return host, idx, weights  # streamed in chunks, a substitute could be evicted
-        added = final - set(host.idx.ravel().tolist())
+        added = len(final - set(host.idx.ravel().tolist()))
+        return self._send(layer, host, idx, weights, out.idx, out.weights, added)
+
+    def _send(
+        self,
+        layer: int,
+        host: HostRouting,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+        new_idx: np.ndarray,
+        new_weights: np.ndarray,
+        added: int,
+    ) -> tuple[HostRouting, torch.Tensor, torch.Tensor]:
+        """Count ``added`` substitutes and send the final top-k and weights to the device."""
         # substitutes are resident: the cache will count them as hits; they are substitutions
-        self.cache.stats.add(layer, hits=-len(added), substitutions=len(added))
+        self.cache.stats.add(layer, hits=-added, substitutions=added)
         device = idx.device
-        new_idx = _as(to_device(out.idx, device), idx.dtype)
-        new_weights = _as(to_device(out.weights, device), weights.dtype)
-        return HostRouting(host.scores, out.idx, out.weights), new_idx, new_weights
+        return (
+            HostRouting(host.scores, new_idx, new_weights),
+            _as(to_device(new_idx, device), idx.dtype),
+            _as(to_device(new_weights, device), weights.dtype),
+        )
 
     def _bias_host(self, layer: int) -> np.ndarray | None:
         """DeepSeek-V3's correction bias on the host (read once per layer: a parameter)."""
@@ -372,11 +378,9 @@ class SmoeMethod:
         otherwise it is the norm's input, predicted through ``following``'s norm.
         """
         assert self.spec is not None
-        router = self.controller.routers[following].router
-        weight, bias = router.weight, getattr(router, "bias", None)
+        weight, bias = self._router_tensors(following)
         after = None
-        if isinstance(weight, torch.Tensor):
-            bias = bias if isinstance(bias, torch.Tensor) else None
+        if weight is not None:
             after = fold_router_after(norm, self._norms.get(following), weight, self.spec, bias)
         if after is None:
             return norm.register_forward_pre_hook(self._mid_hook(layer))
@@ -448,26 +452,27 @@ class SmoeMethod:
 
     def _fold(self, layer: int) -> FoldedRouter | None:
         assert self.spec is not None
-        router = self.controller.routers[layer].router
-        router_bias, weight = getattr(router, "bias", None), router.weight
-        if not isinstance(weight, torch.Tensor):
+        weight, bias = self._router_tensors(layer)
+        if weight is None:
             return None
-        bias = router_bias if isinstance(router_bias, torch.Tensor) else None
         return fold_router(self._norms.get(layer), weight, self.spec, bias)
 
     def _predict_unfolded(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """``predict_scores`` through the norm module and the router: [T, E]."""
         assert self.spec is not None
+        weight, bias = self._router_tensors(layer)
+        assert weight is not None, "a router keeps its weight as a tensor"
+        norm = self._norms.get(layer)
+        return predict_scores(hidden, weight, self.spec, norm=norm, router_bias=bias)  # [T, E]
+
+    def _router_tensors(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``layer``'s router weight and bias, each None where it is not a tensor."""
         router = self.controller.routers[layer].router
-        router_bias, weight = getattr(router, "bias", None), router.weight
-        assert isinstance(weight, torch.Tensor), "a router keeps its weight as a tensor"
-        return predict_scores(
-            hidden,
-            weight,
-            self.spec,
-            norm=self._norms.get(layer),
-            router_bias=router_bias if isinstance(router_bias, torch.Tensor) else None,
-        )  # [T, E]
+        weight, bias = router.weight, getattr(router, "bias", None)
+        return (
+            weight if isinstance(weight, torch.Tensor) else None,
+            bias if isinstance(bias, torch.Tensor) else None,
+        )
 
     def _prefetch(self, layer: int, hidden: torch.Tensor) -> None:
         """Predict from a layer's output and prefetch (non-MoE previous layers: own read)."""

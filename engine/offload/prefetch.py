@@ -244,13 +244,14 @@ class PrefetchAccount:
         computed: Collection[int] = (),
     ) -> None:
         """Record one layer-step: predictions, the truth, copies issued, experts computed."""
-        predicted_set, actual_set = set(predicted), set(actual_top_score)
-        self.predicted += len(predicted_set)
-        self.actual += len(actual_set)
-        self.correct += len(predicted_set & actual_set)
-        issued_set = set(issued)
-        self.issued += len(issued_set)
-        self.used += len(issued_set & set(computed))
+        predicted_set, actual_set, issued_set = set(predicted), set(actual_top_score), set(issued)
+        self.add(
+            len(predicted_set),
+            len(actual_set),
+            len(predicted_set & actual_set),
+            len(issued_set),
+            len(issued_set & set(computed)),
+        )
 
     def add(self, predicted: int, actual: int, correct: int, issued: int, used: int) -> None:
         """Record one layer-step from counts (``observe`` with the set sizes done by the
