@@ -136,28 +136,37 @@ def compare(binaries: Path, files: list[Path], text: Path, ctx: int) -> list[dic
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The command line shared with ``activation_rounding``: files, text, chunk size, output."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("files", type=Path, nargs="+")
-    parser.add_argument("--bin", type=Path, required=True, help="llama.cpp's build/bin")
     parser.add_argument("--text", type=Path, required=True)
     parser.add_argument("--ctx", type=int, default=256)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-topk-norm", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    files = args.files
-    if args.no_topk_norm:
-        scratch = args.out.parent / "no-topk-norm"
-        scratch.mkdir(parents=True, exist_ok=True)
-        files = [without_topk_norm(path, scratch / path.name) for path in files]
-    rows = compare(args.bin, files, args.text, args.ctx)
-    record = {"date": datetime.now(UTC).isoformat(timespec="minutes"),
-              "machine": f"{platform.machine()} {platform.system()}, CPU, llama.cpp -t 1",
+    return parser
+
+
+def prepared_files(args: argparse.Namespace) -> list[Path]:
+    """The files to score: ``args.files``, or their ``--no-topk-norm`` copies beside the output."""
+    if not args.no_topk_norm:
+        return list(args.files)
+    scratch = args.out.parent / "no-topk-norm"
+    scratch.mkdir(parents=True, exist_ok=True)
+    return [without_topk_norm(path, scratch / path.name) for path in args.files]
+
+
+def write_record(args: argparse.Namespace, rows: list[dict[str, Any]], machine: str) -> None:
+    record = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": machine,
               "load_average": os.getloadavg(), "ctx": args.ctx, "text": str(args.text),
               "no_topk_norm": args.no_topk_norm, "rows": rows}  # fmt: skip
     write_text_atomic(args.out, json.dumps(record, indent=2))
 
 
-if __name__ == "__main__":
-    main()
+def main() -> None:
+    parser = arguments(__doc__.splitlines()[0])
+    parser.add_argument("--bin", type=Path, required=True, help="llama.cpp's build/bin")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = compare(args.bin, prepared_files(args), args.text, args.ctx)
+    write_record(args, rows, f"{platform.machine()} {platform.system()}, CPU, llama.cpp -t 1")
