@@ -241,6 +241,7 @@ class MainWindow(QMainWindow):
         self.load_dialog.load_anyway.connect(self._load_anyway)
         self.load_dialog.declined.connect(self._load_declined)
         self.load_dialog.settings_requested.connect(self.show_settings)
+        self.load_dialog.mmap_requested.connect(self._use_mapped_experts)
 
     # start-up ---------------------------------------------------------------------------
 
@@ -433,6 +434,13 @@ class MainWindow(QMainWindow):
     def _load_anyway(self) -> None:
         self.load_dialog.awaiting_choice = False
         self.load_model(force=True)
+
+    def _use_mapped_experts(self) -> None:
+        """The experts do not fit in RAM: keep this choice and load reading them from the file."""
+        self.load_dialog.awaiting_choice = False
+        self.model_settings = replace(self.model_settings, mmap_experts=True)
+        if self._save_model_settings():
+            self.load_model()
 
     def _load_declined(self) -> None:
         """Closed at "does not fit": nothing was unloaded, so the working model stays."""

@@ -101,12 +101,18 @@ def is_gguf_model(path: Path) -> bool:
     return (match is None or match["part"] == "00001") and not path.name.startswith("mmproj")
 
 
+def gguf_name(path: Path) -> str:
+    """A GGUF model's name: the file's stem; a split set's without its part numbers."""
+    match = SPLIT_GGUF.match(path.name)
+    return path.stem if match is None else f"{match['stem']} ({int(match['count'])} parts)"
+
+
 def gguf_entry(path: Path, source: str, name: str | None = None) -> ModelEntry:
     """A GGUF file's entry from its header: quant type, MoE or dense, every part's size."""
     summary = summarize(path)
     size = sum(p.stat().st_size for p in _split_parts(path) if p.is_file())
     return ModelEntry(
-        path, name or path.stem, source, size, summary.architecture, summary.file_type,
+        path, name or gguf_name(path), source, size, summary.architecture, summary.file_type,
         None if summary.problem else summary.is_moe, summary.problem,
     )  # fmt: skip
 

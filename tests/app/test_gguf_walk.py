@@ -1,0 +1,142 @@
+"""Dead ends found walking the real app with GGUF files (round 5): what the Models window says
+about a dense, unreadable or split GGUF, and reading experts from the model file when they do
+not fit in RAM (the setting, the estimate, and the offer in the loading window)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import Qt
+
+from app.library_dialog import EXPERTS
+from app.load_dialog import LoadDialog
+from app.main_window import MainWindow
+from app.settings import ModelSettings, SettingsStore, to_load_config
+from app.settings_dialog import SettingsDialog
+from tests.app.fake_engine import FakeEngine
+from tests.app.test_model_library import write_gguf
+from tests.app.test_ui_windows import cell, open_library
+
+
+def _short_of_memory(qtbot: Any, make_window: Any) -> tuple[MainWindow, LoadDialog]:
+    """Start a window whose first load's estimate does not fit; wait for the choice."""
+    window = make_window(start=False)
+    window.start(None)
+    qtbot.waitUntil(lambda: window.load_dialog.awaiting_choice, timeout=5000)
+    return window, window.load_dialog
+
+
+def _row(dialog: Any, name: str) -> int:
+    names = [cell(dialog, r, 0) for r in range(dialog.table.rowCount())]
+    return names.index(name)
+
+
+def test_dense_and_unreadable_gguf_rows_say_why_once(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    models = user_dirs / "data" / "models"
+    write_gguf(models / "SmolLM2-Q8_0.gguf", moe=False, file_type=7, arch="llama")
+    (models / "wrong-magic.gguf").write_bytes(b"GGML" + b"\0" * 64)
+    dialog = open_library(window)
+    dense, broken = _row(dialog, "SmolLM2-Q8_0"), _row(dialog, "wrong-magic")
+    assert cell(dialog, dense, EXPERTS) == "dense (not MoE)"
+    dialog.table.selectRow(dense)
+    dialog._load_selected()  # a double-click
+    message = dialog.message.text()
+    assert message.startswith("SmolLM2-Q8_0 cannot be loaded: it is a dense llama model")
+    assert message.count("cannot be loaded") == 1, message
+    assert "Mixture-of-Experts" in dialog.load_button.toolTip()
+    dialog.table.selectRow(broken)
+    dialog._load_selected()
+    assert "wrong-magic cannot be loaded: it cannot be read as GGUF: it starts with" in (
+        dialog.message.text()
+    )
+    assert fake_engine.calls.loads[1:] == [], "nothing but the start-up load"
+
+
+def test_split_sets_are_named_once_and_rows_show_where_the_file_is(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    models = user_dirs / "data" / "models"
+    for part in (1, 2):
+        write_gguf(models / f"Mixtral-Q4_K_M-0000{part}-of-00002.gguf")
+    dialog = open_library(window)
+    row = _row(dialog, "Mixtral-Q4_K_M (2 parts)")
+    item = dialog.table.item(row, 0)
+    assert item is not None and str(models / "Mixtral-Q4_K_M-00001-of-00002.gguf") in (
+        item.toolTip()
+    )
+
+
+def test_loading_from_the_models_window_replaces_an_old_message(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    models = user_dirs / "data" / "models"
+    write_gguf(models / "SmolLM2-Q8_0.gguf", moe=False, file_type=7, arch="llama")
+    write_gguf(models / "Qwen3-Q4_K_M.gguf")
+    dialog = open_library(window)
+    dialog.table.selectRow(_row(dialog, "SmolLM2-Q8_0"))
+    dialog._load_selected()
+    dialog.table.selectRow(_row(dialog, "Qwen3-Q4_K_M"))
+    dialog._load_selected()
+    assert dialog.message.text().startswith("Loading Qwen3-Q4_K_M"), dialog.message.text()
+    qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
+    assert fake_engine.calls.loads[-1].model_dir == models / "Qwen3-Q4_K_M.gguf"
+
+
+def test_memory_mapped_experts_is_a_reload_setting_that_reaches_the_engine(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    window.show_settings()
+    dialog = window.dialogs["settings"]
+    assert isinstance(dialog, SettingsDialog)
+    assert not dialog.mmap_experts.isChecked(), "off by default"
+    dialog.mmap_experts.setChecked(True)
+    qtbot.waitUntil(
+        lambda: "Host RAM for the experts: 0 B" in dialog.fit_label.text(), timeout=5000
+    )
+    loads = len(fake_engine.calls.loads)
+    dialog.accept()
+    qtbot.waitUntil(lambda: len(fake_engine.calls.loads) > loads, timeout=5000)
+    assert fake_engine.calls.loads[-1].mmap_experts, "saving it reloads with mapped experts"
+    stored = SettingsStore(user_dirs / "config").load_model(window.model_dir)
+    assert stored.mmap_experts
+    assert to_load_config(window.model_dir, ModelSettings()).mmap_experts is False
+
+
+def test_experts_too_big_for_ram_are_offered_from_the_model_file(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine
+) -> None:
+    fake_engine.host_free_bytes = 1_000  # the experts need more RAM than is free
+    window, dialog = _short_of_memory(qtbot, make_window)
+    assert dialog.mmap_button.isVisibleTo(dialog)
+    status = dialog.status.text()
+    assert "of RAM but only" in status and "from the model file" in status, status
+    assert fake_engine.calls.loads == [], "nothing loads before the user chooses"
+    qtbot.mouseClick(dialog.mmap_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
+    call = fake_engine.calls.loads[-1]
+    assert call.mmap_experts and not call.force, "mapped experts fit: no forced load"
+    assert window.model_settings.mmap_experts, "and the choice is kept for this model"
+
+
+def test_a_device_shortfall_does_not_offer_mapped_experts(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine
+) -> None:
+    fake_engine.device_free_bytes = 100_000_000
+    _window, dialog = _short_of_memory(qtbot, make_window)
+    assert not dialog.mmap_button.isVisibleTo(dialog), "mapping experts frees RAM, not VRAM"
+    assert "expert-cache budget" in dialog.status.text(), dialog.status.text()
+
+
+def test_settings_file_with_a_bad_mmap_value_is_set_aside(user_dirs: Path) -> None:
+    store = SettingsStore(user_dirs / "config")
+    model = user_dirs / "some-model"
+    store.save_model(model, replace(ModelSettings(), mmap_experts=True))
+    assert store.load_model(model).mmap_experts
+    path = next((user_dirs / "config" / "models").glob("*.json"))
+    path.write_text(path.read_text().replace('"mmap_experts": true', '"mmap_experts": "yes"'))
+    assert store.load_model(model) == ModelSettings()
+    assert "mmap_experts must be true or false" in store.warnings[-1]
