@@ -237,9 +237,12 @@ def all_models(added: tuple[str, ...] = (), hf_cache: Path | None = None) -> lis
         entries.append(entry_for(builtin, "built-in"))
     if looks_assembled(builtin) and is_model_dir(fallback_model_dir()):
         entries.append(entry_for(fallback_model_dir(), "built-in (small)"))
+    scanned = scan_models_folder() + scan_hf_cache(hf_cache) + scan_lmstudio()
+    found = {entry.path.resolve() for entry in scanned}  # a loaded model is remembered as added:
+    added = tuple(p for p in added if Path(p).resolve() not in found)  # list it where it is
     entries += [entry_for(Path(p), "added") for p in added if is_model_dir(Path(p))]
     entries += [gguf_entry(Path(p), "added") for p in added if is_gguf_model(Path(p))]
-    entries += scan_models_folder() + scan_hf_cache(hf_cache) + scan_lmstudio()
+    entries += scanned
     seen: set[Path] = set()
     unique = []
     for entry in entries:

@@ -70,6 +70,20 @@ def test_split_sets_are_named_once_and_rows_show_where_the_file_is(
     )
 
 
+def test_a_loaded_gguf_stays_listed_where_it_is_not_as_added(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    gguf = write_gguf(user_dirs / "data" / "models" / "Qwen3-Q4_K_M.gguf")
+    window.switch_model(str(gguf))
+    qtbot.waitUntil(lambda: window.controller.ready and window.model_dir == gguf, timeout=5000)
+    assert str(gguf) in window.prefs.model_folders, "remembered, as every loaded model is"
+    dialog = open_library(window)
+    row = _row(dialog, "● Qwen3-Q4_K_M (loaded)")
+    assert cell(dialog, row, 1) == "models folder"
+    dialog.table.selectRow(row)
+    assert not dialog.remove_button.isEnabled(), "nothing to remove: it is in a scanned folder"
+
+
 def test_loading_from_the_models_window_replaces_an_old_message(
     qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
 ) -> None:

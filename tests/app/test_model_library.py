@@ -67,7 +67,9 @@ def test_models_folder_and_added_folders_are_listed_once(user_dirs: Path) -> Non
     added = str(models / "tiny")
     entries = all_models((added,), user_dirs / "hf-cache")
     sources = [(e.name, e.source) for e in entries]
-    assert sources == [("understudy-mini-moe", "built-in"), ("tiny", "added")]
+    assert sources == [("understudy-mini-moe", "built-in"), ("tiny", "models folder")], (
+        "a remembered (loaded) model is listed where it is found, not as added"
+    )
 
 
 def test_adding_a_folder_checks_it_with_clear_messages(tmp_path: Path) -> None:
