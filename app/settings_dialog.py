@@ -124,7 +124,9 @@ class SettingsDialog(QDialog):
             "Keep the experts as int8 or int4 blocks in RAM and on the GPU (smaller, faster "
             "to copy, slightly less exact). GGUF files are already quantized."
         )
-        if self.info is not None and self.info.expert_quant:
+        if self.info is not None and self.info.expert_quant:  # a GGUF file: say how they are
+            self.expert_quant.clear()
+            self.expert_quant.addItem(f"{self.info.expert_quant}, as stored in the file")
             self.expert_quant.setEnabled(False)
         self.mmap_experts = QCheckBox("Read the experts from the model file (memory-mapped)")
         self.mmap_experts.setToolTip(
@@ -288,7 +290,7 @@ class SettingsDialog(QDialog):
         return replace(
             self.original,
             device=self.device.currentText(),
-            expert_quant=self.expert_quant.currentText(),
+            expert_quant=self._expert_quant(),
             mmap_experts=self.mmap_experts.isChecked(),
             cache_budget_gb=self.budget.value() or None,
             policy=self.policy.currentText(),
@@ -304,6 +306,12 @@ class SettingsDialog(QDialog):
             system_prompt=self.system_prompt.toPlainText(),
             chat_template=template if template.strip() else None,
         )
+
+    def _expert_quant(self) -> str:
+        """The scheme chosen; a GGUF file's box only shows the file's own block types."""
+        if self.expert_quant.isEnabled():
+            return self.expert_quant.currentText()
+        return self.original.expert_quant
 
     def accept(self) -> None:
         try:

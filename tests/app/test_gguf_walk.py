@@ -154,3 +154,20 @@ def test_settings_file_with_a_bad_mmap_value_is_set_aside(user_dirs: Path) -> No
     path.write_text(path.read_text().replace('"mmap_experts": true', '"mmap_experts": "yes"'))
     assert store.load_model(model) == ModelSettings()
     assert "mmap_experts must be true or false" in store.warnings[-1]
+
+
+def test_a_gguf_models_settings_show_its_expert_format_not_none(
+    qtbot: Any, user_dirs: Path
+) -> None:
+    from app.demo_engine import demo_info
+
+    gguf = write_gguf(user_dirs / "data" / "models" / "Qwen3-Q4_K_M.gguf")
+    info = replace(demo_info(gguf), expert_quant="Q4_K, Q6_K")
+    dialog = SettingsDialog(ModelSettings(), gguf, info, None)
+    qtbot.addWidget(dialog)
+    assert not dialog.expert_quant.isEnabled()
+    assert dialog.expert_quant.currentText() == "Q4_K, Q6_K, as stored in the file"
+    assert dialog.current().expert_quant == "none", "the setting itself is left as it was"
+    plain = SettingsDialog(ModelSettings(expert_quant="int4"), gguf, demo_info(gguf), None)
+    qtbot.addWidget(plain)
+    assert plain.expert_quant.isEnabled() and plain.current().expert_quant == "int4"
