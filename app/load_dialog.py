@@ -20,6 +20,8 @@ from PySide6.QtWidgets import (
 from app.loader import ModelLoader, describe_estimate, ram_is_short, shortfall_advice
 from engine.events import MemoryEstimate, ModelInfo
 
+ESTIMATING = "Estimating memory…"
+
 
 class LoadDialog(QDialog):
     load_anyway = Signal()
@@ -34,7 +36,7 @@ class LoadDialog(QDialog):
         self.loader = loader
         self.awaiting_choice = False
         self.title = QLabel()
-        self.estimate_label = QLabel("Estimating memory…")
+        self.estimate_label = QLabel(ESTIMATING)
         self.estimate_label.setWordWrap(True)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)
@@ -74,7 +76,7 @@ class LoadDialog(QDialog):
 
     def begin(self, model_name: str) -> None:
         self.title.setText(f"<b>{model_name}</b>")
-        self.estimate_label.setText("Estimating memory…")
+        self.estimate_label.setText(ESTIMATING)
         self.status.setText("")
         self.status.setStyleSheet("")
         self.progress.setValue(0)
@@ -117,6 +119,8 @@ class LoadDialog(QDialog):
         self.hide()
 
     def _failed(self, message: str) -> None:
+        if self.estimate_label.text() == ESTIMATING:  # it failed before any estimate
+            self.estimate_label.setText("")
         self.progress.setVisible(False)
         self.status.setText(message)
         self.status.setStyleSheet("color: #c0392b;")

@@ -114,7 +114,7 @@ def advice_for(error: BaseException, settings: ModelSettings) -> str:
             f"{human_bytes(error.minimum_bytes)} ({error.minimum_slots} experts)."
         )
     if isinstance(error, ModelLoadError):
-        return f"{error}\nChoose another model folder (Models menu)."
+        return f"{error}\nChoose another model (Model > Models…)."
     if isinstance(error, EngineError):
         return str(error)
     return f"Loading failed unexpectedly: {error!r}. Details are in the log file."

@@ -58,6 +58,7 @@ from app.settings import (
     SettingsError,
     SettingsStore,
     to_live_options,
+    to_load_config,
     to_sampling,
 )
 from app.settings_dialog import SettingsDialog
@@ -392,8 +393,20 @@ class MainWindow(QMainWindow):
             self._restore_working(f"{failed} could not be loaded: {message}")
         else:
             self._no_model(f"{failed} could not be loaded.")
-            self.banner.show_message(message, "error", (("Settings…", self.show_settings),))
+            if not self._load_builtin_instead(f"{failed} could not be loaded: {message}"):
+                self.banner.show_message(message, "error", (("Settings…", self.show_settings),))
         self._report_ready(message)
+
+    def _load_builtin_instead(self, why: str) -> bool:
+        """No model works yet (a broken last model at start): load the built-in one instead."""
+        builtin = builtin_model_dir()
+        local = self.loader.make_config is to_load_config
+        if not local or self.model_dir.resolve() == builtin.resolve() or not builtin.is_dir():
+            return False
+        self.model_dir, self.model_settings = builtin, self.settings_store.load_model(builtin)
+        self.load_model()
+        self.banner.show_message(f"{why}\nLoading {builtin.name} instead.", "warning")
+        return True
 
     def _still_loaded(self) -> bool:
         """The engine still holds the working model: the load stopped before unloading it

@@ -171,3 +171,33 @@ def test_a_gguf_models_settings_show_its_expert_format_not_none(
     plain = SettingsDialog(ModelSettings(expert_quant="int4"), gguf, demo_info(gguf), None)
     qtbot.addWidget(plain)
     assert plain.expert_quant.isEnabled() and plain.current().expert_quant == "int4"
+
+
+def test_a_broken_last_model_at_start_falls_back_to_the_builtin(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    broken = write_gguf(user_dirs / "data" / "models" / "truncated-Q4_K_M.gguf")
+    fake_engine.broken[broken] = "truncated-Q4_K_M.gguf is truncated or corrupt: tensor 'x'"
+    SettingsStore(user_dirs / "config").remember_model(broken)
+    window = make_window(start=False)
+    window.start(None)
+    qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
+    builtin = user_dirs / "builtin" / "understudy-mini-moe"
+    assert [c.model_dir for c in fake_engine.calls.loads] == [builtin], "the working model"
+    text = window.banner.text
+    assert "truncated-Q4_K_M.gguf could not be loaded: truncated-Q4_K_M.gguf is truncated" in text
+    assert "Loading understudy-mini-moe instead." in text and "model folder" not in text, text
+    assert window.load_dialog.estimate_label.text() != "Estimating memory…"
+
+
+def test_a_broken_builtin_model_is_not_retried_forever(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    builtin = user_dirs / "builtin" / "understudy-mini-moe"
+    fake_engine.broken[builtin] = "config.json is damaged"
+    window = make_window(start=False)
+    window.start(None)
+    qtbot.waitUntil(lambda: "config.json is damaged" in window.banner.text, timeout=5000)
+    assert not window.controller.ready and fake_engine.calls.loads == []
+    assert "Model > Models…" in window.banner.text
+    assert fake_engine.calls.inspected.count(builtin) == 1
