@@ -69,30 +69,29 @@ def device_is_short(estimate: MemoryEstimate) -> bool:
 
 
 def ram_is_short(estimate: MemoryEstimate) -> bool:
-    """Only the experts' host copy is too big: reading them from the model file would fit."""
+    """The experts' copy in RAM does not fit: reading them from the model file would help."""
     free = estimate.host_free_bytes
-    return not device_is_short(estimate) and free is not None and estimate.host_expert_bytes > free
+    return free is not None and estimate.host_expert_bytes > free
 
 
 def shortfall_advice(estimate: MemoryEstimate) -> str:
     """What the loading window says when the estimate does not fit: what to change."""
-    if ram_is_short(estimate):
-        return (
-            f"The experts need {human_bytes(estimate.host_expert_bytes)} of RAM but only "
-            f"{human_bytes(estimate.host_free_bytes)} is free. Read them from the model file "
-            "instead: the system keeps the experts used lately in memory and reads the others "
-            "from disk (slower when they come from there)."
-        )
-    cpu = "" if estimate.device == "cpu" else ", or choose the CPU as device"
+    advice = []
     if device_is_short(estimate):
-        return (
-            f"The model needs more {estimate.device.upper()} memory than is free. Loading anyway "
-            "may run out of memory; in Settings, lower the expert-cache budget or the context "
-            f"length{cpu}."
+        cpu = "" if estimate.device == "cpu" else ", or choose the CPU as device"
+        advice.append(
+            f"The model needs more {estimate.device.upper()} memory than is free: in Settings, "
+            f"lower the expert-cache budget or the context length{cpu}."
         )
-    return (
-        "The estimate says this will not fit. Loading anyway may run out of memory; "
-        "changing the settings is safer."
+    if ram_is_short(estimate):
+        advice.append(
+            f"The experts need {human_bytes(estimate.host_expert_bytes)} of RAM but only "
+            f"{human_bytes(estimate.host_free_bytes)} is free: read them from the model file "
+            "instead (the system keeps the experts used lately in memory and reads the others "
+            "from disk, slower when they come from there)."
+        )
+    return " ".join(advice or ["The estimate says this will not fit."]) + (
+        " Loading anyway may run out of memory."
     )
 
 

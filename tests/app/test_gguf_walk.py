@@ -145,6 +145,16 @@ def test_a_device_shortfall_does_not_offer_mapped_experts(
     assert "expert-cache budget" in dialog.status.text(), dialog.status.text()
 
 
+def test_on_the_cpu_both_shortfalls_are_named_and_mapping_is_offered(
+    qtbot: Any, make_window: Any, fake_engine: FakeEngine
+) -> None:
+    fake_engine.device_free_bytes, fake_engine.host_free_bytes = 100_000_000, 0
+    _window, dialog = _short_of_memory(qtbot, make_window)
+    status = dialog.status.text()
+    assert "lower the expert-cache budget" in status and "of RAM but only 0 B" in status, status
+    assert dialog.mmap_button.isVisibleTo(dialog)
+
+
 def test_settings_file_with_a_bad_mmap_value_is_set_aside(user_dirs: Path) -> None:
     store = SettingsStore(user_dirs / "config")
     model = user_dirs / "some-model"
