@@ -96,9 +96,12 @@ class LoadDialog(QDialog):
         """Grow with the text: the estimate arrives after the window is shown (four lines
         where "Estimating memory…" was one) and was cut off at the top and the bottom."""
         layout = self.layout()
+        needed = self.sizeHint().height()
         if layout is not None:
             layout.activate()
-        self.resize(self.width(), max(self.height(), self.sizeHint().height()))
+            width = max(self.width(), self.minimumSizeHint().width())
+            needed = max(needed, layout.totalHeightForWidth(width))  # wrapped labels in full
+        self.resize(max(self.width(), self.minimumSizeHint().width()), max(self.height(), needed))
 
     def _needs_confirmation(self, estimate: MemoryEstimate) -> None:
         self.progress.setVisible(False)

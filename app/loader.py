@@ -80,15 +80,14 @@ def shortfall_advice(estimate: MemoryEstimate) -> str:
     if device_is_short(estimate):
         cpu = "" if estimate.device == "cpu" else ", or choose the CPU as device"
         advice.append(
-            f"The model needs more {estimate.device.upper()} memory than is free: in Settings, "
-            f"lower the expert-cache budget or the context length{cpu}."
+            f"Not enough {estimate.device.upper()} memory: in Settings, lower the expert-cache "
+            f"budget or the context length{cpu}."
         )
     if ram_is_short(estimate):
         advice.append(
             f"The experts need {human_bytes(estimate.host_expert_bytes)} of RAM but only "
             f"{human_bytes(estimate.host_free_bytes)} is free: read them from the model file "
-            "instead (the system keeps the experts used lately in memory and reads the others "
-            "from disk, slower when they come from there)."
+            "instead (the experts used lately stay in memory, the others are read from disk)."
         )
     return " ".join(advice or ["The estimate says this will not fit."]) + (
         " Loading anyway may run out of memory."

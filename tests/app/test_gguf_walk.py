@@ -16,6 +16,7 @@ from app.main_window import MainWindow
 from app.settings import ModelSettings, SettingsStore, to_load_config
 from app.settings_dialog import SettingsDialog
 from tests.app.fake_engine import FakeEngine
+from tests.app.test_layout_dead_ends import shows_whole_text
 from tests.app.test_model_library import write_gguf
 from tests.app.test_ui_windows import cell, open_library
 
@@ -153,6 +154,10 @@ def test_on_the_cpu_both_shortfalls_are_named_and_mapping_is_offered(
     status = dialog.status.text()
     assert "lower the expert-cache budget" in status and "of RAM but only 0 B" in status, status
     assert dialog.mmap_button.isVisibleTo(dialog)
+    qtbot.waitUntil(lambda: shows_whole_text(dialog.status), timeout=2000)  # not clipped
+    qtbot.waitUntil(lambda: shows_whole_text(dialog.estimate_label), timeout=2000)
+    button = dialog.mmap_button
+    assert button.width() >= button.sizeHint().width(), "the button's text is not cut"
 
 
 def test_settings_file_with_a_bad_mmap_value_is_set_aside(user_dirs: Path) -> None:
