@@ -64,7 +64,7 @@ class ModelSettings:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     chat_template: str | None = None  # None: the tokenizer's own template
     expert_quant: str = "none"  # "int8"/"int4": quantize a safetensors model's experts at load
-    mmap_experts: bool = False  # experts read from the mapped model file, not copied into RAM
+    mmap_experts: bool = False  # experts read from the mapped file (model or quantized cache)
 
     def __post_init__(self) -> None:
         try:

@@ -124,15 +124,14 @@ class SettingsDialog(QDialog):
             "Keep the experts as int8 or int4 blocks in RAM and on the GPU (smaller, faster "
             "to copy, slightly less exact). GGUF files are already quantized."
         )
-        if self.info is not None and self.info.expert_quant:  # a GGUF file: say how they are
-            self.expert_quant.clear()
+        if self.info is not None and self.info.expert_quant:
+            self.expert_quant.clear()  # a GGUF file: show the file's own block types
             self.expert_quant.addItem(f"{self.info.expert_quant}, as stored in the file")
             self.expert_quant.setEnabled(False)
-        self.mmap_experts = QCheckBox("Read the experts from the model file (memory-mapped)")
+        self.mmap_experts = QCheckBox("Read experts from the mapped file instead of RAM")
         self.mmap_experts.setToolTip(
-            "For models whose experts do not fit in RAM: the experts stay in the model file and "
-            "the system keeps the ones used lately in memory; the others are read from disk "
-            "(slower when they come from there)."
+            "For models bigger than RAM: the experts stay in the model file (or, with quantized "
+            "experts, in their cache file) and the system's page cache keeps the recent ones."
         )
         self.budget = spin(0.0, 0.5)
         self.budget.setSpecialValueText("default (half of the experts)")
@@ -199,7 +198,7 @@ class SettingsDialog(QDialog):
             [
                 ("device", "Device", self.device),
                 ("expert_quant", "Quantize experts", self.expert_quant),
-                ("mmap_experts", "Experts in RAM", self.mmap_experts),
+                ("mmap_experts", "", self.mmap_experts),
                 ("cache_budget_gb", "Expert-cache budget", self.budget),
                 ("", "", self.fit_label),
                 (
