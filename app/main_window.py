@@ -323,7 +323,9 @@ class MainWindow(QMainWindow):
         self.model_info, self.working = info, (self.model_dir, self.model_settings)
         self.controller.ready = True
         self._show_model(info)
-        self.slider.set_model(self.model_dir, info.name, info.substitution_supported)
+        self.slider.set_model(
+            self.model_dir, info.name, info.substitution_supported, self.model_settings.expert_quant
+        )
         self.slider.set_alpha(self.model_settings.alpha)
         if self.banner.text == WAIT_FOR_LOADING:
             self.banner.dismiss()

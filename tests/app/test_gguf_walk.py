@@ -216,3 +216,31 @@ def test_a_broken_builtin_model_is_not_retried_forever(
     assert not window.controller.ready and fake_engine.calls.loads == []
     assert "Model > Models…" in window.banner.text
     assert fake_engine.calls.inspected.count(builtin) == 1
+
+
+def test_the_slider_marks_a_float_curve_shown_for_quantized_experts(
+    qtbot: Any, user_dirs: Path
+) -> None:
+    import json
+
+    from app.slider import ImportanceSlider
+
+    model_dir = user_dirs / "builtin" / "understudy-mini-moe"
+    point = {"alpha": 0.0, "top1_agreement": 1.0, "kl": 0.0, "bytes_per_token": 23.6e6}
+    (model_dir / "understudy_curve.json").write_text(json.dumps({"points": [point]}))
+    slider = ImportanceSlider()
+    qtbot.addWidget(slider)
+    slider.set_model(model_dir, model_dir.name, True, "int8")
+    assert "moved" in slider.curve_label.text(), "the shipped curve is shown"
+    assert "measured without int8 experts" in slider.curve_label.text()
+    slider.set_model(model_dir, model_dir.name)
+    assert "measured without" not in slider.curve_label.text(), "as stored: no note"
+
+
+def test_loading_with_quantized_experts_reaches_the_slider(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine
+) -> None:
+    window.apply_model_settings(replace(window.model_settings, expert_quant="int4"))
+    qtbot.waitUntil(lambda: fake_engine.calls.loads[-1].expert_quant == "int4", timeout=5000)
+    qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
+    assert window.slider.expert_quant == "int4"
