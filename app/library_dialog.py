@@ -148,6 +148,16 @@ class LibraryDialog(QDialog):
         for column in range(self.table.columnCount()):
             if self.table.columnWidth(column) > MAX_COLUMN_WIDTH:
                 self.table.setColumnWidth(column, MAX_COLUMN_WIDTH)
+        self._fit_width()
+
+    def _fit_width(self) -> None:
+        """Grow (never shrink) to show every column, up to the screen: Top-k was off the edge."""
+        table = self.table
+        needed = self.width() - table.viewport().width() + table.horizontalHeader().length()
+        screen = self.screen()
+        most = screen.availableGeometry().width() - 40 if screen is not None else needed
+        if self.width() < needed:
+            self.resize(min(needed, most), self.height())
 
     def _name_tooltip(self, row: int, entry: ModelEntry) -> None:
         """Where the model is: two files of one name (LM Studio, models folder) tell apart."""

@@ -244,3 +244,18 @@ def test_loading_with_quantized_experts_reaches_the_slider(
     qtbot.waitUntil(lambda: fake_engine.calls.loads[-1].expert_quant == "int4", timeout=5000)
     qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
     assert window.slider.expert_quant == "int4"
+
+
+def test_the_models_window_grows_to_show_every_column(
+    qtbot: Any, window: MainWindow, fake_engine: FakeEngine, user_dirs: Path
+) -> None:
+    write_gguf(user_dirs / "data" / "models" / "Qwen3-30B-A3B-Instruct-2507-Q4_K_M.gguf")
+    dialog = open_library(window)
+    qtbot.waitUntil(lambda: "…" not in cell(dialog, dialog.table.rowCount() - 1, 6), timeout=5000)
+    dialog.resize(500, dialog.height())  # a window narrower than its columns
+    dialog._fit_columns()  # what a rescan or an inspected row does
+    screen = dialog.screen().availableGeometry().width()
+    header = dialog.table.horizontalHeader().length()
+    assert dialog.width() > 500, "it grew"
+    shown = dialog.table.viewport().width()
+    assert shown >= header or dialog.width() >= screen - 40, (shown, header, dialog.width())
