@@ -1,6 +1,8 @@
 """Dead ends found walking the real app with GGUF files (round 5): what the Models window says
-about a dense, unreadable or split GGUF, and reading experts from the model file when they do
-not fit in RAM (the setting, the estimate, and the offer in the loading window)."""
+about a dense, unreadable or split GGUF, where a loaded file is listed, its width; reading
+experts from the model file when they do not fit in RAM (the setting, the estimate, the offer
+in the loading window and its layout); a broken last model at start; a GGUF model's settings;
+the slider's curve with experts quantized at load."""
 
 from __future__ import annotations
 
