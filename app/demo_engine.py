@@ -80,6 +80,7 @@ class DemoEngine:
         self.load_steps = load_steps
         self.load_delay = load_delay
         self.device_free_bytes = device_free_bytes
+        self.host_free_bytes: int | None = 32 * GB
         self.live = LiveOptions()
         self.loaded: ModelInfo | None = None
         self.config: LoadConfig | None = None
@@ -115,9 +116,9 @@ class DemoEngine:
             trunk_bytes=info.trunk_bytes,
             kv_cache_bytes=config.context_length * info.num_layers * 2 * 4096,
             expert_cache_bytes=slots * info.bytes_per_expert,
-            host_expert_bytes=info.total_expert_bytes,
+            host_expert_bytes=0 if config.mmap_experts else info.total_expert_bytes,
             device_free_bytes=self.device_free_bytes,
-            host_free_bytes=32 * GB,
+            host_free_bytes=self.host_free_bytes,
         )
 
     def estimate(self, config: LoadConfig) -> Job[MemoryEstimate]:

@@ -117,7 +117,8 @@ class LibraryDialog(QDialog):
             for column, value in enumerate((*values, *_pending(entry))):
                 self._set(row, column, value)
             if entry.problem or entry.moe is False:
-                self.problems[row] = _pending(entry)[0]
+                self.problems[row] = _why_not(entry)
+            self._name_tooltip(row, entry)
             self._mark_if_loaded(row, entry)
         self._fit_columns()
         self._selection_changed()
@@ -147,6 +148,22 @@ class LibraryDialog(QDialog):
         for column in range(self.table.columnCount()):
             if self.table.columnWidth(column) > MAX_COLUMN_WIDTH:
                 self.table.setColumnWidth(column, MAX_COLUMN_WIDTH)
+        self._fit_width()
+
+    def _fit_width(self) -> None:
+        """Grow (never shrink) to show every column, up to the screen: Top-k was off the edge."""
+        table = self.table
+        needed = self.width() - table.viewport().width() + table.horizontalHeader().length()
+        screen = self.screen()
+        most = screen.availableGeometry().width() - 40 if screen is not None else needed
+        if self.width() < needed:
+            self.resize(min(needed, most), self.height())
+
+    def _name_tooltip(self, row: int, entry: ModelEntry) -> None:
+        """Where the model is: two files of one name (LM Studio, models folder) tell apart."""
+        item = self.table.item(row, 0)
+        assert item is not None, "rescan fills every cell"
+        item.setToolTip(f"{entry.name}\n{entry.path}")
 
     def is_loaded(self, entry: ModelEntry) -> bool:
         return self.loaded is not None and entry.path.resolve() == self.loaded
@@ -239,6 +256,7 @@ class LibraryDialog(QDialog):
         if row in self.problems:  # a double-click on an unreadable row: say why, load nothing
             self.message.setText(f"{self.entries[row].name} cannot be loaded: {self.problems[row]}")
         elif 0 <= row < len(self.entries):
+            self.message.setText(f"Loading {self.entries[row].name}… (see the main window)")
             self.load_requested.emit(str(self.entries[row].path))
 
 
@@ -247,5 +265,16 @@ def _pending(entry: ModelEntry) -> tuple[str, str]:
     if entry.problem:
         return f"cannot read: {entry.problem}", ""
     if entry.moe is False:
-        return "dense (not MoE): cannot be loaded", ""
+        return "dense (not MoE)", ""
     return "…", "…"
+
+
+def _why_not(entry: ModelEntry) -> str:
+    """Why a GGUF row cannot be loaded, as the end of "<name> cannot be loaded: …"."""
+    if entry.problem:
+        return f"it cannot be read as GGUF: {entry.problem}"
+    kind = f"{entry.architecture} " if entry.architecture else ""
+    return (
+        f"it is a dense {kind}model with no expert tensors; "
+        "Understudy runs Mixture-of-Experts models only"
+    )

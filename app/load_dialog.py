@@ -17,13 +17,16 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.loader import ModelLoader, describe_estimate
+from app.loader import ModelLoader, describe_estimate, ram_is_short, shortfall_advice
 from engine.events import MemoryEstimate, ModelInfo
+
+ESTIMATING = "Estimating memory…"
 
 
 class LoadDialog(QDialog):
     load_anyway = Signal()
     settings_requested = Signal()
+    mmap_requested = Signal()  # at "does not fit in RAM": read the experts from the file
     declined = Signal()  # closed at "does not fit" without choosing Load anyway
 
     def __init__(self, loader: ModelLoader, parent: QWidget | None = None) -> None:
@@ -33,18 +36,20 @@ class LoadDialog(QDialog):
         self.loader = loader
         self.awaiting_choice = False
         self.title = QLabel()
-        self.estimate_label = QLabel("Estimating memory…")
+        self.estimate_label = QLabel(ESTIMATING)
         self.estimate_label.setWordWrap(True)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)
         self.status = QLabel()
         self.status.setWordWrap(True)
         self.anyway_button = QPushButton("Load anyway")
+        self.mmap_button = QPushButton("Read experts from the file")
         self.settings_button = QPushButton("Settings…")
         self.cancel_button = QPushButton("Cancel")
         self._layout()
         self.anyway_button.clicked.connect(self.load_anyway)
         self.settings_button.clicked.connect(self.settings_requested)
+        self.mmap_button.clicked.connect(self.mmap_requested)
         self.cancel_button.clicked.connect(self._cancel)
         loader.estimated.connect(self._estimated)
         loader.needs_confirmation.connect(self._needs_confirmation)
@@ -56,7 +61,13 @@ class LoadDialog(QDialog):
     def _layout(self) -> None:
         buttons = QHBoxLayout()
         buttons.addStretch(1)
-        for button in (self.settings_button, self.anyway_button, self.cancel_button):
+        buttons_in_order = (
+            self.settings_button,
+            self.mmap_button,
+            self.anyway_button,
+            self.cancel_button,
+        )
+        for button in buttons_in_order:
             buttons.addWidget(button)
         layout = QVBoxLayout(self)
         for widget in (self.title, self.estimate_label, self.progress, self.status):
@@ -65,12 +76,13 @@ class LoadDialog(QDialog):
 
     def begin(self, model_name: str) -> None:
         self.title.setText(f"<b>{model_name}</b>")
-        self.estimate_label.setText("Estimating memory…")
+        self.estimate_label.setText(ESTIMATING)
         self.status.setText("")
         self.status.setStyleSheet("")
         self.progress.setValue(0)
         self.progress.setVisible(True)
         self.anyway_button.setVisible(False)
+        self.mmap_button.setVisible(False)
         self.settings_button.setVisible(False)
         self.cancel_button.setText("Cancel")
         self.awaiting_choice = False
@@ -84,16 +96,17 @@ class LoadDialog(QDialog):
         """Grow with the text: the estimate arrives after the window is shown (four lines
         where "Estimating memory…" was one) and was cut off at the top and the bottom."""
         layout = self.layout()
+        needed = self.sizeHint().height()
         if layout is not None:
             layout.activate()
-        self.resize(self.width(), max(self.height(), self.sizeHint().height()))
+            width = max(self.width(), self.minimumSizeHint().width())
+            needed = max(needed, layout.totalHeightForWidth(width))  # wrapped labels in full
+        self.resize(max(self.width(), self.minimumSizeHint().width()), max(self.height(), needed))
 
     def _needs_confirmation(self, estimate: MemoryEstimate) -> None:
         self.progress.setVisible(False)
-        self.status.setText(
-            "The estimate says this will not fit. Loading anyway may run out of memory; "
-            "changing the settings is safer."
-        )
+        self.status.setText(shortfall_advice(estimate))
+        self.mmap_button.setVisible(ram_is_short(estimate))
         self.anyway_button.setVisible(True)
         self.settings_button.setVisible(True)
         self.cancel_button.setText("Close")
@@ -109,6 +122,8 @@ class LoadDialog(QDialog):
         self.hide()
 
     def _failed(self, message: str) -> None:
+        if self.estimate_label.text() == ESTIMATING:  # it failed before any estimate
+            self.estimate_label.setText("")
         self.progress.setVisible(False)
         self.status.setText(message)
         self.status.setStyleSheet("color: #c0392b;")

@@ -62,6 +62,38 @@ def describe_estimate(estimate: MemoryEstimate) -> str:
     return f"{device}\n{host}\n{verdict}"
 
 
+def device_is_short(estimate: MemoryEstimate) -> bool:
+    """The trunk, context and expert cache need more device memory than is free."""
+    free = estimate.device_free_bytes
+    return free is not None and estimate.device_bytes > free
+
+
+def ram_is_short(estimate: MemoryEstimate) -> bool:
+    """The experts' copy in RAM does not fit: reading them from the model file would help."""
+    free = estimate.host_free_bytes
+    return free is not None and estimate.host_expert_bytes > free
+
+
+def shortfall_advice(estimate: MemoryEstimate) -> str:
+    """What the loading window says when the estimate does not fit: what to change."""
+    advice = []
+    if device_is_short(estimate):
+        cpu = "" if estimate.device == "cpu" else ", or choose the CPU as device"
+        advice.append(
+            f"Not enough {estimate.device.upper()} memory: in Settings, lower the expert-cache "
+            f"budget or the context length{cpu}."
+        )
+    if ram_is_short(estimate):
+        advice.append(
+            f"The experts need {human_bytes(estimate.host_expert_bytes)} of RAM but only "
+            f"{human_bytes(estimate.host_free_bytes)} is free: read them from the model file "
+            "instead (the experts used lately stay in memory, the others are read from disk)."
+        )
+    return " ".join(advice or ["The estimate says this will not fit."]) + (
+        " Loading anyway may run out of memory."
+    )
+
+
 def what_to_change(settings: ModelSettings) -> str:
     budget = "the default" if settings.cache_budget_gb is None else f"{settings.cache_budget_gb} GB"
     return (
@@ -80,7 +112,7 @@ def advice_for(error: BaseException, settings: ModelSettings) -> str:
             f"{human_bytes(error.minimum_bytes)} ({error.minimum_slots} experts)."
         )
     if isinstance(error, ModelLoadError):
-        return f"{error}\nChoose another model folder (Models menu)."
+        return f"{error}\nChoose another model (Model > Models…)."
     if isinstance(error, EngineError):
         return str(error)
     return f"Loading failed unexpectedly: {error!r}. Details are in the log file."

@@ -58,6 +58,7 @@ from app.settings import (
     SettingsError,
     SettingsStore,
     to_live_options,
+    to_load_config,
     to_sampling,
 )
 from app.settings_dialog import SettingsDialog
@@ -241,6 +242,7 @@ class MainWindow(QMainWindow):
         self.load_dialog.load_anyway.connect(self._load_anyway)
         self.load_dialog.declined.connect(self._load_declined)
         self.load_dialog.settings_requested.connect(self.show_settings)
+        self.load_dialog.mmap_requested.connect(self._use_mapped_experts)
 
     # start-up ---------------------------------------------------------------------------
 
@@ -321,7 +323,9 @@ class MainWindow(QMainWindow):
         self.model_info, self.working = info, (self.model_dir, self.model_settings)
         self.controller.ready = True
         self._show_model(info)
-        self.slider.set_model(self.model_dir, info.name, info.substitution_supported)
+        self.slider.set_model(
+            self.model_dir, info.name, info.substitution_supported, self.model_settings.expert_quant
+        )
         self.slider.set_alpha(self.model_settings.alpha)
         if self.banner.text == WAIT_FOR_LOADING:
             self.banner.dismiss()
@@ -391,8 +395,20 @@ class MainWindow(QMainWindow):
             self._restore_working(f"{failed} could not be loaded: {message}")
         else:
             self._no_model(f"{failed} could not be loaded.")
-            self.banner.show_message(message, "error", (("Settings…", self.show_settings),))
+            if not self._load_builtin_instead(f"{failed} could not be loaded: {message}"):
+                self.banner.show_message(message, "error", (("Settings…", self.show_settings),))
         self._report_ready(message)
+
+    def _load_builtin_instead(self, why: str) -> bool:
+        """No model works yet (a broken last model at start): load the built-in one instead."""
+        builtin = builtin_model_dir()
+        local = self.loader.make_config is to_load_config
+        if not local or self.model_dir.resolve() == builtin.resolve() or not builtin.is_dir():
+            return False
+        self.model_dir, self.model_settings = builtin, self.settings_store.load_model(builtin)
+        self.load_model()
+        self.banner.show_message(f"{why}\nLoading {builtin.name} instead.", "warning")
+        return True
 
     def _still_loaded(self) -> bool:
         """The engine still holds the working model: the load stopped before unloading it
@@ -433,6 +449,13 @@ class MainWindow(QMainWindow):
     def _load_anyway(self) -> None:
         self.load_dialog.awaiting_choice = False
         self.load_model(force=True)
+
+    def _use_mapped_experts(self) -> None:
+        """The experts do not fit in RAM: keep this choice and load reading them from the file."""
+        self.load_dialog.awaiting_choice = False
+        self.model_settings = replace(self.model_settings, mmap_experts=True)
+        if self._save_model_settings():
+            self.load_model()
 
     def _load_declined(self) -> None:
         """Closed at "does not fit": nothing was unloaded, so the working model stays."""

@@ -101,12 +101,18 @@ def is_gguf_model(path: Path) -> bool:
     return (match is None or match["part"] == "00001") and not path.name.startswith("mmproj")
 
 
+def gguf_name(path: Path) -> str:
+    """A GGUF model's name: the file's stem; a split set's without its part numbers."""
+    match = SPLIT_GGUF.match(path.name)
+    return path.stem if match is None else f"{match['stem']} ({int(match['count'])} parts)"
+
+
 def gguf_entry(path: Path, source: str, name: str | None = None) -> ModelEntry:
     """A GGUF file's entry from its header: quant type, MoE or dense, every part's size."""
     summary = summarize(path)
     size = sum(p.stat().st_size for p in _split_parts(path) if p.is_file())
     return ModelEntry(
-        path, name or path.stem, source, size, summary.architecture, summary.file_type,
+        path, name or gguf_name(path), source, size, summary.architecture, summary.file_type,
         None if summary.problem else summary.is_moe, summary.problem,
     )  # fmt: skip
 
@@ -231,9 +237,12 @@ def all_models(added: tuple[str, ...] = (), hf_cache: Path | None = None) -> lis
         entries.append(entry_for(builtin, "built-in"))
     if looks_assembled(builtin) and is_model_dir(fallback_model_dir()):
         entries.append(entry_for(fallback_model_dir(), "built-in (small)"))
+    scanned = scan_models_folder() + scan_hf_cache(hf_cache) + scan_lmstudio()
+    found = {entry.path.resolve() for entry in scanned}  # a loaded model is remembered as added:
+    added = tuple(p for p in added if Path(p).resolve() not in found)  # list it where it is
     entries += [entry_for(Path(p), "added") for p in added if is_model_dir(Path(p))]
     entries += [gguf_entry(Path(p), "added") for p in added if is_gguf_model(Path(p))]
-    entries += scan_models_folder() + scan_hf_cache(hf_cache) + scan_lmstudio()
+    entries += scanned
     seen: set[Path] = set()
     unique = []
     for entry in entries:

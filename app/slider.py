@@ -53,6 +53,7 @@ class ImportanceSlider(QWidget):
         self.supported = True
         self.model_dir: Path | None = None
         self.model_name = ""
+        self.expert_quant = "none"  # quantized at load: the curve's figures are not for it
         self.task: asyncio.Task[None] | None = None
         self.slider = QSlider(Qt.Orientation.Horizontal)
         self.slider.setRange(0, round(ALPHA_MAX / STEP))
@@ -129,9 +130,16 @@ class ImportanceSlider(QWidget):
         self.slider.blockSignals(False)
         self._refresh()
 
-    def set_model(self, model_dir: Path | None, name: str, supported: bool = True) -> None:
-        """Show the curve of this model; a model that cannot substitute stays at exact."""
+    def set_model(
+        self, model_dir: Path | None, name: str, supported: bool = True, expert_quant: str = "none"
+    ) -> None:
+        """Show the curve of this model; a model that cannot substitute stays at exact.
+
+        ``expert_quant``: the scheme its experts were quantized with at load. Curves are
+        measured on the checkpoint as stored, so their figures are marked as such then.
+        """
         self.model_dir, self.model_name, self.supported = model_dir, name, supported
+        self.expert_quant = expert_quant
         self.slider.setEnabled(supported)
         self.slider.setToolTip("" if supported else UNSUPPORTED)
         self.reload_curve()
@@ -167,8 +175,10 @@ class ImportanceSlider(QWidget):
             text = f"{describe(point, self.curve)} ({curve_source(self.curve)})"
         else:
             text = describe(None)
-        self.curve_label.setText(text)
         measured = point is not None or between is not None
+        if measured and self.supported and self.expert_quant != "none":
+            text += f"; measured without {self.expert_quant} experts, which move fewer bytes"
+        self.curve_label.setText(text)
         self.measure_button.setVisible(bool(self.model_name) and self.supported and not measured)
         self.measure_button.setEnabled(self.measure is not None)
         if self.measure is None:

@@ -67,7 +67,9 @@ def test_models_folder_and_added_folders_are_listed_once(user_dirs: Path) -> Non
     added = str(models / "tiny")
     entries = all_models((added,), user_dirs / "hf-cache")
     sources = [(e.name, e.source) for e in entries]
-    assert sources == [("understudy-mini-moe", "built-in"), ("tiny", "added")]
+    assert sources == [("understudy-mini-moe", "built-in"), ("tiny", "models folder")], (
+        "a remembered (loaded) model is listed where it is found, not as added"
+    )
 
 
 def test_adding_a_folder_checks_it_with_clear_messages(tmp_path: Path) -> None:
@@ -119,13 +121,14 @@ def test_gguf_files_are_listed_with_quant_type_and_dense_marked(user_dirs: Path)
     for part in (1, 2):
         write_gguf(models / "big" / f"Mixtral-Q5_K_M-0000{part}-of-00002.gguf", file_type=17)
     entries = {e.name: e for e in scan_models_folder(models)}
-    assert set(entries) == {"Qwen3-30B-A3B-Q4_K_M", "SmolLM2-Q8_0", "Mixtral-Q5_K_M-00001-of-00002"}
+    assert set(entries) == {"Qwen3-30B-A3B-Q4_K_M", "SmolLM2-Q8_0", "Mixtral-Q5_K_M (2 parts)"}
     moe = entries["Qwen3-30B-A3B-Q4_K_M"]
     assert (moe.quant, moe.moe, moe.architecture) == ("Q4_K_M", True, "qwen3moe")
     assert moe.size_bytes == (models / "Qwen3-30B-A3B-Q4_K_M.gguf").stat().st_size
     dense = entries["SmolLM2-Q8_0"]
     assert (dense.quant, dense.moe) == ("Q8_0", False), "dense files are marked, not hidden"
-    split = entries["Mixtral-Q5_K_M-00001-of-00002"]
+    split = entries["Mixtral-Q5_K_M (2 parts)"]
+    assert split.path.name == "Mixtral-Q5_K_M-00001-of-00002.gguf", "the set loads from part 1"
     assert split.quant == "Q5_K_M"
     assert split.size_bytes == sum(p.stat().st_size for p in (models / "big").iterdir())
 
