@@ -52,6 +52,7 @@ class ModelInfo:
     router_family: str
     substitution_supported: bool
     expert_quant: str = ""  # block types the experts are kept in ("Q4_K, Q6_K"); "" = float
+    expert_weights: int = 0  # weights of one expert (gate, up and down); 0 = not known
 
 
 @dataclass(frozen=True)

@@ -275,8 +275,8 @@ class ExpertCache:
         """Claim slots and copy ``keys`` in; the demand copy's tickets unless ``wait``."""
         slots = [self._claim_slot(key) for key in keys]
         sizes = [self.store.layer_shape(key[0]).numel for key in keys]  # the layer's own row
-        for key, size in zip(keys, sizes, strict=True):
-            self.stats.add(key[0], transfers=1, bytes_moved=size * self._slots.element_size())
+        for key in keys:
+            self.stats.add(key[0], transfers=1, bytes_moved=self.store.source_bytes(key[0]))
         if self._after:  # a victim's prefetch may still be writing its slot
             self.copies.wait(self._after)
             self._after = []

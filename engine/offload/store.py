@@ -340,6 +340,11 @@ class HostExpertStore:
         """How ``layer``'s rows are laid out (GGUF files may mix block types across layers)."""
         return self._layer_shapes.get(layer, self.shape)
 
+    def source_bytes(self, layer: int) -> int:
+        """Bytes one of ``layer``'s experts takes from this store into a cache slot: what a
+        transfer moves (quantized bytes for quantized experts, even where the slot decodes)."""
+        return self.layer_shape(layer).nbytes
+
     def row(self, key: SlotKey) -> torch.Tensor:
         """Expert ``key``'s flat host row [numel]; checked for NaN/inf the first time it is used."""
         row = self._row(key)
@@ -440,6 +445,9 @@ class DecodedStore(HostExpertStore):
     def nbytes(self) -> int:
         return self.inner.nbytes
 
+    def source_bytes(self, layer: int) -> int:
+        return self.inner.source_bytes(layer)
+
     def row(self, key: SlotKey) -> torch.Tensor:
         row = torch.empty(self.shape.numel, dtype=self.shape.dtype)
         self._decode(key, row)
@@ -481,8 +489,12 @@ def decodes_on_copy(
     ``quantized_slots`` overrides the per-device default (quantized slots on CUDA, where bytes
     cross PCIe; decoded slots on the CPU, where decoding at every use would cost compute).
     """
-    if not isinstance(shape, QuantizedExpertShape):
-        return False
+    return isinstance(shape, QuantizedExpertShape) and decodes_on(device, quantized_slots)
+
+
+def decodes_on(device: torch.device, quantized_slots: bool | None = None) -> bool:
+    """Whether a cache on ``device`` decodes quantized experts into its slots (``decodes_on_copy``
+    for any quantized shape)."""
     if quantized_slots is not None:
         return not quantized_slots
     return device.type in DECODE_ON_COPY_DEVICES

@@ -157,6 +157,7 @@ def gguf_info(plan: GgufPlan) -> ModelInfo:
         router_family=plan.family.name,
         substitution_supported=plan.family.substitution_supported,
         expert_quant=describe_types(experts),
+        expert_weights=3 * plan.hidden * plan.intermediate,
     )
 
 

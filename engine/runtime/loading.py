@@ -436,6 +436,7 @@ def _info(plan: _Plan) -> ModelInfo:
         max_context=int(getattr(config, "max_position_embeddings", 0) or 0),
         router_family=plan.family.name,
         substitution_supported=plan.family.substitution_supported,
+        expert_weights=3 * plan.hidden * plan.intermediate,
     )
 
 

@@ -22,6 +22,7 @@ from transformers import AutoConfig
 from engine.config import LoadConfig
 from engine.errors import InsufficientMemoryError, ModelLoadError
 from engine.events import MemoryEstimate, ModelInfo
+from engine.offload.store import decodes_on
 
 GB = 1e9
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,17 +121,29 @@ def estimate_memory(
         expert_bytes = _quantized_expert_bytes(info, model_config, config.expert_quant)
         expert_scale = expert_bytes / max(1, info.bytes_per_expert)
     total_experts = info.moe_layers * info.experts_per_layer
-    slots = config.cache.slots_for(total_experts, expert_bytes)
+    slot = _slot_bytes(info, config, device, itemsize, expert_bytes)
+    slots = config.cache.slots_for(total_experts, slot)
     estimate = MemoryEstimate(
         device=str(device),
         trunk_bytes=int(info.trunk_bytes * scale),
         kv_cache_bytes=kv_elements_per_token(model_config) * config.context_length * itemsize,
-        expert_cache_bytes=slots * expert_bytes,
+        expert_cache_bytes=slots * slot,
         host_expert_bytes=0 if config.mmap_experts else int(info.total_expert_bytes * expert_scale),
         device_free_bytes=None,
         host_free_bytes=None,
     )
     return with_free_memory(estimate, device)
+
+
+def _slot_bytes(
+    info: ModelInfo, config: LoadConfig, device: torch.device, itemsize: int, expert_bytes: int
+) -> int:
+    """One cache slot's bytes as the loader sizes it: where the cache decodes quantized experts
+    into its slots (the CPU, unless ``quantized_slots``), a slot holds a float expert."""
+    quantized = bool(info.expert_quant) or config.expert_quant != "none"
+    if quantized and info.expert_weights > 0 and decodes_on(device, config.quantized_slots):
+        return info.expert_weights * itemsize
+    return expert_bytes
 
 
 def _quantized_expert_bytes(info: ModelInfo, model_config: Any, scheme: str) -> int:

@@ -141,6 +141,29 @@ def test_cpu_default_decodes_once_on_copy_and_is_exact(root: Path, file_type: st
         prefill_and_decode(loaded.model, prompt, steps),
         f"decoded slots {file_type}",
     )
+    inner = loaded.offload.store.inner  # type: ignore[attr-defined]
+    for layer in loaded.offload.stats().per_layer:  # a transfer moves the quantized expert
+        assert layer.transfers > 0
+        assert layer.bytes_moved == layer.transfers * inner.layer_shape(layer.layer).nbytes
+
+
+@pytest.mark.parametrize("quantized_slots", [None, True])
+def test_estimate_counts_the_cache_slots_as_loaded(
+    root: Path, quantized_slots: bool | None
+) -> None:
+    """CPU slots hold decoded experts (4-8x a quantized one): the estimate says so, and buys
+    the same number of slots from a GB budget as the loader."""
+    path = save_wide_qwen2_moe(root, "Q4_K_M")[0]
+    info = inspect_model(path)
+    budget = CacheConfig(budget_gb=6 * info.expert_weights * 4 / 1e9)  # six decoded experts
+    config = dataclasses.replace(_smallest(path), cache=budget, quantized_slots=quantized_slots)
+    estimate = estimate_memory(info, config)
+    loaded = load_model(config)
+    cache = loaded.offload.stats()
+    loaded.offload.close()
+    assert estimate.expert_cache_bytes == pytest.approx(cache.cache_bytes, rel=0.02)
+    decoded = quantized_slots is None
+    assert (cache.cache_slots == 6) == decoded, "decoded slots: the budget buys six"
 
 
 def test_cpu_default_on_a_mapped_q8_0_file_reads_ggml_blocks(root: Path) -> None:
