@@ -58,17 +58,29 @@ def _assert_same(expected: list[torch.Tensor], got: list[torch.Tensor], what: st
         assert torch.equal(want, have), f"{what}: step {step} differs"
 
 
-@pytest.mark.parametrize("q_lora", [True, False], ids=["q_lora", "q_proj"])
-@pytest.mark.parametrize("mla_split", [True, False], ids=["k_b-v_b", "kv_b"])
-def test_f32_file_equals_the_original_model(root: Path, mla_split: bool, q_lora: bool) -> None:
-    path = save_gguf_deepseek2(root, "F32", mla_split=mla_split, q_lora=q_lora)
-    source = root / f"deepseek2-{'q_lora' if q_lora else 'q_proj'}-hf"
+@pytest.mark.parametrize(
+    ("mla_split", "q_lora", "yarn"),
+    [(True, True, False), (True, False, False), (False, True, False), (False, False, False),
+     (True, False, True)],
+    ids=["k_b-v_b", "k_b-v_b-q_proj", "kv_b", "kv_b-q_proj", "k_b-v_b-q_proj-yarn"],
+)  # fmt: skip
+def test_f32_file_equals_the_original_model(
+    root: Path, mla_split: bool, q_lora: bool, yarn: bool
+) -> None:
+    path = save_gguf_deepseek2(root, "F32", mla_split=mla_split, q_lora=q_lora, yarn=yarn)
+    source = root / f"{path.name.rsplit('-', 2)[0]}-hf"
     original = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch.float32, experts_implementation="eager"
     ).eval()
     prompt, steps = _prompt()
     loaded = load_model(_smallest(path))
     assert loaded.info.architecture == "deepseek2" and loaded.info.moe_layers == 2
+    rope = loaded.model.config.rope_parameters
+    assert rope["rope_type"] == ("yarn" if yarn else "default")
+    want = original.config.rope_parameters
+    for key in ("rope_theta", "factor", "original_max_position_embeddings", "mscale"):
+        if key in want:
+            assert rope.get(key) == pytest.approx(want[key], rel=1e-6), key  # float32 in GGUF
     got = prefill_and_decode(loaded.model, prompt, steps)
     _assert_same(prefill_and_decode(original, prompt, steps), got, path.name)
     assert loaded.offload.stats().misses > 0, "the experts were really offloaded"
@@ -103,7 +115,9 @@ def test_quantized_file_stays_close_to_the_original(root: Path) -> None:
         want = original(prompt).logits
         have = load_gguf_reference(path)(prompt).logits
     assert not torch.equal(want, have), "Q8_0 really quantized something"
-    assert (want - have).abs().max() < 0.02 * want.abs().max()
+    similarity = torch.nn.functional.cosine_similarity(want.flatten(), have.flatten(), dim=0)
+    assert similarity > 0.98, f"cosine {similarity:.4f} (the wide-weight model amplifies errors)"
+    assert torch.equal(want.argmax(-1), have.argmax(-1)), "the same top token everywhere"
 
 
 def test_substitution_runs_on_a_deepseek2_file(root: Path) -> None:

@@ -1,10 +1,12 @@
 """Checked against llama.cpp: the engine's perplexity on a GGUF file equals ``llama-perplexity``'s.
 
 Tiny models of each supported architecture are converted to GGUF (F32, Q8_0, Q4_K_M) by
-``engine.gguf.writer``; llama.cpp tokenizes the text and scores it in chunks of ``CTX`` tokens
-(each with a fresh KV cache, counting positions ``CTX/2 .. CTX-2``). The engine scores the same
-token ids over the same positions, offloaded at the smallest cache, alpha 0. They must agree
-within 0.5%. Slow, and skipped unless llama.cpp was built by ``scripts/build-llamacpp.sh``.
+``engine.gguf.writer`` (DeepSeek-V2 in both of llama.cpp's attention layouts, ``attn_k_b``/
+``attn_v_b`` and ``attn_kv_b``, with V2's YaRN rope scaling); llama.cpp tokenizes the text and
+scores it in chunks of ``CTX`` tokens (each with a fresh KV cache, counting positions
+``CTX/2 .. CTX-2``). The engine scores the same token ids over the same positions, offloaded
+at the smallest cache, alpha 0. They must agree within 0.5%. Slow, and skipped unless llama.cpp
+was built by ``scripts/build-llamacpp.sh``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from engine.eval.llamacpp_compare import (
     llama_perplexity,
     load_smallest,
 )
-from tests.helpers.gguf_models import save_gguf_family
+from tests.helpers.gguf_models import save_gguf_deepseek2, save_gguf_family
 from tests.helpers.tiny_models import SENTENCES
 
 CTX = 64
@@ -39,10 +41,18 @@ pytestmark = [
 ]
 
 
+def _save(name: str, root: Path, file_type: str) -> Path:
+    if name.startswith("deepseek2"):
+        return save_gguf_deepseek2(root, file_type, mla_split=name == "deepseek2", yarn=True)
+    return save_gguf_family(name, root, file_type)
+
+
 @pytest.mark.parametrize("file_type", ["F32", "Q8_0", "Q4_K_M"])
-@pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize(
+    "name", ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek2", "deepseek2-kv_b"]
+)
 def test_perplexity_equals_llama_cpp(tmp_path: Path, name: str, file_type: str) -> None:
-    model = save_gguf_family(name, tmp_path, file_type)
+    model = _save(name, tmp_path, file_type)
     text = tmp_path / "text.txt"
     text.write_text(" ".join(SENTENCES * 12), encoding="utf-8")
     ids = llama_ids(BIN, model, text)
