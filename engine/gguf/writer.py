@@ -84,7 +84,7 @@ def _wanted_type(name: str, file_type: str, layers: int) -> int:
     base = Q.Q4_K if file_type == "Q4_K_M" else Q.Q5_K
     if name == "output.weight":
         return Q.Q6_K
-    if ".attn_v." in name or ".ffn_down" in name:
+    if ".attn_v." in name or ".attn_kv_b." in name or ".ffn_down" in name:
         layer = int(name.split(".")[1])
         return Q.Q6_K if _more_bits(layer, layers) else base
     return base

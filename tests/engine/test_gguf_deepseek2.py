@@ -252,3 +252,12 @@ def test_bad_or_unmappable_metadata_is_refused(
     with pytest.raises(error, match=match) as raised:
         inspect_model(path)
     assert "deepseek2" in str(raised.value) or "lite.gguf" in str(raised.value)
+
+
+def test_q4_k_m_gives_kv_b_the_attn_v_rule(root: Path) -> None:
+    """llama-quantize counts ``attn_kv_b`` as attention-V: Q6_K in its "more bits" layers (here
+    layer 2 of 3; 32-wide rows fall back to Q8_0), Q4_K (-> Q5_0) elsewhere. The writer's files
+    equal llama-quantize's byte for byte (checked with scripts/gguf_compare.py)."""
+    model = open_gguf(save_gguf_deepseek2(root, "Q4_K_M", mla_split=False))
+    types = [model.tensors[f"blk.{i}.attn_kv_b.weight"].qtype for i in range(3)]
+    assert types == [Q.Q5_0, Q.Q5_0, Q.Q8_0]

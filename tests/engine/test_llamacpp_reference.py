@@ -60,4 +60,5 @@ def test_perplexity_equals_llama_cpp(tmp_path: Path, name: str, file_type: str) 
     loaded_ids = loaded.tokenizer(text.read_text(encoding="utf-8")).input_ids
     assert ids == loaded_ids, "llama.cpp and the engine tokenize the text alike"
     ours, theirs = engine_perplexity(loaded, ids, CTX), llama_perplexity(BIN, model, text, CTX)
+    print(f"{name} {file_type}: engine {ours:.4f} / llama.cpp {theirs:.4f}")  # pytest -s shows
     assert abs(ours / theirs - 1) < 0.005, f"{name} {file_type}: engine {ours}, llama.cpp {theirs}"

@@ -47,7 +47,7 @@ def deepseek2_config(vocab: int, q_lora: bool = True, **overrides: Any) -> Deeps
     values: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
         num_hidden_layers=3, num_attention_heads=2, first_k_dense_replace=1,
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, topk_method="greedy",
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=3, topk_method="greedy",
         n_group=1, topk_group=1, routed_scaling_factor=1.5, kv_lora_rank=32,
         q_lora_rank=32 if q_lora else None, qk_nope_head_dim=32, qk_rope_head_dim=16,
         v_head_dim=32, max_position_embeddings=256, tie_word_embeddings=False,
