@@ -240,11 +240,10 @@ def merge_split_tensors(
 
 def check_writable(config: Any) -> None:
     """Refuse what a ``deepseek2`` file cannot say (llama.cpp would drop it silently)."""
-    grouped = config.topk_method == "group_limited_greedy" and (config.n_group or 1) > 1
-    if grouped:
+    if (config.n_group or 1) > 1:
         raise ModelLoadError(
-            "llama.cpp's deepseek2 graph has no max-per-group routing: write DeepSeek-V2 with "
-            "topk_method 'greedy' (as V2-Lite is)"
+            "llama.cpp's deepseek2 graph groups experts by the top-2 sum, DeepseekV2 by the "
+            "maximum: write DeepSeek-V2 with one group and topk_method 'greedy' (as V2-Lite is)"
         )
     if config.n_shared_experts < 1:
         raise ModelLoadError("deepseek2 files need at least one shared expert")
@@ -279,6 +278,9 @@ def add_hparams(writer: Any, config: Any, split: bool) -> None:
     writer.add_expert_count(config.n_routed_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_expert_shared_count(config.n_shared_experts)
+    if config.n_group:  # the converter writes the groups whatever topk_method says
+        writer.add_expert_group_count(config.n_group)
+        writer.add_expert_group_used_count(config.topk_group or 1)
     writer.add_expert_weights_scale(float(config.routed_scaling_factor))
     writer.add_rope_dimension_count(rope)
     _add_yarn(writer, config.rope_parameters)
@@ -292,5 +294,9 @@ def _add_yarn(writer: Any, rope: dict[str, Any]) -> None:
     writer.add_rope_scaling_type(RopeScalingType.YARN)
     writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    if "beta_fast" in rope:
+        writer.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
+    if "beta_slow" in rope:
+        writer.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
     if rope.get("mscale_all_dim"):
         writer.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))

@@ -22,14 +22,18 @@ from engine.eval.llamacpp_compare import (
     llama_perplexity,
     load_smallest,
 )
+from engine.gguf.reader import open_gguf
+from engine.runtime.loading import inspect_model
 from tests.helpers.gguf_models import save_gguf_deepseek2, save_gguf_family
+from tests.helpers.llamacpp_convert import llamacpp_convert
 from tests.helpers.tiny_models import SENTENCES
 
 CTX = 64
 CACHE = Path(
     os.environ.get("UNDERSTUDY_LLAMACPP_CACHE", Path.home() / ".cache/understudy/llama.cpp")
 )
-BIN = CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "build" / "bin"
+SOURCE = CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+BIN = SOURCE / "build" / "bin"
 
 pytestmark = [
     pytest.mark.slow,
@@ -62,3 +66,21 @@ def test_perplexity_equals_llama_cpp(tmp_path: Path, name: str, file_type: str) 
     ours, theirs = engine_perplexity(loaded, ids, CTX), llama_perplexity(BIN, model, text, CTX)
     print(f"{name} {file_type}: engine {ours:.4f} / llama.cpp {theirs:.4f}")  # pytest -s shows
     assert abs(ours / theirs - 1) < 0.005, f"{name} {file_type}: engine {ours}, llama.cpp {theirs}"
+
+
+def test_llama_cpps_converter_writes_the_writers_deepseek2_file(tmp_path: Path) -> None:
+    """llama.cpp's ``convert_hf_to_gguf.py`` on the same tiny DeepSeek-V2: the same tensors
+    (names, shapes, bytes: the k_b transpose included) and the same deepseek2 metadata; the
+    engine then loads the converter's file like the writer's."""
+    ours = open_gguf(save_gguf_deepseek2(tmp_path, "F32", yarn=True))
+    source = tmp_path / "deepseek2-q_lora-yarn-hf"
+    theirs = open_gguf(llamacpp_convert(SOURCE, source, tmp_path / "converted.gguf"))
+    assert ours.tensors.keys() == theirs.tensors.keys()
+    for name, tensor in ours.tensors.items():
+        other = theirs.tensors[name]
+        assert tensor.shape == other.shape and (tensor.data == other.data).all(), name
+    keys = {key for key in theirs.metadata if key.startswith("deepseek2.")}
+    assert keys == {key for key in ours.metadata if key.startswith("deepseek2.")}
+    for key in keys:
+        assert ours.metadata[key] == theirs.metadata[key], key
+    assert inspect_model(theirs.path).moe_layers == 2
