@@ -28,6 +28,7 @@ from engine.gguf.reader import open_gguf
 from engine.gguf.writer import convert
 from engine.runtime.gguf_loading import load_gguf_reference
 from engine.runtime.loading import inspect_model, load_model, minimum_slots
+from engine.runtime.memory import estimate_memory
 from tests.helpers.gguf_models import save_deepseek2, save_gguf_deepseek2, save_metadata_only_gguf
 from tests.helpers.moe_families import prefill_and_decode
 
@@ -227,6 +228,8 @@ def test_deepseek_v2_lite_geometry_maps(tmp_path: Path) -> None:
     down = 2048 * 1408 // 32 * 34  # Q8_0: 34 bytes per 32
     assert info.bytes_per_expert == gate_up + down
     assert info.expert_quant == "Q4_K, Q8_0"
+    estimate = estimate_memory(info, LoadConfig(path, dtype="float32", context_length=2048))
+    assert estimate.kv_cache_bytes == 27 * (512 + 64) * 2048 * 4, "MLA caches the latent"
 
 
 @pytest.mark.parametrize(
