@@ -83,7 +83,8 @@ def save_gguf_deepseek2(
     name = f"deepseek2-{'q_lora' if q_lora else 'q_proj'}{'-yarn' if yarn else ''}"
     source = root / f"{name}-hf"
     if not source.exists():
-        save_deepseek2(source, q_lora=q_lora, **({"rope_parameters": YARN} if yarn else {}))
+        rope: dict[str, Any] = {"rope_parameters": YARN} if yarn else {}
+        save_deepseek2(source, q_lora=q_lora, **rope)
     form = "kb_vb" if mla_split else "kv_b"
     target = root / f"{name}-{form}-{file_type}.gguf"
     return convert(source, target, file_type, mla_split=mla_split)[0]
