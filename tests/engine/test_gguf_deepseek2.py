@@ -11,6 +11,7 @@ exactly those of the same file with every expert decoded up front. Engine vs lla
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,16 @@ def test_offloaded_quantized_equals_decoded_up_front(
     stats = loaded.offload.stats()
     assert stats.misses > 0 and stats.transfers > loaded.offload.cache.num_slots
     loaded.offload.close()
+
+
+def test_experts_read_from_the_mapped_file_compute_the_same(root: Path) -> None:
+    """``--mmap-experts``: the file itself as the host tier, same logits as in RAM."""
+    path = save_gguf_deepseek2(root, "Q4_K_M")
+    prompt, steps = _prompt()
+    expected = prefill_and_decode(load_gguf_reference(path), prompt, steps)
+    mapped = load_model(dataclasses.replace(_smallest(path), mmap_experts=True))
+    _assert_same(expected, prefill_and_decode(mapped.model, prompt, steps), "mapped")
+    mapped.offload.close()
 
 
 def test_quantized_file_stays_close_to_the_original(root: Path) -> None:
