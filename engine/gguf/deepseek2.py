@@ -29,6 +29,7 @@ Not handled by either program: ``DeepseekV2``'s ``q_a_layernorm``/``kv_a_layerno
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -120,6 +121,11 @@ def _rope_parameters(model: GgufModel) -> dict[str, Any]:
     factor = float(_required(model, "rope.scaling.factor"))
     original = int(_required(model, "rope.scaling.original_context_length"))
     mscale = float(model.arch_value("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
+    if not (math.isfinite(factor) and 1 <= factor <= 1e4 and math.isfinite(mscale)) or original < 1:
+        raise ModelLoadError(
+            f"{model.path.name} has impossible YaRN settings (factor {factor}, original "
+            f"context {original}, mscale {mscale}): the metadata is corrupt"
+        )
     parameters = {"rope_type": "yarn", "rope_theta": theta, "factor": factor,
                   "original_max_position_embeddings": original}  # fmt: skip
     if mscale:  # llama.cpp: mscale = mscale_all_dim for deepseek2

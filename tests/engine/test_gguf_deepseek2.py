@@ -257,6 +257,8 @@ def test_deepseek_v2_lite_geometry_maps(tmp_path: Path) -> None:
         ({"expert_group_count": 8}, UnsupportedModelError, "groups"),
         ({"expert_shared_count": 0}, UnsupportedModelError, "shared expert"),
         ({"rope.scaling.type": "longrope"}, UnsupportedModelError, "longrope"),
+        ({"rope.scaling.factor": float("nan")}, ModelLoadError, "YaRN"),
+        ({"rope.scaling.factor": -4.0}, ModelLoadError, "YaRN"),
     ],
 )
 def test_bad_or_unmappable_metadata_is_refused(
