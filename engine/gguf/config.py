@@ -2,9 +2,10 @@
 
 transformers' own table (``GGUF_CONFIG_MAPPING``) renames the common llama.cpp keys; this module
 adds what it lacks for MoE files: the expert sizes of Qwen2/Qwen3-MoE, Mixtral written as
-``llama`` with ``expert_count``, and the top-k renormalisation llama.cpp applies
+``llama`` with ``expert_count``, the top-k renormalisation llama.cpp applies
 (``expert_weights_norm`` when the file says, else llama.cpp's default per architecture: off for
-``qwen2moe``, on for ``qwen3moe`` and Mixtral). Every other architecture is refused by name, and
+``qwen2moe``, on for ``qwen3moe`` and Mixtral), and DeepSeek-V2's whole key set
+(``engine.gguf.deepseek2``). Every other architecture is refused by name, and
 a file without expert tensors is refused as dense. Sizes are checked for sanity before a model
 is built from them.
 """
@@ -18,10 +19,18 @@ from transformers import AutoConfig
 from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
 from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.gguf import deepseek2
 from engine.gguf.reader import GgufModel
 
 OLD_EXPERT_LAYOUT = re.compile(r"\.ffn_(gate|up|down)\.\d+\.weight$")
-SUPPORTED = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral", "olmoe": "olmoe"}
+SUPPORTED = {
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "llama": "mixtral",
+    "olmoe": "olmoe",
+    "deepseek2": "deepseek_v2",
+}
+MAY_BE_NONE = {"q_lora_rank"}  # DeepSeek-V2-Lite: no low-rank query
 LIMITS = {
     "block_count": 4096,
     "embedding_length": 1 << 17,
@@ -51,15 +60,6 @@ def _check_sizes(model: GgufModel) -> None:
             )
 
 
-WHY_NOT = {  # MoE architectures llama.cpp writes whose tensors have no mapping here yet
-    "deepseek2": (
-        ": DeepSeek-V2's latent-attention tensors (attn_kv_a_mqa, attn_kv_b, or attn_k_b and "
-        "attn_v_b in newer files) have no mapping onto transformers' DeepseekV2 layout, which "
-        "transformers' own GGUF support lacks too; load the safetensors model folder instead"
-    ),
-}
-
-
 def check_supported(model: GgufModel) -> str:
     """The transformers model type for this file, or a typed refusal."""
     arch = model.architecture
@@ -79,7 +79,7 @@ def check_supported(model: GgufModel) -> str:
         raise UnsupportedModelError(
             arch,
             f"GGUF MoE files of architecture {arch!r} are not supported yet (supported: "
-            f"{', '.join(sorted(SUPPORTED))} with experts){WHY_NOT.get(arch, '')}",
+            f"{', '.join(sorted(SUPPORTED))} with experts)",
         )
     _check_sizes(model)
     return SUPPORTED[arch]
@@ -145,7 +145,7 @@ def _token_ids(model: GgufModel) -> dict[str, Any]:
 def build_config(model: GgufModel) -> Any:
     """The transformers config of a supported GGUF MoE file (float32, nothing executed)."""
     model_type = check_supported(model)
-    builders = {"mixtral": _mixtral, "olmoe": _olmoe}
+    builders = {"mixtral": _mixtral, "olmoe": _olmoe, "deepseek_v2": deepseek2.config_values}
     builder = builders.get(model_type)
     values = builder(model) if builder else _qwen_moe(model, model_type)
     if "vocab_size" not in values:
@@ -154,7 +154,7 @@ def build_config(model: GgufModel) -> Any:
     values["tie_word_embeddings"] = "output.weight" not in model.tensors
     values.update(_token_ids(model))
     values["dtype"] = "float32"
-    missing = [key for key, value in values.items() if value is None]
+    missing = [key for key, value in values.items() if value is None and key not in MAY_BE_NONE]
     if missing:
         raise ModelLoadError(f"{model.path.name} lacks the metadata for {', '.join(missing)}")
     try:

@@ -1,10 +1,12 @@
-"""Convert a Hugging Face MoE folder (Qwen2-MoE, Qwen3-MoE, Mixtral) to a GGUF file.
+"""Convert a Hugging Face MoE folder (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V2) to GGUF.
 
 Written with ``gguf``'s ``GGUFWriter`` under llama.cpp's names and metadata keys, so llama.cpp and
 ``engine.gguf`` read the result alike. Tensor names come from ``gguf``'s own HF -> GGUF name map;
 fused experts ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` become ``ffn_gate_exps``,
 ``ffn_up_exps`` and ``ffn_down_exps``. Mixtral is written as llama.cpp writes it: architecture
-``llama`` with experts, Q/K rows permuted.
+``llama`` with experts, Q/K rows permuted. DeepSeek-V2 is written as llama.cpp's converter
+writes it (``engine.gguf.deepseek2``): ``kv_b_proj`` split into ``attn_k_b``/``attn_v_b`` (the
+converter since 2025), or kept whole as ``attn_kv_b`` with ``mla_split=False`` (older files).
 
 File types follow llama.cpp's choices where they matter for size and fidelity: 1-D tensors and
 routers stay F32; ``Q4_K_M``/``Q5_K_M`` keep ``attn_v`` and ``ffn_down`` of the "more bits"
@@ -38,6 +40,7 @@ from gguf import (
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.errors import ModelLoadError
+from engine.gguf import deepseek2
 from engine.quant.ggml_encode import encode
 
 Q = GGMLQuantizationType
@@ -46,6 +49,7 @@ ARCHITECTURES = {
     "qwen3_moe": "qwen3moe",
     "mixtral": "llama",
     "olmoe": "olmoe",
+    "deepseek_v2": "deepseek2",
 }
 FILE_TYPES = {
     "F32": LlamaFileType.ALL_F32,
@@ -64,6 +68,7 @@ _ARCH_ENUM = {
     "qwen3moe": MODEL_ARCH.QWEN3MOE,
     "llama": MODEL_ARCH.LLAMA,
     "olmoe": MODEL_ARCH.OLMOE,
+    "deepseek2": MODEL_ARCH.DEEPSEEK2,
 }
 
 
@@ -79,7 +84,7 @@ def _wanted_type(name: str, file_type: str, layers: int) -> int:
     base = Q.Q4_K if file_type == "Q4_K_M" else Q.Q5_K
     if name == "output.weight":
         return Q.Q6_K
-    if ".attn_v." in name or ".ffn_down" in name:
+    if ".attn_v." in name or ".attn_kv_b." in name or ".ffn_down" in name:
         layer = int(name.split(".")[1])
         return Q.Q6_K if _more_bits(layer, layers) else base
     return base
@@ -109,7 +114,7 @@ def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
     return grouped.swapaxes(1, 2).reshape(weights.shape)
 
 
-def _tensors(model: Any, arch: str) -> Iterator[tuple[str, np.ndarray]]:
+def _tensors(model: Any, arch: str, mla_split: bool = True) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, fp32 array) for every weight of ``model``."""
     config = model.config
     names = get_tensor_name_map(_ARCH_ENUM[arch], config.num_hidden_layers)
@@ -128,6 +133,12 @@ def _tensors(model: Any, arch: str) -> Iterator[tuple[str, np.ndarray]]:
             array = _permute(array, heads)
         if gguf_name.endswith("ffn_gate_inp_shexp"):
             array = array.reshape(-1)
+        if gguf_name.endswith(".attn_kv_b") and mla_split:
+            k_b, v_b = deepseek2.split_kv_b(array, config.num_attention_heads,
+                                            config.qk_nope_head_dim)  # fmt: skip
+            yield f"{gguf_name[: -len('kv_b')]}k_b.{suffix}", k_b
+            yield f"{gguf_name[: -len('kv_b')]}v_b.{suffix}", v_b
+            continue
         yield f"{gguf_name}.{suffix}", array
 
 
@@ -141,7 +152,10 @@ def _expert_tensors(hf_name: str, array: np.ndarray) -> Iterator[tuple[str, np.n
         yield f"blk.{layer}.ffn_down_exps.weight", array
 
 
-def _add_hparams(writer: GGUFWriter, config: Any, arch: str) -> None:
+def _add_hparams(writer: GGUFWriter, config: Any, arch: str, mla_split: bool) -> None:
+    if arch == "deepseek2":
+        deepseek2.add_hparams(writer, config, mla_split)
+        return
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_block_count(config.num_hidden_layers)
@@ -212,8 +226,10 @@ def convert(
     file_type: str = "Q4_K_M",
     split_max_tensors: int = 0,
     expert_type: str | None = None,
+    mla_split: bool = True,
 ) -> list[Path]:
-    """Write ``model_dir`` as GGUF at ``output`` (split when ``split_max_tensors``); the paths."""
+    """Write ``model_dir`` as GGUF at ``output`` (split when ``split_max_tensors``); the paths.
+    ``mla_split``: DeepSeek-V2's ``kv_b_proj`` as ``attn_k_b``/``attn_v_b`` (else ``attn_kv_b``)."""
     if file_type not in FILE_TYPES:
         raise ValueError(f"file type must be one of {', '.join(FILE_TYPES)}; got {file_type!r}")
     if expert_type is not None and expert_type not in EXPERT_TYPES:
@@ -224,15 +240,17 @@ def convert(
     arch = ARCHITECTURES.get(model.config.model_type)
     if arch is None:
         raise ModelLoadError(f"cannot write a {model.config.model_type} model as GGUF")
+    if arch == "deepseek2":
+        deepseek2.check_writable(model.config)
     layers = model.config.num_hidden_layers
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".gguf-") as scratch:
         staged = Path(scratch) / output.name
         writer = GGUFWriter(staged, arch, split_max_tensors=split_max_tensors)
         writer.add_name(model_dir.name)
         writer.add_file_type(FILE_TYPES[file_type])
-        _add_hparams(writer, model.config, arch)
+        _add_hparams(writer, model.config, arch, mla_split)
         _add_tokenizer(writer, model_dir)
-        for name, array in _tensors(model, arch):
+        for name, array in _tensors(model, arch, mla_split):
             qtype = tensor_type(name, array.shape, file_type, layers, expert_type)
             packed = encode(array.reshape(-1, array.shape[-1]), qtype)
             writer.add_tensor(name, packed.reshape(*array.shape[:-1], -1), raw_dtype=Q(qtype))

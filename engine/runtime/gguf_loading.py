@@ -17,7 +17,7 @@ The GGUF counterpart of ``loading``'s safetensors path, sharing its planning and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from engine.config import LoadConfig
 from engine.errors import ModelLoadError
 from engine.events import ModelInfo
+from engine.gguf import deepseek2
 from engine.gguf.config import build_config
 from engine.gguf.reader import GgufModel, GgufTensor, describe_types, open_gguf
 from engine.offload.families import RouterFamily, router_family
@@ -190,19 +191,31 @@ def _name_map(plan: GgufPlan, meta: Any) -> tuple[dict[str, str], TensorProcesso
     return names, processor
 
 
+def _decoded(tensor: GgufTensor) -> np.ndarray:
+    raw = torch.from_numpy(np.array(tensor.data, copy=True))
+    return dequantize(raw, tensor.qtype, tensor.shape, torch.float32).numpy()
+
+
+def _trunk_arrays(plan: GgufPlan) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, fp32 array) of every trunk tensor, one at a time; DeepSeek-V2's split
+    ``attn_k_b``/``attn_v_b`` come back merged as the ``attn_kv_b`` transformers maps."""
+    decoded = ((t.name, _decoded(t)) for t in _trunk_tensors(plan.source))
+    if plan.architecture == "deepseek2":
+        return deepseek2.merge_split_tensors(decoded)
+    return decoded
+
+
 def _trunk_state(plan: GgufPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     meta = loading._meta_model(plan.config, plan.architecture)
     shapes = {name: tuple(p.shape) for name, p in meta.state_dict().items()}
     names, processor = _name_map(plan, meta)
     state: dict[str, torch.Tensor] = {}
-    for tensor in _trunk_tensors(plan.source):
-        raw = torch.from_numpy(np.array(tensor.data, copy=True))
-        weights = dequantize(raw, tensor.qtype, tensor.shape, torch.float32).numpy()
-        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=names,
+    for name, weights in _trunk_arrays(plan):
+        result = processor.process(weights=weights, name=name, tensor_key_mapping=names,
                                    parsed_parameters={"tensors": {}})  # fmt: skip
         hf_name = names.get(result.name or "")
         if hf_name is None:
-            raise ModelLoadError(f"{plan.source.path.name}: no model weight for {tensor.name}")
+            raise ModelLoadError(f"{plan.source.path.name}: no model weight for {name}")
         value = torch.from_numpy(np.ascontiguousarray(result.weights)).to(dtype)
         state[hf_name] = value.reshape(shapes.get(hf_name, tuple(value.shape)))
     return state

@@ -78,9 +78,9 @@ def kv_elements_per_token(model_config: Any) -> int:
     """Key plus value elements one token adds to a transformers ``DynamicCache``, all layers."""
     layers = int(model_config.num_hidden_layers)
     heads = int(model_config.num_attention_heads)
-    if getattr(model_config, "qk_nope_head_dim", None) is not None:  # DeepSeek MLA: full heads
-        key = model_config.qk_nope_head_dim + model_config.qk_rope_head_dim
-        return layers * heads * (key + model_config.v_head_dim)
+    if getattr(model_config, "kv_lora_rank", None) is not None:  # DeepSeek MLA
+        # transformers 5.23 caches the compressed latent and the shared rotary key, one "head"
+        return layers * (int(model_config.kv_lora_rank) + int(model_config.qk_rope_head_dim))
     kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
     return layers * 2 * int(kv_heads) * int(head_dim)

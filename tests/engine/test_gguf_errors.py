@@ -203,23 +203,3 @@ def test_old_per_expert_layout_is_named(good: Path, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="before April 2024"):
         inspect_model(path)
     _still_works(good)
-
-
-def test_deepseek2_is_refused_with_the_reason(tmp_path: Path) -> None:
-    """A DeepSeek-V2(-Lite)-shaped MoE file (metadata only): refused by name, saying why."""
-    from tests.helpers.gguf_models import save_metadata_only_gguf
-
-    f32 = GGMLQuantizationType.F32
-    tensors = {
-        "token_embd.weight": ((64, 32), f32),
-        "blk.0.attn_kv_a_mqa.weight": ((96, 32), f32),
-        "blk.0.attn_kv_b.weight": ((128, 64), f32),
-        "blk.0.ffn_gate_exps.weight": ((4, 16, 32), f32),
-        "blk.0.ffn_up_exps.weight": ((4, 16, 32), f32),
-        "blk.0.ffn_down_exps.weight": ((4, 32, 16), f32),
-    }
-    metadata = {"block_count": 1, "embedding_length": 32, "expert_count": 4}
-    path = save_metadata_only_gguf(tmp_path / "dsv2.gguf", tensors, metadata, "deepseek2")
-    with pytest.raises(UnsupportedModelError, match="deepseek2") as error:
-        inspect_model(path)
-    assert "latent-attention" in str(error.value) and "safetensors" in str(error.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DeepseekV2Config
+from transformers import AutoModelForCausalLM, DeepseekV2Config, DynamicCache
 
 from engine.config import CacheConfig, LoadConfig
 from engine.errors import InsufficientMemoryError
@@ -27,11 +27,21 @@ def test_kv_elements_follow_the_attention_geometry(tiny_checkpoint):
 
 
 def test_kv_elements_of_multi_head_latent_attention():
+    """DeepSeek's MLA caches the kv_lora_rank latent plus the shared rotary key per layer (not
+    full heads): the count equals what a real ``DynamicCache`` holds after a prefill."""
     config = DeepseekV2Config(
+        vocab_size=50, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
         num_hidden_layers=3, num_attention_heads=4, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=12, kv_lora_rank=32,
+        v_head_dim=12, kv_lora_rank=32, q_lora_rank=None, n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
     )  # fmt: skip
-    assert kv_elements_per_token(config) == 3 * 4 * (16 + 8 + 12)
+    assert kv_elements_per_token(config) == 3 * (32 + 8)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    cache = DynamicCache(config=config)
+    with torch.no_grad():
+        model(torch.arange(10)[None], past_key_values=cache, use_cache=True)
+    held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
+    assert held == 10 * kv_elements_per_token(config)
 
 
 def test_estimate_adds_trunk_kv_and_expert_cache(tiny_checkpoint):
