@@ -139,6 +139,9 @@ class LoadConfig:
     expert_quant: ExpertQuant = "none"  # quantize a safetensors model's routed experts at load
     mmap_experts: bool = False  # experts read from the mapped model file, not copied into RAM
     quantized_slots: bool | None = None  # quantized experts in the cache: None = CUDA only
+    # CPU assist computes Q4_0/Q4_1/Q4_K experts with torch's int4 kernel (bf16 compute only),
+    # not from decoded copies: faster and 4-bit in RAM, but not bit-exact (alpha 0 is not exact)
+    cpu_assist_int4: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))

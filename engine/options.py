@@ -58,6 +58,7 @@ class EngineOptions:
     experts: str = "auto"
     expert_quant: str = "none"
     mmap_experts: bool = False
+    cpu_assist_int4: bool = False  # CPU assist from torch's int4 kernel (bf16; not bit-exact)
 
 
 def _invalid(error: ValueError) -> InvalidRequestError:
@@ -143,7 +144,23 @@ def unused_options(options: EngineOptions) -> list[str]:
             f"--alpha {options.alpha:g} does nothing with --no-substitution (alpha is the "
             "substitution threshold); drop one of them"
         )
-    return problems
+    return problems + _unused_int4(options)
+
+
+def _unused_int4(options: EngineOptions) -> list[str]:
+    """``--cpu-assist-int4`` where no CPU assist runs, or in a dtype its kernel is not used in."""
+    if not options.cpu_assist_int4:
+        return []
+    if options.policy != "smoe" or not options.cpu_assist:
+        return [
+            "--cpu-assist-int4 does nothing without CPU assist (--policy smoe, no --no-cpu-assist)"
+        ]
+    if options.dtype in ("float32", "float16"):
+        return [
+            f"--cpu-assist-int4 does nothing with --dtype {options.dtype}: torch's int4 kernel "
+            "is used in bfloat16 only (it is slower than a decoded expert in float32)"
+        ]
+    return []
 
 
 def build_live_options(options: EngineOptions) -> LiveOptions:
@@ -179,6 +196,7 @@ def build_load_config(options: EngineOptions) -> LoadConfig:
             experts=options.experts,
             expert_quant=cast(Any, options.expert_quant),
             mmap_experts=options.mmap_experts,
+            cpu_assist_int4=options.cpu_assist_int4,
         )
     except ValueError as error:
         raise _invalid(error) from error
