@@ -31,7 +31,7 @@ from engine.options import (
 
 THEMES: tuple[str, ...] = ("system", "light", "dark")
 RELOAD_FIELDS: frozenset[str] = frozenset(
-    {"device", "cache_budget_gb", "context_length", "expert_quant"}
+    {"device", "cache_budget_gb", "context_length", "expert_quant", "mmap_experts"}
 )
 LIVE_FIELDS: frozenset[str] = frozenset({"policy", "alpha", "prefetch", "cpu_assist"})
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -64,6 +64,7 @@ class ModelSettings:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     chat_template: str | None = None  # None: the tokenizer's own template
     expert_quant: str = "none"  # "int8"/"int4": quantize a safetensors model's experts at load
+    mmap_experts: bool = False  # experts read from the mapped file (model or quantized cache)
 
     def __post_init__(self) -> None:
         try:
@@ -117,6 +118,7 @@ def engine_options(model_dir: Path, settings: ModelSettings, force: bool = False
         prefetch=settings.prefetch,
         cpu_assist=settings.cpu_assist,
         expert_quant=settings.expert_quant,
+        mmap_experts=settings.mmap_experts,
     )
 
 

@@ -101,6 +101,7 @@ class SettingsDialog(QDialog):
             box.valueChanged.connect(self._estimate_timer.start)
         self.device.currentTextChanged.connect(self._estimate_timer.start)
         self.expert_quant.currentTextChanged.connect(self._estimate_timer.start)
+        self.mmap_experts.toggled.connect(self._estimate_timer.start)
         for box in (self.context, self.max_tokens):
             box.valueChanged.connect(self.check)
 
@@ -125,6 +126,11 @@ class SettingsDialog(QDialog):
         )
         if self.info is not None and self.info.expert_quant:
             self.expert_quant.setEnabled(False)
+        self.mmap_experts = QCheckBox("Read experts from the mapped file instead of RAM")
+        self.mmap_experts.setToolTip(
+            "For models bigger than RAM: the experts stay in the model file (or, with quantized "
+            "experts, in their cache file) and the system's page cache keeps the recent ones."
+        )
         self.budget = spin(0.0, 0.5)
         self.budget.setSpecialValueText("default (half of the experts)")
         self.budget.setSuffix(" GB")
@@ -190,6 +196,7 @@ class SettingsDialog(QDialog):
             [
                 ("device", "Device", self.device),
                 ("expert_quant", "Quantize experts", self.expert_quant),
+                ("mmap_experts", "", self.mmap_experts),
                 ("cache_budget_gb", "Expert-cache budget", self.budget),
                 ("", "", self.fit_label),
                 (
@@ -251,6 +258,7 @@ class SettingsDialog(QDialog):
         self.notice.setVisible(bool(note))
         self.device.setCurrentText(s.device)
         self.expert_quant.setCurrentText(s.expert_quant)
+        self.mmap_experts.setChecked(s.mmap_experts)
         self.budget.setValue(s.cache_budget_gb or 0.0)
         self.policy.setCurrentText(s.policy)
         self.alpha.setValue(s.alpha)
@@ -280,6 +288,7 @@ class SettingsDialog(QDialog):
             self.original,
             device=self.device.currentText(),
             expert_quant=self.expert_quant.currentText(),
+            mmap_experts=self.mmap_experts.isChecked(),
             cache_budget_gb=self.budget.value() or None,
             policy=self.policy.currentText(),
             alpha=round(self.alpha.value(), 4),
