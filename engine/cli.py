@@ -159,9 +159,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--cpu-assist-int4",
-        action="store_true",
+        choices=("auto", "on", "off"),
+        default="auto",
         help="CPU assist computes 4-bit experts (Q4_0/Q4_1/Q4_K, --expert-quant int4) with "
-        "torch's int4 kernel, bf16 only: faster, less RAM, not bit-exact at alpha 0",
+        "torch's int4 kernel in bf16: faster, 4-bit in RAM, not bit-exact; auto: on CUDA only",
     )
     add_threads_option(group)
     method = parser.add_argument_group("method")

@@ -566,7 +566,7 @@ def _bind_offload(
     model: nn.Module, plan: _Plan, store: HostExpertStore, num_slots: int, config: LoadConfig
 ) -> OffloadController:
     device = next(model.parameters()).device
-    if config.cpu_assist_int4:
+    if config.int4_assist_on(device.type):
         from engine.offload.packed import PackedExperts
 
         getattr(store, "inner", store).packed = PackedExperts()  # the quantized rows' store

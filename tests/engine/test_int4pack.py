@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from engine.config import CacheConfig, LiveOptions, LoadConfig
+from engine.errors import InvalidRequestError
 from engine.offload.cpu_assist import RollingCost
 from engine.offload.packed import PackedExperts, packable
 from engine.offload.store import QuantizedExpertShape
-from engine.options import EngineOptions, unused_options
+from engine.options import EngineOptions, build_load_config, unused_options
 from engine.quant.ggml_blocks import Q, dequantize
 from engine.quant.ggml_encode import encode
 from engine.quant.int4pack import pack
@@ -143,11 +144,21 @@ def test_cpu_assist_computes_4_bit_experts_from_packed_blocks(
 
 
 def test_the_option_is_refused_where_it_does_nothing() -> None:
-    assert unused_options(EngineOptions(cpu_assist_int4=True, policy="smoe")) == []
+    assert unused_options(EngineOptions(cpu_assist_int4="on", policy="smoe")) == []
+    assert unused_options(EngineOptions(cpu_assist_int4="auto", policy="lru")) == []
     for options in (
-        EngineOptions(cpu_assist_int4=True, policy="lru"),
-        EngineOptions(cpu_assist_int4=True, policy="smoe", cpu_assist=False),
-        EngineOptions(cpu_assist_int4=True, policy="smoe", dtype="float32"),
+        EngineOptions(cpu_assist_int4="on", policy="lru"),
+        EngineOptions(cpu_assist_int4="on", policy="smoe", cpu_assist=False),
+        EngineOptions(cpu_assist_int4="on", policy="smoe", dtype="float32"),
     ):
         (problem,) = unused_options(options)
-        assert "--cpu-assist-int4 does nothing" in problem, problem
+        assert "--cpu-assist-int4 on does nothing" in problem, problem
+
+
+def test_auto_packs_only_where_cpu_assist_is_not_bit_exact_anyway(tmp_path: Path) -> None:
+    auto = LoadConfig(tmp_path)
+    assert auto.int4_assist_on("cuda") and not auto.int4_assist_on("cpu")
+    assert LoadConfig(tmp_path, cpu_assist_int4=True).int4_assist_on("cpu")
+    assert not LoadConfig(tmp_path, cpu_assist_int4=False).int4_assist_on("cuda")
+    with pytest.raises(InvalidRequestError, match="auto, on, off"):
+        build_load_config(EngineOptions(model_dir=tmp_path, cpu_assist_int4="yes"))
