@@ -2,12 +2,13 @@
 
 An expert kept as Q4_0, Q4_1 or Q4_K blocks is converted once (when CPU assist first computes
 it) into torch's CPU int4 layout (``engine.quant.int4pack``) and kept in a byte-bounded LRU;
-its rows are then computed by ``_weight_int4pack_mm_for_cpu`` from 6 bits per weight instead of
-an fp32 copy (32 bits) decoded once into ``HostExpertStore.host_weights``' LRU. The results
-equal the decoded expert's within float rounding, not bit for bit (the kernel sums in its own
-order), so this is an option (``LoadConfig.cpu_assist_int4``), off by default: alpha 0 is
-promised to be exact and CPU assist runs at alpha 0. The measurement behind it is
-``python -m engine.eval.cpu_assist_study``.
+its rows are then computed by ``_weight_int4pack_mm_for_cpu`` from 5 bits per weight (bf16
+scales and zeros) instead of a bf16 copy (16 bits) decoded into ``HostExpertStore.host_weights``'
+LRU. Only in bfloat16: torch's fp32 path of the kernel is 6-12x slower than an fp32 matmul of
+the decoded expert. The results equal the decoded expert's within bf16 rounding, not bit for
+bit, so ``LoadConfig.cpu_assist_int4`` turns it on by default only on CUDA, where a
+CPU-computed expert is not bit-exact anyway; on the CPU device alpha 0 with CPU assist stays
+exact. The measurement behind it is ``python -m engine.eval.cpu_assist_study``.
 
 What it does not do: decide which experts the CPU computes (``engine.offload.cpu_assist``) or
 pack anything that is not a 4-bit row of whole groups of 32 (``packable`` says).
