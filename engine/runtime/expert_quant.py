@@ -68,19 +68,20 @@ def cache_key(files: Sequence[Path], scheme: str, shape: QuantizedExpertShape, l
 
 
 def _read_cache(path: Path, store: HostExpertStore, key: str) -> bool:
-    """Fill ``store`` from a cache file; False (store untouched) when it does not match."""
+    """Fill ``store`` from a cache file, one layer in RAM at a time; False when it does not
+    match or cannot be read (the caller then quantizes every layer again)."""
+    buffers = dict(zip(store.layers, store.buffers(), strict=True))  # each [E, numel]
+    expected = [store.num_experts, store.shape.numel]
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             if (handle.metadata() or {}).get("key") != key:
                 return False
-            tensors = {layer: handle.get_tensor(_name(layer)) for layer in store.layers}
+            if any(handle.get_slice(_name(la)).get_shape() != expected for la in buffers):
+                return False
+            for layer, buffer in buffers.items():
+                buffer.copy_(handle.get_tensor(_name(layer)))
     except Exception:  # a damaged or foreign cache file is only a cache miss
         return False
-    if any(t.shape != (store.num_experts, store.shape.numel) for t in tensors.values()):
-        return False
-    for layer, tensor in tensors.items():
-        for expert in range(store.num_experts):
-            store.row((layer, expert)).copy_(tensor[expert])
     return True
 
 
