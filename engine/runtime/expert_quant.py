@@ -12,7 +12,9 @@ RAM at most), encodes each expert's ``gate_up`` and ``down`` and fills the quant
 result is written once to ``<user data>/quantized-experts/<key>.safetensors`` (atomic), keyed by
 the checkpoint files (path, size, mtime), the scheme and the layout, so the next load reads the
 blocks back instead of quantizing again. A cache file that does not match is ignored and
-rewritten.
+rewritten. The file is written layer by layer (``write_rows``: header first, then each layer as
+it comes), so with ``--mmap-experts`` the experts are quantized straight into it and the mapped
+file becomes the host tier (``mapped_quantized_store``): no quantized experts in RAM at all.
 """
 
 from __future__ import annotations
