@@ -4,7 +4,7 @@ An expert kept as Q4_0, Q4_1 or Q4_K blocks is converted once (when CPU assist f
 it) into torch's CPU int4 layout (``engine.quant.int4pack``) and kept in a byte-bounded LRU;
 its rows are then computed by ``_weight_int4pack_mm_for_cpu`` from 5 bits per weight (bf16
 scales and zeros) instead of a bf16 copy (16 bits) decoded into ``HostExpertStore.host_weights``'
-LRU. Only in bfloat16: torch's fp32 path of the kernel is 6-12x slower than an fp32 matmul of
+LRU. Only in bfloat16: torch's fp32 path of the kernel is 8-14x slower than an fp32 matmul of
 the decoded expert. The results equal the decoded expert's within bf16 rounding, not bit for
 bit, so ``LoadConfig.cpu_assist_int4`` turns it on by default only on CUDA, where a
 CPU-computed expert is not bit-exact anyway; on the CPU device alpha 0 with CPU assist stays
@@ -26,7 +26,7 @@ from engine.offload.store import QuantizedExpertShape, SlotKey
 from engine.quant.int4pack import PackedInt4, can_pack, pack
 
 PACKED_BYTES = 1 << 30  # packed experts kept for CPU assist, as the decoded LRU's bound
-# compute dtypes the kernel is fast in: its fp32 path was 6-12x slower than an fp32 matmul
+# compute dtypes the kernel is fast in: its fp32 path was 8-14x slower than an fp32 matmul
 # of the decoded expert (docs/QUANTIZED_EXPERTS.md, "CPU assist from 4-bit blocks")
 KERNEL_DTYPES = frozenset({torch.bfloat16})
 
