@@ -228,7 +228,9 @@ def _time(call: Call, x: torch.Tensor, reps: int) -> float:
     return (time.perf_counter() - start) / reps * 1e6
 
 
-def measure_geometry(name: str, hidden: int, width: int, rounds: int) -> list[dict[str, Any]]:
+def measure_geometry(
+    name: str, hidden: int, width: int, rounds: int, quick: bool = False
+) -> list[dict[str, Any]]:
     expert = Expert(hidden, width, seed=0)
     cases = []
     for label, build, qtype in METHODS:
@@ -240,7 +242,7 @@ def measure_geometry(name: str, hidden: int, width: int, rounds: int) -> list[di
         cases.append((label, qtype, call, kept, setup_us))
     inputs = {t: torch.randn(t, hidden, generator=torch.Generator().manual_seed(t)) for t in TOKENS}
     times: dict[tuple[str, int], list[float]] = {(c[0], t): [] for c in cases for t in TOKENS}
-    reps = {t: max(3, int(2e4 // (hidden * width * 3 / 1e4 + 1))) for t in TOKENS}
+    reps = {t: 1 if quick else max(3, int(2e4 // (hidden * width * 3 / 1e4 + 1))) for t in TOKENS}
     for _ in range(rounds):  # interleaved: every case once per round
         for label, _q, call, _k, _s in cases:
             for t in TOKENS:
@@ -301,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     geometries = {"quick (256 x 64)": (256, 64)} if args.quick else GEOMETRIES
     rounds = 1 if args.quick else args.rounds
-    rows = [r for name, (h, w) in geometries.items() for r in measure_geometry(name, h, w, rounds)]
+    rows = [
+        r
+        for name, (h, w) in geometries.items()
+        for r in measure_geometry(name, h, w, rounds, args.quick)
+    ]
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
