@@ -154,7 +154,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--mmap-experts",
         action="store_true",
-        help="read experts from the memory-mapped model file (page cache) instead of RAM",
+        help="read experts from the memory-mapped model file (page cache) instead of RAM; "
+        "with --expert-quant, from the quantized-experts cache file",
+    )
+    group.add_argument(
+        "--cpu-assist-int4",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="CPU assist computes 4-bit experts (Q4_0/Q4_1/Q4_K, --expert-quant int4) with "
+        "torch's int4 kernel in bf16: faster, 4-bit in RAM, not bit-exact; auto: on CUDA only",
     )
     add_threads_option(group)
     method = parser.add_argument_group("method")
@@ -239,6 +247,7 @@ def engine_options(args: argparse.Namespace, for_inspect: bool = False) -> Engin
         force=args.force,
         expert_quant=args.expert_quant,
         mmap_experts=args.mmap_experts,
+        cpu_assist_int4=args.cpu_assist_int4,
         policy=args.policy,
         alpha=args.alpha,
         eviction=args.eviction,

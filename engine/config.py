@@ -139,6 +139,18 @@ class LoadConfig:
     expert_quant: ExpertQuant = "none"  # quantize a safetensors model's routed experts at load
     mmap_experts: bool = False  # experts read from the mapped model file, not copied into RAM
     quantized_slots: bool | None = None  # quantized experts in the cache: None = CUDA only
+    # CPU assist computes Q4_0/Q4_1/Q4_K experts with torch's int4 kernel (bf16 compute only),
+    # not from decoded copies: faster and 4-bit in RAM, but not bit-exact. None: on CUDA, where
+    # a CPU-computed expert is not bit-exact anyway (CPU vs GPU arithmetic); off on the CPU
+    # device, where alpha 0 with CPU assist is bit-exact
+    cpu_assist_int4: bool | None = None
+
+    def int4_assist_on(self, device_type: str) -> bool:
+        """Whether CPU assist uses torch's int4 kernel on a ``device_type`` device ("cuda",
+        "cpu"; see ``cpu_assist_int4``)."""
+        if self.cpu_assist_int4 is not None:
+            return self.cpu_assist_int4
+        return device_type == "cuda"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))

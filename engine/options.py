@@ -58,6 +58,7 @@ class EngineOptions:
     experts: str = "auto"
     expert_quant: str = "none"
     mmap_experts: bool = False
+    cpu_assist_int4: str = "auto"  # CPU assist from torch's int4 kernel: auto (CUDA), on, off
 
 
 def _invalid(error: ValueError) -> InvalidRequestError:
@@ -143,7 +144,33 @@ def unused_options(options: EngineOptions) -> list[str]:
             f"--alpha {options.alpha:g} does nothing with --no-substitution (alpha is the "
             "substitution threshold); drop one of them"
         )
-    return problems
+    return problems + _unused_int4(options)
+
+
+def _unused_int4(options: EngineOptions) -> list[str]:
+    """``--cpu-assist-int4 on`` where no CPU assist runs, or in a dtype its kernel is not for."""
+    if options.cpu_assist_int4 != "on":
+        return []
+    if options.policy != "smoe" or not options.cpu_assist:
+        return [
+            "--cpu-assist-int4 on does nothing without CPU assist (--policy smoe, no "
+            "--no-cpu-assist)"
+        ]
+    if options.dtype in ("float32", "float16"):
+        return [
+            f"--cpu-assist-int4 on does nothing with --dtype {options.dtype}: torch's int4 kernel "
+            "is used in bfloat16 only (in float32 it is slower than a decoded expert)"
+        ]
+    return []
+
+
+INT4_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
+def _int4_choice(choice: str) -> bool | None:
+    if choice not in INT4_CHOICES:
+        raise ValueError(f"--cpu-assist-int4 must be one of auto, on, off; got {choice!r}")
+    return INT4_CHOICES[choice]
 
 
 def build_live_options(options: EngineOptions) -> LiveOptions:
@@ -179,6 +206,7 @@ def build_load_config(options: EngineOptions) -> LoadConfig:
             experts=options.experts,
             expert_quant=cast(Any, options.expert_quant),
             mmap_experts=options.mmap_experts,
+            cpu_assist_int4=_int4_choice(options.cpu_assist_int4),
         )
     except ValueError as error:
         raise _invalid(error) from error

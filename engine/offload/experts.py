@@ -303,15 +303,22 @@ class OffloadedExperts(nn.Module):
             ready.synchronize()
         start = time.perf_counter()
         pos, tok = plan.eager_pairs(expert)
-        gate_up, down = self.cache.store.host_weights((self.layer, expert))
-        current = hidden[torch.from_numpy(tok)]  # [n, H] host
-        if self.path == "batched":
-            rows = _bmm_expert(current, gate_up, down, self.act_fn, plan.idx.size > 1)
-        else:
-            rows = self._expert(current, gate_up, down)
+        rows = self._host_rows(hidden[torch.from_numpy(tok)], plan, expert)  # [n, H] host
         if self.on_cpu_time is not None:
             self.on_cpu_time(time.perf_counter() - start)
         return tok * plan.idx.shape[1] + pos, rows
+
+    def _host_rows(self, current: torch.Tensor, plan: LayerPlan, expert: int) -> torch.Tensor:
+        """One expert's rows from its host copy: torch's int4 kernel on its blocks where
+        ``--cpu-assist-int4`` packed it (``engine.offload.packed``), else float weights."""
+        assert self.cache is not None
+        packed = self.cache.store.packed_expert((self.layer, expert))
+        if packed is not None:
+            return packed.rows(_cast(current, packed.dtype), self.act_fn)
+        gate_up, down = self.cache.store.host_weights((self.layer, expert))
+        if self.path == "batched":
+            return _bmm_expert(current, gate_up, down, self.act_fn, plan.idx.size > 1)
+        return self._expert(current, gate_up, down)
 
     def _finish_cpu(
         self, proj: torch.Tensor, futures: list[Future[tuple[np.ndarray, torch.Tensor]]]

@@ -192,8 +192,11 @@ class _Tensor:
     data: np.ndarray  # raw bytes, uint8, memory-mapped
 
 
-def _safetensors_table(file: Path) -> dict[str, _Tensor]:
-    """Every tensor of a safetensors file as a mapped byte view (header parsed, no data read)."""
+def _safetensors_table(
+    file: Path, dtypes: Mapping[str, torch.dtype] = _TORCH_DTYPES
+) -> dict[str, _Tensor]:
+    """Every tensor of ``dtypes`` in a safetensors file as a mapped byte view (header parsed,
+    no data read)."""
     try:
         with file.open("rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
@@ -203,14 +206,12 @@ def _safetensors_table(file: Path) -> dict[str, _Tensor]:
         raise ModelLoadError(f"cannot map {file.name}: {error}") from error
     table: dict[str, _Tensor] = {}
     for key, entry in header.items():
-        if key == "__metadata__" or entry.get("dtype") not in _TORCH_DTYPES:
+        if key == "__metadata__" or entry.get("dtype") not in dtypes:
             continue
         start, end = (8 + size + int(offset) for offset in entry["data_offsets"])
         if end > len(mapped):
             raise ModelLoadError(f"{file.name} is truncated: tensor {key!r} ends past the file")
-        table[key] = _Tensor(
-            _TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"]), mapped[start:end]
-        )
+        table[key] = _Tensor(dtypes[entry["dtype"]], tuple(entry["shape"]), mapped[start:end])
     return table
 
 
@@ -281,4 +282,47 @@ class MappedSafetensorsStore(MappedExpertStore):
 
     def close(self) -> None:
         self._views.clear()
+        super().close()
+
+
+class MappedRowsStore(MappedExpertStore):
+    """Expert rows stored whole in a safetensors file, one ``[E, numel]`` tensor per layer.
+
+    The quantized-experts cache file (``engine.runtime.expert_quant``) is laid out this way: each
+    row is already the store's row (GGML blocks of gate, up and down), so taking an expert in is
+    one copy out of the mapping. ``names[layer]`` is the layer's tensor name.
+    """
+
+    def __init__(
+        self,
+        file: Path,
+        shape: AnyExpertShape,
+        layers: Sequence[int],
+        num_experts: int,
+        names: Mapping[int, str],
+        *,
+        read_ahead: bool = True,
+    ) -> None:
+        super().__init__(shape, layers, num_experts, read_ahead=read_ahead)
+        table = _safetensors_table(file, {"U8": torch.uint8})  # rows of GGML bytes
+        expected = (num_experts, shape.numel)
+        self._rows: dict[int, np.ndarray] = {}
+        for layer in layers:
+            tensor = table.get(names[layer])
+            if tensor is None or tensor.dtype != shape.dtype or tensor.shape != expected:
+                raise ModelLoadError(
+                    f"{file.name} holds no {list(expected)} {shape.dtype} tensor {names[layer]!r}"
+                )
+            self._rows[layer] = tensor.data.reshape(expected)  # [E, numel bytes], mapped
+
+    def ranges(self, key: SlotKey) -> list[MappedRange]:
+        layer, expert = key
+        return [mapped_range(self._rows[layer][expert])]
+
+    def _fill(self, key: SlotKey, row: torch.Tensor) -> None:
+        layer, expert = key
+        row.copy_(mapped_tensor(self._rows[layer][expert]))
+
+    def close(self) -> None:
+        self._rows.clear()
         super().close()

@@ -28,7 +28,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from safetensors import safe_open
@@ -45,6 +45,9 @@ from engine.quant.ggml_blocks import (
     q8_0_to_planar,
     type_name,
 )
+
+if TYPE_CHECKING:
+    from engine.offload.packed import PackedExpert, PackedExperts
 
 ALIGN_ELEMENTS = 128
 HOST_DECODED_BYTES = 1 << 30  # decoded quantized experts kept for CPU assist (host_weights)
@@ -275,6 +278,7 @@ class HostExpertStore:
         }  # each [E, numel]
         self._parts: dict[SlotKey, Sequence[ExpertPart]] = {}
         self._checked: set[SlotKey] = set()  # experts found finite on their first use
+        self.packed: PackedExperts | None = None  # CPU assist from int4 kernels (packed.py)
 
     @property
     def layers(self) -> list[int]:
@@ -306,6 +310,16 @@ class HostExpertStore:
         while len(self._decoded) > max(1, HOST_DECODED_BYTES // expert_bytes):
             self._decoded.popitem(last=False)
         return weights
+
+    def packed_expert(self, key: SlotKey) -> PackedExpert | None:
+        """Expert ``key`` in torch's int4 layout for CPU assist, when that is on and the
+        expert's blocks convert (``engine.offload.packed``); else None (use ``host_weights``)."""
+        if self.packed is None:
+            return None
+        shape = self.layer_shape(key[0])
+        if not isinstance(shape, QuantizedExpertShape):
+            return None
+        return self.packed.get(key, shape, lambda: self.row(key))
 
     def read_ahead(self, keys: Sequence[SlotKey]) -> None:
         """Start reading ``keys`` ahead of their ``row`` calls; rows in RAM need nothing."""
@@ -417,6 +431,8 @@ class HostExpertStore:
         """Unlock and drop the host memory (the cache has waited for its copies first)."""
         self._buffers.clear()
         self._decoded.clear()
+        if self.packed is not None:
+            self.packed.clear()
         self._arena.close()
         self.pinned = False
 
@@ -465,6 +481,9 @@ class DecodedStore(HostExpertStore):
         assert isinstance(shape, ExpertShape), "decoded rows are float rows"
         assert isinstance(quantized, QuantizedExpertShape), "a decoded store wraps quantized rows"
         quantized.decode_into(self.inner.row(key), shape, out, self.planar)
+
+    def packed_expert(self, key: SlotKey) -> PackedExpert | None:
+        return self.inner.packed_expert(key)
 
     def read_ahead(self, keys: Sequence[SlotKey]) -> None:
         self.inner.read_ahead(keys)

@@ -12,7 +12,9 @@ RAM at most), encodes each expert's ``gate_up`` and ``down`` and fills the quant
 result is written once to ``<user data>/quantized-experts/<key>.safetensors`` (atomic), keyed by
 the checkpoint files (path, size, mtime), the scheme and the layout, so the next load reads the
 blocks back instead of quantizing again. A cache file that does not match is ignored and
-rewritten.
+rewritten. The file is written layer by layer (``write_rows``: header first, then each layer as
+it comes), so with ``--mmap-experts`` the experts are quantized straight into it and the mapped
+file becomes the host tier (``mapped_quantized_store``): no quantized experts in RAM at all.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from engine.atomic import write_with
+from engine.atomic import atomic_path
+from engine.errors import ModelLoadError
+from engine.offload.mapped import MappedRowsStore
 from engine.offload.store import ExpertPart, ExpertShape, HostExpertStore, QuantizedExpertShape
 from engine.paths import user_data_dir
 from engine.quant.ggml_blocks import block_geometry
@@ -67,30 +70,59 @@ def cache_key(files: Sequence[Path], scheme: str, shape: QuantizedExpertShape, l
 
 
 def _read_cache(path: Path, store: HostExpertStore, key: str) -> bool:
-    """Fill ``store`` from a cache file; False (store untouched) when it does not match."""
+    """Fill ``store`` from a cache file, one layer in RAM at a time; False when it does not
+    match or cannot be read (the caller then quantizes every layer again)."""
+    buffers = dict(zip(store.layers, store.buffers(), strict=True))  # each [E, numel]
+    expected = [store.num_experts, store.shape.numel]
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             if (handle.metadata() or {}).get("key") != key:
                 return False
-            tensors = {layer: handle.get_tensor(f"layer.{layer}") for layer in store.layers}
+            if any(handle.get_slice(_name(la)).get_shape() != expected for la in buffers):
+                return False
+            for layer, buffer in buffers.items():
+                buffer.copy_(handle.get_tensor(_name(layer)))
     except Exception:  # a damaged or foreign cache file is only a cache miss
         return False
-    if any(t.shape != (store.num_experts, store.shape.numel) for t in tensors.values()):
-        return False
-    for layer, tensor in tensors.items():
-        for expert in range(store.num_experts):
-            store.row((layer, expert)).copy_(tensor[expert])
     return True
 
 
+def _name(layer: int) -> str:
+    return f"layer.{layer}"
+
+
+def _header(key: str, layers: Sequence[int], rows: tuple[int, int]) -> bytes:
+    """A safetensors header for one ``rows`` uint8 tensor per layer, in ``layers``' order."""
+    size = rows[0] * rows[1]
+    entries: dict[str, object] = {"__metadata__": {"key": key, "format": CACHE_FORMAT}}
+    for i, layer in enumerate(layers):
+        entries[_name(layer)] = {
+            "dtype": "U8", "shape": list(rows), "data_offsets": [i * size, (i + 1) * size],
+        }  # fmt: skip
+    text = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text
+
+
+def write_rows(
+    path: Path, key: str, layers: Sequence[int], rows: tuple[int, int],
+    layer_rows: Callable[[int], torch.Tensor],
+) -> None:  # fmt: skip
+    """Write the cache file layer by layer (atomic): ``layer_rows(layer)`` gives one layer's
+    ``rows`` uint8 tensor only when it is written, so one layer is in RAM at a time."""
+    with atomic_path(path) as staged, staged.open("wb") as handle:
+        handle.write(_header(key, layers, rows))
+        for layer in layers:
+            data = layer_rows(layer)
+            assert data.shape == rows and data.dtype == torch.uint8, "a layer's rows, as bytes"
+            handle.write(data.contiguous().numpy().data)
+
+
 def _write_cache(path: Path, store: HostExpertStore, key: str) -> None:
-    tensors = {
-        f"layer.{layer}": torch.stack([store.row((layer, e)) for e in range(store.num_experts)])
-        for layer in store.layers
-    }
-    metadata = {"key": key, "format": CACHE_FORMAT}
+    buffers = dict(zip(store.layers, store.buffers(), strict=True))  # each [E, numel]
+    rows = (store.num_experts, store.shape.numel)
     with contextlib.suppress(OSError):  # a full disk costs the cache, not the load
-        write_with(path, lambda staged: save_file(tensors, str(staged), metadata=metadata))
+        write_rows(path, key, store.layers, rows, buffers.__getitem__)
 
 
 def _quantize_layer(
@@ -135,3 +167,75 @@ def fill_quantized_store(
         on_layer(done, len(store.layers), False)
     _write_cache(path, store, key)
     return False
+
+
+def _quantized_layer(
+    layer: int,
+    parts: Mapping[SlotKey, Sequence[ExpertPart]],
+    shape: QuantizedExpertShape,
+    num_experts: int,
+) -> torch.Tensor:
+    """One layer's experts quantized, ``[E, numel]`` uint8 (the only quantized layer in RAM)."""
+    store = HostExpertStore(shape, [layer], num_experts, pin=False)
+    _quantize_layer(layer, parts, store)
+    rows = store.buffers()[0].clone()
+    store.close()
+    return rows
+
+
+def _map_cache(
+    path: Path, key: str, shape: QuantizedExpertShape, layers: Sequence[int], num_experts: int
+) -> MappedRowsStore | None:
+    """The cache file mapped as the host tier; None when it is missing, foreign or damaged."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            if (handle.metadata() or {}).get("key") != key:
+                return None
+        return MappedRowsStore(path, shape, layers, num_experts, {la: _name(la) for la in layers})
+    except Exception:  # a damaged or foreign cache file is only a cache miss
+        return None
+
+
+def mapped_quantized_store(
+    parts: Mapping[SlotKey, Sequence[ExpertPart]],
+    files: Sequence[Path],
+    shape: QuantizedExpertShape,
+    layers: Sequence[int],
+    num_experts: int,
+    scheme: str,
+    on_layer: Callable[[int, int, bool], None],
+) -> MappedRowsStore:
+    """``--mmap-experts`` with ``--expert-quant``: the cache file, mapped, is the host tier.
+
+    On a miss the experts are quantized layer by layer straight into the cache file (one float
+    layer and one quantized layer in RAM at a time), which is then mapped. A file that cannot be
+    written is an error here (there is nothing else to map), with the path in the message.
+    """
+    key = cache_key(files, scheme, shape, len(layers))
+    path = cache_dir() / f"{key}.safetensors"
+    store = _map_cache(path, key, shape, layers, num_experts)
+    if store is not None:
+        on_layer(len(layers), len(layers), True)
+        return store
+    done = 0
+
+    def layer_rows(layer: int) -> torch.Tensor:
+        nonlocal done
+        rows = _quantized_layer(layer, parts, shape, num_experts)
+        done += 1
+        on_layer(done, len(layers), False)
+        return rows
+
+    try:
+        write_rows(path, key, layers, (num_experts, shape.numel), layer_rows)
+    except OSError as error:
+        raise ModelLoadError(
+            f"cannot write the quantized experts to {path}: {error}. Free disk space there, or "
+            "load without --mmap-experts (the quantized experts then stay in RAM)"
+        ) from error
+    store = _map_cache(path, key, shape, layers, num_experts)
+    if store is None:
+        raise ModelLoadError(f"the quantized experts written to {path} cannot be read back")
+    return store

@@ -567,6 +567,10 @@ def _bind_offload(
     model: nn.Module, plan: _Plan, store: HostExpertStore, num_slots: int, config: LoadConfig
 ) -> OffloadController:
     device = next(model.parameters()).device
+    if config.int4_assist_on(device.type):
+        from engine.offload.packed import PackedExperts
+
+        getattr(store, "inner", store).packed = PackedExperts()  # the quantized rows' store
     policy = make_policy(config.live.effective_eviction, config.live.score_window)
     stats = OffloadStats([m.layer for m in plan.moe], num_slots, num_slots * store.shape.nbytes)
     cache = ExpertCache(store, num_slots, device, policy, stats)
@@ -646,6 +650,29 @@ def _fill_quantized(
     fill_quantized_store(plan.parts, files, store, scheme, on_layer)
 
 
+def _mapped_quantized(
+    plan: _Plan,
+    shape: Any,
+    scheme: str,
+    progress: Callable[[float, str], None],
+    cancelled: Callable[[], bool],
+) -> HostExpertStore:
+    """``--mmap-experts --expert-quant``: the quantized-experts cache file, mapped."""
+    from engine.runtime.expert_quant import mapped_quantized_store
+
+    def on_layer(done: int, total: int, from_cache: bool) -> None:
+        _check_cancelled(cancelled)
+        verb = "Mapped quantized experts" if from_cache else f"Quantizing experts to {scheme}"
+        progress(0.3 + 0.65 * done / total, f"{verb} (layer {done}/{total})")
+
+    progress(0.3, "Mapping quantized experts")
+    files = sorted({p.file for parts in plan.parts.values() for p in parts})
+    layers = [m.layer for m in plan.moe]
+    return mapped_quantized_store(
+        plan.parts, files, shape, layers, plan.num_experts, scheme, on_layer
+    )
+
+
 def _check_cancelled(cancelled: Callable[[], bool]) -> None:
     if cancelled():
         raise CancelledError("loading was cancelled")
@@ -660,11 +687,6 @@ def _load(
         from engine.runtime.gguf_loading import load_gguf
 
         return load_gguf(config, progress, cancelled)
-    if config.mmap_experts and config.expert_quant != "none":
-        raise ModelLoadError(
-            "memory-mapped experts are read as the checkpoint stores them, so they cannot be "
-            f"quantized at load too: choose --mmap-experts or --expert-quant {config.expert_quant}"
-        )
     progress(0.0, "Reading the model folder")
     plan = _plan(config.model_dir)
     info = _info(plan)
@@ -700,6 +722,8 @@ def _experts(
 ) -> HostExpertStore:
     """The host tier: every expert read into RAM, or (``mmap_experts``) the mapped files."""
     layers = [m.layer for m in plan.moe]
+    if config.mmap_experts and config.expert_quant != "none":
+        return _mapped_quantized(plan, shape, config.expert_quant, progress, cancelled)
     if config.mmap_experts:
         from engine.offload.mapped import MappedSafetensorsStore
 

@@ -162,3 +162,17 @@ def test_expert_quantization_is_a_per_model_reload_setting(tmp_path: Path) -> No
     assert to_load_config(tmp_path, replace(base, expert_quant="int8")).expert_quant == "int8"
     with pytest.raises(ValueError, match="Expert quantization must be one of"):
         ModelSettings(expert_quant="int3")
+
+
+def test_mapped_experts_combine_with_quantized_ones_per_model(tmp_path: Path) -> None:
+    base = ModelSettings()
+    both = replace(base, expert_quant="int4", mmap_experts=True)
+    assert both.needs_reload(base) and replace(both, mmap_experts=False).needs_reload(both)
+    config = to_load_config(tmp_path, both)
+    assert (config.expert_quant, config.mmap_experts) == ("int4", True)
+    store = SettingsStore(tmp_path / "config")
+    model = tmp_path / "model"
+    model.mkdir()
+    store.save_model(model, both)
+    again = SettingsStore(tmp_path / "config").load_model(model)
+    assert (again.expert_quant, again.mmap_experts) == ("int4", True)

@@ -290,3 +290,14 @@ def test_a_model_that_cannot_substitute_keeps_the_slider_at_exact(
     assert "cannot substitute" in window.banner.text
     assert window.slider.alpha == 0.0 and window.model_settings.alpha == 0.0
     assert fake_engine.live.alpha == 0.0
+
+
+def test_mapped_and_quantized_experts_are_chosen_together_in_the_dialog(
+    window: MainWindow,
+) -> None:
+    dialog = open_settings(window)
+    dialog.expert_quant.setCurrentText("int8")
+    dialog.mmap_experts.setChecked(True)
+    assert dialog.check(), dialog.error_label.text()
+    shown = dialog.current()
+    assert (shown.expert_quant, shown.mmap_experts) == ("int8", True)

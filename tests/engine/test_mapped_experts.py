@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.config import CacheConfig, LiveOptions, LoadConfig
-from engine.errors import ModelLoadError
 from engine.events import MemoryEstimate
 from engine.offload.mapped import MappedExpertStore
 from engine.runtime.loading import inspect_model, load_model, minimum_slots
@@ -93,13 +92,6 @@ def test_mapped_gguf_reads_ahead_unless_told_not_to(root: Path) -> None:
     assert store.read_ahead_bytes > 0
     for step, (a, b) in enumerate(zip(first, again, strict=True)):
         assert torch.equal(a, b), f"dropped pages read back differently at step {step}"
-
-
-def test_mapped_experts_cannot_also_be_quantized_at_load(root: Path) -> None:
-    source = root / "quant-hf"
-    save_family("qwen2_moe", source)
-    with pytest.raises(ModelLoadError, match="--mmap-experts or --expert-quant int4"):
-        load_model(_smallest(source, mmap_experts=True, expert_quant="int4"))
 
 
 def test_estimate_offers_the_mapped_file_when_experts_do_not_fit(root: Path) -> None:

@@ -57,3 +57,39 @@ def test_gguf_with_quantized_slots_on_the_gpu(tmp_path: Path) -> None:
     have = _run(loaded.model, prompt, [3, 5])
     for step, (a, b) in enumerate(zip(want, have, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+def test_cpu_assist_from_int4_blocks_by_default_on_the_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 on CUDA: CPU-assisted Q4_1 experts come from torch's int4 kernel (auto), close to
+    the same model with the kernel off."""
+    from engine.config import LiveOptions
+    from engine.offload.cpu_assist import RollingCost
+    from tests.helpers.tiny_models import save_tiny_checkpoint
+
+    monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "data"))
+    path = tmp_path / "tiny"
+    save_tiny_checkpoint(
+        path, hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    )
+    info = inspect_model(path)
+    fraction = minimum_slots(info) / (info.experts_per_layer * info.moe_layers)
+    prompt = torch.randint(0, info.vocab_size, (1, 9), generator=torch.Generator()).cuda()
+    runs = []
+    for int4 in (None, False):
+        config = LoadConfig(
+            path, device="cuda", dtype="bfloat16", cache=CacheConfig(fraction=fraction),
+            expert_quant="int4", live=LiveOptions(policy="smoe", alpha=0.0),
+            cpu_assist_int4=int4,
+        )  # fmt: skip
+        loaded: Any = load_model(config)
+        method = loaded.offload.method
+        method.cost_load, method.cost_cpu = RollingCost(prior=1.0), RollingCost(prior=1e-9)
+        method.cost_load.add = method.cost_cpu.add = lambda seconds, count=1: None
+        runs.append(_run(loaded.model, prompt, [3, 5]))
+        packed = loaded.offload.store.packed
+        assert (packed is not None and packed.conversions > 0) == (int4 is None)
+        assert loaded.offload.stats().cpu_computed > 0
+    for step, (a, b) in enumerate(zip(*runs, strict=True)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2, msg=f"step {step}")
