@@ -9,8 +9,9 @@ emulated: the input of every matmul with a quantized weight rounded to Q8_0 bloc
 ``vec_dot_q8_0_q8_0`` path quantizes activations), and for the ``attn_k_b``/``attn_v_b`` file
 attention computed in llama.cpp's absorbed order (``q_nope`` times ``k_b``, the latent
 attention output times ``v_b``, each input Q8_0-rounded) with the f16 KV cache and f16 attention
-operands. A diagnostic, not a test: it monkeypatches ``torch.nn.functional.linear`` and
-``DeepseekV2Attention.forward`` in this process only.
+operands (``engine.eval.activation_rounding`` does the per-type rounding for any GGUF file;
+this probe adds the absorbed attention order). A diagnostic, not a test: it monkeypatches
+``torch.nn.functional.linear`` and ``DeepseekV2Attention.forward`` in this process only.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as ds
 
 from engine.atomic import write_text_atomic
+from engine.eval.activation_rounding import round_q8_0 as q8
 from engine.eval.llamacpp_compare import engine_perplexity, llama_ids, llama_perplexity
 from engine.runtime.gguf_loading import load_gguf_reference
 from tests.helpers.gguf_models import save_gguf_deepseek2
@@ -37,15 +39,6 @@ from tests.helpers.tiny_models import SENTENCES
 CTX = 64
 LINEAR = F.linear
 ATTENTION = ds.DeepseekV2Attention.forward
-
-
-def q8(x: torch.Tensor) -> torch.Tensor:
-    """``x`` rounded as ggml quantizes activations to Q8_0: blocks of 32, fp16 scale."""
-    blocks = x.reshape(-1, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    scale = (amax / 127).half().float()
-    return (torch.round(blocks * inverse) * scale).reshape(x.shape)
 
 
 def rounded_linear(experts: int) -> Callable[..., torch.Tensor]:
