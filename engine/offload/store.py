@@ -301,11 +301,16 @@ class HostExpertStore:
         shape, row = self.layer_shape(key[0]), self.row(key)
         if not isinstance(shape, QuantizedExpertShape):
             return shape.gate_up(row), shape.down(row)
+        return self._decoded_once(key, lambda: (shape.gate_up(row), shape.down(row)))
+
+    def _decoded_once(
+        self, key: SlotKey, decode: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode()`` of ``key`` kept in the LRU of at most ``HOST_DECODED_BYTES``."""
         if key in self._decoded:
             self._decoded.move_to_end(key)
             return self._decoded[key]
-        weights = (shape.gate_up(row), shape.down(row))
-        self._decoded[key] = weights
+        weights = self._decoded[key] = decode()
         expert_bytes = sum(w.numel() * w.element_size() for w in weights)
         while len(self._decoded) > max(1, HOST_DECODED_BYTES // expert_bytes):
             self._decoded.popitem(last=False)
@@ -463,6 +468,17 @@ class DecodedStore(HostExpertStore):
 
     def source_bytes(self, layer: int) -> int:
         return self.inner.source_bytes(layer)
+
+    def host_weights(self, key: SlotKey) -> tuple[torch.Tensor, torch.Tensor]:
+        """CPU assist's float weights, decoded once into the LRU (not at every call)."""
+        shape = self.shape
+        assert isinstance(shape, ExpertShape), "decoded rows are float rows"
+
+        def decode() -> tuple[torch.Tensor, torch.Tensor]:
+            row = self.row(key)
+            return shape.gate_up(row), shape.down(row)
+
+        return self._decoded_once(key, decode)
 
     def row(self, key: SlotKey) -> torch.Tensor:
         row = torch.empty(self.shape.numel, dtype=self.shape.dtype)

@@ -238,16 +238,23 @@ def test_memory_mapped_experts_compute_the_same_and_own_no_ram(root: Path) -> No
     assert estimate.host_expert_bytes == 0
 
 
+@pytest.mark.parametrize("quantized_slots", [True, None])
 def test_cpu_assist_decodes_a_quantized_expert_once(
-    root: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, monkeypatch: pytest.MonkeyPatch, quantized_slots: bool | None
 ) -> None:
+    """Also on the CPU device, whose store decodes into its float slots (``DecodedStore``)."""
     from engine.offload import store as store_module
 
     path = save_wide_qwen2_moe(root, "Q4_K_M")[0]
     expert_bytes = 3 * 256 * 256 * 4
     monkeypatch.setattr(store_module, "HOST_DECODED_BYTES", 3 * expert_bytes)
-    store = load_model(_smallest(path)).offload.store
+    config = dataclasses.replace(_smallest(path), quantized_slots=quantized_slots)
+    store = load_model(config).offload.store
+    assert isinstance(store, store_module.DecodedStore) == (quantized_slots is None)
     first = store.host_weights((0, 1))
+    if quantized_slots is None:
+        decoded = store.inner.host_weights((0, 1))  # type: ignore[attr-defined]
+        assert torch.equal(first[0], decoded[0]) and torch.equal(first[1], decoded[1])
     again = store.host_weights((0, 1))
     assert first[0] is again[0] and first[1] is again[1], "decoded once, then reused"
     assert first[0].dtype == torch.float32 and first[0].shape == (2 * 256, 256)
