@@ -80,11 +80,11 @@ def _wanted_type(name: str, file_type: str, layers: int, weighted: bool) -> int:
     if weighted and file_type == "Q4_0" and ".ffn_down" in name:
         # llama.cpp's guard "against craziness in the first few ffn_down layers", imatrix only
         return Q.Q4_1 if int(name.split(".")[1]) < layers // 8 else Q.Q4_0
+    if name == "output.weight" and file_type not in ("F32", "F16", "Q8_0"):
+        return Q.Q6_K  # llama.cpp's output rule, for every quantized file type but Q8_0
     if file_type in _BASE_TYPE:
         return _BASE_TYPE[file_type]
     base = Q.Q4_K if file_type == "Q4_K_M" else Q.Q5_K
-    if name == "output.weight":
-        return Q.Q6_K
     if ".attn_v." in name or ".ffn_down" in name:
         layer = int(name.split(".")[1])
         return Q.Q6_K if _more_bits(layer, layers) else base
