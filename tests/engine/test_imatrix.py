@@ -17,6 +17,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 
+from engine.eval import quant_study
 from engine.gguf.writer import convert, row_importance, tensor_type
 from engine.quant.imatrix import compute_imatrix, expert_squares, load_reference
 from engine.quant.imatrix_file import ImatrixError, ImportanceMatrix, read_imatrix, write_imatrix
@@ -212,3 +213,20 @@ def test_convert_with_an_imatrix_changes_exactly_the_weighted_tensors(
     quantized = {t.name for t in plain.tensors if t.tensor_type not in (Q.F32, Q.F16, Q.Q8_0)}
     assert changed and changed <= quantized & set(matrix.sums)
     assert "blk.0.ffn_gate_exps.weight" in changed
+
+
+def test_quant_study_adds_imatrix_rows_and_picks_rows_in_order(
+    tiny: tuple[Path, object, list[int]], tmp_path: Path
+) -> None:
+    folder, model, ids = tiny
+    imatrix = write_imatrix(tmp_path / "imatrix.gguf", compute_imatrix(model, ids, CTX))
+    rows = quant_study._variants("Q4_1", imatrix=True)
+    assert rows["Q4_K_M, experts Q4_1, imatrix"] == ("Q4_K_M", "Q4_1", True)
+    assert "F32, imatrix" not in rows and "Q8_0, imatrix" not in rows, "types that ignore it"
+    only = "Q4_K_M, experts Q4_1, imatrix;F32"
+    files = quant_study._files(folder, tmp_path, "Q4_1", imatrix, only)
+    assert list(files) == ["Q4_K_M, experts Q4_1, imatrix", "F32"]
+    types = {t.name: t.tensor_type for t in GGUFReader(files[list(files)[0]]).tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == Q.Q4_1
+    with pytest.raises(SystemExit, match="no rows named"):
+        quant_study._files(folder, tmp_path, "", None, "Q4_K_M, imatrix")
