@@ -226,7 +226,7 @@ def test_quant_study_adds_imatrix_rows_and_picks_rows_in_order(
     only = "Q4_K_M, experts Q4_1, imatrix;F32"
     files = quant_study._files(folder, tmp_path, "Q4_1", imatrix, only)
     assert list(files) == ["Q4_K_M, experts Q4_1, imatrix", "F32"]
-    types = {t.name: t.tensor_type for t in GGUFReader(files[list(files)[0]]).tensors}
+    types = {t.name: t.tensor_type for t in GGUFReader(files[next(iter(files))]).tensors}
     assert types["blk.0.ffn_gate_exps.weight"] == Q.Q4_1
     with pytest.raises(SystemExit, match="no rows named"):
         quant_study._files(folder, tmp_path, "", None, "Q4_K_M, imatrix")
