@@ -226,6 +226,8 @@ def row_importance(
     weights = importance.get(name)
     if weights is None:
         return None
+    if not np.isfinite(weights).all():
+        raise ImatrixError(f"the importance matrix has non-finite values for {name}")
     matrices = shape[0] if len(shape) == 3 else 1
     if weights.size != matrices * shape[-1]:
         raise ImatrixError(

@@ -188,6 +188,9 @@ def test_an_imatrix_for_another_model_is_refused() -> None:
     rows = row_importance(weights, "blk.0.ffn_up_exps.weight", (3, 8, 4))
     assert rows is not None and rows.shape == (24, 4), "one row of weights per expert row"
     assert row_importance(weights, "token_embd.weight", (10, 4)) is None
+    weights["blk.0.ffn_up_exps.weight"][1, 2] = np.nan
+    with pytest.raises(ImatrixError, match="non-finite"):
+        row_importance(weights, "blk.0.ffn_up_exps.weight", (3, 8, 4))
 
 
 def test_q4_0_files_with_an_imatrix_keep_the_first_ffn_down_layers_in_q4_1() -> None:
