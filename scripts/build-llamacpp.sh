@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-perplexity, llama-tokenize and llama-quantize once, into a cache
+# Build llama.cpp's llama-perplexity, llama-tokenize, llama-quantize and llama-imatrix once, into a cache
 # folder outside the repo, from the llama-cpp-python source distribution on PyPI (llama.cpp's
 # source ships inside it). About 16 minutes on 2 cores. The slow test tests/engine/test_llamacpp_reference.py uses
 # the result and skips, saying so, when it is absent. See docs/QUANTIZED_EXPERTS.md.
@@ -16,5 +16,5 @@ fi
 cmake -S "$SOURCE" -B "$SOURCE/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
 nice cmake --build "$SOURCE/build" -j"$(nproc)" --target llama-perplexity llama-tokenize \
-    llama-quantize
+    llama-quantize llama-imatrix
 echo "built: $SOURCE/build/bin"

@@ -22,7 +22,10 @@ GGUF F32, Q8_0 and Q4_K_M in ``DIR``, then on one machine, in one run:
 ``--engine-only`` runs part 2 alone (``quant_engine.json``), ``--alpha-only`` part 4 with its F32
 reference (``quant_alpha.json``), ``--speed-only CACHE`` part 3 (``quant_speed.json``); each
 JSON is rewritten after every run, so a stopped run keeps what it measured. ``--expert-types
-Q4_0,Q4_1`` adds Q4_K_M files whose routed experts are forced to those types.
+Q4_0,Q4_1`` adds Q4_K_M files whose routed experts are forced to those types. ``--imatrix FILE``
+(an importance matrix: ``python -m engine.quant.imatrix`` or llama.cpp's ``llama-imatrix``) adds
+the same files quantized with it (rows ``Q4_K_M, imatrix`` and ``Q4_K_M, experts Q4_1,
+imatrix``); ``--only NAMES`` measures just those rows, in that order.
 
 Writes ``quant_study.json`` and prints a Markdown summary. Slow-ish: about a minute per
 configuration of the built-in model on a shared CPU.
@@ -54,9 +57,11 @@ from engine.eval.bench import ALPHAS
 from engine.gguf.writer import EXPERT_TYPES, convert
 from engine.paths import builtin_model_dir
 from engine.quant.ggml_encode import encode
+from engine.quant.imatrix_file import read_imatrix
 from engine.runtime.loading import load_model
 
 SAMPLE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "heldout_sample.txt"
+BASE_TYPES = ("F32", "Q8_0", "Q4_K_M")
 WINDOW = 256
 
 
@@ -227,7 +232,7 @@ def _engine_runs(
     for name, path in files.items():
         engine[name] = _engine_run(path, ids, half)
         saved(engine)
-        if name == "Q4_K_M":
+        if name == "Q4_K_M" and "F32" in engine:
             same_gb = CacheConfig(budget_gb=engine["F32"]["cache_bytes"] / 1e9)
             engine["Q4_K_M, F32's cache GB"] = _engine_run(path, ids, same_gb)
             saved(engine)
@@ -301,6 +306,14 @@ def _arguments() -> argparse.Namespace:
         help="only F32 (lru) and the alpha curve on Q4_K_M (writes quant_alpha.json)",
     )  # fmt: skip
     parser.add_argument(
+        "--imatrix", type=Path, default=None, metavar="FILE",
+        help="also the Q4_K_M (and --expert-types) files quantized with this importance matrix",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", default="", metavar="NAMES",
+        help="only these rows, in this order (names split on ';', e.g. 'Q4_K_M, imatrix;F32')",
+    )  # fmt: skip
+    parser.add_argument(
         "--expert-types", default="", metavar="TYPES",
         help=f"also Q4_K_M files with the routed experts forced to these types (comma-separated; "
         f"{', '.join(EXPERT_TYPES)}), through the engine like the others",
@@ -312,14 +325,34 @@ def _arguments() -> argparse.Namespace:
     return args
 
 
-def _files(model_dir: Path, out: Path, expert_types: str) -> dict[str, Path]:
-    """The GGUF files to measure, converted into ``out``: F32, Q8_0, Q4_K_M and the overrides."""
-    files = {
-        t: convert(model_dir, out / f"model-{t}.gguf", t)[0] for t in ("F32", "Q8_0", "Q4_K_M")
-    }
+def _variants(expert_types: str, imatrix: bool) -> dict[str, tuple[str, str | None, bool]]:
+    """Row name -> (file type, forced expert type, with the importance matrix)."""
+    rows: dict[str, tuple[str, str | None, bool]] = {t: (t, None, False) for t in BASE_TYPES}
     for name in filter(None, expert_types.split(",")):
-        path = out / f"model-Q4_K_M-experts-{name}.gguf"
-        files[f"Q4_K_M, experts {name}"] = convert(model_dir, path, "Q4_K_M", expert_type=name)[0]
+        rows[f"Q4_K_M, experts {name}"] = ("Q4_K_M", name, False)
+    for name, (file_type, expert, _plain) in list(rows.items()):
+        if imatrix and file_type == "Q4_K_M":
+            rows[f"{name}, imatrix"] = (file_type, expert, True)
+    return rows
+
+
+def _files(
+    model_dir: Path, out: Path, expert_types: str, imatrix: Path | None = None, only: str = ""
+) -> dict[str, Path]:
+    """The GGUF files to measure, converted into ``out``: F32, Q8_0, Q4_K_M, the overrides, and
+    the Q4_K_M ones again with ``imatrix``; ``only`` (names split on ``;``) picks and orders."""
+    matrix = read_imatrix(imatrix) if imatrix is not None else None
+    rows = _variants(expert_types, matrix is not None)
+    wanted = [name for name in only.split(";") if name] or list(rows)
+    unknown = [name for name in wanted if name not in rows]
+    if unknown:
+        raise SystemExit(f"--only: no rows named {unknown}; rows: {list(rows)}")
+    files = {}
+    for name in wanted:
+        file_type, expert, weighted = rows[name]
+        stem = name.replace(", ", "-").replace(" ", "-")
+        files[name] = convert(model_dir, out / f"model-{stem}.gguf", file_type, expert_type=expert,
+                              imatrix=matrix if weighted else None)[0]  # fmt: skip
     return files
 
 
@@ -348,7 +381,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(SAMPLE.read_text(encoding="utf-8"), return_tensors="pt").input_ids
     ids = ids[:, : args.tokens]
-    files = _files(model_dir, args.out, args.expert_types)
+    files = _files(model_dir, args.out, args.expert_types, args.imatrix, args.only)
     header = {"machine": _machine(), "model": str(model_dir), "tokens": int(ids.shape[1])}
     if args.speed_only is not None:
         speed = _speed(model_dir, files, ids[:, :32], args.rounds, args.speed_only)

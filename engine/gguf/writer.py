@@ -13,8 +13,10 @@ routers stay F32; ``Q4_K_M``/``Q5_K_M`` keep ``attn_v`` and ``ffn_down`` of the 
 layers and ``output`` in Q6_K; a row that cannot hold whole K blocks falls back to the legacy type
 llama.cpp picks (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), and one that cannot hold 32-wide
 blocks to F16. ``expert_type`` forces the routed experts (``ffn_*_exps``) to one block type, as
-``llama-quantize --tensor-type ffn_gate_exps=q4_0`` does. The whole model is read into memory:
-this is a tool for small models and fixtures, not for 30B checkpoints (those come as GGUF).
+``llama-quantize --tensor-type ffn_gate_exps=q4_0`` does. ``imatrix`` (an importance matrix,
+``engine.quant.imatrix``) quantizes as ``llama-quantize --imatrix`` does. The whole model is read
+into memory: this is a tool for small models and fixtures, not for 30B checkpoints (those come as
+GGUF).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from engine.errors import ModelLoadError
 from engine.gguf import deepseek2
 from engine.quant.ggml_encode import encode
+from engine.quant.imatrix_file import ImatrixError, ImportanceMatrix
 
 Q = GGMLQuantizationType
 ARCHITECTURES = {
@@ -63,7 +66,7 @@ FILE_TYPES = {
 EXPERT_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K")
 _BASE_TYPE = {"F32": Q.F32, "F16": Q.F16, "Q8_0": Q.Q8_0, "Q4_0": Q.Q4_0, "Q6_K": Q.Q6_K}
 _K_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
-_ARCH_ENUM = {
+ARCH_ENUMS = {
     "qwen2moe": MODEL_ARCH.QWEN2MOE,
     "qwen3moe": MODEL_ARCH.QWEN3MOE,
     "llama": MODEL_ARCH.LLAMA,
@@ -78,12 +81,15 @@ def _more_bits(layer: int, layers: int) -> bool:
     return layer < eighth or layer >= 7 * layers // 8 or (layer - eighth) % 3 == 2
 
 
-def _wanted_type(name: str, file_type: str, layers: int) -> int:
+def _wanted_type(name: str, file_type: str, layers: int, weighted: bool) -> int:
+    if weighted and file_type == "Q4_0" and ".ffn_down" in name:
+        # llama.cpp's guard "against craziness in the first few ffn_down layers", imatrix only
+        return Q.Q4_1 if int(name.split(".")[1]) < layers // 8 else Q.Q4_0
+    if name == "output.weight" and file_type not in ("F32", "F16", "Q8_0"):
+        return Q.Q6_K  # llama.cpp's output rule, for every quantized file type but Q8_0
     if file_type in _BASE_TYPE:
         return _BASE_TYPE[file_type]
     base = Q.Q4_K if file_type == "Q4_K_M" else Q.Q5_K
-    if name == "output.weight":
-        return Q.Q6_K
     if ".attn_v." in name or ".attn_kv_b." in name or ".ffn_down" in name:
         layer = int(name.split(".")[1])
         return Q.Q6_K if _more_bits(layer, layers) else base
@@ -91,12 +97,18 @@ def _wanted_type(name: str, file_type: str, layers: int) -> int:
 
 
 def tensor_type(
-    name: str, shape: tuple[int, ...], file_type: str, layers: int, expert_type: str | None = None
+    name: str,
+    shape: tuple[int, ...],
+    file_type: str,
+    layers: int,
+    expert_type: str | None = None,
+    weighted: bool = False,
 ) -> int:
-    """The block type ``name`` (HF row-major ``shape``) gets in a ``file_type`` file."""
+    """The block type ``name`` (HF row-major ``shape``) gets in a ``file_type`` file
+    (``weighted``: quantized with an importance matrix)."""
     if len(shape) < 2 or "ffn_gate_inp" in name or file_type == "F32":
         return Q.F32
-    qtype = _wanted_type(name, file_type, layers)
+    qtype = _wanted_type(name, file_type, layers, weighted)
     if expert_type is not None and "_exps." in name:
         qtype = Q.__members__[expert_type]
     cols = shape[-1]
@@ -117,7 +129,7 @@ def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
 def _tensors(model: Any, arch: str, mla_split: bool = True) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, fp32 array) for every weight of ``model``."""
     config = model.config
-    names = get_tensor_name_map(_ARCH_ENUM[arch], config.num_hidden_layers)
+    names = get_tensor_name_map(ARCH_ENUMS[arch], config.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
         array = tensor.detach().float().numpy()
         base, _, suffix = hf_name.rpartition(".")
@@ -220,16 +232,41 @@ def _write(writer: GGUFWriter) -> None:
     writer.close()
 
 
+def row_importance(
+    importance: dict[str, np.ndarray], name: str, shape: tuple[int, ...]
+) -> np.ndarray | None:
+    """``name``'s importance weights per row of its ``[-1, cols]`` view (``None``: no entry, as
+    for the embedding); refused, as llama-quantize refuses it, when the sizes disagree."""
+    weights = importance.get(name)
+    if weights is None:
+        return None
+    if not np.isfinite(weights).all():
+        raise ImatrixError(f"the importance matrix has non-finite values for {name}")
+    matrices = shape[0] if len(shape) == 3 else 1
+    if weights.size != matrices * shape[-1]:
+        raise ImatrixError(
+            f"the importance matrix has {weights.size} values for {name}, which needs "
+            f"{matrices * shape[-1]}: it was computed for another model"
+        )
+    if matrices == 1:
+        return weights.reshape(-1)
+    return np.repeat(weights.reshape(matrices, shape[-1]), shape[1], axis=0)
+
+
 def convert(
     model_dir: Path,
     output: Path,
     file_type: str = "Q4_K_M",
     split_max_tensors: int = 0,
     expert_type: str | None = None,
+    imatrix: ImportanceMatrix | None = None,
     mla_split: bool = True,
 ) -> list[Path]:
     """Write ``model_dir`` as GGUF at ``output`` (split when ``split_max_tensors``); the paths.
-    ``mla_split``: DeepSeek-V2's ``kv_b_proj`` as ``attn_k_b``/``attn_v_b`` (else ``attn_kv_b``)."""
+
+    ``imatrix`` quantizes with llama.cpp's weighted searches, as ``llama-quantize --imatrix``
+    does (same bytes); tensors it has no entry for are quantized without. ``mla_split``:
+    DeepSeek-V2's ``kv_b_proj`` as ``attn_k_b``/``attn_v_b`` (else ``attn_kv_b``)."""
     if file_type not in FILE_TYPES:
         raise ValueError(f"file type must be one of {', '.join(FILE_TYPES)}; got {file_type!r}")
     if expert_type is not None and expert_type not in EXPERT_TYPES:
@@ -250,9 +287,11 @@ def convert(
         writer.add_file_type(FILE_TYPES[file_type])
         _add_hparams(writer, model.config, arch, mla_split)
         _add_tokenizer(writer, model_dir)
+        importance = imatrix.importance() if imatrix is not None else {}
         for name, array in _tensors(model, arch, mla_split):
-            qtype = tensor_type(name, array.shape, file_type, layers, expert_type)
-            packed = encode(array.reshape(-1, array.shape[-1]), qtype)
+            qtype = tensor_type(name, array.shape, file_type, layers, expert_type, bool(importance))
+            weights = row_importance(importance, name, array.shape)
+            packed = encode(array.reshape(-1, array.shape[-1]), qtype, weights)
             writer.add_tensor(name, packed.reshape(*array.shape[:-1], -1), raw_dtype=Q(qtype))
         _write(writer)
         written = sorted(Path(scratch).iterdir())

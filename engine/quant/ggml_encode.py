@@ -3,8 +3,10 @@
 ``gguf.quants.quantize`` already writes F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 exactly as
 llama.cpp does; this module adds the K-quants the common ``Q4_K_M``/``Q5_K_M``/``Q6_K`` files use
 (Q4_K, Q5_K, Q6_K), with ggml's reference scale searches (``engine.quant.ggml_kquant``), so every
-block type it writes has the bytes ``llama-quantize`` writes without an importance matrix
-(tested against blocks ggml wrote: ``tests/engine/test_ggml_reference.py``).
+block type it writes has the bytes ``llama-quantize`` writes without an importance matrix, and
+with one (``importance``: ``engine.quant.ggml_weighted``'s ports of the ``*_impl`` searches)
+the bytes ``llama-quantize --imatrix`` writes (tested against blocks ggml wrote:
+``tests/engine/test_ggml_reference.py``).
 
 Used to convert models to GGUF (``engine.gguf.writer``) and to build test fixtures. Legend:
 ``n`` super-blocks of ``K`` = 256 weights.
@@ -16,6 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
 
+from engine.quant import ggml_weighted
 from engine.quant.ggml_kquant import (
     F32,
     GROUP_MAX_EPS,
@@ -70,13 +73,20 @@ def _nibble_pack(q: np.ndarray) -> np.ndarray:
     return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
 
 
-def encode_q4_k(x: np.ndarray) -> np.ndarray:
-    header, q = _k_quants(x, 15, -1.0, 20)
+def _k_levels(x: np.ndarray, qw: np.ndarray | None, qtype: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K (header, levels): the reference search, or the weighted one given ``qw``."""
+    if qw is not None:
+        return ggml_weighted.k_quant(x, qw, qtype)
+    return _k_quants(x, 15, -1.0, 20) if qtype == Q.Q4_K else _k_quants(x, 31, -0.5, 15)
+
+
+def encode_q4_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    header, q = _k_levels(x, qw, Q.Q4_K)
     return np.concatenate([header, _nibble_pack(q)], axis=-1)
 
 
-def encode_q5_k(x: np.ndarray) -> np.ndarray:
-    header, q = _k_quants(x, 31, -0.5, 15)
+def encode_q5_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    header, q = _k_levels(x, qw, Q.Q5_K)
     bits = ((q >> 4) & 1).astype(np.uint8)  # [n, 8, 32]: bit j of byte c is sub-block j
     qh = np.zeros((q.shape[0], 32), dtype=np.uint8)
     for j in range(8):
@@ -84,10 +94,14 @@ def encode_q5_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([header, qh, _nibble_pack(q)], axis=-1)
 
 
-def _q6_k_levels(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``quantize_row_q6_K_ref``: (d bytes [n, 2], int8 scales [n, 16], levels [n, 16, 16])."""
-    scale, levels = make_qx_quants(x.reshape(-1, 16), 32)
-    scale = scale.reshape(-1, 16)
+def _q6_k_levels(x: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``quantize_row_q6_K_ref`` (``_impl`` given ``qw``): (d bytes [n, 2], int8 scales [n, 16],
+    levels [n, 16, 16])."""
+    if qw is None:
+        scale, levels = make_qx_quants(x.reshape(-1, 16), 32)
+        scale = scale.reshape(-1, 16)
+    else:
+        scale, levels = ggml_weighted.q6_k_levels(x, qw)
     peak = scale[np.arange(scale.shape[0]), np.abs(scale).argmax(axis=1)]  # first largest |s|
     zero = np.abs(peak) < GROUP_MAX_EPS
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -101,8 +115,8 @@ def _q6_k_levels(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return d_bytes, sc, levels
 
 
-def encode_q6_k(x: np.ndarray) -> np.ndarray:
-    d_bytes, sc, levels = _q6_k_levels(x)
+def encode_q6_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    d_bytes, sc, levels = _q6_k_levels(x, qw)
     q = levels.reshape(-1, 2, 2, 64)  # halves of 128, two 64-wide nibble groups
     ql = ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
     high = (q.reshape(-1, 2, 4, 32) >> 4) & 0x03
@@ -113,13 +127,31 @@ def encode_q6_k(x: np.ndarray) -> np.ndarray:
 _K_ENCODERS = {Q.Q4_K: encode_q4_k, Q.Q5_K: encode_q5_k, Q.Q6_K: encode_q6_k}
 
 
-def encode(weights: np.ndarray, qtype: int) -> np.ndarray:
-    """fp32 ``[rows, cols]`` -> GGUF bytes ``[rows, bytes per row]`` (F32/F16 keep their dtype)."""
+def _importance(importance: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """``importance`` ([cols] for every row, or [rows, cols]) as float32 [rows, cols]."""
+    qw = np.asarray(importance, dtype=np.float32)
+    if qw.shape not in ((cols,), (rows, cols)):
+        raise ValueError(f"importance of shape {qw.shape} does not fit rows of {cols} weights")
+    return np.broadcast_to(qw, (rows, cols))
+
+
+def encode(weights: np.ndarray, qtype: int, importance: np.ndarray | None = None) -> np.ndarray:
+    """fp32 ``[rows, cols]`` -> GGUF bytes ``[rows, bytes per row]`` (F32/F16 keep their dtype).
+
+    ``importance`` (an importance-matrix row, ``[cols]`` or per row ``[rows, cols]``) switches
+    every type but F32, F16, BF16 and Q8_0 (which ignore it in ggml too) to ggml's weighted
+    searches, as ``llama-quantize --imatrix`` does."""
     weights = np.ascontiguousarray(weights, dtype=np.float32)
+    rows, cols = weights.shape
+    qw = None if importance is None else _importance(importance, rows, cols)
     encoder = _K_ENCODERS.get(Q(qtype))
     if encoder is None:
-        return gguf_quantize(weights, Q(qtype))
-    rows, cols = weights.shape
+        if qw is None or Q(qtype) not in ggml_weighted.LEGACY:
+            return gguf_quantize(weights, Q(qtype))
+        if cols % 32:
+            raise ValueError(f"rows of {cols} weights do not fill whole {Q(qtype).name} blocks")
+        return ggml_weighted.legacy(weights, qw, qtype).reshape(rows, -1)
     if cols % QK_K:
         raise ValueError(f"rows of {cols} weights do not fill whole {Q(qtype).name} blocks")
-    return encoder(weights.reshape(-1, QK_K)).reshape(rows, -1)
+    flat_qw = None if qw is None else qw.reshape(-1, QK_K)
+    return encoder(weights.reshape(-1, QK_K), flat_qw).reshape(rows, -1)
