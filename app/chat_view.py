@@ -95,9 +95,10 @@ class ChatView(QTextBrowser):
         return message is not None and not message.content
 
     def waiting_text(self) -> str:
-        if self.stopping:
-            return "*Stopping…*"
+        """The engine reads the whole prompt in one step and checks Stop after it: say so."""
         seconds = int(time.monotonic() - self.stream_started)
+        if self.stopping:
+            return f"*Stopping once your message is read… {seconds} s*"
         return f"*Reading your message… {seconds} s*"
 
     def _wait_tick(self) -> None:
