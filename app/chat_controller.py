@@ -246,8 +246,7 @@ class ChatController(QObject):
         reply = conversation.add_child(parent_id, "assistant", "", finished=False)
         self._reply_id, self._saved_at = reply.id, 0.0
         self.view.failure = ""
-        self.view.streaming_id, self.view.stopping = reply.id, False
-        self.view.render_now()
+        self.view.start_stream(reply.id)
         self.timing = StreamTiming(started=time.perf_counter())
         self.generation_started.emit()
         finished = await self._stream(bridge, request, reply)
@@ -317,6 +316,5 @@ class ChatController(QObject):
         except ChatStoreError as error:  # the reply stays on screen; say it is not saved
             self.error_occurred.emit(f"{error} The reply is still shown.")
         self._events, self._reply_id = None, None
-        self.view.streaming_id = None
-        self.view.render_now()
+        self.view.end_stream()
         self.generation_finished.emit(finished)

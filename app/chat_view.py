@@ -6,12 +6,14 @@ and centred, so lines stay readable in a wide window. Each message has links to 
 it (user) or regenerate it (assistant), and to step between branches; each code block has its
 own Copy link. While a reply streams, repaints are coalesced to at most one per
 ``RENDER_INTERVAL_MS`` and the view follows the stream only while the user is scrolled to the
-bottom.
+bottom. Until a reply's first token arrives (reading a long prompt on a CPU can take a
+minute), its block counts the seconds waited, so the app does not look hung.
 """
 
 from __future__ import annotations
 
 import html
+import time
 from dataclasses import dataclass
 
 from PySide6.QtCore import QTimer, QUrl, Signal
@@ -23,6 +25,7 @@ from app.conversation import Conversation, Message
 from app.markdown_render import CodeBlock, Palette
 
 RENDER_INTERVAL_MS = 40
+WAIT_TICK_MS = 1000  # the "Reading your message… N s" count before the first token
 ROLE_LABELS = {"user": "You", "assistant": "Assistant", "system": "System"}
 MAX_LINE_PX = 760  # about 90 characters of body text: a readable line
 SIDE_PX = 16  # the least room left and right of the column
@@ -67,10 +70,47 @@ class ChatView(QTextBrowser):
         self._timer.setSingleShot(True)
         self._timer.setInterval(RENDER_INTERVAL_MS)
         self._timer.timeout.connect(self.render_now)
+        self.stream_started = 0.0  # time.monotonic() when the streaming reply was asked for
+        self._wait_timer = QTimer(self)
+        self._wait_timer.setInterval(WAIT_TICK_MS)
+        self._wait_timer.timeout.connect(self._wait_tick)
+
+    def start_stream(self, message_id: str) -> None:
+        """A reply starts streaming into ``message_id``: count the wait until its first token."""
+        self.streaming_id, self.stopping = message_id, False
+        self.stream_started = time.monotonic()
+        self._wait_timer.start()
+        self.render_now()
+
+    def end_stream(self) -> None:
+        self.streaming_id = None
+        self._wait_timer.stop()
+        self.render_now()
+
+    def waiting(self) -> bool:
+        """A reply is streaming and no token of it has arrived yet."""
+        if self.streaming_id is None or self.conversation is None:
+            return False
+        message = self.conversation.messages.get(self.streaming_id)
+        return message is not None and not message.content
+
+    def waiting_text(self) -> str:
+        """The engine reads the whole prompt in one step and checks Stop after it: say so."""
+        seconds = int(time.monotonic() - self.stream_started)
+        if self.stopping:
+            return f"*Stopping once your message is read… {seconds} s*"
+        return f"*Reading your message… {seconds} s*"
+
+    def _wait_tick(self) -> None:
+        if not self.waiting():
+            self._wait_timer.stop()  # the first token came (its own render shows it)
+            return
+        self.render_now()
 
     def set_conversation(self, conversation: Conversation | None) -> None:
         self.conversation = conversation
         self.streaming_id = None
+        self._wait_timer.stop()
         self.failure = ""
         self.render_now()
         self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())  # latest first
@@ -162,7 +202,7 @@ class ChatView(QTextBrowser):
         return f"{self._header(message)}{note}<div>{body}</div>"
 
     def _body(self, message: Message) -> tuple[str, tuple[CodeBlock, ...]]:
-        text = message.content or ("…" if message.id == self.streaming_id else "")
+        text = message.content or (self.waiting_text() if message.id == self.streaming_id else "")
         cached = self._cache.get(message.id)
         if cached is not None and cached[0] == text:
             return cached[1], cached[2]

@@ -108,9 +108,8 @@ class DemoEngine:
 
     def compute_estimate(self, config: LoadConfig) -> MemoryEstimate:
         info = self.model_info(config.model_dir)
-        slots = config.cache.slots_for(
-            info.moe_layers * info.experts_per_layer, info.bytes_per_expert
-        )
+        total = info.moe_layers * info.experts_per_layer
+        slots = config.cache.slots_for(total, info.bytes_per_expert)
         return MemoryEstimate(
             device="cpu" if config.device == "cpu" else "cuda",
             trunk_bytes=info.trunk_bytes,
@@ -119,6 +118,8 @@ class DemoEngine:
             host_expert_bytes=0 if config.mmap_experts else info.total_expert_bytes,
             device_free_bytes=self.device_free_bytes,
             host_free_bytes=self.host_free_bytes,
+            expert_slots=slots,
+            total_experts=total,
         )
 
     def estimate(self, config: LoadConfig) -> Job[MemoryEstimate]:

@@ -105,6 +105,7 @@ class MainWindow(QMainWindow):
         self.model_info: ModelInfo | None = None
         self.working: tuple[Path, ModelSettings] | None = None  # loaded model and its settings
         self.restoring = False  # loading ``working`` again after a failed switch
+        self.pending_notice: tuple[str, str] | None = None  # "Loading X instead" -> "X was loaded"
         self.ready_status = ""  # the last ``ready`` status ("loaded" or the error shown)
         self.dialogs: dict[str, QWidget] = {}
         self._closed = False  # set by closeEvent: late engine callbacks touch nothing stored
@@ -307,6 +308,7 @@ class MainWindow(QMainWindow):
         self.controller.ready = False
         self.controller.not_ready_reason = WAIT_FOR_LOADING
         self._show_loading(self.model_dir.name)
+        self.slider.set_loading(self.model_dir.name)
         self.load_dialog.begin(self.model_dir.name)
         self.loader.start(self.model_dir, self.model_settings, force)
 
@@ -323,12 +325,10 @@ class MainWindow(QMainWindow):
         self.model_info, self.working = info, (self.model_dir, self.model_settings)
         self.controller.ready = True
         self._show_model(info)
-        self.slider.set_model(
-            self.model_dir, info.name, info.substitution_supported, self.model_settings.expert_quant
-        )
-        self.slider.set_alpha(self.model_settings.alpha)
+        self._show_slider(info)
         if self.banner.text == WAIT_FOR_LOADING:
             self.banner.dismiss()
+        self._loaded_instead()
         self.restoring = False
         try:
             self.prefs = self.settings_store.remember_model(self.model_dir)
@@ -337,6 +337,25 @@ class MainWindow(QMainWindow):
             self.banner.show_message(str(error), "warning")
         self.panel.update_readings()
         self._report_ready("loaded")
+
+    def _show_slider(self, info: ModelInfo) -> None:
+        self.slider.set_model(
+            self.model_dir, info.name, info.substitution_supported, self.model_settings.expert_quant
+        )
+        self.slider.set_alpha(self.model_settings.alpha)
+
+    def _loading_instead(self, why: str, verb: str) -> None:
+        """Say why another model is loading; once it has loaded, ``_loaded_instead`` says so."""
+        name = self.model_dir.name
+        shown = f"{why}\nLoading {name} {verb}."
+        self.banner.show_message(shown, "warning")
+        self.pending_notice = (shown, f"{why}\n{name} was loaded {verb}.")
+
+    def _loaded_instead(self) -> None:
+        """The banner still says a model is loading in place of another: it has loaded."""
+        if self.pending_notice is not None and self.banner.text == self.pending_notice[0]:
+            self.banner.show_message(self.pending_notice[1], "warning")
+        self.pending_notice = None
 
     def _show_model(self, info: ModelInfo | None) -> None:
         """Header label, window title and panel for the model the engine holds now."""
@@ -407,7 +426,7 @@ class MainWindow(QMainWindow):
             return False
         self.model_dir, self.model_settings = builtin, self.settings_store.load_model(builtin)
         self.load_model()
-        self.banner.show_message(f"{why}\nLoading {builtin.name} instead.", "warning")
+        self._loading_instead(why, "instead")
         return True
 
     def _still_loaded(self) -> bool:
@@ -421,6 +440,7 @@ class MainWindow(QMainWindow):
         self.model_dir, self.model_settings = self.working
         self.controller.ready = True
         self._show_model(self.model_info)
+        self._show_slider(self.model_info)
         self.load_dialog.hide()
         self.banner.show_message(
             f"{why}\n{self.model_info.name} is still loaded.",
@@ -435,7 +455,7 @@ class MainWindow(QMainWindow):
         self._no_model(why)
         self.restoring = True
         self.load_model()
-        self.banner.show_message(f"{why}\nLoading {self.model_dir.name} again.", "warning")
+        self._loading_instead(why, "again")
 
     def _no_model(self, why: str) -> None:
         self.model_info = None

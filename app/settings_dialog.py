@@ -43,7 +43,7 @@ from engine.config import (
     ChatMessage,
     GenerateRequest,
 )
-from engine.events import ModelInfo
+from engine.events import MemoryEstimate, ModelInfo
 
 RELOAD_MARK = " ⟳"
 WIDE_INT = 2_000_000_000  # spin boxes accept what is typed; Save says what is out of range
@@ -52,10 +52,24 @@ DEFAULT_SIZE = (680, 620)
 SAMPLE_CHAT = (ChatMessage("system", "You are helpful."), ChatMessage("user", "Hello!"))
 
 
-def experts_that_fit(info: ModelInfo, budget_gb: float | None) -> str:
-    total = info.moe_layers * info.experts_per_layer
-    slots = CacheConfig(budget_gb=budget_gb).slots_for(total, info.bytes_per_expert)
+def experts_line(slots: int, total: int) -> str:
     return f"The expert cache holds {slots} of {total} experts ({slots / max(1, total):.0%})."
+
+
+def experts_that_fit(info: ModelInfo, budget_gb: float | None) -> str:
+    """A guess from the checkpoint's bytes per expert, for when the engine gives no estimate."""
+    total = info.moe_layers * info.experts_per_layer
+    return experts_line(
+        CacheConfig(budget_gb=budget_gb).slots_for(total, info.bytes_per_expert), total
+    )
+
+
+def estimated_fit(estimate: MemoryEstimate, info: ModelInfo | None, budget_gb: float | None) -> str:
+    """The cache line from the engine's estimate: its slots count quantized experts (int8/int4)
+    or the decoded ones a CPU cache holds; the checkpoint guess only where it has no count."""
+    if estimate.total_experts:
+        return experts_line(estimate.expert_slots, estimate.total_experts)
+    return experts_that_fit(info, budget_gb) if info is not None else ""
 
 
 def spin(low: float, step: float, decimals: int = 2) -> QDoubleSpinBox:
@@ -322,8 +336,12 @@ class SettingsDialog(QDialog):
         super().accept()
 
     def _show_fit_from_info(self) -> None:
-        if self.info is not None:
+        """Without an engine, the checkpoint guess; with one, the last estimate stays shown
+        until the next (the guess ignores Quantize experts and the CPU's decoded slots)."""
+        if self.info is not None and self.bridge is None:
             self.fit_label.setText(experts_that_fit(self.info, self.budget.value() or None))
+        elif self.bridge is not None and not self.fit_label.text():
+            self.fit_label.setText("Estimating what fits…")
 
     def update_fit(self) -> None:
         """Re-estimate memory for the budget and context shown (async, via the engine)."""
@@ -338,7 +356,7 @@ class SettingsDialog(QDialog):
         except Exception as error:
             self.fit_label.setText(f"Cannot estimate memory: {error}")
             return
-        fit = experts_that_fit(self.info, self.budget.value() or None) if self.info else ""
+        fit = estimated_fit(estimate, self.info, self.budget.value() or None)
         self.fit_label.setText(f"{fit}\n{describe_estimate(estimate)}".strip())
 
     def start_preview(self) -> None:

@@ -54,6 +54,7 @@ class ImportanceSlider(QWidget):
         self.model_dir: Path | None = None
         self.model_name = ""
         self.expert_quant = "none"  # quantized at load: the curve's figures are not for it
+        self.loading = ""  # a model being loaded: no figures until its info is known
         self.task: asyncio.Task[None] | None = None
         self.slider = QSlider(Qt.Orientation.Horizontal)
         self.slider.setRange(0, round(ALPHA_MAX / STEP))
@@ -139,9 +140,16 @@ class ImportanceSlider(QWidget):
         measured on the checkpoint as stored, so their figures are marked as such then.
         """
         self.model_dir, self.model_name, self.supported = model_dir, name, supported
-        self.expert_quant = expert_quant
+        self.expert_quant, self.loading = expert_quant, ""
         self.slider.setEnabled(supported)
         self.slider.setToolTip("" if supported else UNSUPPORTED)
+        self.reload_curve()
+
+    def set_loading(self, name: str) -> None:
+        """A model is loading: the figures shown so far were the previous model's, so clear
+        them until ``set_model`` says which model is loaded."""
+        self.model_dir, self.model_name, self.expert_quant = None, "", "none"
+        self.loading = name
         self.reload_curve()
 
     def reload_curve(self) -> None:
@@ -162,7 +170,9 @@ class ImportanceSlider(QWidget):
         self.value_label.setText(alpha_label(self.alpha))
         point = self.curve.at(self.alpha) if self.curve is not None else None
         between = self.curve.between(self.alpha) if self.curve and point is None else None
-        if not self.model_name:
+        if self.loading:
+            text = f"loading {self.loading}: its speed and fidelity show once it is loaded"
+        elif not self.model_name:
             text = "no model loaded"
         elif not self.supported:
             text = UNSUPPORTED

@@ -20,6 +20,8 @@ class MemoryEstimate:
     host_expert_bytes: int
     device_free_bytes: int | None
     host_free_bytes: int | None
+    expert_slots: int = 0  # experts the cache holds (quantized or decoded slots, as loaded)
+    total_experts: int = 0  # routed experts in the model; 0 where not estimated
 
     @property
     def device_bytes(self) -> int:

@@ -131,6 +131,8 @@ def estimate_memory(
         host_expert_bytes=0 if config.mmap_experts else int(info.total_expert_bytes * expert_scale),
         device_free_bytes=None,
         host_free_bytes=None,
+        expert_slots=slots,
+        total_experts=total_experts,
     )
     return with_free_memory(estimate, device)
 

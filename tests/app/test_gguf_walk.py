@@ -203,7 +203,8 @@ def test_a_broken_last_model_at_start_falls_back_to_the_builtin(
     assert [c.model_dir for c in fake_engine.calls.loads] == [builtin], "the working model"
     text = window.banner.text
     assert "truncated-Q4_K_M.gguf could not be loaded: truncated-Q4_K_M.gguf is truncated" in text
-    assert "Loading understudy-mini-moe instead." in text and "model folder" not in text, text
+    assert "understudy-mini-moe was loaded instead." in text and "model folder" not in text, text
+    assert "Loading" not in text, "it has loaded: the banner no longer says it is loading"
     assert window.load_dialog.estimate_label.text() != "Estimating memory…"
 
 

@@ -118,3 +118,20 @@ def test_session_open_refuses_before_loading_unless_forced(tiny_checkpoint, monk
     assert loads == [], "nothing is read when the estimate refuses"
     with pytest.raises(RuntimeError, match="stop here"):
         ModelSession.open(LoadConfig(tiny_checkpoint.path, force=True), loader=loader)
+
+
+def test_estimate_counts_the_slots_a_budget_buys_as_loaded(tiny_checkpoint):
+    """The count the settings window shows: quantized slots hold more experts for the same GB;
+    where the CPU cache decodes them, a slot holds a float expert and the count stays."""
+    info = inspect_model(tiny_checkpoint.path)
+    total = info.moe_layers * info.experts_per_layer
+    cache = CacheConfig(budget_gb=3 * info.bytes_per_expert / 1e9)
+    plain = tiny_estimate(tiny_checkpoint, cache=cache)
+    quantized = tiny_estimate(
+        tiny_checkpoint, cache=cache, expert_quant="int8", quantized_slots=True
+    )
+    decoded = tiny_estimate(tiny_checkpoint, cache=cache, expert_quant="int8")
+    assert (plain.expert_slots, plain.total_experts) == (3, total)
+    assert quantized.expert_slots > plain.expert_slots and quantized.total_experts == total
+    assert decoded.expert_slots == plain.expert_slots, "CPU slots hold decoded experts"
+    assert plain.expert_cache_bytes == 3 * info.bytes_per_expert
