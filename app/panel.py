@@ -169,7 +169,8 @@ class LivePanel(QWidget):
 
     def _show_engine(self, stats: StatsSnapshot | None) -> None:
         if stats is None or self.engine_note is not None:
-            for name in ("hit rate", "substitutions/token", "moved/token", "misses/token"):
+            names = ("hit rate", "substitutions/token", "moved/token", "misses/token")
+            for name in names + (("cache",) if stats is None else ()):  # no stale slot count
                 self._set(name, "no model loaded" if stats is None else "not available remotely")
             self.gpu_note.setText(self.engine_note or self.gpu_note.text())
             return

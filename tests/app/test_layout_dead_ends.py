@@ -517,3 +517,19 @@ def test_the_loading_window_grows_with_the_estimate(qtbot: Any, window: MainWind
     assert "It fits." in dialog.estimate_label.text()
     assert shows_whole_text(dialog.estimate_label), dialog.estimate_label.geometry()
     dialog.hide()
+
+
+def test_the_live_panel_drops_the_cache_figure_when_no_model_is_loaded(
+    qtbot: Any, make_window: Any
+) -> None:
+    """While another model loads the engine reports no stats: the previous model's slot count
+    must not stay on show next to "no model loaded"."""
+    window = make_window(start=False)
+    window.start(None)
+    qtbot.waitUntil(lambda: window.controller.ready, timeout=5000)
+    window.panel.update_readings()
+    assert "slots" in window.panel.labels["cache"].text(), "a loaded model shows its cache"
+    window.panel.stats_source = lambda: None  # what the engine says during a load
+    window.panel.update_readings()
+    assert window.panel.labels["cache"].text() == "no model loaded"
+    assert window.panel.labels["hit rate"].text() == "no model loaded"
