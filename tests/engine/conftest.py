@@ -38,3 +38,26 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
 @pytest.fixture
 def tiny_loaded(tiny_checkpoint: TinyCheckpoint) -> StandInLoaded:
     return stand_in(tiny_checkpoint.model, tiny_checkpoint.tokenizer)
+
+
+QUANTIZABLE = {
+    "hidden_size": 64,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+}
+
+
+@pytest.fixture(scope="session")
+def quant_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2-MoE whose expert rows are multiples of 32 (``--expert-quant`` groups);
+    read-only, shared by the expert-quant tests."""
+    path = tmp_path_factory.mktemp("quantizable") / "tiny"
+    save_tiny_checkpoint(path, **QUANTIZABLE)
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The user data folder (``UNDERSTUDY_DATA_DIR``) of one test: its quantized-experts cache."""
+    monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"

@@ -23,20 +23,7 @@ from engine.runtime.memory import estimate_memory
 from tests.helpers.moe_families import prefill_and_decode
 from tests.helpers.tiny_models import save_tiny_checkpoint
 
-WIDE = {"hidden_size": 64, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("expert-quant") / "tiny"
-    save_tiny_checkpoint(path, **WIDE)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path / "data"
+pytestmark = pytest.mark.usefixtures("data_dir")  # each test its own quantized-experts cache
 
 
 def _config(path: Path, scheme: str) -> LoadConfig:
@@ -70,11 +57,11 @@ def _reference(path: Path, scheme: str) -> Any:
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_quantized_at_load_equals_quantized_up_front(checkpoint: Path, scheme: str) -> None:
-    reference = _reference(checkpoint, scheme)
+def test_quantized_at_load_equals_quantized_up_front(quant_tiny: Path, scheme: str) -> None:
+    reference = _reference(quant_tiny, scheme)
     prompt = torch.randint(0, reference.config.vocab_size, (1, 9), generator=torch.Generator())
     expected = prefill_and_decode(reference, prompt, [3, 5, 7])
-    loaded = load_model(_config(checkpoint, scheme))
+    loaded = load_model(_config(quant_tiny, scheme))
     assert loaded.offload.store.shape.dtype == torch.uint8
     got = prefill_and_decode(loaded.model, prompt, [3, 5, 7])
     for step, (want, have) in enumerate(zip(expected, got, strict=True)):
@@ -82,7 +69,7 @@ def test_quantized_at_load_equals_quantized_up_front(checkpoint: Path, scheme: s
 
 
 def test_second_load_reads_the_cache_and_a_changed_checkpoint_requantizes(
-    checkpoint: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    quant_tiny: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     calls: list[int] = []
     original = expert_quant._quantize_layer
@@ -92,28 +79,28 @@ def test_second_load_reads_the_cache_and_a_changed_checkpoint_requantizes(
         original(*args)
 
     monkeypatch.setattr(expert_quant, "_quantize_layer", counting)
-    first = load_model(_config(checkpoint, "int4"))
+    first = load_model(_config(quant_tiny, "int4"))
     layers = len(first.offload.store.layers)
     assert len(calls) == layers
     cached = list((data_dir / "quantized-experts").glob("*.safetensors"))
     assert len(cached) == 1
-    second = load_model(_config(checkpoint, "int4"))
+    second = load_model(_config(quant_tiny, "int4"))
     assert len(calls) == layers, "the second load quantizes nothing"
     for layer in second.offload.store.layers:
         assert torch.equal(
             first.offload.store.row((layer, 0)), second.offload.store.row((layer, 0))
         )
     cached[0].write_bytes(b"not safetensors")  # a damaged cache is a miss, never an error
-    load_model(_config(checkpoint, "int4"))
+    load_model(_config(quant_tiny, "int4"))
     assert len(calls) == 2 * layers
 
 
-def test_quantized_bytes_are_counted(checkpoint: Path) -> None:
-    plain = estimate_memory(inspect_model(checkpoint), _config(checkpoint, "none"))
-    int8 = estimate_memory(inspect_model(checkpoint), _config(checkpoint, "int8"))
-    int4 = estimate_memory(inspect_model(checkpoint), _config(checkpoint, "int4"))
+def test_quantized_bytes_are_counted(quant_tiny: Path) -> None:
+    plain = estimate_memory(inspect_model(quant_tiny), _config(quant_tiny, "none"))
+    int8 = estimate_memory(inspect_model(quant_tiny), _config(quant_tiny, "int8"))
+    int4 = estimate_memory(inspect_model(quant_tiny), _config(quant_tiny, "int4"))
     assert int4.host_expert_bytes < int8.host_expert_bytes < 0.4 * plain.host_expert_bytes
-    loaded = load_model(_config(checkpoint, "int4"))
+    loaded = load_model(_config(quant_tiny, "int4"))
     stats = loaded.offload.stats()
     assert stats.cache_bytes == loaded.offload.cache.num_slots * loaded.offload.store.shape.nbytes
 
@@ -126,7 +113,7 @@ def test_rows_that_are_not_whole_groups_are_refused(tmp_path: Path) -> None:
 
 
 def test_fidelity_reports_the_quantization_cost_apart_from_substitution(
-    checkpoint: Path, tmp_path: Path
+    quant_tiny: Path, tmp_path: Path
 ) -> None:
     import json
 
@@ -135,7 +122,7 @@ def test_fidelity_reports_the_quantization_cost_apart_from_substitution(
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8, encoding="utf-8")
     out = tmp_path / "rows.json"
-    args = ["fidelity", "--model", str(checkpoint), "--text-file", str(text), "--device", "cpu",
+    args = ["fidelity", "--model", str(quant_tiny), "--text-file", str(text), "--device", "cpu",
             "--expert-quant", "int4", "--alpha", "0", "--cache-fraction", "0.5",
             "--max-tokens", "24", "--window", "12", "--cloze-items", "0",
             "--json", str(out)]  # fmt: skip

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,13 @@ from gguf.quants import dequantize
 
 from engine.quant.ggml_encode import encode
 from engine.quant.ggml_kquant import seq_sum
+from tests.helpers.llamacpp_build import BIN
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = np.load(ROOT / "tests" / "data" / "ggml" / "reference_blocks.npz")
 TYPES = [name for name in FIXTURE.files if name not in ("rows", "importance")]
 PLAIN = [name for name in TYPES if not name.endswith("_imatrix")]
-LLAMA = Path(
-    os.environ.get("UNDERSTUDY_LLAMACPP_CACHE", Path.home() / ".cache/understudy/llama.cpp")
-)
-LIB = LLAMA / "llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/libggml-base.so"
+LIB = BIN / "libggml-base.so"
 
 
 def _first_difference(ours: np.ndarray, theirs: np.ndarray) -> str:

@@ -14,7 +14,6 @@ equal. Slow, and skipped unless llama.cpp (with ``llama-imatrix``) was built by
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,10 @@ from engine.gguf.writer import convert
 from engine.quant.imatrix import compute_imatrix, load_reference
 from engine.quant.imatrix_file import read_imatrix, write_imatrix
 from tests.helpers.gguf_models import save_gguf_family
+from tests.helpers.llamacpp_build import BIN, CACHE
 from tests.helpers.tiny_models import SENTENCES, save_tiny_checkpoint
 
 CTX = 32
-CACHE = Path(
-    os.environ.get("UNDERSTUDY_LLAMACPP_CACHE", Path.home() / ".cache/understudy/llama.cpp")
-)
-BIN = CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "build" / "bin"
 
 pytestmark = [
     pytest.mark.slow,

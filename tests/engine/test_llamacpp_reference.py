@@ -11,7 +11,6 @@ was built by ``scripts/build-llamacpp.sh``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,11 @@ from engine.eval.llamacpp_compare import (
 from engine.gguf.reader import open_gguf
 from engine.runtime.loading import inspect_model
 from tests.helpers.gguf_models import save_gguf_deepseek2, save_gguf_family
+from tests.helpers.llamacpp_build import BIN, CACHE, SOURCE
 from tests.helpers.llamacpp_convert import llamacpp_convert
 from tests.helpers.tiny_models import SENTENCES
 
 CTX = 64
-CACHE = Path(
-    os.environ.get("UNDERSTUDY_LLAMACPP_CACHE", Path.home() / ".cache/understudy/llama.cpp")
-)
-SOURCE = CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
-BIN = SOURCE / "build" / "bin"
 
 pytestmark = [
     pytest.mark.slow,

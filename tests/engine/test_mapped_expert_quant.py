@@ -24,23 +24,9 @@ from engine.runtime import expert_quant
 from engine.runtime.loading import inspect_model, load_model, minimum_slots
 from engine.runtime.memory import estimate_memory
 from tests.helpers.moe_families import prefill_and_decode
-from tests.helpers.tiny_models import save_tiny_checkpoint
 
-WIDE = {"hidden_size": 64, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}
+pytestmark = pytest.mark.usefixtures("data_dir")  # each test its own quantized-experts cache
 SMOE_EXACT = LiveOptions(policy="smoe", alpha=0.0)  # prefetch and CPU assist on, no substitution
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("mapped-quant") / "tiny"
-    save_tiny_checkpoint(path, **WIDE)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("UNDERSTUDY_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path / "data"
 
 
 def _config(path: Path, scheme: str, **changes: Any) -> LoadConfig:
@@ -64,10 +50,10 @@ def _decode(loaded: Any) -> list[torch.Tensor]:
 @pytest.mark.parametrize("slots", [None, True])  # CPU default (decoded slots), quantized slots
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_mapped_quantized_experts_compute_like_the_same_quantization_in_ram(
-    checkpoint: Path, scheme: str, slots: bool | None
+    quant_tiny: Path, scheme: str, slots: bool | None
 ) -> None:
-    in_ram = load_model(_config(checkpoint, scheme, quantized_slots=slots))
-    mapped = load_model(_config(checkpoint, scheme, quantized_slots=slots, mmap_experts=True))
+    in_ram = load_model(_config(quant_tiny, scheme, quantized_slots=slots))
+    mapped = load_model(_config(quant_tiny, scheme, quantized_slots=slots, mmap_experts=True))
     assert mapped.offload.store.nbytes == 0 and in_ram.offload.store.nbytes > 0
     for loaded in (in_ram, mapped):  # half the misses computed from the host copy
         method = loaded.offload.method
@@ -80,7 +66,7 @@ def test_mapped_quantized_experts_compute_like_the_same_quantization_in_ram(
 
 
 def test_first_load_quantizes_layer_by_layer_into_the_file_then_maps_it(
-    checkpoint: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    quant_tiny: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stores: list[int] = []
     original = expert_quant.HostExpertStore
@@ -90,7 +76,7 @@ def test_first_load_quantizes_layer_by_layer_into_the_file_then_maps_it(
         return original(shape, layers, *args, **kwargs)
 
     monkeypatch.setattr(expert_quant, "HostExpertStore", counting)
-    first = load_model(_config(checkpoint, "int4", mmap_experts=True))
+    first = load_model(_config(quant_tiny, "int4", mmap_experts=True))
     layers = len(first.offload.store.layers)
     assert stores and max(stores) == 1, f"stores of {stores} layers: all experts were in RAM"
     assert len(stores) == 2 * layers, "one float and one quantized layer store per layer"
@@ -99,42 +85,42 @@ def test_first_load_quantizes_layer_by_layer_into_the_file_then_maps_it(
     files = list((data_dir / "quantized-experts").glob("*.safetensors"))
     assert len(files) == 1
     stores.clear()
-    second = load_model(_config(checkpoint, "int4", mmap_experts=True))
+    second = load_model(_config(quant_tiny, "int4", mmap_experts=True))
     assert stores == [], "the second load maps the file without quantizing"
-    in_ram = load_model(_config(checkpoint, "int4"))
+    in_ram = load_model(_config(quant_tiny, "int4"))
     assert stores == [], "the in-RAM load reads the same cache file"
     for a, b in zip(_decode(second), _decode(in_ram), strict=True):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_a_damaged_cache_file_is_a_miss(checkpoint: Path, data_dir: Path, damage: str) -> None:
-    reference = _decode(load_model(_config(checkpoint, "int8", mmap_experts=True)))
+def test_a_damaged_cache_file_is_a_miss(quant_tiny: Path, data_dir: Path, damage: str) -> None:
+    reference = _decode(load_model(_config(quant_tiny, "int8", mmap_experts=True)))
     (file,) = (data_dir / "quantized-experts").glob("*.safetensors")
     data = file.read_bytes()
     file.write_bytes(b"not safetensors" if damage == "garbage" else data[: len(data) // 2])
-    again = load_model(_config(checkpoint, "int8", mmap_experts=True))
+    again = load_model(_config(quant_tiny, "int8", mmap_experts=True))
     assert file.stat().st_size == len(data), "the damaged file was rewritten whole"
     for a, b in zip(reference, _decode(again), strict=True):
         assert torch.equal(a, b)
 
 
-def test_an_unwritable_cache_folder_is_a_clear_error(checkpoint: Path, data_dir: Path) -> None:
+def test_an_unwritable_cache_folder_is_a_clear_error(quant_tiny: Path, data_dir: Path) -> None:
     data_dir.mkdir(parents=True)
     (data_dir / "quantized-experts").write_text("a file where the folder should be")
     with pytest.raises(ModelLoadError, match=r"cannot write the quantized experts.*--mmap-experts"):
-        load_model(_config(checkpoint, "int4", mmap_experts=True))
-    assert load_model(_config(checkpoint, "int4")).offload.store.nbytes > 0, "engine usable after"
+        load_model(_config(quant_tiny, "int4", mmap_experts=True))
+    assert load_model(_config(quant_tiny, "int4")).offload.store.nbytes > 0, "engine usable after"
 
 
-def test_estimate_counts_no_host_experts_and_quantized_slots(checkpoint: Path) -> None:
-    info = inspect_model(checkpoint)
+def test_estimate_counts_no_host_experts_and_quantized_slots(quant_tiny: Path) -> None:
+    info = inspect_model(quant_tiny)
     for scheme in ("int8", "int4"):
-        in_ram = estimate_memory(info, _config(checkpoint, scheme, quantized_slots=True))
+        in_ram = estimate_memory(info, _config(quant_tiny, scheme, quantized_slots=True))
         mapped = estimate_memory(
-            info, _config(checkpoint, scheme, quantized_slots=True, mmap_experts=True)
+            info, _config(quant_tiny, scheme, quantized_slots=True, mmap_experts=True)
         )
         assert mapped.host_expert_bytes == 0 < in_ram.host_expert_bytes
         assert mapped.expert_cache_bytes == in_ram.expert_cache_bytes
-        plain = estimate_memory(info, _config(checkpoint, "none", mmap_experts=True))
+        plain = estimate_memory(info, _config(quant_tiny, "none", mmap_experts=True))
         assert mapped.expert_cache_bytes < 0.4 * plain.expert_cache_bytes, scheme
