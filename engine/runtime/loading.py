@@ -641,13 +641,8 @@ def _fill_quantized(
 ) -> None:
     from engine.runtime.expert_quant import fill_quantized_store
 
-    def on_layer(done: int, total: int, from_cache: bool) -> None:
-        _check_cancelled(cancelled)
-        verb = "Read quantized experts" if from_cache else f"Quantizing experts to {scheme}"
-        progress(0.3 + 0.65 * done / total, f"{verb} (layer {done}/{total})")
-
-    files = sorted({p.file for parts in plan.parts.values() for p in parts})
-    fill_quantized_store(plan.parts, files, store, scheme, on_layer)
+    on_layer = _quantize_progress("Read quantized experts", scheme, progress, cancelled)
+    fill_quantized_store(plan.parts, _expert_files(plan), store, scheme, on_layer)
 
 
 def _mapped_quantized(
@@ -660,17 +655,34 @@ def _mapped_quantized(
     """``--mmap-experts --expert-quant``: the quantized-experts cache file, mapped."""
     from engine.runtime.expert_quant import mapped_quantized_store
 
-    def on_layer(done: int, total: int, from_cache: bool) -> None:
-        _check_cancelled(cancelled)
-        verb = "Mapped quantized experts" if from_cache else f"Quantizing experts to {scheme}"
-        progress(0.3 + 0.65 * done / total, f"{verb} (layer {done}/{total})")
-
+    on_layer = _quantize_progress("Mapped quantized experts", scheme, progress, cancelled)
     progress(0.3, "Mapping quantized experts")
-    files = sorted({p.file for parts in plan.parts.values() for p in parts})
     layers = [m.layer for m in plan.moe]
     return mapped_quantized_store(
-        plan.parts, files, shape, layers, plan.num_experts, scheme, on_layer
+        plan.parts, _expert_files(plan), shape, layers, plan.num_experts, scheme, on_layer
     )
+
+
+def _quantize_progress(
+    cached: str,
+    scheme: str,
+    progress: Callable[[float, str], None],
+    cancelled: Callable[[], bool],
+) -> Callable[[int, int, bool], None]:
+    """The per-layer callback of an ``--expert-quant`` load: a cancel point, and progress saying
+    ``cached`` (the layer came from the cache file) or that it is being quantized."""
+
+    def on_layer(done: int, total: int, from_cache: bool) -> None:
+        _check_cancelled(cancelled)
+        verb = cached if from_cache else f"Quantizing experts to {scheme}"
+        progress(0.3 + 0.65 * done / total, f"{verb} (layer {done}/{total})")
+
+    return on_layer
+
+
+def _expert_files(plan: _Plan) -> list[Path]:
+    """The checkpoint files that hold routed experts, in a stable order (the cache key)."""
+    return sorted({p.file for parts in plan.parts.values() for p in parts})
 
 
 def _check_cancelled(cancelled: Callable[[], bool]) -> None:
