@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import get_tensor_name_map
-from gguf.constants import MODEL_ARCH_NAMES
 from torch import nn
 
 from engine.eval.llamacpp_compare import (
@@ -39,7 +38,8 @@ from engine.eval.llamacpp_compare import (
     prepared_files,
     write_record,
 )
-from engine.gguf.reader import open_gguf
+from engine.gguf.reader import GgufModel, open_gguf
+from engine.gguf.writer import ARCH_ENUMS
 from engine.offload.experts import OffloadedExperts
 
 Rounding = Callable[[torch.Tensor], torch.Tensor]
@@ -86,12 +86,9 @@ def rounding_for(qtype: int, width: int) -> Rounding | None:
     raise ValueError(f"no ggml activation rounding for type {qtype} with {width} inputs")
 
 
-def _linear_types(model: Any, path: Path) -> Iterator[tuple[nn.Linear, int]]:
+def _linear_types(model: Any, source: GgufModel) -> Iterator[tuple[nn.Linear, int]]:
     """Each trunk ``nn.Linear`` of ``model`` with its weight's block type in the file."""
-    source = open_gguf(path)
-    arch = next(a for a, name in MODEL_ARCH_NAMES.items() if name == source.architecture)
-    layers = int(model.config.num_hidden_layers)
-    names = get_tensor_name_map(arch, layers)
+    names = get_tensor_name_map(ARCH_ENUMS[source.architecture], model.config.num_hidden_layers)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -100,7 +97,7 @@ def _linear_types(model: Any, path: Path) -> Iterator[tuple[nn.Linear, int]]:
         if tensor is None and name == "lm_head":  # tied: llama.cpp reads the embedding
             tensor = source.tensors.get("output.weight") or source.tensors["token_embd.weight"]
         if tensor is None:
-            raise ValueError(f"{path.name}: no tensor for the layer {name}")
+            raise ValueError(f"{source.path.name}: no tensor for the layer {name}")
         yield module, tensor.qtype
 
 
@@ -127,12 +124,12 @@ def llamacpp_rounding(loaded: Any, path: Path) -> Iterator[None]:
     """Inside, ``loaded`` (the GGUF file ``path``, eager expert path) rounds every matrix
     product's activations as ggml does for that weight's block type."""
     hooks = []
-    for module, qtype in _linear_types(loaded.model, path):
+    source = open_gguf(path)
+    for module, qtype in _linear_types(loaded.model, source):
         rounding = rounding_for(qtype, module.in_features)
         if rounding is not None:
             hooks.append(module.register_forward_pre_hook(
                 lambda _m, args, r=rounding: (r(args[0]), *args[1:])))  # fmt: skip
-    source = open_gguf(path)
     patched = []
     for module in loaded.model.modules():
         if isinstance(module, OffloadedExperts):
