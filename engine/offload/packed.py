@@ -16,13 +16,12 @@ pack anything that is not a 4-bit row of whole groups of 32 (``packable`` says).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from engine.offload.store import QuantizedExpertShape, SlotKey
+from engine.offload.store import BytesLRU, QuantizedExpertShape, SlotKey
 from engine.quant.int4pack import PackedInt4, can_pack, pack
 
 PACKED_BYTES = 1 << 30  # packed experts kept for CPU assist, as the decoded LRU's bound
@@ -77,34 +76,30 @@ class PackedExperts:
     """Experts converted on first use, least recently used dropped past ``max_bytes``."""
 
     def __init__(self, max_bytes: int = PACKED_BYTES) -> None:
-        if max_bytes < 1:
-            raise ValueError(f"the packed experts' bound must be positive; got {max_bytes}")
+        self._experts: BytesLRU[PackedExpert] = BytesLRU(max_bytes, lambda e: e.nbytes)
         self.max_bytes = max_bytes
-        self._experts: OrderedDict[SlotKey, PackedExpert] = OrderedDict()
         self.conversions = 0  # experts converted so far (a miss of this LRU)
-        self.nbytes = 0  # bytes of the experts held now
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the experts held now."""
+        return self._experts.nbytes
 
     def get(
         self, key: SlotKey, shape: QuantizedExpertShape, row: Callable[[], torch.Tensor]
     ) -> PackedExpert | None:
         """Expert ``key`` converted from ``row()`` the first time (and after it was dropped);
         None when its blocks do not convert or its compute dtype is not ``KERNEL_DTYPES``'."""
-        if key in self._experts:
-            self._experts.move_to_end(key)
-            return self._experts[key]
+        held = self._experts.get(key)
+        if held is not None:
+            return held
         if shape.compute_dtype not in KERNEL_DTYPES or not packable(shape):
             return None
-        expert = pack_expert(shape, row(), shape.compute_dtype)
         self.conversions += 1
-        self._experts[key] = expert
-        self.nbytes += expert.nbytes
-        while len(self._experts) > 1 and self.nbytes > self.max_bytes:
-            self.nbytes -= self._experts.popitem(last=False)[1].nbytes
-        return expert
+        return self._experts.put(key, pack_expert(shape, row(), shape.compute_dtype))
 
     def __len__(self) -> int:
         return len(self._experts)
 
     def clear(self) -> None:
         self._experts.clear()
-        self.nbytes = 0

@@ -28,7 +28,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -49,6 +49,7 @@ from engine.quant.ggml_blocks import (
 if TYPE_CHECKING:
     from engine.offload.packed import PackedExpert, PackedExperts
 
+V = TypeVar("V")
 ALIGN_ELEMENTS = 128
 HOST_DECODED_BYTES = 1 << 30  # decoded quantized experts kept for CPU assist (host_weights)
 REMAP_BYTES = 32 * 2**20  # reopen a file after this much was read: mapped pages count as RSS
@@ -249,6 +250,46 @@ class ExpertPart:
     index: int | None = None  # row of a fused [E, ...] checkpoint tensor; None: per-expert key
 
 
+class BytesLRU(Generic[V]):
+    """Values by key, the least recently used dropped once they hold more than ``max_bytes``
+    (the newest is always kept): CPU assist's decoded and packed experts."""
+
+    def __init__(self, max_bytes: int, size: Callable[[V], int]) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"the bound must be positive; got {max_bytes}")
+        self.max_bytes, self._size = max_bytes, size
+        self._values: OrderedDict[SlotKey, V] = OrderedDict()
+        self.nbytes = 0  # bytes of the values held now
+
+    def get(self, key: SlotKey) -> V | None:
+        value = self._values.get(key)
+        if value is not None:
+            self._values.move_to_end(key)
+        return value
+
+    def put(self, key: SlotKey, value: V) -> V:
+        self._values[key] = value
+        self.nbytes += self._size(value)
+        while len(self._values) > 1 and self.nbytes > self.max_bytes:
+            self.nbytes -= self._size(self._values.popitem(last=False)[1])
+        return value
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def values(self) -> list[V]:
+        """The values held, least recently used first."""
+        return list(self._values.values())
+
+    def clear(self) -> None:
+        self._values.clear()
+        self.nbytes = 0
+
+
+def _weights_bytes(weights: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(w.numel() * w.element_size() for w in weights)
+
+
 class HostExpertStore:
     """All routed experts of a model, one host buffer per MoE layer."""
 
@@ -265,7 +306,9 @@ class HostExpertStore:
         self.shape = shape  # the row layout buffers and slots are allocated for
         self.num_experts = num_experts
         self._layer_shapes = dict(layer_shapes or {})
-        self._decoded: OrderedDict[SlotKey, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._decoded: BytesLRU[tuple[torch.Tensor, torch.Tensor]] = BytesLRU(
+            HOST_DECODED_BYTES, _weights_bytes
+        )
         for layer_shape in self._layer_shapes.values():
             assert layer_shape.numel <= shape.numel, "a layer's row must fit the store's row"
         per_layer = num_experts * shape.numel
@@ -307,14 +350,8 @@ class HostExpertStore:
         self, key: SlotKey, decode: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``decode()`` of ``key`` kept in the LRU of at most ``HOST_DECODED_BYTES``."""
-        if key in self._decoded:
-            self._decoded.move_to_end(key)
-            return self._decoded[key]
-        weights = self._decoded[key] = decode()
-        expert_bytes = sum(w.numel() * w.element_size() for w in weights)
-        while len(self._decoded) > max(1, HOST_DECODED_BYTES // expert_bytes):
-            self._decoded.popitem(last=False)
-        return weights
+        held = self._decoded.get(key)
+        return held if held is not None else self._decoded.put(key, decode())
 
     def packed_expert(self, key: SlotKey) -> PackedExpert | None:
         """Expert ``key`` in torch's int4 layout for CPU assist, when that is on and the
